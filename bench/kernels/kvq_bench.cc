@@ -1,0 +1,310 @@
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...]
+//
+// Times the CUDA decode step (one query token per sequence) per preset on the shapes:
+// attention (split-KV + merge) and quantize-append (one launch for the batch), with CUDA events,
+// after a warm-up, medians over many runs, rotating over several independent caches so that L2
+// does not serve repeats. Bytes read are counted from the stored layout (codes + scales + zeros +
+// sink + window + key-norm factors + q + o). The device-to-device copy bandwidth is measured in
+// the same run (bytes read + bytes written) as the ceiling.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kvq/cuda_ops.h"
+#include "scenario.h"
+
+namespace kvq {
+namespace bench {
+cudaError_t FillRandomActs(void* p, int64_t n, uint64_t seed, bool bf16, int outlier_every,
+                           cudaStream_t stream);
+}  // namespace bench
+}  // namespace kvq
+
+namespace {
+
+using kvq::Preset;
+
+#define CHECK_CUDA(expr)                                                                  \
+  do {                                                                                    \
+    const cudaError_t e_ = (expr);                                                        \
+    if (e_ != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "kvq-bench: %s failed: %s\n", #expr, cudaGetErrorString(e_)); \
+      return false;                                                                       \
+    }                                                                                     \
+  } while (0)
+
+#define CHECK_KVQ(expr)                                                             \
+  do {                                                                              \
+    const kvq::Result r_ = (expr);                                                  \
+    if (!r_.ok()) {                                                                 \
+      std::fprintf(stderr, "kvq-bench: %s failed: %s\n", #expr, r_.message.c_str()); \
+      return false;                                                                 \
+    }                                                                               \
+  } while (0)
+
+struct Shape {
+  int b, hq, hkv, t, d;
+};
+
+struct Row {
+  Shape s;
+  std::string preset;
+  double attn_us = 0, qa_us = 0;
+  double bytes = 0;    // per attention step
+  double gbps = 0;
+  int sets = 0, units = 0, chunk = 0;
+};
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Bytes the attention reads for one sequence's state after the step.
+double SeqBytes(const kvq::testing::TSeq& s, int hkv, int d) {
+  const double fp_tok = double(hkv) * d * 2;
+  double b = 0;
+  for (int which = 0; which < 2; ++which) {
+    const kvq::TensorFormat& f = which == 0 ? s.cfg.k : s.cfg.v;
+    const kvq::testing::TStream& st = which == 0 ? s.k : s.v;
+    const kvq::StreamLayout l = kvq::MakeStreamLayout(f, hkv, d);
+    b += s.sink_len * fp_tok + st.win_len * fp_tok;
+    if (f.quantized()) b += double(st.body_len) * l.quant_page_bytes / kvq::kPageTokens;
+  }
+  if (s.cfg.key_norm) b += double(hkv) * d * 4;
+  return b;
+}
+
+bool MeasureCopy(double* gbps) {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  CHECK_CUDA(kvq::bench::FillRandomActs(a, bytes / 2, 1, false, 0, nullptr));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ts;
+  for (int i = 0; i < 12; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 2) ts.push_back(ms);
+  }
+  *gbps = 2.0 * bytes / (Median(ts) * 1e-3) / 1e9;
+  cudaFree(a);
+  cudaFree(b);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return true;
+}
+
+bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* row) {
+  using namespace kvq;
+  const QuantConfig cfg = PresetConfig(preset);
+  const DType dt = DType::kF16;
+  // One set first, to size the rotation.
+  testing::Arena probe(false);
+  std::mt19937 rng(7);
+  double set_bytes = 0;
+  {
+    testing::TSeq s = testing::MakeSeq(probe, cfg, sh.hkv, sh.d, dt, sh.t - 1, 0, rng);
+    testing::TStep s1 = testing::PlanStep(probe, s, sh.hkv, sh.d, 0, 0, 0);
+    testing::TStep s2 = testing::PlanStep(probe, s1.next, sh.hkv, sh.d, 1, 0, 0);
+    set_bytes = SeqBytes(s2.next, sh.hkv, sh.d) * sh.b;
+  }
+  const double arena_per_set = double(probe.size()) * sh.b;
+  int sets = static_cast<int>(std::ceil(4.0 * l2_bytes / std::max(set_bytes, 1.0)));
+  sets = std::max(1, std::min(sets, 16));
+  while (sets > 1 && arena_per_set * sets > 40e9) --sets;
+
+  testing::Arena arena(false);
+  std::vector<std::vector<testing::TStep>> step1(sets), step2(sets);
+  std::vector<std::vector<SeqWork>> w1(sets), w2(sets);
+  std::vector<QuantConfig> cfgs(sh.b, cfg);
+  double bytes = 0;
+  for (int k = 0; k < sets; ++k) {
+    for (int i = 0; i < sh.b; ++i) {
+      testing::TSeq s = testing::MakeSeq(arena, cfg, sh.hkv, sh.d, dt, sh.t - 1, 0, rng);
+      step1[k].push_back(testing::PlanStep(arena, s, sh.hkv, sh.d, 0, 0, 0));
+    }
+    for (int i = 0; i < sh.b; ++i) {
+      step2[k].push_back(testing::PlanStep(arena, step1[k][i].next, sh.hkv, sh.d, 1, i, i));
+      if (k == 0) bytes += SeqBytes(step2[k][i].next, sh.hkv, sh.d);
+    }
+    for (auto& st : step1[k]) { st.Point(); w1[k].push_back(st.w); }
+    for (auto& st : step2[k]) { st.Point(); w2[k].push_back(st.w); }
+  }
+  bytes += 2.0 * sh.b * sh.hq * sh.d * 2;  // q read, o written
+
+  uint8_t* d_arena = nullptr;
+  void *d_q = nullptr, *d_k = nullptr, *d_v = nullptr, *d_o = nullptr;
+  CHECK_CUDA(cudaMalloc(&d_arena, arena.size()));
+  const int64_t qn = int64_t{sh.b} * sh.hq * sh.d, kvn = int64_t{sh.b} * sh.hkv * sh.d;
+  CHECK_CUDA(cudaMalloc(&d_q, qn * 2));
+  CHECK_CUDA(cudaMalloc(&d_o, qn * 2));
+  CHECK_CUDA(cudaMalloc(&d_k, kvn * 2));
+  CHECK_CUDA(cudaMalloc(&d_v, kvn * 2));
+  CHECK_CUDA(bench::FillRandomActs(d_arena, arena.size() / 2, 11, false, 16, nullptr));
+  CHECK_CUDA(bench::FillRandomActs(d_q, qn, 12, false, 0, nullptr));
+  CHECK_CUDA(bench::FillRandomActs(d_k, kvn, 13, false, 16, nullptr));
+  CHECK_CUDA(bench::FillRandomActs(d_v, kvn, 14, false, 0, nullptr));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  StepParams p;
+  p.num_q_heads = sh.hq;
+  p.num_kv_heads = sh.hkv;
+  p.head_dim = sh.d;
+  p.dtype = dt;
+  p.q = d_q;
+  p.k_new = d_k;
+  p.v_new = d_v;
+  p.o = d_o;
+  std::vector<std::unique_ptr<CudaStepRunner>> runners(sets);
+  for (int k = 0; k < sets; ++k) {
+    CHECK_KVQ(CudaStepRunner::Create(&runners[k]));
+    // Build the cache: flush the initial window into the body (no new tokens), then prepare the
+    // decode step and run it once.
+    CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
+    CHECK_KVQ(runners[k]->Synchronize(stream));
+    CHECK_KVQ(runners[k]->Prepare(p, w2[k].data(), cfgs.data(), sh.b, stream));
+    CHECK_KVQ(runners[k]->LaunchPreparedQuantizeAppend(d_arena, stream));
+    CHECK_KVQ(runners[k]->LaunchPreparedAttention(d_arena, stream));
+    CHECK_KVQ(runners[k]->Synchronize(stream));
+  }
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  auto time_it = [&](bool attention, std::vector<float>* ts) -> bool {
+    for (int i = 0; i < iters + 3 * sets; ++i) {
+      CudaStepRunner& r = *runners[i % sets];
+      CHECK_CUDA(cudaEventRecord(e0, stream));
+      if (attention) {
+        CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
+      } else {
+        CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+      }
+      CHECK_CUDA(cudaEventRecord(e1, stream));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 3 * sets) ts->push_back(ms * 1000.f);
+    }
+    return true;
+  };
+  std::vector<float> ta, tq;
+  if (!time_it(true, &ta) || !time_it(false, &tq)) return false;
+  for (auto& r : runners) CHECK_KVQ(r->Synchronize(stream));
+  row->s = sh;
+  row->preset = PresetName(preset);
+  row->attn_us = Median(ta);
+  row->qa_us = Median(tq);
+  row->bytes = bytes;
+  row->gbps = bytes / (row->attn_us * 1e-6) / 1e9;
+  row->sets = sets;
+  row->units = runners[0]->stats().num_units;
+  row->chunk = runners[0]->stats().chunk_tokens;
+  runners.clear();
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaStreamDestroy(stream);
+  cudaFree(d_arena);
+  cudaFree(d_q);
+  cudaFree(d_k);
+  cudaFree(d_v);
+  cudaFree(d_o);
+  return true;
+}
+
+int Usage() {
+  std::fprintf(stderr,
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) != "kernels") return Usage();
+  bool json = false, quick = false;
+  int iters = 50;
+  std::vector<Preset> presets = {Preset::kFp16, Preset::kKivi2, Preset::kKivi4,
+                                 Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase};
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--json") {
+      json = true;
+    } else if (a == "--quick") {
+      quick = true;
+    } else if (a == "--iters" && i + 1 < argc) {
+      iters = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--presets" && i + 1 < argc) {
+      presets.clear();
+      std::stringstream ss(argv[++i]);
+      std::string name;
+      while (std::getline(ss, name, ',')) {
+        Preset p;
+        if (!kvq::ParsePreset(name, &p)) {
+          std::fprintf(stderr, "kvq-bench: unknown preset '%s'\n", name.c_str());
+          return 2;
+        }
+        presets.push_back(p);
+      }
+    } else {
+      return Usage();
+    }
+  }
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::fprintf(stderr, "kvq-bench: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) return 1;
+  std::vector<Shape> shapes = {{1, 32, 32, 4096, 128},  {1, 32, 32, 32768, 128}, {16, 32, 32, 4096, 128},
+                               {16, 32, 8, 32768, 128}, {64, 32, 8, 8192, 128},  {1, 9, 3, 8192, 64}};
+  if (quick) shapes = {{1, 32, 32, 32768, 128}, {16, 32, 8, 32768, 128}};
+  double copy = 0;
+  if (!MeasureCopy(&copy)) return 1;
+  std::vector<Row> rows;
+  for (const Shape& s : shapes)
+    for (Preset p : presets) {
+      Row r;
+      if (!RunShape(s, p, iters, prop.l2CacheSize, &r)) return 1;
+      rows.push_back(r);
+      if (!json) std::fprintf(stderr, "  done B=%d Hq=%d Hkv=%d T=%d D=%d %s\n", s.b, s.hq, s.hkv, s.t, s.d, r.preset.c_str());
+    }
+  if (json) {
+    std::printf("{\"device\": \"%s\", \"copy_gbps\": %.1f, \"rows\": [\n", prop.name, copy);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
+                  "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
+                  "\"qa_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d}%s\n",
+                  r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
+                  r.gbps / copy, r.qa_us, r.sets, r.units, r.chunk, i + 1 < rows.size() ? "," : "");
+    }
+    std::printf("]}\n");
+  } else {
+    std::printf("device: %s, device-to-device copy bandwidth: %.1f GB/s (read + write)\n", prop.name, copy);
+    std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs\n", iters);
+    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %8s\n", "B", "Hq", "Hkv", "T", "D", "preset",
+                "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa/attn");
+    for (const Row& r : rows)
+      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %7.1f%%\n", r.s.b, r.s.hq,
+                  r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps, 100.0 * r.gbps / copy,
+                  r.qa_us, 100.0 * r.qa_us / r.attn_us);
+  }
+  return 0;
+}

@@ -1,0 +1,143 @@
+// Device helpers shared by the kernels: activation conversions, token location in the paged
+// layout, and the fused dequantization of 8 consecutive channels of one token.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kvq/format.h"
+#include "step_desc.h"
+
+namespace kvq {
+namespace cuda {
+
+template <DType DT>
+__device__ __forceinline__ float ActToFloat(uint16_t bits) {
+  if constexpr (DT == DType::kF16) {
+    return __half2float(__ushort_as_half(bits));
+  } else {
+    return __uint_as_float(uint32_t{bits} << 16);
+  }
+}
+
+template <DType DT>
+__device__ __forceinline__ uint16_t FloatToAct(float f) {
+  if constexpr (DT == DType::kF16) {
+    return __half_as_ushort(__float2half_rn(f));
+  } else {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+}
+
+// Unpacks 8 activation values from a 16-byte vector.
+template <DType DT>
+__device__ __forceinline__ void Unpack8(const uint4& v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = ActToFloat<DT>(static_cast<uint16_t>(w[i] & 0xffffu));
+    out[2 * i + 1] = ActToFloat<DT>(static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
+// Where token t (0 .. length-1, after the step) of a stream lives.
+struct TokLoc {
+  int64_t page;  // arena offset
+  int32_t slot;
+  int32_t body;  // 1: quantized body page, 0: full-precision page (sink or window)
+};
+
+__device__ __forceinline__ TokLoc Locate(const DevSeq& s, const DevTensor& x, const int64_t* pages,
+                                         int t) {
+  TokLoc l;
+  const int sink_post = s.sink_len + s.to_sink;
+  if (t < sink_post) {
+    l.page = x.sink_page;
+    l.slot = t;
+    l.body = 0;
+    return l;
+  }
+  const int u = t - sink_post;
+  const int body_post = x.body_len + x.flush;
+  if (u < body_post) {
+    l.page = pages[x.body_pages + u / kPageTokens];
+    l.slot = u % kPageTokens;
+    l.body = 1;
+    return l;
+  }
+  const int w = x.win_first + x.flush + (u - body_post);
+  l.page = pages[x.win_pages + w / kPageTokens];
+  l.slot = w % kPageTokens;
+  l.body = 0;
+  return l;
+}
+
+__device__ __forceinline__ uint32_t ExtractBits(const uint32_t* words, int bitoff, int bits) {
+  const int w = bitoff >> 5;
+  const int sh = bitoff & 31;
+  uint32_t v = __ldg(words + w) >> sh;
+  if (sh + bits > 32) v |= __ldg(words + w + 1) << (32 - sh);
+  return v & ((1u << bits) - 1u);
+}
+
+// A group's dequantization as value = code * a + b (one multiply-add per element), from its
+// stored fp16 scale s and zero z: asymmetric (or hybrid with negative s): a = |s|, b = z;
+// symmetric (or hybrid with positive s): a = s, b = -L * s with L = 2^(bits-1) - 1.
+__device__ __forceinline__ float2 GroupAffine(int bits, int mode, float s, float z) {
+  if (mode == static_cast<int>(QuantMode::kAsym) ||
+      (mode == static_cast<int>(QuantMode::kHybrid) && s < 0.f)) {
+    return make_float2(fabsf(s), z);
+  }
+  return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
+}
+
+__device__ __forceinline__ float HalfBits(const uint8_t* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// Dequantizes channels c0 .. c0+7 of the body token at `slot` of KV head `h`.
+template <int D>
+__device__ __forceinline__ void DequantBody8(const uint8_t* arena, const DevTensor& x, int64_t page,
+                                             int h, int slot, int c0, float* out) {
+  const uint8_t* head = arena + page + static_cast<int64_t>(h) * x.head_bytes;
+  const uint32_t* codes = reinterpret_cast<const uint32_t*>(head);
+  const int G = x.group_size;
+  const int bits = x.bits;
+  if (x.grouping == static_cast<int>(Grouping::kAlongChannels)) {
+    const int g = slot * (D / G) + c0 / G;
+    const int i0 = c0 % G;
+    const float s = HalfBits(head + x.scales_offset + 2 * g);
+    const float z = x.has_zeros ? HalfBits(head + x.zeros_offset + 2 * g) : 0.f;
+    const float2 ab = GroupAffine(bits, x.mode, s, z);
+    const uint32_t* words = codes + g * x.words_per_group;
+    // 8 codes of <= 4 bits: at most 32 bits starting at bit i0*bits, possibly over two words.
+    const int bitoff = i0 * bits;
+    const int w = bitoff >> 5;
+    const int sh = bitoff & 31;
+    uint64_t v = __ldg(words + w);
+    if (sh + 8 * bits > 32) v |= static_cast<uint64_t>(__ldg(words + w + 1)) << 32;
+    v >>= sh;
+    const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      out[e] = static_cast<float>(static_cast<uint32_t>(v >> (e * bits)) & mask) * ab.x + ab.y;
+    }
+  } else {
+    const int gbase = (slot / G) * D;
+    const int i = slot % G;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int g = gbase + c0 + e;
+      const float s = HalfBits(head + x.scales_offset + 2 * g);
+      const float z = x.has_zeros ? HalfBits(head + x.zeros_offset + 2 * g) : 0.f;
+      const float2 ab = GroupAffine(bits, x.mode, s, z);
+      const uint32_t code = ExtractBits(codes + g * x.words_per_group, i * bits, bits);
+      out[e] = static_cast<float>(code) * ab.x + ab.y;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq

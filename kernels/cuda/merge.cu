@@ -1,0 +1,75 @@
+// Merge of split-KV partial states: for each (sequence, KV head, row block) combine the units'
+// unnormalized (o, m, l) into the final output. Edge cases: a unit whose tokens are all masked
+// for a row has m = -inf and l = 0 and gets weight 0; a row always sees at least itself, so the
+// combined l is > 0.
+#include "device_common.cuh"
+
+namespace kvq {
+namespace cuda {
+namespace {
+
+template <int D, DType DT>
+__global__ void __launch_bounds__(128) MergeKernel(MergeArgs a) {
+  const DevMergeItem it = a.items[blockIdx.x];
+  const DevSeq& s = a.seqs[it.seq];
+  for (int idx = threadIdx.x; idx < it.num_rows * D; idx += blockDim.x) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float m = -INFINITY;
+    for (int u = 0; u < it.num_units; ++u) {
+      m = fmaxf(m, a.part_ml[(static_cast<int64_t>(it.unit0 + u) * kRowsPerUnit + r) * 2]);
+    }
+    float l = 0.f, o = 0.f;
+    if (m != -INFINITY) {
+      for (int u = 0; u < it.num_units; ++u) {
+        const int64_t pu = static_cast<int64_t>(it.unit0 + u) * kRowsPerUnit + r;
+        const float mu = a.part_ml[pu * 2];
+        if (mu == -INFINITY) continue;
+        const float w = exp2f(mu - m);
+        l += w * a.part_ml[pu * 2 + 1];
+        o += w * a.part_o[pu * D + c];
+      }
+    }
+    const float out = l > 0.f ? o / l : 0.f;
+    const int row = it.row0 + r;
+    const int i = row / a.group;
+    const int hq = it.kv_head * a.group + row % a.group;
+    a.o[((s.q_row + i) * a.num_q_heads + hq) * D + c] = FloatToAct<DT>(out);
+  }
+}
+
+template <int D, DType DT>
+cudaError_t Launch(const MergeArgs& args, int num_items, cudaStream_t stream) {
+  if (num_items <= 0) return cudaSuccess;
+  MergeKernel<D, DT><<<num_items, 128, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
+                        cudaStream_t stream) {
+  if (dtype == DType::kF16) {
+    if (head_dim == 64) return Launch<64, DType::kF16>(args, num_items, stream);
+    if (head_dim == 128) return Launch<128, DType::kF16>(args, num_items, stream);
+  } else if (dtype == DType::kBF16) {
+    if (head_dim == 64) return Launch<64, DType::kBF16>(args, num_items, stream);
+    if (head_dim == 128) return Launch<128, DType::kBF16>(args, num_items, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int num_units,
+                            cudaStream_t stream) {
+  if (dtype == DType::kF16) {
+    if (head_dim == 64) return LaunchAttentionF16D64(args, num_units, stream);
+    if (head_dim == 128) return LaunchAttentionF16D128(args, num_units, stream);
+  } else if (dtype == DType::kBF16) {
+    if (head_dim == 64) return LaunchAttentionBF16D64(args, num_units, stream);
+    if (head_dim == 128) return LaunchAttentionBF16D128(args, num_units, stream);
+  }
+  return cudaErrorInvalidValue;  // CudaSupports rejects these before any launch
+}
+
+}  // namespace cuda
+}  // namespace kvq

@@ -1,0 +1,126 @@
+// Flattened, device-resident description of a batched step (plain structs shared by the host
+// runner and the kernels). The host builds these in pinned memory and copies them in one go.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kvq/format.h"
+
+namespace kvq {
+namespace cuda {
+
+// Query rows per attention unit (rows = (query token, query head of the KV head's group)).
+constexpr int kRowsPerUnit = 8;
+constexpr int kTileTokens = 32;    // tokens per attention tile
+constexpr int kAttnThreads = 128;
+constexpr int kQaThreads = 128;
+
+// One tensor stream (K or V) of one sequence, state at the start of the step plus its format.
+struct DevTensor {
+  int64_t sink_page;        // arena offset of the [kPageTokens][Hkv][D] sink page, -1 if none
+  int32_t body_len;         // quantized tokens at step start
+  int32_t win_first;        // slot of the first window token in win page 0
+  int32_t win_len;          // window tokens at step start
+  int32_t flush;            // window tokens flushed into the body at the start of this step
+  int32_t body_pages;       // first entry in the page table
+  int32_t win_pages;        // first entry in the page table
+  int32_t num_body_pages;
+  int32_t num_win_pages;
+  // format
+  int32_t mode;             // QuantMode
+  int32_t bits;
+  int32_t grouping;         // Grouping
+  int32_t group_size;
+  int32_t words_per_group;
+  int32_t scales_offset;    // bytes from the head's start in a body page
+  int32_t zeros_offset;
+  int32_t head_bytes;
+  int32_t has_zeros;
+};
+
+struct DevSeq {
+  DevTensor k, v;
+  int64_t norm_offset;      // float [Hkv][D], -1 when key_norm is off
+  int64_t kv_row;
+  int64_t q_row;
+  int32_t sink_len;         // at step start
+  int32_t sink_cap;         // S of the config
+  int32_t n_new;
+  int32_t to_sink;          // new tokens that go to the sink
+  int32_t compute_norm;
+  int32_t key_norm;
+  int32_t length;           // total tokens after the step (sink + body + window)
+  int32_t pad;
+};
+
+// One split-KV work unit: a KV head, up to kRowsPerUnit query rows and a token range.
+struct DevUnit {
+  int32_t seq;
+  int32_t kv_head;
+  int32_t row0;             // first row (row = query_index * g + head_in_group)
+  int32_t num_rows;
+  int32_t tok_begin;
+  int32_t tok_end;
+};
+
+// One (sequence, KV head, row block): the units [unit0, unit0 + num_units) that the merge combines.
+struct DevMergeItem {
+  int32_t seq;
+  int32_t kv_head;
+  int32_t row0;
+  int32_t num_rows;
+  int32_t unit0;
+  int32_t num_units;
+};
+
+struct QaArgs {
+  uint8_t* arena;
+  const DevSeq* seqs;
+  const int64_t* pages;
+  const uint16_t* k_new;    // [rows, Hkv, D]
+  const uint16_t* v_new;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t dtype;            // DType
+  int32_t* error_flag;      // set non-zero on an out-of-range page or an fp16 scale overflow
+};
+
+struct AttnArgs {
+  const uint8_t* arena;
+  const DevSeq* seqs;
+  const int64_t* pages;
+  const DevUnit* units;
+  const uint16_t* q;        // [rows, Hq, D]
+  float* part_o;            // [units][kRowsPerUnit][D]
+  float* part_ml;           // [units][kRowsPerUnit][2] (max in log2 units, sum)
+  int32_t num_q_heads;
+  int32_t num_kv_heads;
+  int32_t group;            // Hq / Hkv
+  float scale_log2;         // softmax_scale * log2(e)
+};
+
+struct MergeArgs {
+  const DevMergeItem* items;
+  const DevSeq* seqs;
+  const float* part_o;
+  const float* part_ml;
+  uint16_t* o;              // [rows, Hq, D]
+  int32_t num_q_heads;
+  int32_t group;
+};
+
+// Launchers (one .cu per instantiation group). They return the launch error, never abort.
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, cudaStream_t stream);
+cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int num_units,
+                            cudaStream_t stream);
+cudaError_t LaunchAttentionF16D64(const AttnArgs& args, int num_units, cudaStream_t stream);
+cudaError_t LaunchAttentionF16D128(const AttnArgs& args, int num_units, cudaStream_t stream);
+cudaError_t LaunchAttentionBF16D64(const AttnArgs& args, int num_units, cudaStream_t stream);
+cudaError_t LaunchAttentionBF16D128(const AttnArgs& args, int num_units, cudaStream_t stream);
+cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
+                        cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace kvq

@@ -1,0 +1,446 @@
+// CudaStepRunner: validation, flattening of a batch into one device buffer, split-KV planning and
+// the launches. Host code only; the kernels live in the .cu files.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kvq/cuda_ops.h"
+#include "step_desc.h"
+
+namespace kvq {
+
+#define KVQ_CUDA_RETURN(expr)                                                                   \
+  do {                                                                                          \
+    const cudaError_t kvq_err_ = (expr);                                                        \
+    if (kvq_err_ != cudaSuccess) return CudaError(kvq_err_, #expr);                             \
+  } while (0)
+
+#define KVQ_RETURN_IF_ERROR(expr)   \
+  do {                              \
+    Result kvq_r_ = (expr);         \
+    if (!kvq_r_.ok()) return kvq_r_; \
+  } while (0)
+
+namespace {
+
+Result CudaError(cudaError_t e, const char* what) {
+  (void)cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+  const Code code = e == cudaErrorMemoryAllocation ? Code::kResourceExhausted : Code::kInternal;
+  return Result::Error(code, std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) +
+                                 " (" + cudaGetErrorString(e) + ")");
+}
+
+int64_t Align16(int64_t x) { return (x + 15) & ~int64_t{15}; }
+
+std::string SupportsTensor(const TensorFormat& f, const char* name) {
+  if (!f.quantized()) return "";
+  if (f.bits != 2 && f.bits != 3 && f.bits != 4)
+    return std::string(name) + ": the CUDA kernels support 2, 3 and 4 bits, not " + std::to_string(f.bits);
+  return "";
+}
+
+}  // namespace
+
+std::string CudaSupports(const StepParams& params, const QuantConfig* configs, int num_seqs) {
+  if (params.head_dim != 64 && params.head_dim != 128)
+    return "the CUDA kernels support head_dim 64 and 128, not " + std::to_string(params.head_dim);
+  if (params.dtype != DType::kF16 && params.dtype != DType::kBF16) return "dtype must be fp16 or bf16";
+  if (params.num_kv_heads < 1 || params.num_q_heads < params.num_kv_heads ||
+      params.num_q_heads % params.num_kv_heads != 0)
+    return "num_q_heads must be a positive multiple of num_kv_heads";
+  if (num_seqs < 0) return "negative batch size";
+  for (int i = 0; i < num_seqs; ++i) {
+    const std::string e = ValidateConfig(configs[i], params.head_dim);
+    if (!e.empty()) return "sequence " + std::to_string(i) + ": " + e;
+    std::string t = SupportsTensor(configs[i].k, "k");
+    if (t.empty()) t = SupportsTensor(configs[i].v, "v");
+    if (!t.empty()) return "sequence " + std::to_string(i) + ": " + t;
+  }
+  return "";
+}
+
+struct CudaStepRunner::Impl {
+  int device = 0;
+  int num_sms = 0;
+  // Pinned staging and its device copy (grown on demand, after the previous use finished).
+  uint8_t* staging = nullptr;
+  uint8_t* meta = nullptr;
+  int64_t meta_cap = 0;
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+  int64_t units_cap = 0;
+  int32_t* error_flag = nullptr;
+  int32_t* error_host = nullptr;
+  cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
+  bool done_recorded = false;
+
+  // The prepared batch.
+  StepParams params;
+  int num_seqs = 0;
+  int num_units = 0;
+  int num_items = 0;
+  int chunk = 0;
+  const cuda::DevSeq* d_seqs = nullptr;
+  const int64_t* d_pages = nullptr;
+  const cuda::DevUnit* d_units = nullptr;
+  const cuda::DevMergeItem* d_items = nullptr;
+  bool prepared = false;
+  bool attention_ready = false;  // every sequence has n_new >= 1
+
+  ~Impl() {
+    if (done) cudaEventSynchronize(done);
+    cudaFreeHost(staging);
+    cudaFree(meta);
+    cudaFree(part_o);
+    cudaFree(part_ml);
+    cudaFree(error_flag);
+    cudaFreeHost(error_host);
+    if (done) cudaEventDestroy(done);
+  }
+
+  Result WaitIdle() {
+    if (done_recorded) KVQ_CUDA_RETURN(cudaEventSynchronize(done));
+    return Result::Ok();
+  }
+
+  Result EnsureMeta(int64_t bytes) {
+    if (bytes <= meta_cap) return Result::Ok();
+    KVQ_RETURN_IF_ERROR(WaitIdle());
+    int64_t cap = std::max<int64_t>(bytes, std::max<int64_t>(meta_cap * 2, 64 << 10));
+    if (staging) KVQ_CUDA_RETURN(cudaFreeHost(staging));
+    if (meta) KVQ_CUDA_RETURN(cudaFree(meta));
+    staging = nullptr;
+    meta = nullptr;
+    meta_cap = 0;
+    KVQ_CUDA_RETURN(cudaMallocHost(&staging, cap));
+    KVQ_CUDA_RETURN(cudaMalloc(&meta, cap));
+    meta_cap = cap;
+    return Result::Ok();
+  }
+
+  Result EnsureWorkspace(int64_t units, int head_dim) {
+    if (units <= units_cap) return Result::Ok();
+    KVQ_RETURN_IF_ERROR(WaitIdle());
+    const int64_t cap = std::max<int64_t>(units, std::max<int64_t>(units_cap * 2, 1024));
+    if (part_o) KVQ_CUDA_RETURN(cudaFree(part_o));
+    if (part_ml) KVQ_CUDA_RETURN(cudaFree(part_ml));
+    part_o = nullptr;
+    part_ml = nullptr;
+    units_cap = 0;
+    // Sized for the largest head_dim the kernels support.
+    KVQ_CUDA_RETURN(cudaMalloc(&part_o, cap * cuda::kRowsPerUnit * 128 * sizeof(float)));
+    KVQ_CUDA_RETURN(cudaMalloc(&part_ml, cap * cuda::kRowsPerUnit * 2 * sizeof(float)));
+    units_cap = cap;
+    return Result::Ok();
+  }
+};
+
+Result CudaStepRunner::Create(std::unique_ptr<CudaStepRunner>* out) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();
+    return Result::Error(Code::kFailedPrecondition,
+                         std::string("no CUDA device: ") + (e == cudaSuccess ? "none present" : cudaGetErrorString(e)));
+  }
+  std::unique_ptr<CudaStepRunner> r(new CudaStepRunner());
+  r->impl_.reset(new Impl());
+  Impl& m = *r->impl_;
+  KVQ_CUDA_RETURN(cudaGetDevice(&m.device));
+  KVQ_CUDA_RETURN(cudaDeviceGetAttribute(&m.num_sms, cudaDevAttrMultiProcessorCount, m.device));
+  KVQ_CUDA_RETURN(cudaEventCreateWithFlags(&m.done, cudaEventDisableTiming));
+  KVQ_CUDA_RETURN(cudaMalloc(&m.error_flag, sizeof(int32_t)));
+  KVQ_CUDA_RETURN(cudaMemset(m.error_flag, 0, sizeof(int32_t)));
+  KVQ_CUDA_RETURN(cudaMallocHost(&m.error_host, sizeof(int32_t)));
+  *m.error_host = 0;
+  *out = std::move(r);
+  return Result::Ok();
+}
+
+CudaStepRunner::~CudaStepRunner() = default;
+
+namespace {
+
+// Fills a DevTensor and checks that the pages cover what the step touches.
+Result FillTensor(const StreamView& sv, const TensorFormat& f, int flush, int appended_to_window,
+                  int num_kv_heads, int head_dim, int64_t* page_cursor, cuda::DevTensor* t,
+                  const char* name, int seq) {
+  auto bad = [&](const std::string& what) {
+    return Result::Error(Code::kInvalidArgument,
+                         "sequence " + std::to_string(seq) + " " + name + ": " + what);
+  };
+  if (sv.body_len < 0 || sv.win_len < 0 || sv.win_first < 0 || sv.win_first >= kPageTokens ||
+      flush < 0 || sv.num_body_pages < 0 || sv.num_win_pages < 0)
+    return bad("negative length or bad window start");
+  if (flush > sv.win_len) return bad("flush exceeds the window");
+  if (flush > 0 && !f.quantized()) return bad("flush of a full-precision tensor");
+  if (f.quantized() && f.grouping == Grouping::kAlongTokens &&
+      (sv.body_len % f.group_size != 0 || flush % f.group_size != 0))
+    return bad("along_tokens body and flush must be multiples of the group size");
+  const int64_t body_need = (int64_t{sv.body_len} + flush + kPageTokens - 1) / kPageTokens;
+  const int64_t win_need =
+      (int64_t{sv.win_first} + sv.win_len + appended_to_window + kPageTokens - 1) / kPageTokens;
+  if (sv.num_body_pages < body_need) return bad("body pages do not cover body + flush");
+  if (sv.num_win_pages < win_need) return bad("window pages do not cover window + appended");
+  if ((sv.num_body_pages > 0 && !sv.body_pages) || (sv.num_win_pages > 0 && !sv.win_pages))
+    return bad("null page array");
+  for (int i = 0; i < sv.num_body_pages; ++i)
+    if (sv.body_pages[i] < 0 || sv.body_pages[i] % 16) return bad("bad body page offset");
+  for (int i = 0; i < sv.num_win_pages; ++i)
+    if (sv.win_pages[i] < 0 || sv.win_pages[i] % 16) return bad("bad window page offset");
+  const StreamLayout l = MakeStreamLayout(f, num_kv_heads, head_dim);
+  t->sink_page = sv.sink_page;
+  t->body_len = sv.body_len;
+  t->win_first = sv.win_first;
+  t->win_len = sv.win_len;
+  t->flush = flush;
+  t->body_pages = static_cast<int32_t>(*page_cursor);
+  *page_cursor += sv.num_body_pages;
+  t->win_pages = static_cast<int32_t>(*page_cursor);
+  *page_cursor += sv.num_win_pages;
+  t->num_body_pages = sv.num_body_pages;
+  t->num_win_pages = sv.num_win_pages;
+  t->mode = static_cast<int32_t>(f.mode);
+  t->bits = f.bits;
+  t->grouping = static_cast<int32_t>(f.grouping);
+  t->group_size = f.group_size;
+  t->words_per_group = l.words_per_group;
+  t->scales_offset = static_cast<int32_t>(l.scales_offset);
+  t->zeros_offset = static_cast<int32_t>(l.zeros_offset);
+  t->head_bytes = static_cast<int32_t>(l.head_bytes);
+  t->has_zeros = f.has_zeros() ? 1 : 0;
+  return Result::Ok();
+}
+
+}  // namespace
+
+Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
+                               int num_seqs, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.prepared = false;
+  const std::string sup = CudaSupports(p, configs, num_seqs);
+  if (!sup.empty()) return Result::Error(Code::kInvalidArgument, sup);
+  const int g = p.num_q_heads / p.num_kv_heads;
+
+  std::vector<cuda::DevSeq> seqs(num_seqs);
+  int64_t num_pages = 0;
+  for (int i = 0; i < num_seqs; ++i) num_pages += works[i].k.num_body_pages + works[i].k.num_win_pages +
+                                                  works[i].v.num_body_pages + works[i].v.num_win_pages;
+  std::vector<int64_t> pages;
+  pages.reserve(num_pages);
+  int64_t cursor = 0;
+  bool attention_ready = num_seqs > 0;
+  for (int i = 0; i < num_seqs; ++i) {
+    const SeqWork& w = works[i];
+    const QuantConfig& c = configs[i];
+    cuda::DevSeq& d = seqs[i];
+    std::memset(&d, 0, sizeof(d));
+    if (w.n_new < 0) return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": n_new < 0");
+    if (w.n_new == 0) attention_ready = false;
+    if (w.sink_len < 0 || w.sink_len > c.sink)
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": sink_len outside [0, sink]");
+    d.sink_len = w.sink_len;
+    d.sink_cap = c.sink;
+    d.n_new = w.n_new;
+    d.to_sink = std::min(w.n_new, c.sink - w.sink_len);
+    d.kv_row = w.kv_row;
+    d.q_row = w.q_row;
+    d.key_norm = c.key_norm ? 1 : 0;
+    d.compute_norm = w.compute_norm ? 1 : 0;
+    d.norm_offset = w.norm_offset;
+    if (c.key_norm && (w.norm_offset < 0 || w.norm_offset % 16))
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": key_norm needs a norm_offset");
+    if (c.sink > 0 && (w.k.sink_page < 0 || w.v.sink_page < 0 || w.k.sink_page % 16 || w.v.sink_page % 16))
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": the sink needs sink pages");
+    if ((w.sink_len > 0 || d.to_sink > 0) && (w.k.win_len > 0 || w.k.body_len > 0))
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": tokens after an unfilled sink");
+    const int to_win = w.n_new - d.to_sink;
+    KVQ_RETURN_IF_ERROR(FillTensor(w.k, c.k, w.flush_k, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.k, "k", i));
+    for (int j = 0; j < w.k.num_body_pages; ++j) pages.push_back(w.k.body_pages[j]);
+    for (int j = 0; j < w.k.num_win_pages; ++j) pages.push_back(w.k.win_pages[j]);
+    KVQ_RETURN_IF_ERROR(FillTensor(w.v, c.v, w.flush_v, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.v, "v", i));
+    for (int j = 0; j < w.v.num_body_pages; ++j) pages.push_back(w.v.body_pages[j]);
+    for (int j = 0; j < w.v.num_win_pages; ++j) pages.push_back(w.v.win_pages[j]);
+    const int64_t lk = int64_t{w.sink_len} + d.to_sink + w.k.body_len + w.k.win_len + to_win;
+    const int64_t lv = int64_t{w.sink_len} + d.to_sink + w.v.body_len + w.v.win_len + to_win;
+    if (lk != lv)
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": K and V lengths differ");
+    if (lk > (int64_t{1} << 30)) return Result::Error(Code::kInvalidArgument, "sequence too long");
+    d.length = static_cast<int32_t>(lk);
+  }
+
+  // Split-KV plan: items = (sequence, KV head, block of <= kRowsPerUnit rows); each item's
+  // visible tokens are cut into chunks so that the grid covers the SMs several times.
+  std::vector<cuda::DevMergeItem> items;
+  int64_t total_tokens = 0;
+  if (attention_ready) {
+    for (int i = 0; i < num_seqs; ++i) {
+      const int rows = seqs[i].n_new * g;
+      for (int h = 0; h < p.num_kv_heads; ++h) {
+        for (int r0 = 0; r0 < rows; r0 += cuda::kRowsPerUnit) {
+          cuda::DevMergeItem it{};
+          it.seq = i;
+          it.kv_head = h;
+          it.row0 = r0;
+          it.num_rows = std::min(cuda::kRowsPerUnit, rows - r0);
+          items.push_back(it);
+          const int last_q = (r0 + it.num_rows - 1) / g;
+          total_tokens += seqs[i].length - seqs[i].n_new + last_q + 1;
+        }
+      }
+    }
+  }
+  const int64_t target_units = int64_t{m.num_sms} * 4;
+  int64_t chunk = (total_tokens + target_units - 1) / std::max<int64_t>(target_units, 1);
+  chunk = std::max<int64_t>(64, (chunk + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens);
+  std::vector<cuda::DevUnit> units;
+  for (auto& it : items) {
+    const cuda::DevSeq& d = seqs[it.seq];
+    const int last_q = (it.row0 + it.num_rows - 1) / g;
+    const int visible = d.length - d.n_new + last_q + 1;
+    it.unit0 = static_cast<int32_t>(units.size());
+    for (int64_t t0 = 0; t0 < visible; t0 += chunk) {
+      cuda::DevUnit u{};
+      u.seq = it.seq;
+      u.kv_head = it.kv_head;
+      u.row0 = it.row0;
+      u.num_rows = it.num_rows;
+      u.tok_begin = static_cast<int32_t>(t0);
+      u.tok_end = static_cast<int32_t>(std::min<int64_t>(visible, t0 + chunk));
+      units.push_back(u);
+    }
+    it.num_units = static_cast<int32_t>(units.size()) - it.unit0;
+  }
+  if (units.size() > (size_t{1} << 31)) return Result::Error(Code::kInvalidArgument, "batch too large");
+
+  const int64_t off_pages = Align16(int64_t(seqs.size() * sizeof(cuda::DevSeq)));
+  const int64_t off_units = off_pages + Align16(int64_t(pages.size() * sizeof(int64_t)));
+  const int64_t off_items = off_units + Align16(int64_t(units.size() * sizeof(cuda::DevUnit)));
+  const int64_t total = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
+  KVQ_RETURN_IF_ERROR(m.WaitIdle());  // the staging buffer may still feed the previous copy
+  KVQ_RETURN_IF_ERROR(m.EnsureMeta(std::max<int64_t>(total, 16)));
+  KVQ_RETURN_IF_ERROR(m.EnsureWorkspace(std::max<int64_t>(int64_t(units.size()), 1), p.head_dim));
+  if (!seqs.empty()) std::memcpy(m.staging, seqs.data(), seqs.size() * sizeof(cuda::DevSeq));
+  if (!pages.empty()) std::memcpy(m.staging + off_pages, pages.data(), pages.size() * sizeof(int64_t));
+  if (!units.empty()) std::memcpy(m.staging + off_units, units.data(), units.size() * sizeof(cuda::DevUnit));
+  if (!items.empty()) std::memcpy(m.staging + off_items, items.data(), items.size() * sizeof(cuda::DevMergeItem));
+  KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
+  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  m.done_recorded = true;
+
+  m.params = p;
+  m.num_seqs = num_seqs;
+  m.num_units = static_cast<int>(units.size());
+  m.num_items = static_cast<int>(items.size());
+  m.chunk = static_cast<int>(chunk);
+  m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
+  m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
+  m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
+  m.d_items = reinterpret_cast<const cuda::DevMergeItem*>(m.meta + off_items);
+  m.prepared = true;
+  m.attention_ready = attention_ready;
+  stats_.num_units = m.num_units;
+  stats_.chunk_tokens = m.chunk;
+  return Result::Ok();
+}
+
+Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream) {
+  Impl& m = *impl_;
+  if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
+  if (m.num_seqs == 0) return Result::Ok();
+  if (!arena || !m.params.k_new || !m.params.v_new)
+    return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
+  cuda::QaArgs a{};
+  a.arena = arena;
+  a.seqs = m.d_seqs;
+  a.pages = m.d_pages;
+  a.k_new = static_cast<const uint16_t*>(m.params.k_new);
+  a.v_new = static_cast<const uint16_t*>(m.params.v_new);
+  a.num_kv_heads = m.params.num_kv_heads;
+  a.head_dim = m.params.head_dim;
+  a.dtype = static_cast<int32_t>(m.params.dtype);
+  a.error_flag = m.error_flag;
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, stream));
+  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  return Result::Ok();
+}
+
+Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream) {
+  Impl& m = *impl_;
+  if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
+  if (m.num_seqs == 0) return Result::Ok();
+  if (!m.attention_ready)
+    return Result::Error(Code::kInvalidArgument, "attention needs n_new >= 1 for every sequence");
+  if (!arena || !m.params.q || !m.params.o) return Result::Error(Code::kInvalidArgument, "null arena, q or o");
+  const StepParams& p = m.params;
+  const float scale = p.softmax_scale != 0.f ? p.softmax_scale : 1.f / std::sqrt(float(p.head_dim));
+  cuda::AttnArgs a{};
+  a.arena = arena;
+  a.seqs = m.d_seqs;
+  a.pages = m.d_pages;
+  a.units = m.d_units;
+  a.q = static_cast<const uint16_t*>(p.q);
+  a.part_o = m.part_o;
+  a.part_ml = m.part_ml;
+  a.num_q_heads = p.num_q_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.group = p.num_q_heads / p.num_kv_heads;
+  a.scale_log2 = scale * 1.4426950408889634f;
+  KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
+  cuda::MergeArgs mg{};
+  mg.items = m.d_items;
+  mg.seqs = m.d_seqs;
+  mg.part_o = m.part_o;
+  mg.part_ml = m.part_ml;
+  mg.o = static_cast<uint16_t*>(p.o);
+  mg.num_q_heads = p.num_q_heads;
+  mg.group = a.group;
+  KVQ_CUDA_RETURN(cuda::LaunchMerge(mg, p.head_dim, p.dtype, m.num_items, stream));
+  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  return Result::Ok();
+}
+
+Result CudaStepRunner::QuantizeAppend(const StepParams& params, const SeqWork* works,
+                                      const QuantConfig* configs, int num_seqs, uint8_t* arena,
+                                      cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(Prepare(params, works, configs, num_seqs, stream));
+  return LaunchPreparedQuantizeAppend(arena, stream);
+}
+
+Result CudaStepRunner::Attention(const StepParams& params, const SeqWork* works,
+                                 const QuantConfig* configs, int num_seqs, const uint8_t* arena,
+                                 cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(Prepare(params, works, configs, num_seqs, stream));
+  return LaunchPreparedAttention(arena, stream);
+}
+
+Result CudaStepRunner::RunStep(const StepParams& params, const SeqWork* works,
+                               const QuantConfig* configs, int num_seqs, uint8_t* arena,
+                               cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(Prepare(params, works, configs, num_seqs, stream));
+  KVQ_RETURN_IF_ERROR(LaunchPreparedQuantizeAppend(arena, stream));
+  return LaunchPreparedAttention(arena, stream);
+}
+
+Result CudaStepRunner::Synchronize(cudaStream_t stream) {
+  Impl& m = *impl_;
+  KVQ_CUDA_RETURN(cudaMemcpyAsync(m.error_host, m.error_flag, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+  KVQ_CUDA_RETURN(cudaGetLastError());
+  if (*m.error_host != 0) {
+    const int32_t flag = *m.error_host;
+    *m.error_host = 0;
+    KVQ_CUDA_RETURN(cudaMemsetAsync(m.error_flag, 0, sizeof(int32_t), stream));
+    KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+    return Result::Error(Code::kInvalidArgument,
+                         flag == 2 ? "a quantization scale or zero is beyond fp16 range"
+                                   : "a kernel saw an invalid page");
+  }
+  return Result::Ok();
+}
+
+}  // namespace kvq

@@ -1,0 +1,69 @@
+// Host API of the CUDA kernels (no gRPC, no protobuf): a batched step of one layer on the GPU.
+//
+// The arena, q/k_new/v_new and o are device memory; SeqWork page arrays are host pointers (as the
+// planner produces them). CudaStepRunner flattens a batch into one pinned staging buffer, copies it
+// to the device with one async copy, plans the split-KV work and its workspace (the kernels never
+// allocate), and launches on the caller's stream. Every CUDA error comes back as a kvq::Result.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kvq/cache.h"
+#include "kvq/format.h"
+
+namespace kvq {
+
+// Which kernel serves a step (the one selector for "supported" and "which kernel"): returns ""
+// when every sequence of the batch is supported, else the reason. head_dim 64 or 128, fp16/bf16,
+// every QuantConfig that ValidateConfig accepts with bits 2, 3 or 4.
+std::string CudaSupports(const StepParams& params, const QuantConfig* configs, int num_seqs);
+
+struct CudaStepStats {
+  int num_units = 0;     // split-KV work units of the last attention launch
+  int chunk_tokens = 0;  // tokens per unit (the split size)
+};
+
+class CudaStepRunner {
+ public:
+  // Creates a runner for the current CUDA device. Fails (never aborts) without a device.
+  static Result Create(std::unique_ptr<CudaStepRunner>* out);
+  ~CudaStepRunner();
+  CudaStepRunner(const CudaStepRunner&) = delete;
+  CudaStepRunner& operator=(const CudaStepRunner&) = delete;
+
+  // The whole step: flush + append (one launch for the batch), then attention (split-KV + merge).
+  // `arena` is the device base address of the page pool. Asynchronous on `stream`; the staging
+  // buffer is reused only after the previous step's copy finished.
+  Result RunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                 int num_seqs, uint8_t* arena, cudaStream_t stream);
+  // The two halves, for tests and the benchmark (same semantics as the CPU reference halves).
+  Result QuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                        int num_seqs, uint8_t* arena, cudaStream_t stream);
+  Result Attention(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                   int num_seqs, const uint8_t* arena, cudaStream_t stream);
+
+  // Prepares a batch once (staging + device copy + split plan) so that the benchmark can replay
+  // the launches alone: LaunchPrepared* enqueue only kernels.
+  Result Prepare(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                 int num_seqs, cudaStream_t stream);
+  Result LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream);
+  Result LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream);
+
+  // Waits for `stream`, then reports CUDA errors and kernel-detected errors (a quantization
+  // scale beyond fp16 range) of the steps launched since the last call.
+  Result Synchronize(cudaStream_t stream);
+
+  const CudaStepStats& stats() const { return stats_; }
+
+ private:
+  CudaStepRunner() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  CudaStepStats stats_;
+};
+
+}  // namespace kvq

@@ -1,0 +1,299 @@
+// GPU kernels against the CPU reference on the same arena: pages byte-identical after
+// quantize-append (codes, scales, zeros, window and sink), attention by normalized error, NaN
+// fails, guard bands around every page and around the output catch out-of-bounds writes.
+// Without a CUDA device every test is skipped visibly (GTEST_SKIP), never passed.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kvq/cuda_ops.h"
+#include "kvq/reference.h"
+#include "scenario.h"
+
+namespace kvq {
+namespace {
+
+using testing::Arena;
+using testing::TSeq;
+using testing::TStep;
+
+bool HaveDevice() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device: GPU kernel test not run"
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
+
+template <typename T>
+struct DevBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+  }
+  ~DevBuf() { cudaFree(p); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+};
+
+struct SeqSpec {
+  Preset preset;
+  int L0;         // tokens before the first step
+  int n1 = 1;     // tokens appended by the first step
+  int n2 = 1;     // tokens appended by the second step
+  int win_first = 0;
+};
+
+struct Case {
+  int hq = 8, hkv = 2, d = 128;
+  DType dt = DType::kF16;
+  std::vector<SeqSpec> seqs;
+  uint32_t seed = 1;
+};
+
+std::string Describe(const Case& c) {
+  std::ostringstream os;
+  os << "Hq=" << c.hq << " Hkv=" << c.hkv << " D=" << c.d << " " << DTypeName(c.dt) << " seqs:";
+  for (const auto& s : c.seqs) os << " " << PresetName(s.preset) << "/L0=" << s.L0 << "/n=" << s.n1 << "," << s.n2;
+  return os.str();
+}
+
+float Threshold(DType dt) { return dt == DType::kF16 ? 2e-3f : 8e-3f; }
+
+// Runs one batched step on CPU and GPU from the same arena; compares everything. Returns the
+// next states (the arena `a` holds the CPU result afterwards).
+void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first, std::mt19937& rng,
+                   CudaStepRunner& runner) {
+  const int n = static_cast<int>(seqs->size());
+  std::vector<TStep> steps;
+  std::vector<SeqWork> works;
+  std::vector<QuantConfig> cfgs;
+  int64_t rows = 0;
+  for (int i = 0; i < n; ++i) {
+    const int nn = first ? c.seqs[i].n1 : c.seqs[i].n2;
+    steps.push_back(testing::PlanStep(a, (*seqs)[i], c.hkv, c.d, nn, rows, rows));
+    rows += nn;
+  }
+  for (auto& s : steps) {
+    s.Point();
+    works.push_back(s.w);
+    cfgs.push_back(s.next.cfg);
+  }
+  const int64_t qn = rows * c.hq * c.d, kvn = rows * c.hkv * c.d;
+  const std::vector<uint16_t> q = testing::RandomActs(qn, c.dt, rng, 1.f);
+  const std::vector<uint16_t> kn = testing::RandomActs(kvn, c.dt, rng, 2.f);
+  const std::vector<uint16_t> vn = testing::RandomActs(kvn, c.dt, rng, 1.f);
+  constexpr int64_t kOutGuard = 256;  // uint16 sentinel elements after the output
+  constexpr uint16_t kOutSentinel = 0x7E01;
+
+  // GPU first, from the untouched arena.
+  std::vector<uint8_t>& host = a.bytes();
+  DevBuf<uint8_t> d_arena(host.size());
+  DevBuf<uint16_t> d_q(qn), d_k(kvn), d_v(kvn), d_o(qn + kOutGuard);
+  ASSERT_TRUE(d_arena.p && d_q.p && d_k.p && d_v.p && d_o.p);
+  CUDA_OK(cudaMemcpy(d_arena.p, host.data(), host.size(), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_q.p, q.data(), qn * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_k.p, kn.data(), kvn * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_v.p, vn.data(), kvn * 2, cudaMemcpyHostToDevice));
+  std::vector<uint16_t> o_init(qn + kOutGuard, kOutSentinel);
+  CUDA_OK(cudaMemcpy(d_o.p, o_init.data(), o_init.size() * 2, cudaMemcpyHostToDevice));
+  StepParams gp;
+  gp.num_q_heads = c.hq;
+  gp.num_kv_heads = c.hkv;
+  gp.head_dim = c.d;
+  gp.dtype = c.dt;
+  gp.q = d_q.p;
+  gp.k_new = d_k.p;
+  gp.v_new = d_v.p;
+  gp.o = d_o.p;
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreate(&stream));
+  Result r = runner.RunStep(gp, works.data(), cfgs.data(), n, d_arena.p, stream);
+  ASSERT_TRUE(r.ok()) << r.message;
+  r = runner.Synchronize(stream);
+  ASSERT_TRUE(r.ok()) << r.message;
+  CUDA_OK(cudaStreamDestroy(stream));
+  std::vector<uint8_t> gpu_arena(host.size());
+  std::vector<uint16_t> o_gpu(qn + kOutGuard);
+  CUDA_OK(cudaMemcpy(gpu_arena.data(), d_arena.p, host.size(), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(o_gpu.data(), d_o.p, o_gpu.size() * 2, cudaMemcpyDeviceToHost));
+
+  // CPU reference on the host arena.
+  StepParams cp = gp;
+  std::vector<uint16_t> o_cpu(qn, 0);
+  cp.q = q.data();
+  cp.k_new = kn.data();
+  cp.v_new = vn.data();
+  cp.o = o_cpu.data();
+  CpuQuantizeAppend(cp, works.data(), cfgs.data(), n, host.data(), 0);
+  CpuAttention(cp, works.data(), cfgs.data(), n, host.data(), 0);
+
+  // Pages: byte-identical, guards intact.
+  EXPECT_EQ(a.FirstBrokenGuard(gpu_arena.data()), -1) << "GPU wrote into a guard band";
+  EXPECT_EQ(a.FirstBrokenGuard(host.data()), -1) << "CPU wrote into a guard band";
+  int64_t first_diff = -1, diffs = 0;
+  for (size_t i = 0; i < host.size(); ++i)
+    if (host[i] != gpu_arena[i]) {
+      if (first_diff < 0) first_diff = static_cast<int64_t>(i);
+      ++diffs;
+    }
+  EXPECT_EQ(diffs, 0) << "arena differs from the CPU reference in " << diffs << " bytes, first at "
+                      << first_diff;
+  // Output: every element written, no NaN, normalized error.
+  for (int64_t i = 0; i < kOutGuard; ++i)
+    ASSERT_EQ(o_gpu[qn + i], kOutSentinel) << "GPU wrote past the output at " << i;
+  double num = 0, den = 0;
+  int64_t nans = 0;
+  for (int64_t i = 0; i < qn; ++i) {
+    const float g = testing::FromAct(o_gpu[i], c.dt);
+    const float ref = testing::FromAct(o_cpu[i], c.dt);
+    if (std::isnan(g) || std::isnan(ref)) {
+      ++nans;
+      continue;
+    }
+    num += double(g - ref) * (g - ref);
+    den += double(ref) * ref;
+  }
+  ASSERT_EQ(nans, 0) << "NaN in the output";
+  const double err = std::sqrt(num / std::max(den, 1e-30));
+  EXPECT_LT(err, Threshold(c.dt)) << "attention normalized error";
+  for (int i = 0; i < n; ++i) (*seqs)[i] = steps[i].next;
+}
+
+void RunCase(const Case& c) {
+  SCOPED_TRACE(Describe(c));
+  std::unique_ptr<CudaStepRunner> runner;
+  Result r = CudaStepRunner::Create(&runner);
+  ASSERT_TRUE(r.ok()) << r.message;
+  std::mt19937 rng(c.seed);
+  Arena a;
+  std::vector<TSeq> seqs;
+  for (const auto& s : c.seqs)
+    seqs.push_back(testing::MakeSeq(a, PresetConfig(s.preset), c.hkv, c.d, c.dt, s.L0, s.win_first, rng));
+  {
+    SCOPED_TRACE("step 1 (flush of the initial window)");
+    RunAndCompare(c, a, &seqs, true, rng, *runner);
+  }
+  if (::testing::Test::HasFatalFailure()) return;
+  {
+    SCOPED_TRACE("step 2");
+    RunAndCompare(c, a, &seqs, false, rng, *runner);
+  }
+}
+
+const Preset kAllPresets[] = {Preset::kFp16, Preset::kKivi2, Preset::kKivi4,
+                              Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase};
+
+class PresetTest : public ::testing::TestWithParam<std::tuple<Preset, DType>> {};
+
+// Lengths 0/1/G-1/G/G+1/keep+flush/4095, GQA 1/4/8, one sequence per case.
+TEST_P(PresetTest, Lengths) {
+  SKIP_WITHOUT_GPU();
+  const Preset p = std::get<0>(GetParam());
+  const DType dt = std::get<1>(GetParam());
+  const QuantConfig cfg = PresetConfig(p);
+  const int keep_flush = cfg.k.quantized() ? std::max(cfg.k.keep + cfg.k.flush, cfg.v.keep + cfg.v.flush) + cfg.sink : 160;
+  const int lengths[] = {0, 1, 31, 32, 33, keep_flush, 4095};
+  const int gqa[] = {1, 4, 8};
+  int k = 0;
+  for (int L : lengths) {
+    Case c;
+    c.hkv = 2;
+    c.hq = 2 * gqa[k % 3];
+    c.dt = dt;
+    c.seqs = {{p, L, 1, 1, (L * 7) % 128}};
+    c.seed = 1000 + k++;
+    RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Several sequences with different presets, lengths and chunk sizes in one launch (prefill
+// chunks are causal within the new tokens); D = 64 and 128.
+TEST_P(PresetTest, MixedBatch) {
+  SKIP_WITHOUT_GPU();
+  const Preset p = std::get<0>(GetParam());
+  const DType dt = std::get<1>(GetParam());
+  for (int d : {64, 128}) {
+    Case c;
+    c.hkv = 3;
+    c.hq = 12;
+    c.d = d;
+    c.dt = dt;
+    c.seqs = {{p, 0, 40, 3, 0},        // prefill into an empty cache
+              {p, 300, 1, 1, 17},
+              {Preset::kKivi2, 700, 5, 2, 90},
+              {Preset::kInnerQ, 129, 1, 33, 127},
+              {p, 1000, 2, 1, 64}};
+    c.seed = 77 + d;
+    RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest,
+                         ::testing::Combine(::testing::ValuesIn(kAllPresets),
+                                            ::testing::Values(DType::kF16, DType::kBF16)),
+                         [](const auto& info) {
+                           return std::string(PresetName(std::get<0>(info.param))) + "_" +
+                                  DTypeName(std::get<1>(info.param));
+                         });
+
+// One long sequence (32768 tokens) per quantized preset, GQA 4.
+TEST(KernelsGpu, Long32k) {
+  SKIP_WITHOUT_GPU();
+  for (Preset p : {Preset::kFp16, Preset::kKivi2, Preset::kInnerQ}) {
+    Case c;
+    c.hkv = 2;
+    c.hq = 8;
+    c.seqs = {{p, 32768, 1, 1, 3}};
+    c.seed = 4242;
+    RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(KernelsGpu, RejectsUnsupportedAndBadInput) {
+  SKIP_WITHOUT_GPU();
+  std::unique_ptr<CudaStepRunner> runner;
+  ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+  Arena a;
+  std::mt19937 rng(5);
+  QuantConfig cfg = PresetConfig(Preset::kKivi2);
+  TSeq s = testing::MakeSeq(a, cfg, 2, 128, DType::kF16, 300, 0, rng);
+  TStep st = testing::PlanStep(a, s, 2, 128, 1, 0, 0);
+  StepParams p;
+  p.num_q_heads = 4;
+  p.num_kv_heads = 2;
+  p.head_dim = 256;  // not built for the GPU
+  Result r = runner->RunStep(p, &st.w, &cfg, 1, nullptr, nullptr);
+  EXPECT_EQ(r.code, Code::kInvalidArgument);
+  EXPECT_NE(r.message.find("head_dim"), std::string::npos) << r.message;
+  p.head_dim = 128;
+  SeqWork bad = st.w;
+  bad.k.num_body_pages = 0;  // pages do not cover the flush
+  r = runner->RunStep(p, &bad, &cfg, 1, nullptr, nullptr);
+  EXPECT_EQ(r.code, Code::kInvalidArgument);
+  EXPECT_NE(r.message.find("body pages"), std::string::npos) << r.message;
+  QuantConfig eight = cfg;
+  eight.k.bits = 8;
+  EXPECT_NE(CudaSupports(p, &eight, 1), "");
+  EXPECT_EQ(CudaSupports(p, &cfg, 1), "");
+}
+
+}  // namespace
+}  // namespace kvq
