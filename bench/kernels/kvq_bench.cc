@@ -183,6 +183,15 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     CHECK_KVQ(runners[k]->LaunchPreparedAttention(d_arena, stream));
     CHECK_KVQ(runners[k]->Synchronize(stream));
   }
+  {  // Sanity: the decode step's output is finite (the GPU test checks it against the reference).
+    std::vector<uint16_t> o(qn);
+    CHECK_CUDA(cudaMemcpy(o.data(), d_o, qn * 2, cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < qn; ++i)
+      if (!std::isfinite(testing::FromAct(o[i], dt))) {
+        std::fprintf(stderr, "kvq-bench: non-finite output at %lld\n", static_cast<long long>(i));
+        return false;
+      }
+  }
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
@@ -283,7 +292,7 @@ int main(int argc, char** argv) {
       Row r;
       if (!RunShape(s, p, iters, prop.l2CacheSize, &r)) return 1;
       rows.push_back(r);
-      if (!json) std::fprintf(stderr, "  done B=%d Hq=%d Hkv=%d T=%d D=%d %s\n", s.b, s.hq, s.hkv, s.t, s.d, r.preset.c_str());
+      std::fprintf(stderr, "  done B=%d Hq=%d Hkv=%d T=%d D=%d %s\n", s.b, s.hq, s.hkv, s.t, s.d, r.preset.c_str());
     }
   if (json) {
     std::printf("{\"device\": \"%s\", \"copy_gbps\": %.1f, \"rows\": [\n", prop.name, copy);

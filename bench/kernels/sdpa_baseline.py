@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ def time_one(b, hq, hkv, t, d, iters, backend):
 
 
 def main():
+    warnings.filterwarnings("ignore")  # PyTorch explains every backend it skips
     ap = argparse.ArgumentParser()
     ap.add_argument("--kvq", help="kvq-bench kernels --json output")
     ap.add_argument("--json", help="write the SDPA results here")

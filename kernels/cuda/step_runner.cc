@@ -256,7 +256,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": key_norm needs a norm_offset");
     if (c.sink > 0 && (w.k.sink_page < 0 || w.v.sink_page < 0 || w.k.sink_page % 16 || w.v.sink_page % 16))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": the sink needs sink pages");
-    if ((w.sink_len > 0 || d.to_sink > 0) && (w.k.win_len > 0 || w.k.body_len > 0))
+    if (w.sink_len < c.sink && (w.k.win_len > 0 || w.k.body_len > 0 || w.v.win_len > 0 || w.v.body_len > 0))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": tokens after an unfilled sink");
     const int to_win = w.n_new - d.to_sink;
     KVQ_RETURN_IF_ERROR(FillTensor(w.k, c.k, w.flush_k, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.k, "k", i));
