@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -34,14 +35,18 @@ class AttentionBackend {
   // Creates a session with a quantization preset ("fp16", "kivi2", ...); returns its id.
   virtual absl::StatusOr<std::string> CreateSession(const SessionShape& shape, const std::string& preset) = 0;
   virtual absl::Status DeleteSession(const std::string& session) = 0;
-  // Tokens the session holds in `layer` (the length every layer agrees on after a whole step).
-  virtual absl::StatusOr<int32_t> SessionLength(const std::string& session, int layer) = 0;
+  // Where the session's next step starts: the smallest length over its layers. After a step that
+  // failed half-way some layers are longer; the next step at this position truncates them back.
+  virtual absl::StatusOr<int32_t> SessionLength(const std::string& session) = 0;
   // Starts / ends one forward step (all layers). Stream-based backends keep one stream per step.
   virtual absl::Status BeginStep() { return absl::OkStatus(); }
   virtual absl::Status EndStep() { return absl::OkStatus(); }
   // q [rows, Hq, D], k/v [rows, Hkv, D] (post-RoPE, float) -> o [rows, Hq, D].
   virtual absl::Status Attend(int layer, const std::vector<AttendSeq>& seqs, const std::vector<float>& q,
                               const std::vector<float>& k, const std::vector<float>& v, std::vector<float>* o) = 0;
+  // Sequences whose entries failed since BeginStep (their o rows are zeros and they were left
+  // out of the step's later layers), with the reason. Other sequences of the step are fine.
+  virtual std::vector<std::pair<std::string, absl::Status>> TakeFailed() { return {}; }
 };
 
 }  // namespace kvq::worker

@@ -379,11 +379,12 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
     for (const auto& t : f->tensors_) total += t.bytes;
     volatile uint8_t sink = 0;
     int last = -1;
+    const bool tty = isatty(2) != 0;  // a log file gets the final line only
     for (const auto& t : f->tensors_) {
       for (int64_t i = 0; i < t.bytes; i += 4096) sink = uint8_t(sink + t.data[i]);
       done += t.bytes;
       const int pct = total > 0 ? int(100 * done / total) : 100;
-      if (pct != last) {
+      if (pct != last && (tty || pct == 100)) {
         last = pct;
         const int bars = pct / 5;
         std::fprintf(stderr, "\rloading %s [%-20s] %3d%% %6.1f MiB", path.c_str(), std::string(bars, '#').c_str(), pct,

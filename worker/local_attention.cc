@@ -1,5 +1,8 @@
 #include "worker/local_attention.h"
 
+#include <algorithm>
+#include <climits>
+
 #include "absl/strings/str_cat.h"
 #include "kvq/format.h"
 #include "kvq/reference.h"
@@ -67,11 +70,12 @@ absl::Status LocalAttention::DeleteSession(const std::string& session) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int32_t> LocalAttention::SessionLength(const std::string& session, int layer) {
+absl::StatusOr<int32_t> LocalAttention::SessionLength(const std::string& session) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("no session ", session));
-  if (layer < 0 || layer >= int(it->second->layers.size())) return absl::InvalidArgumentError("bad layer");
-  return it->second->layers[size_t(layer)].length();
+  int32_t len = INT32_MAX;
+  for (const auto& l : it->second->layers) len = std::min(len, l.length());
+  return len;
 }
 
 absl::StatusOr<std::pair<int64_t, int64_t>> LocalAttention::SessionBytes(const std::string& session) const {

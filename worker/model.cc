@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -354,12 +355,13 @@ absl::Status ExactAttention::DeleteSession(const std::string& session) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int32_t> ExactAttention::SessionLength(const std::string& session, int layer) {
+absl::StatusOr<int32_t> ExactAttention::SessionLength(const std::string& session) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("no session ", session));
-  if (layer < 0 || layer >= it->second.shape.num_layers) return absl::InvalidArgumentError("bad layer");
   const auto& sh = it->second.shape;
-  return int32_t(it->second.k[size_t(layer)].size() / size_t(sh.num_kv_heads * sh.head_dim));
+  size_t len = SIZE_MAX;
+  for (const auto& k : it->second.k) len = std::min(len, k.size() / size_t(sh.num_kv_heads * sh.head_dim));
+  return int32_t(len);
 }
 
 absl::Status ExactAttention::Attend(int layer, const std::vector<AttendSeq>& seqs, const std::vector<float>& q,

@@ -93,7 +93,7 @@ class ExactAttention : public AttentionBackend {
  public:
   absl::StatusOr<std::string> CreateSession(const SessionShape& shape, const std::string& preset) override;
   absl::Status DeleteSession(const std::string& session) override;
-  absl::StatusOr<int32_t> SessionLength(const std::string& session, int layer) override;
+  absl::StatusOr<int32_t> SessionLength(const std::string& session) override;
   absl::Status Attend(int layer, const std::vector<AttendSeq>& seqs, const std::vector<float>& q,
                       const std::vector<float>& k, const std::vector<float>& v, std::vector<float>* o) override;
 
