@@ -1,0 +1,241 @@
+#include "kvq/cache.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "kvq/format.h"
+
+namespace kvq {
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tokens the flush policy quantizes from a window of `win_len` tokens: while the window holds
+// at least keep + F tokens, the oldest F go to the body.
+int32_t FlushCount(const TensorFormat& f, int32_t win_len) {
+  if (!f.quantized() || win_len < f.keep + f.flush) return 0;
+  return (win_len - f.keep) / f.flush * f.flush;
+}
+
+// Window pages in use for a window of win_len tokens starting at slot win_first.
+int64_t WindowPages(int32_t win_first, int32_t win_len) {
+  return win_len == 0 ? 0 : CeilDiv(int64_t{win_first} + win_len, kPageTokens);
+}
+
+}  // namespace
+
+LayerCache::LayerCache(const CacheShape& shape)
+    : shape_(shape),
+      k_layout_(MakeStreamLayout(shape.config.k, shape.num_kv_heads, shape.head_dim)),
+      v_layout_(MakeStreamLayout(shape.config.v, shape.num_kv_heads, shape.head_dim)) {}
+
+int32_t LayerCache::length() const { return sink_len_ + k_.body_len + k_.win_len; }
+
+int32_t LayerCache::min_position() const {
+  if (k_.body_len == 0 && v_.body_len == 0) return 0;
+  return sink_len_ + std::max(k_.body_len, v_.body_len);
+}
+
+Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepPlan* plan) const {
+  const QuantConfig& cfg = shape_.config;
+  const int32_t len = length();
+  if (n < 1) return Result::Error(Code::kInvalidArgument, "a step needs n >= 1 new tokens, got " + std::to_string(n));
+  if (position < min_position() || position > len) {
+    return Result::Error(Code::kFailedPrecondition,
+                         "position " + std::to_string(position) + " is not appendable: the cache length is " +
+                             std::to_string(len) + " (a step may start at " + std::to_string(min_position()) +
+                             " .. " + std::to_string(len) + ")");
+  }
+  if (int64_t{position} + n > (int64_t{1} << 30))
+    return Result::Error(Code::kInvalidArgument, "position + n exceeds 2^30 tokens");
+
+  *plan = StepPlan();
+  StepPlan& p = *plan;
+  int32_t sink = sink_len_;
+  StreamState k = k_, v = v_;
+
+  // 1. Truncation back to `position` (stays inside full precision: sink or windows).
+  if (position < len) {
+    if (position < sink) sink = position;  // only when both bodies are empty
+    for (StreamState* s : {&k, &v}) {
+      s->win_len = position - sink - s->body_len;
+      const int64_t keep_pages = WindowPages(s->win_first, s->win_len);
+      for (int64_t i = keep_pages; i < int64_t(s->win_pages.size()); ++i) {
+        p.dead_pages.push_back(s->win_pages[size_t(i)]);
+        p.dead_page_bytes.push_back(k_layout_.fp_page_bytes);
+      }
+      s->win_pages.resize(size_t(keep_pages));
+      if (s->win_len == 0) s->win_first = 0;
+    }
+  }
+
+  // 2. The pending flush policy of the previous step.
+  const int32_t flush_k = FlushCount(cfg.k, k.win_len);
+  const int32_t flush_v = FlushCount(cfg.v, v.win_len);
+
+  // 3. The append: sink slots first, then the windows.
+  const int32_t n_sink = cfg.sink > 0 ? std::min(n, cfg.sink - sink) : 0;
+  const int32_t n_win = n - n_sink;
+
+  // Allocation, all or nothing.
+  bool ok = true;
+  auto alloc_page = [&](int64_t bytes, int64_t* off) {
+    if (!ok) return;
+    if (!alloc.Allocate(bytes, off)) {
+      ok = false;
+      return;
+    }
+    p.new_pages.push_back(*off);
+    p.new_page_bytes.push_back(bytes);
+  };
+  const int64_t fp_bytes = k_layout_.fp_page_bytes;
+  if (cfg.sink > 0) {
+    if (k.sink_page < 0) alloc_page(fp_bytes, &k.sink_page);
+    if (v.sink_page < 0) alloc_page(fp_bytes, &v.sink_page);
+  }
+  bool compute_norm = false;
+  int64_t norm_offset = norm_offset_;
+  if (cfg.key_norm && !norm_ready_ && flush_k > 0) {
+    compute_norm = true;
+    alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
+  }
+  struct Sched {
+    StreamState* s;
+    const StreamLayout* layout;
+    int32_t flush;
+    std::vector<int64_t>* body;
+    std::vector<int64_t>* win;
+  };
+  const Sched scheds[2] = {{&k, &k_layout_, flush_k, &p.k_body, &p.k_win},
+                           {&v, &v_layout_, flush_v, &p.v_body, &p.v_win}};
+  for (const Sched& sc : scheds) {
+    StreamState& s = *sc.s;
+    *sc.body = s.body_pages;
+    const int64_t body_need = CeilDiv(int64_t{s.body_len} + sc.flush, kPageTokens);
+    while (ok && int64_t(sc.body->size()) < body_need) {
+      int64_t off = -1;
+      alloc_page(sc.layout->quant_page_bytes, &off);
+      if (ok) sc.body->push_back(off);
+    }
+    *sc.win = s.win_pages;
+    const int64_t total = int64_t{s.win_first} + s.win_len + n_win;
+    const int64_t win_need = (s.win_len + n_win == 0) ? int64_t(sc.win->size()) : CeilDiv(total, kPageTokens);
+    while (ok && int64_t(sc.win->size()) < win_need) {
+      int64_t off = -1;
+      alloc_page(fp_bytes, &off);
+      if (ok) sc.win->push_back(off);
+    }
+  }
+  if (!ok) {
+    Abort(plan, alloc);
+    *plan = StepPlan();
+    return Result::Error(Code::kResourceExhausted, "the page pool cannot hold this step's pages");
+  }
+
+  // The work description (state at the start of the step, after truncation).
+  SeqWork& w = p.work;
+  w.sink_len = sink;
+  StreamView* views[2] = {&w.k, &w.v};
+  for (int i = 0; i < 2; ++i) {
+    const Sched& sc = scheds[i];
+    StreamView& view = *views[i];
+    view.body_len = sc.s->body_len;
+    view.win_len = sc.s->win_len;
+    view.win_first = sc.s->win_first;
+    view.body_pages = sc.body->data();
+    view.win_pages = sc.win->data();
+    view.num_body_pages = int32_t(sc.body->size());
+    view.num_win_pages = int32_t(sc.win->size());
+    view.sink_page = sc.s->sink_page;
+  }
+  w.flush_k = flush_k;
+  w.flush_v = flush_v;
+  w.compute_norm = compute_norm;
+  w.norm_offset = cfg.key_norm ? norm_offset : -1;
+  w.n_new = n;
+
+  // The state after the step.
+  p.sink_next = sink + n_sink;
+  p.norm_ready_next = norm_ready_ || compute_norm;
+  StreamState* nexts[2] = {&p.k_next, &p.v_next};
+  for (int i = 0; i < 2; ++i) {
+    const Sched& sc = scheds[i];
+    StreamState& nx = *nexts[i];
+    nx.sink_page = sc.s->sink_page;
+    nx.body_pages = *sc.body;
+    nx.body_len = sc.s->body_len + sc.flush;
+    nx.win_len = sc.s->win_len - sc.flush + n_win;
+    int64_t first = int64_t{sc.s->win_first} + sc.flush;
+    size_t drop = size_t(first / kPageTokens);
+    if (nx.win_len == 0) {
+      drop = sc.win->size();
+      first = 0;
+    }
+    drop = std::min(drop, sc.win->size());
+    for (size_t j = 0; j < drop; ++j) {
+      p.dead_pages.push_back((*sc.win)[j]);
+      p.dead_page_bytes.push_back(fp_bytes);
+    }
+    nx.win_pages.assign(sc.win->begin() + std::ptrdiff_t(drop), sc.win->end());
+    nx.win_first = int32_t(first % kPageTokens);
+  }
+  return Result::Ok();
+}
+
+void LayerCache::Commit(StepPlan* plan, PageAllocator& alloc) {
+  sink_len_ = plan->sink_next;
+  k_ = plan->k_next;
+  v_ = plan->v_next;
+  if (plan->norm_ready_next && !norm_ready_) {
+    norm_ready_ = true;
+    norm_offset_ = plan->work.norm_offset;
+  }
+  for (size_t i = 0; i < plan->dead_pages.size(); ++i) alloc.Free(plan->dead_pages[i], plan->dead_page_bytes[i]);
+  plan->dead_pages.clear();
+  plan->dead_page_bytes.clear();
+  plan->new_pages.clear();  // now owned by the cache
+  plan->new_page_bytes.clear();
+}
+
+void LayerCache::Abort(StepPlan* plan, PageAllocator& alloc) {
+  for (size_t i = 0; i < plan->new_pages.size(); ++i) alloc.Free(plan->new_pages[i], plan->new_page_bytes[i]);
+  plan->new_pages.clear();
+  plan->new_page_bytes.clear();
+  plan->dead_pages.clear();
+  plan->dead_page_bytes.clear();
+}
+
+void LayerCache::Release(PageAllocator& alloc) {
+  const int64_t fp = k_layout_.fp_page_bytes;
+  const std::pair<StreamState*, const StreamLayout*> streams[2] = {{&k_, &k_layout_}, {&v_, &v_layout_}};
+  for (const auto& st : streams) {
+    StreamState& s = *st.first;
+    for (int64_t off : s.body_pages) alloc.Free(off, st.second->quant_page_bytes);
+    for (int64_t off : s.win_pages) alloc.Free(off, fp);
+    if (s.sink_page >= 0) alloc.Free(s.sink_page, fp);
+    s = StreamState();
+  }
+  if (norm_offset_ >= 0) alloc.Free(norm_offset_, AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4));
+  norm_offset_ = -1;
+  norm_ready_ = false;
+  sink_len_ = 0;
+}
+
+CacheBytes LayerCache::bytes() const {
+  CacheBytes b;
+  const int64_t hkv = shape_.num_kv_heads;
+  const std::pair<const StreamState*, const StreamLayout*> streams[2] = {{&k_, &k_layout_}, {&v_, &v_layout_}};
+  for (const auto& st : streams) {
+    const StreamState& s = *st.first;
+    const StreamLayout& l = *st.second;
+    const int64_t pages = int64_t(s.body_pages.size());
+    b.codes += pages * hkv * l.scales_offset;
+    b.scales += pages * (l.quant_page_bytes - hkv * l.scales_offset);
+    b.full_precision += (int64_t(s.win_pages.size()) + (s.sink_page >= 0 ? 1 : 0)) * l.fp_page_bytes;
+  }
+  if (norm_offset_ >= 0) b.metadata += AlignUp16(hkv * shape_.head_dim * 4);
+  return b;
+}
+
+}  // namespace kvq

@@ -1,0 +1,490 @@
+// The CPU reference step: flush (quantize the oldest window tokens into the body), append, and
+// attention over sink + body + window, reading the stored layout directly. Threads over
+// (sequence, KV head) for the quantize-append and over (sequence, KV head, query block) for the
+// attention; each attention item walks the tokens in tiles of at most kTile tokens, dequantizing
+// one K tile and one V tile into small stack buffers, with an online softmax.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvq/reference.h"
+
+namespace kvq {
+namespace {
+
+constexpr int kTile = 32;       // tokens per attention tile (divides every group size)
+constexpr int kMaxRows = 16;    // query rows (query tokens x heads of a GQA group) per item
+constexpr int kLanes = 8;       // independent partial sums in dot products (vectorizable order)
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename F>
+void ParallelFor(int64_t count, int threads, F&& fn) {
+  if (count <= 0) return;
+  int t = threads > 0 ? threads : int(std::thread::hardware_concurrency());
+  if (t < 1) t = 1;
+  if (int64_t(t) > count) t = int(count);
+  if (t == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto body = [&](int tid) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, tid);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(size_t(t - 1));
+  for (int i = 1; i < t; ++i) pool.emplace_back(body, i);
+  body(0);
+  for (auto& th : pool) th.join();
+}
+
+// One stream (K or V) of one sequence as the kernels walk it.
+struct Stream {
+  const TensorFormat* fmt = nullptr;
+  StreamLayout layout;
+  const StreamView* view = nullptr;
+  int32_t flush = 0;
+  int32_t body_post = 0;   // body length after the flush
+  int32_t win_post = 0;    // window length after flush and append
+  int32_t win_base = 0;    // page-array index of the first post-flush window token
+};
+
+inline uint16_t* FpToken(uint8_t* arena, int64_t page, int slot, int h, int hkv, int d) {
+  return reinterpret_cast<uint16_t*>(arena + page + (int64_t(slot) * hkv + h) * d * 2);
+}
+inline const uint16_t* FpToken(const uint8_t* arena, int64_t page, int slot, int h, int hkv, int d) {
+  return reinterpret_cast<const uint16_t*>(arena + page + (int64_t(slot) * hkv + h) * d * 2);
+}
+
+// Bytes of the head `h` block of a quantized body page.
+inline int64_t HeadBase(const Stream& s, int64_t page, int h) { return page + int64_t(h) * s.layout.head_bytes; }
+
+struct SeqInfo {
+  Stream k, v;
+  int32_t sink_cfg = 0;
+  int32_t sink_post = 0;
+  int32_t n_sink = 0;   // new tokens that go to the sink
+  int32_t length = 0;   // after append
+};
+
+SeqInfo MakeSeqInfo(const StepParams& p, const SeqWork& w, const QuantConfig& cfg) {
+  SeqInfo si;
+  si.sink_cfg = cfg.sink;
+  si.n_sink = cfg.sink > 0 ? std::max(0, std::min(w.n_new, cfg.sink - w.sink_len)) : 0;
+  si.sink_post = w.sink_len + si.n_sink;
+  const int32_t n_win = w.n_new - si.n_sink;
+  Stream* ss[2] = {&si.k, &si.v};
+  const TensorFormat* fs[2] = {&cfg.k, &cfg.v};
+  const StreamView* vs[2] = {&w.k, &w.v};
+  const int32_t fl[2] = {w.flush_k, w.flush_v};
+  for (int i = 0; i < 2; ++i) {
+    Stream& s = *ss[i];
+    s.fmt = fs[i];
+    s.layout = MakeStreamLayout(*fs[i], p.num_kv_heads, p.head_dim);
+    s.view = vs[i];
+    s.flush = fl[i];
+    s.body_post = vs[i]->body_len + fl[i];
+    s.win_post = vs[i]->win_len - fl[i] + n_win;
+    s.win_base = vs[i]->win_first + fl[i];
+  }
+  si.length = si.sink_post + si.k.body_post + si.k.win_post;
+  return si;
+}
+
+std::string CheckStep(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                      const uint8_t* arena) {
+  if (arena == nullptr) return "arena is null";
+  if (p.num_kv_heads < 1 || p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0)
+    return "num_q_heads must be a positive multiple of num_kv_heads";
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return "head_dim must be 64, 128 or 256";
+  if (p.dtype != DType::kF16 && p.dtype != DType::kBF16) return "dtype must be fp16 or bf16";
+  if (num_seqs < 0) return "num_seqs < 0";
+  if (num_seqs > 0 && (!p.q || !p.k_new || !p.v_new || !p.o)) return "null q/k_new/v_new/o";
+  for (int i = 0; i < num_seqs; ++i) {
+    const SeqWork& w = works[i];
+    const QuantConfig& cfg = configs[i];
+    const std::string e = ValidateConfig(cfg, p.head_dim);
+    if (!e.empty()) return "sequence " + std::to_string(i) + ": " + e;
+    const std::string si_name = "sequence " + std::to_string(i) + ": ";
+    if (w.n_new < 1) return si_name + "n_new must be >= 1";
+    if (w.sink_len < 0 || w.sink_len > cfg.sink) return si_name + "sink_len out of range";
+    if (cfg.sink > 0 && (w.k.sink_page < 0 || w.v.sink_page < 0)) return si_name + "missing sink page";
+    if (w.kv_row < 0 || w.q_row < 0) return si_name + "negative row";
+    const SeqInfo si = MakeSeqInfo(p, w, cfg);
+    const Stream* ss[2] = {&si.k, &si.v};
+    for (const Stream* s : ss) {
+      const StreamView& v = *s->view;
+      if (v.body_len < 0 || v.win_len < 0 || v.win_first < 0 || v.win_first >= kPageTokens || s->flush < 0 ||
+          s->flush > v.win_len)
+        return si_name + "bad stream lengths";
+      if (s->flush > 0 && !s->fmt->quantized()) return si_name + "flush of a full-precision tensor";
+      if (s->fmt->quantized() && (v.body_len % (s->fmt->grouping == Grouping::kAlongTokens ? s->fmt->group_size : 1)))
+        return si_name + "body length not a multiple of the group size";
+      if (s->fmt->quantized() && s->fmt->grouping == Grouping::kAlongTokens && s->flush % s->fmt->group_size)
+        return si_name + "flush not a multiple of the group size";
+      if (v.num_body_pages < CeilDiv(s->body_post, kPageTokens) || (v.num_body_pages > 0 && !v.body_pages))
+        return si_name + "too few body pages";
+      const int64_t win_end = int64_t(v.win_first) + v.win_len + (w.n_new - si.n_sink);
+      if ((v.win_len + (w.n_new - si.n_sink) > 0 && v.num_win_pages < CeilDiv(win_end, kPageTokens)) ||
+          (v.num_win_pages > 0 && !v.win_pages))
+        return si_name + "too few window pages";
+    }
+    if (si.sink_post < cfg.sink && (si.k.body_post + si.k.win_post + si.v.body_post + si.v.win_post) > 0)
+      return si_name + "tokens after an unfilled sink";
+    if (si.k.body_post + si.k.win_post != si.v.body_post + si.v.win_post) return si_name + "K and V lengths differ";
+    if (cfg.key_norm && si.k.body_post > 0 && w.norm_offset < 0) return si_name + "key_norm without norm factors";
+    if (w.compute_norm && (!cfg.key_norm || w.norm_offset < 0)) return si_name + "compute_norm without key_norm";
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize-append.
+
+// Reads window token at page-array index `idx` (flush reads pre-flush indices from win_first).
+inline const uint16_t* WinToken(const uint8_t* arena, const Stream& s, int64_t idx, int h, int hkv, int d) {
+  return FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
+}
+
+// Quantizes the flush tokens of stream `s`, head h. `norm` is f[D] or null. Returns false on a
+// value beyond fp16 range.
+bool FlushStream(uint8_t* arena, const Stream& s, int h, int hkv, int d, DType dt, const float* norm) {
+  const TensorFormat& f = *s.fmt;
+  const int G = f.group_size;
+  const int wpg = s.layout.words_per_group;
+  float x[kMaxGroupSize];
+  uint8_t codes[kMaxGroupSize];
+  const int64_t first = s.view->win_first;
+  auto store = [&](int64_t body_idx, int g, uint16_t sc, uint16_t zr) {
+    const int64_t base = HeadBase(s, s.view->body_pages[body_idx / kPageTokens], h);
+    PackCodes(codes, G, f.bits, reinterpret_cast<uint32_t*>(arena + base + int64_t(g) * wpg * 4));
+    std::memcpy(arena + base + s.layout.scales_offset + 2 * g, &sc, 2);
+    if (f.has_zeros()) std::memcpy(arena + base + s.layout.zeros_offset + 2 * g, &zr, 2);
+  };
+  if (f.grouping == Grouping::kAlongChannels) {
+    const int gpt = d / G;
+    for (int32_t j = 0; j < s.flush; ++j) {
+      const uint16_t* tok = WinToken(arena, s, first + j, h, hkv, d);
+      const int64_t bi = int64_t(s.view->body_len) + j;
+      const int slot = int(bi % kPageTokens);
+      for (int gi = 0; gi < gpt; ++gi) {
+        for (int i = 0; i < G; ++i) {
+          const float val = LoadAct(tok + gi * G + i, dt);
+          x[i] = norm ? DivRn(val, norm[gi * G + i]) : val;
+        }
+        uint16_t sc = 0, zr = 0;
+        if (!QuantizeGroupRef(x, G, f.bits, f.mode, codes, &sc, &zr)) return false;
+        store(bi, slot * gpt + gi, sc, zr);
+      }
+    }
+  } else {
+    for (int32_t b0 = 0; b0 < s.flush; b0 += G) {
+      const int64_t bi = int64_t(s.view->body_len) + b0;
+      const int slot = int(bi % kPageTokens);
+      const uint16_t* toks[kMaxGroupSize];
+      for (int i = 0; i < G; ++i) toks[i] = WinToken(arena, s, first + b0 + i, h, hkv, d);
+      for (int c = 0; c < d; ++c) {
+        for (int i = 0; i < G; ++i) {
+          const float val = LoadAct(toks[i] + c, dt);
+          x[i] = norm ? DivRn(val, norm[c]) : val;
+        }
+        uint16_t sc = 0, zr = 0;
+        if (!QuantizeGroupRef(x, G, f.bits, f.mode, codes, &sc, &zr)) return false;
+        store(bi, (slot / G) * d + c, sc, zr);
+      }
+    }
+  }
+  return true;
+}
+
+// Flush then append for one (sequence, KV head). Returns false on a value beyond fp16 range.
+bool QuantizeAppendItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, uint8_t* arena, int h) {
+  const int hkv = p.num_kv_heads, d = p.head_dim;
+  const SeqInfo si = MakeSeqInfo(p, w, cfg);
+  float* norm = nullptr;
+  if (cfg.key_norm && w.norm_offset >= 0) norm = reinterpret_cast<float*>(arena + w.norm_offset) + int64_t(h) * d;
+  if (si.k.flush > 0) {
+    if (w.compute_norm) {
+      std::vector<float> mx(size_t(d), 0.f);
+      for (int32_t j = 0; j < si.k.flush; ++j) {
+        const uint16_t* tok = WinToken(arena, si.k, int64_t(w.k.win_first) + j, h, hkv, d);
+        for (int c = 0; c < d; ++c) mx[size_t(c)] = MaxF(mx[size_t(c)], AbsF(LoadAct(tok + c, p.dtype)));
+      }
+      for (int c = 0; c < d; ++c) norm[c] = KeyNormFactor(mx[size_t(c)]);
+    }
+    if (!FlushStream(arena, si.k, h, hkv, d, p.dtype, cfg.key_norm ? norm : nullptr)) return false;
+  }
+  if (si.v.flush > 0 && !FlushStream(arena, si.v, h, hkv, d, p.dtype, nullptr)) return false;
+  // Append: sink slots first, then the windows after their post-flush last token.
+  const uint16_t* kin = static_cast<const uint16_t*>(p.k_new);
+  const uint16_t* vin = static_cast<const uint16_t*>(p.v_new);
+  for (int32_t i = 0; i < w.n_new; ++i) {
+    const int64_t row = (w.kv_row + i) * hkv + h;
+    const Stream* ss[2] = {&si.k, &si.v};
+    const uint16_t* src[2] = {kin + row * d, vin + row * d};
+    for (int t = 0; t < 2; ++t) {
+      const Stream& s = *ss[t];
+      uint16_t* dst;
+      if (i < si.n_sink) {
+        dst = FpToken(arena, s.view->sink_page, w.sink_len + i, h, hkv, d);
+      } else {
+        const int64_t idx = int64_t(s.view->win_first) + s.view->win_len + (i - si.n_sink);
+        dst = FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
+      }
+      std::memcpy(dst, src[t], size_t(d) * 2);
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+template <int B>
+inline void DecodeRun(const uint32_t* words, int i0, int cnt, float a, float b, float* out, int stride) {
+  constexpr uint32_t mask = (1u << B) - 1u;
+  for (int j = 0; j < cnt; ++j) {
+    const int i = i0 + j;
+    uint32_t c;
+    if (32 % B == 0) {
+      c = (words[(i * B) >> 5] >> ((i * B) & 31)) & mask;
+    } else {
+      c = UnpackCode(words, i, B);
+    }
+    out[j * stride] = float(c) * a + b;
+  }
+}
+
+inline void DecodeRunBits(int bits, const uint32_t* words, int i0, int cnt, float a, float b, float* out,
+                          int stride) {
+  switch (bits) {
+    case 2: DecodeRun<2>(words, i0, cnt, a, b, out, stride); break;
+    case 3: DecodeRun<3>(words, i0, cnt, a, b, out, stride); break;
+    case 4: DecodeRun<4>(words, i0, cnt, a, b, out, stride); break;
+    default: DecodeRun<8>(words, i0, cnt, a, b, out, stride); break;
+  }
+}
+
+// x^ = code * a + b for a group's stored scale/zero.
+inline void GroupAffine(const TensorFormat& f, uint16_t sc, uint16_t zr, float* a, float* b) {
+  const bool asym = f.mode == QuantMode::kAsym || (f.mode == QuantMode::kHybrid && (sc & 0x8000u));
+  const float s = HalfBitsToFloat(uint16_t(sc & 0x7fffu));
+  *a = s;
+  *b = asym ? HalfBitsToFloat(zr) : -float(SymLevels(f.bits)) * s;
+}
+
+// Writes tokens [t0, t0 + cnt) (absolute positions, all in one segment of stream s) of head h
+// into out[cnt][d] as floats.
+void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, int hkv, int d, DType dt,
+              int32_t t0, int cnt, float* out) {
+  if (t0 < si.sink_post) {
+    for (int j = 0; j < cnt; ++j) {
+      const uint16_t* tok = FpToken(arena, s.view->sink_page, t0 + j, h, hkv, d);
+      for (int c = 0; c < d; ++c) out[j * d + c] = LoadAct(tok + c, dt);
+    }
+    return;
+  }
+  const int32_t b0 = t0 - si.sink_post;
+  if (b0 >= s.body_post) {
+    const int64_t idx0 = int64_t(s.win_base) + (b0 - s.body_post);
+    for (int j = 0; j < cnt; ++j) {
+      const int64_t idx = idx0 + j;
+      const uint16_t* tok = FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
+      if (dt == DType::kF16) {
+        for (int c = 0; c < d; ++c) out[j * d + c] = HalfBitsToFloat(tok[c]);
+      } else {
+        for (int c = 0; c < d; ++c) out[j * d + c] = Bf16BitsToFloat(tok[c]);
+      }
+    }
+    return;
+  }
+  // Body: the tile lies in one page and one kTile-aligned block of body tokens.
+  const TensorFormat& f = *s.fmt;
+  const int G = f.group_size;
+  const int wpg = s.layout.words_per_group;
+  const uint8_t* base = arena + HeadBase(s, s.view->body_pages[b0 / kPageTokens], h);
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(base + s.layout.scales_offset);
+  const uint16_t* zeros = reinterpret_cast<const uint16_t*>(base + s.layout.zeros_offset);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(base);
+  const int slot0 = b0 % kPageTokens;
+  if (f.grouping == Grouping::kAlongChannels) {
+    const int gpt = d / G;
+    for (int j = 0; j < cnt; ++j) {
+      const int slot = slot0 + j;
+      for (int gi = 0; gi < gpt; ++gi) {
+        const int g = slot * gpt + gi;
+        float a, b;
+        GroupAffine(f, scales[g], f.has_zeros() ? zeros[g] : uint16_t(0), &a, &b);
+        DecodeRunBits(f.bits, words + int64_t(g) * wpg, 0, G, a, b, out + j * d + gi * G, 1);
+      }
+    }
+  } else {
+    const int gbase = (slot0 / G) * d;
+    const int i0 = slot0 % G;
+    for (int c = 0; c < d; ++c) {
+      const int g = gbase + c;
+      float a, b;
+      GroupAffine(f, scales[g], f.has_zeros() ? zeros[g] : uint16_t(0), &a, &b);
+      DecodeRunBits(f.bits, words + int64_t(g) * wpg, i0, cnt, a, b, out + c, d);
+    }
+  }
+}
+
+inline float Dot(const float* a, const float* b, int d) {
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int c = 0; c < d; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[c + l] * b[c + l];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+struct AttnItem {
+  int32_t seq;
+  int32_t h;
+  int32_t q0, q1;  // query tokens [q0, q1) of the sequence
+};
+
+struct Scratch {
+  std::vector<float> q, qn, acc, m, l, ktile, vtile;
+};
+
+void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, const uint8_t* arena,
+                   const AttnItem& it, Scratch& sc) {
+  const int hkv = p.num_kv_heads, hq = p.num_q_heads, d = p.head_dim, g = hq / hkv;
+  const DType dt = p.dtype;
+  const SeqInfo si = MakeSeqInfo(p, w, cfg);
+  const int rows = (it.q1 - it.q0) * g;
+  const float scale = p.softmax_scale > 0.f ? p.softmax_scale : 1.f / std::sqrt(float(d));
+  const bool use_norm = cfg.key_norm && si.k.body_post > 0;
+  const float* norm = use_norm ? reinterpret_cast<const float*>(arena + w.norm_offset) + int64_t(it.h) * d : nullptr;
+  sc.q.resize(size_t(rows) * d);
+  sc.qn.resize(size_t(rows) * d);
+  sc.acc.assign(size_t(rows) * d, 0.f);
+  sc.m.assign(size_t(rows), -std::numeric_limits<float>::infinity());
+  sc.l.assign(size_t(rows), 0.f);
+  sc.ktile.resize(size_t(kTile) * d);
+  sc.vtile.resize(size_t(kTile) * d);
+  std::vector<int32_t> pos(static_cast<size_t>(rows));
+  const uint16_t* qin = static_cast<const uint16_t*>(p.q);
+  for (int r = 0; r < rows; ++r) {
+    const int qi = it.q0 + r / g;
+    const int head = it.h * g + r % g;
+    pos[size_t(r)] = si.length - w.n_new + qi;
+    const uint16_t* src = qin + ((w.q_row + qi) * hq + head) * d;
+    float* q = sc.q.data() + size_t(r) * d;
+    for (int c = 0; c < d; ++c) q[c] = LoadAct(src + c, dt) * scale;
+    if (use_norm) {
+      float* qn = sc.qn.data() + size_t(r) * d;
+      for (int c = 0; c < d; ++c) qn[c] = q[c] * norm[c];
+    }
+  }
+  const int32_t t_end = pos[size_t(rows - 1)] + 1;  // the last row sees the most tokens
+  // Segment boundaries of K and V (absolute positions); tiles never cross one.
+  const int32_t S = si.sink_post;
+  int32_t bounds[5] = {S, S + si.k.body_post, S + si.v.body_post, t_end, t_end};
+  std::sort(bounds, bounds + 5);
+  float scores[kTile];
+  int32_t t0 = 0;
+  while (t0 < t_end) {
+    int32_t t1 = std::min(t_end, t0 + kTile);
+    if (t0 >= S) t1 = std::min(t1, S + ((t0 - S) / kTile + 1) * kTile);
+    for (int32_t b : bounds)
+      if (b > t0 && b < t1) t1 = b;
+    const int cnt = t1 - t0;
+    LoadTile(arena, si, si.k, it.h, hkv, d, dt, t0, cnt, sc.ktile.data());
+    LoadTile(arena, si, si.v, it.h, hkv, d, dt, t0, cnt, sc.vtile.data());
+    const bool k_body = t0 >= S && t0 < S + si.k.body_post;
+    const float* qsrc = (k_body && use_norm) ? sc.qn.data() : sc.q.data();
+    for (int r = 0; r < rows; ++r) {
+      const int32_t pr = pos[size_t(r)];
+      if (pr < t0) continue;
+      const int valid = std::min(cnt, pr - t0 + 1);
+      const float* q = qsrc + size_t(r) * d;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < valid; ++j) {
+        scores[j] = Dot(q, sc.ktile.data() + size_t(j) * d, d);
+        mx = std::max(mx, scores[j]);
+      }
+      const float m_old = sc.m[size_t(r)];
+      const float m_new = std::max(m_old, mx);
+      float* acc = sc.acc.data() + size_t(r) * d;
+      if (m_new > m_old) {
+        const float corr = std::exp(m_old - m_new);  // 0 for the first tile
+        sc.l[size_t(r)] *= corr;
+        for (int c = 0; c < d; ++c) acc[c] *= corr;
+        sc.m[size_t(r)] = m_new;
+      }
+      float lsum = 0.f;
+      for (int j = 0; j < valid; ++j) {
+        const float pj = std::exp(scores[j] - m_new);
+        lsum += pj;
+        const float* v = sc.vtile.data() + size_t(j) * d;
+        for (int c = 0; c < d; ++c) acc[c] += pj * v[c];
+      }
+      sc.l[size_t(r)] += lsum;
+    }
+    t0 = t1;
+  }
+  uint16_t* out = static_cast<uint16_t*>(p.o);
+  for (int r = 0; r < rows; ++r) {
+    const int qi = it.q0 + r / g;
+    const int head = it.h * g + r % g;
+    uint16_t* dst = out + ((w.q_row + qi) * hq + head) * d;
+    const float inv = 1.f / sc.l[size_t(r)];
+    const float* acc = sc.acc.data() + size_t(r) * d;
+    for (int c = 0; c < d; ++c) dst[c] = StoreAct(acc[c] * inv, dt);
+  }
+}
+
+}  // namespace
+
+Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                         int num_seqs, uint8_t* arena, int threads) {
+  const std::string e = CheckStep(params, works, configs, num_seqs, arena);
+  if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
+  const int hkv = params.num_kv_heads;
+  std::atomic<int64_t> bad{-1};
+  ParallelFor(int64_t(num_seqs) * hkv, threads, [&](int64_t i, int) {
+    const int s = int(i / hkv), h = int(i % hkv);
+    if (!QuantizeAppendItem(params, works[s], configs[s], arena, h)) {
+      int64_t expected = -1;
+      bad.compare_exchange_strong(expected, s);
+    }
+  });
+  if (bad.load() >= 0)
+    return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(bad.load()) +
+                                                     ": a flushed key or value is not finite or beyond fp16 range");
+  return Result::Ok();
+}
+
+void CpuAttention(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                  const uint8_t* arena, int threads) {
+  const int hkv = params.num_kv_heads;
+  const int g = params.num_q_heads / hkv;
+  const int qblk = std::max(1, kMaxRows / g);
+  std::vector<AttnItem> items;
+  for (int s = 0; s < num_seqs; ++s)
+    for (int h = 0; h < hkv; ++h)
+      for (int32_t q0 = 0; q0 < works[s].n_new; q0 += qblk)
+        items.push_back({s, h, q0, std::min(works[s].n_new, q0 + qblk)});
+  std::vector<Scratch> scratch(size_t(std::max(1, threads > 0 ? threads : int(std::thread::hardware_concurrency()))));
+  ParallelFor(int64_t(items.size()), int(scratch.size()), [&](int64_t i, int tid) {
+    const AttnItem& it = items[size_t(i)];
+    AttentionItem(params, works[it.seq], configs[it.seq], arena, it, scratch[size_t(tid)]);
+  });
+}
+
+Result CpuRunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                  uint8_t* arena, int threads) {
+  Result r = CpuQuantizeAppend(params, works, configs, num_seqs, arena, threads);
+  if (!r.ok()) return r;
+  CpuAttention(params, works, configs, num_seqs, arena, threads);
+  return Result::Ok();
+}
+
+}  // namespace kvq
