@@ -1,0 +1,46 @@
+// The store's compute backend: owns the arena (one allocation of the pool size, made at start-up)
+// and the page pool over it, and runs batched steps. The CPU backend (cpu_backend.h) is the
+// reference; a CUDA backend implements the same interface with the arena in device memory.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvq/cache.h"
+
+namespace kvq::store {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+
+  // The page allocator over this backend's arena. Thread-safe.
+  virtual kvq::PageAllocator& allocator() = 0;
+  virtual int64_t pool_capacity() const = 0;
+  virtual int64_t pool_used() const = 0;
+
+  // Runs one batched step of one layer (flush, append, attention; see kvq::SeqWork) for
+  // `num_seqs` sequences that share params' shape and dtype. params.q/k_new/v_new/o are HOST
+  // buffers ([rows, H, D] activation dtype); a device backend copies them. configs[i] belongs to
+  // works[i]. May be called concurrently for disjoint sessions. Errors come back as a status,
+  // never as an abort; on error the caller aborts the plans (the arena pages they wrote are
+  // pages the plans own).
+  virtual absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
+                               const kvq::QuantConfig* configs, int num_seqs) = 0;
+};
+
+enum class BackendKind { kAuto, kCpu, kCuda };
+
+// Parses "auto", "cpu", "cuda".
+bool ParseBackendKind(const std::string& text, BackendKind* out);
+
+// Makes a backend with an arena of `pool_bytes`. kAuto picks CUDA when it is built and a device is
+// present, else CPU. `threads` bounds the CPU backend's threads (0 = all cores).
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(BackendKind kind, int64_t pool_bytes, int threads);
+
+}  // namespace kvq::store
