@@ -23,6 +23,7 @@ struct AttnSmem {
   float k[kTileTokens][kKStride];
   float v[kTileTokens][D];
   float p[kRowsPerUnit][kTileTokens];
+  float part[kAttnThreads / 32][kRowsPerUnit][kTileTokens];
   float alpha[kRowsPerUnit];
   float m[kRowsPerUnit];
   float l[kRowsPerUnit];
@@ -45,10 +46,182 @@ __device__ __forceinline__ void LoadTile8(const uint8_t* arena, const DevTensor&
   }
 }
 
+// How a tile of one tensor is loaded. The fast classes issue every load of the tile into
+// registers first (several 16-byte loads in flight per thread), then decode; kTileGeneric (a tile
+// that mixes body and full-precision tokens, or an unaligned along_tokens tile) decodes per chunk.
+enum TileClass : int { kTileGeneric = 0, kTileFull = 1, kTileBodyCh = 2, kTileBodyTok = 3 };
+
+__device__ __forceinline__ int ClassifyTile(const DevSeq& s, const DevTensor& x, int t0, int t1) {
+  const int b0 = s.sink_len + s.to_sink;
+  const int b1 = b0 + x.body_len + x.flush;  // body tokens are [b0, b1)
+  if (b1 == b0 || t1 <= b0 || t0 >= b1) return kTileFull;
+  if (t0 >= b0 && t1 <= b1) {
+    if (x.grouping == static_cast<int>(Grouping::kAlongChannels)) return kTileBodyCh;
+    // A full tile starting on a 32-token boundary of the body lies in one group (G >= 32) of one page.
+    if ((t0 - b0) % kTileTokens == 0 && t1 - t0 == kTileTokens) return kTileBodyTok;
+  }
+  return kTileGeneric;
+}
+
+template <int D>
+struct TileRaw {
+  static constexpr int kPasses = kTileTokens * (D / 8) / kAttnThreads;
+  uint32_t w[kPasses * 4];
+};
+
+template <int D, DType DT>
+__device__ __forceinline__ void IssueTileLoads(int cls, const uint8_t* arena, const DevTensor& x,
+                                               const TokLoc* loc, int h, int num_kv_heads, int valid,
+                                               TileRaw<D>& raw) {
+  constexpr int kChunks = D / 8;
+  constexpr int kPasses = TileRaw<D>::kPasses;
+  const int tid = threadIdx.x;
+  if (cls == kTileFull) {
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int idx = p * kAttnThreads + tid;
+      const int t = idx / kChunks;
+      const int c0 = (idx % kChunks) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (t < valid) {
+        const TokLoc l = loc[t];
+        v = __ldg(reinterpret_cast<const uint4*>(
+            arena + l.page + (static_cast<int64_t>(l.slot) * num_kv_heads + h) * D * 2 + c0 * 2));
+      }
+      raw.w[4 * p] = v.x;
+      raw.w[4 * p + 1] = v.y;
+      raw.w[4 * p + 2] = v.z;
+      raw.w[4 * p + 3] = v.w;
+    }
+  } else if (cls == kTileBodyCh) {
+    const int G = x.group_size;
+    const int bits = x.bits;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int idx = p * kAttnThreads + tid;
+      const int t = idx / kChunks;
+      const int c0 = (idx % kChunks) * 8;
+      uint32_t w0 = 0, w1 = 0, sz = 0;
+      const int bitoff = (c0 % G) * bits;
+      if (t < valid) {
+        const TokLoc l = loc[t];
+        const uint8_t* head = arena + l.page + static_cast<int64_t>(h) * x.head_bytes;
+        const int g = l.slot * (D / G) + c0 / G;
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(head) + g * x.words_per_group + (bitoff >> 5);
+        w0 = __ldg(words);
+        if ((bitoff & 31) + 8 * bits > 32) w1 = __ldg(words + 1);
+        const uint32_t sb = __ldg(reinterpret_cast<const unsigned short*>(head + x.scales_offset) + g);
+        const uint32_t zb = x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
+        sz = sb | (zb << 16);
+      }
+      raw.w[4 * p] = w0;
+      raw.w[4 * p + 1] = w1;
+      raw.w[4 * p + 2] = sz;
+      raw.w[4 * p + 3] = static_cast<uint32_t>(bitoff & 31);
+    }
+  } else if (cls == kTileBodyTok) {
+    // Thread = channel: the group's words for these 32 tokens (bits words, word-aligned), scale, zero.
+    if (tid < D) {
+      const TokLoc l = loc[0];
+      const uint8_t* head = arena + l.page + static_cast<int64_t>(h) * x.head_bytes;
+      const int G = x.group_size;
+      const int g = (l.slot / G) * D + tid;
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(head) + g * x.words_per_group +
+                              ((l.slot % G) * x.bits >> 5);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw.w[i] = i < x.bits ? __ldg(words + i) : 0u;
+      const uint32_t sb = __ldg(reinterpret_cast<const unsigned short*>(head + x.scales_offset) + g);
+      const uint32_t zb = x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
+      raw.w[4] = sb | (zb << 16);
+    }
+  }
+}
+
+__device__ __forceinline__ float2 AffineFromBits(int bits, int mode, uint32_t sz) {
+  const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(sz & 0xffffu)));
+  const float z = __half2float(__ushort_as_half(static_cast<unsigned short>(sz >> 16)));
+  return GroupAffine(bits, mode, s, z);
+}
+
+template <int BITS>
+__device__ __forceinline__ void DecodeTok32(const uint32_t* w, float a, float b, float f, float* col,
+                                            int stride) {
+  uint32_t r[BITS];
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) r[i] = w[i];
+#pragma unroll
+  for (int t = 0; t < kTileTokens; ++t) {
+    const int bit = t * BITS;
+    uint32_t c = r[bit >> 5] >> (bit & 31);
+    if ((bit & 31) + BITS > 32) c |= r[(bit >> 5) + 1] << (32 - (bit & 31));
+    c &= (1u << BITS) - 1u;
+    col[t * stride] = (static_cast<float>(c) * a + b) * f;
+  }
+}
+
+template <int D, DType DT, int STRIDE>
+__device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const DevTensor& x,
+                                           const TokLoc* loc, int h, int num_kv_heads, int valid,
+                                           const TileRaw<D>& raw, const float* knorm,
+                                           float (*dst)[STRIDE]) {
+  constexpr int kChunks = D / 8;
+  constexpr int kPasses = TileRaw<D>::kPasses;
+  const int tid = threadIdx.x;
+  if (cls == kTileBodyTok) {
+    if (tid < D) {
+      const float2 ab = AffineFromBits(x.bits, x.mode, raw.w[4]);
+      const float f = knorm ? knorm[tid] : 1.f;
+      float* col = &dst[0][tid];
+      if (x.bits == 2) DecodeTok32<2>(raw.w, ab.x, ab.y, f, col, STRIDE);
+      else if (x.bits == 3) DecodeTok32<3>(raw.w, ab.x, ab.y, f, col, STRIDE);
+      else DecodeTok32<4>(raw.w, ab.x, ab.y, f, col, STRIDE);
+    }
+    return;
+  }
+#pragma unroll
+  for (int p = 0; p < kPasses; ++p) {
+    const int idx = p * kAttnThreads + tid;
+    const int t = idx / kChunks;
+    const int c0 = (idx % kChunks) * 8;
+    float v[8];
+    if (cls == kTileFull) {
+      Unpack8<DT>(make_uint4(raw.w[4 * p], raw.w[4 * p + 1], raw.w[4 * p + 2], raw.w[4 * p + 3]), v);
+    } else if (cls == kTileBodyCh) {
+      const int bits = x.bits;
+      const float2 ab = AffineFromBits(bits, x.mode, raw.w[4 * p + 2]);
+      const uint64_t w64 = (static_cast<uint64_t>(raw.w[4 * p + 1]) << 32 | raw.w[4 * p]) >> raw.w[4 * p + 3];
+      const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float f = knorm ? knorm[c0 + e] : 1.f;
+        v[e] = (static_cast<float>(static_cast<uint32_t>(w64 >> (e * bits)) & mask) * ab.x + ab.y) * f;
+      }
+      if (t >= valid) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = 0.f;
+      }
+    } else {  // kTileGeneric
+      if (t < valid) {
+        const TokLoc l = loc[t];
+        LoadTile8<D, DT>(arena, x, l, h, num_kv_heads, c0, v);
+        if (l.body && knorm) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[e] *= knorm[c0 + e];
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = 0.f;
+      }
+    }
+    float4* d = reinterpret_cast<float4*>(&dst[t][c0]);
+    d[0] = make_float4(v[0], v[1], v[2], v[3]);
+    d[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
 template <int D, DType DT>
 __global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
-  constexpr int kChunks = D / 8;                       // 8-channel chunks per token
   constexpr int kRowsPerThread = kRowsPerUnit * D / kAttnThreads;
   constexpr int kRowStep = kAttnThreads / D;           // PV: thread = (channel, row phase)
   __shared__ __align__(16) AttnSmem<D, DT> sm;
@@ -99,46 +272,54 @@ __global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
       if (t < unit.tok_end) sm.vloc[tid - kTileTokens] = Locate(s, s.v, a.pages, t);
     }
     __syncthreads();
-    // Dequantize K and V tiles: each thread takes (token, 8-channel chunk) pairs; the loads of a
-    // pass are independent, so several are in flight per thread.
-#pragma unroll
-    for (int pass = 0; pass < kTileTokens * kChunks / kAttnThreads; ++pass) {
-      const int idx = pass * kAttnThreads + tid;
-      const int t = idx / kChunks;
-      const int c0 = (idx % kChunks) * 8;
-      float kv[8], vv[8];
-      if (tile0 + t < unit.tok_end) {
-        const TokLoc kl = sm.kloc[t];
-        const TokLoc vl = sm.vloc[t];
-        LoadTile8<D, DT>(a.arena, s.k, kl, h, a.num_kv_heads, c0, kv);
-        LoadTile8<D, DT>(a.arena, s.v, vl, h, a.num_kv_heads, c0, vv);
-        if (kl.body && s.key_norm) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) kv[e] *= sm.knorm[c0 + e];
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kv[e] = vv[e] = 0.f;
+    // Dequantize K and V tiles straight from the stored layout: all loads of both tiles are
+    // issued before any is decoded.
+    {
+      const int t1 = min(tile0 + kTileTokens, unit.tok_end);
+      const int valid = t1 - tile0;
+      const int kc = ClassifyTile(s, s.k, tile0, t1);
+      const int vc = ClassifyTile(s, s.v, tile0, t1);
+      TileRaw<D> rk, rv;
+      IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc, h, a.num_kv_heads, valid, rk);
+      IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc, h, a.num_kv_heads, valid, rv);
+      DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc, h, a.num_kv_heads, valid, rk,
+                                                  s.key_norm ? sm.knorm : nullptr, sm.k);
+      DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc, h, a.num_kv_heads, valid, rv, nullptr, sm.v);
+      if (vc == kTileBodyTok || kc == kTileBodyTok) {
+        // Along_tokens tiles are decoded by channel: zero tokens past the end is not needed (full
+        // tiles only), nothing else to do.
       }
-      float4* kd = reinterpret_cast<float4*>(&sm.k[t][c0]);
-      kd[0] = make_float4(kv[0], kv[1], kv[2], kv[3]);
-      kd[1] = make_float4(kv[4], kv[5], kv[6], kv[7]);
-      float4* vd = reinterpret_cast<float4*>(&sm.v[t][c0]);
-      vd[0] = make_float4(vv[0], vv[1], vv[2], vv[3]);
-      vd[1] = make_float4(vv[4], vv[5], vv[6], vv[7]);
     }
     __syncthreads();
-    // Scores and online softmax: warp w owns rows w and w + 4; lane = token of the tile.
+    // Scores: warp w sums its quarter of the channels for every row (lane = token), so every
+    // warp has work whatever the row count; the partial sums meet in shared memory.
+    {
+      constexpr int kSlice = D / (kAttnThreads / 32);
+      float dot[kRowsPerUnit];
+#pragma unroll
+      for (int r = 0; r < kRowsPerUnit; ++r) dot[r] = 0.f;
+#pragma unroll 4
+      for (int c = warp * kSlice; c < (warp + 1) * kSlice; c += 4) {
+        const float4 kk = *reinterpret_cast<const float4*>(&sm.k[lane][c]);
+#pragma unroll
+        for (int r = 0; r < kRowsPerUnit; ++r) {
+          if (r < unit.num_rows) {
+            const float4 qq = *reinterpret_cast<const float4*>(&sm.q[r][c]);
+            dot[r] += kk.x * qq.x + kk.y * qq.y + kk.z * qq.z + kk.w * qq.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerUnit; ++r) sm.part[warp][r][lane] = dot[r];
+    }
+    __syncthreads();
+    // Online softmax: warp w owns rows w and w + 4; lane = token of the tile.
     for (int r = warp; r < kRowsPerUnit; r += kAttnThreads / 32) {
       if (r >= unit.num_rows) break;
       const int t = tile0 + lane;
       float dot = 0.f;
-#pragma unroll 8
-      for (int c = 0; c < D; c += 4) {
-        const float4 kk = *reinterpret_cast<const float4*>(&sm.k[lane][c]);
-        const float4 qq = *reinterpret_cast<const float4*>(&sm.q[r][c]);
-        dot += kk.x * qq.x + kk.y * qq.y + kk.z * qq.z + kk.w * qq.w;
-      }
+#pragma unroll
+      for (int w = 0; w < kAttnThreads / 32; ++w) dot += sm.part[w][r][lane];
       const bool valid = t < unit.tok_end && t <= sm.pos[r];
       const float sc = valid ? dot * a.scale_log2 : -INFINITY;
       float mx = sc;

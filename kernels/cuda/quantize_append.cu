@@ -7,19 +7,20 @@
 // Existing pages are never moved; the flushed window slots are left as they are (the planner
 // frees emptied window pages).
 #include "device_common.cuh"
-#include "quant_device.cuh"
+#include "kvq/numeric.h"
+#include "kvq/quant.h"
 
 namespace kvq {
 namespace cuda {
 namespace {
 
-constexpr int kMaxGroup = 128;
+constexpr int kMaxGroup = kMaxGroupSize;
 
 __device__ __forceinline__ float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
                                             int c, int hkv, int d, DType dtype) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(
       arena + page + ((static_cast<int64_t>(slot) * hkv + h) * d + c) * 2);
-  return dtype == DType::kBF16 ? __uint_as_float(uint32_t{*p} << 16) : __half2float(__ushort_as_half(*p));
+  return LoadAct(p, dtype);
 }
 
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
@@ -44,9 +45,9 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
             const int w = x.win_first + t;
             const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
                                        w % kPageTokens, h, c, hkv, D, dtype);
-            mx = fmaxf(mx, fabsf(v));
+            mx = MaxF(mx, AbsF(v));
           }
-          f[c] = KeyNormFactorDev(mx);
+          f[c] = KeyNormFactor(mx);
         }
         knorm[c] = f[c];
       }
@@ -67,7 +68,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
         const int64_t page = a.pages[x.win_pages + w / kPageTokens];
         for (int i = 0; i < G; ++i) {
           const float v = LoadActDev(a.arena, page, w % kPageTokens, h, c0 + i, hkv, D, dtype);
-          vals[i] = norm ? __fdiv_rn(v, knorm[c0 + i]) : v;
+          vals[i] = norm ? DivRn(v, knorm[c0 + i]) : v;
         }
         body_tok = x.body_len + t;
         group = (body_tok % kPageTokens) * (D / G) + c0 / G;
@@ -78,20 +79,20 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
           const int w = x.win_first + tb * G + i;
           const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
                                      w % kPageTokens, h, c, hkv, D, dtype);
-          vals[i] = norm ? __fdiv_rn(v, knorm[c]) : v;
+          vals[i] = norm ? DivRn(v, knorm[c]) : v;
         }
         body_tok = x.body_len + tb * G;
         group = ((body_tok % kPageTokens) / G) * D + c;
       }
       uint16_t scale_bits = 0, zero_bits = 0;
-      if (!QuantizeGroupDev(vals, G, x.bits, mode, codes, &scale_bits, &zero_bits)) {
-        atomicExch(a.error_flag, 2);  // scale or zero beyond fp16 range
+      if (!QuantizeGroupRef(vals, G, x.bits, mode, codes, &scale_bits, &zero_bits)) {
+        atomicExch(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
       }
       uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] +
                       static_cast<int64_t>(h) * x.head_bytes;
       uint32_t* words = reinterpret_cast<uint32_t*>(head) + group * x.words_per_group;
       uint32_t packed[kMaxGroup * 4 / 32];
-      PackCodesDev(codes, G, x.bits, packed);
+      PackCodes(codes, G, x.bits, packed);
       for (int w = 0; w < x.words_per_group; ++w) words[w] = packed[w];
       reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
       if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;

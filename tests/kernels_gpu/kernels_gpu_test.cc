@@ -139,7 +139,8 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   cp.k_new = kn.data();
   cp.v_new = vn.data();
   cp.o = o_cpu.data();
-  CpuQuantizeAppend(cp, works.data(), cfgs.data(), n, host.data(), 0);
+  const Result cpu_r = CpuQuantizeAppend(cp, works.data(), cfgs.data(), n, host.data(), 0);
+  ASSERT_TRUE(cpu_r.ok()) << cpu_r.message;
   CpuAttention(cp, works.data(), cfgs.data(), n, host.data(), 0);
 
   // Pages: byte-identical, guards intact.
