@@ -111,6 +111,9 @@ for ov in base dev prod; do
   run "manifest contract ($ov): ports, probes, GPU, selectors, store list, PDB, NetworkPolicy" \
     "${check[@]}" manifests "$out" "$ov"
 done
+built=()
+for ov in base dev prod; do [ -s "$work/k8s-$ov.yaml" ] && built+=("$work/k8s-$ov.yaml"); done
+run "every --flag in manifests and Dockerfiles exists in kvq-store / kvq-worker" "${check[@]}" flags "$repo" "${built[@]}"
 run "dev tenants file has kvq-store's format" "${check[@]}" tenants deploy/k8s/overlays/dev/tenants.txt
 
 # --- Prometheus --------------------------------------------------------------------------------

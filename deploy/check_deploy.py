@@ -7,6 +7,7 @@
   check_deploy.py dashboard JSON OUT_RULES.yml   layout checks; OUT = every query as a recording rule
   check_deploy.py dockerfiles DIR                 the build/runtime stage contract of the Dockerfiles
   check_deploy.py metrics REPO                    kvq_* names used in deploy/ vs defined in kvstore/ worker/
+  check_deploy.py flags REPO BUILT.yaml...        every --flag the manifests and Dockerfiles pass exists
 
 Each prints its findings and exits 1 on any error, 0 otherwise (3: nothing to compare, skipped).
 """
@@ -146,6 +147,26 @@ def check_manifests(path, overlay):
                     err(f"{kind}/{name}: Secret {sname} is not generated in dev")
                 if not sname.startswith("kvq-tenants"):
                     err(f"{kind}/{name}: unexpected Secret {sname}")
+
+    # Secrets referenced by env: generated in dev (prod creates them out of band)
+    for kind, name, w in workloads:
+        for e in w["spec"]["template"]["spec"]["containers"][0].get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref and overlay == "dev":
+                sec = by.get("Secret", {}).get(ref["name"])
+                if sec is None or ref["key"] not in sec.get("data", {}):
+                    err(f"{kind}/{name}: env {e['name']} needs Secret {ref['name']} key {ref['key']}, not generated in dev")
+    if overlay == "dev":
+        import base64
+        secrets = by.get("Secret", {})
+        tenants = next((s for n, s in secrets.items() if n.startswith("kvq-tenants")), None)
+        tok = next((s for n, s in secrets.items() if n.startswith("kvq-worker-store-token")), None)
+        if tenants and tok:
+            tenant_tokens = {ln.split("#", 1)[0].split()[0] for ln in
+                             base64.b64decode(tenants["data"]["tenants.txt"]).decode().splitlines()
+                             if ln.split("#", 1)[0].split()}
+            if base64.b64decode(tok["data"]["token"]).decode() not in tenant_tokens:
+                err("dev: the worker's store token is not a token of the tenants file")
 
     # headless Service governs the StatefulSet and routes by stable pod names
     svc = by.get("Service", {}).get(sts["spec"]["serviceName"])
@@ -392,6 +413,50 @@ def check_metrics(repo):
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# command-line flags: what deploy/ passes vs the ABSL_FLAGs of the binaries' main.cc
+
+BINARIES = {"kvq-store": "kvstore/main.cc", "kvq-worker": "worker/main.cc"}
+
+
+def defined_flags(repo, binary):
+    f = pathlib.Path(repo) / BINARIES[binary]
+    if not f.exists():
+        return None
+    return set(re.findall(r"ABSL_FLAG\(\s*[\w:<>]+\s*,\s*(\w+)\s*,", f.read_text()))
+
+
+def check_flags(repo, built):
+    uses = []  # (where, binary, flag)
+    for path in built:
+        for d in yaml.safe_load_all(open(path)):
+            if not d or d["kind"] not in ("StatefulSet", "Deployment"):
+                continue
+            binary = d["metadata"]["name"]
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for a in c.get("args", []):
+                    m = re.match(r"--([A-Za-z0-9_]+)", a)
+                    if m:
+                        uses.append((f"{path}: {d['kind']}/{binary}", binary, m.group(1)))
+    for name, binary in (("Dockerfile.store", "kvq-store"), ("Dockerfile.worker", "kvq-worker")):
+        text = (pathlib.Path(repo) / "deploy/docker" / name).read_text()
+        m = re.search(r"^CMD (\[.*\])", text, re.M)
+        for a in json.loads(m.group(1)) if m else []:
+            fm = re.match(r"--([A-Za-z0-9_]+)", a)
+            if fm:
+                uses.append((f"deploy/docker/{name} CMD", binary, fm.group(1)))
+    compared = 0
+    for where, binary, flag in uses:
+        have = defined_flags(repo, binary)
+        if have is None:
+            print(f"  {BINARIES[binary]} not there yet: {binary} flags not compared")
+            continue
+        compared += 1
+        if flag not in have:
+            err(f"{where} passes --{flag}, which {binary} ({BINARIES[binary]}) does not define")
+    print(f"  {compared} flag uses compared with the binaries' ABSL_FLAGs")
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__)
@@ -408,6 +473,8 @@ def main(argv):
         check_dashboard(args[0], args[1])
     elif cmd == "dockerfiles":
         check_dockerfiles(args[0])
+    elif cmd == "flags":
+        check_flags(args[0], args[1:])
     elif cmd == "metrics":
         rc = check_metrics(args[0])
         if rc == 3 and not ERRORS:
