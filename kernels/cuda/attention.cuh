@@ -29,8 +29,8 @@ struct AttnSmem {
   float l[kRowsPerUnit];
   float knorm[D];
   int pos[kRowsPerUnit];
-  TokLoc kloc[kTileTokens];
-  TokLoc vloc[kTileTokens];
+  TokLoc kloc[2][kTileTokens];  // double-buffered: the next tile is located while this one runs
+  TokLoc vloc[2][kTileTokens];
 };
 
 template <int D, DType DT>
@@ -220,7 +220,7 @@ __device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const 
 }
 
 template <int D, DType DT>
-__global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   constexpr int kRowsPerThread = kRowsPerUnit * D / kAttnThreads;
   constexpr int kRowStep = kAttnThreads / D;           // PV: thread = (channel, row phase)
@@ -262,35 +262,47 @@ __global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
   const int pv_c = tid % D;
   const int pv_r0 = tid / D;
 
-  for (int tile0 = unit.tok_begin; tile0 < unit.tok_end; tile0 += kTileTokens) {
-    __syncthreads();  // previous tile fully consumed (and the prologue written)
+  // Software pipeline: tile i+1 is located and its loads are issued right after tile i is
+  // decoded, so its memory latency overlaps tile i's scores, softmax and P.V.
+  auto locate = [&](int tile0, int b) {
     if (tid < kTileTokens) {
       const int t = tile0 + tid;
-      if (t < unit.tok_end) sm.kloc[tid] = Locate(s, s.k, a.pages, t);
+      if (t < unit.tok_end) sm.kloc[b][tid] = Locate(s, s.k, a.pages, t);
     } else if (tid < 2 * kTileTokens) {
       const int t = tile0 + tid - kTileTokens;
-      if (t < unit.tok_end) sm.vloc[tid - kTileTokens] = Locate(s, s.v, a.pages, t);
+      if (t < unit.tok_end) sm.vloc[b][tid - kTileTokens] = Locate(s, s.v, a.pages, t);
     }
+  };
+  int buf = 0;
+  TileRaw<D> rk, rv;
+  int kc = kTileFull, vc = kTileFull;
+  if (unit.tok_begin < unit.tok_end) {
+    locate(unit.tok_begin, 0);
     __syncthreads();
-    // Dequantize K and V tiles straight from the stored layout: all loads of both tiles are
-    // issued before any is decoded.
+    const int t1 = min(unit.tok_begin + kTileTokens, unit.tok_end);
+    kc = ClassifyTile(s, s.k, unit.tok_begin, t1);
+    vc = ClassifyTile(s, s.v, unit.tok_begin, t1);
+    IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[0], h, a.num_kv_heads, t1 - unit.tok_begin, rk);
+    IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[0], h, a.num_kv_heads, t1 - unit.tok_begin, rv);
+  }
+  for (int tile0 = unit.tok_begin; tile0 < unit.tok_end; tile0 += kTileTokens) {
     {
-      const int t1 = min(tile0 + kTileTokens, unit.tok_end);
-      const int valid = t1 - tile0;
-      const int kc = ClassifyTile(s, s.k, tile0, t1);
-      const int vc = ClassifyTile(s, s.v, tile0, t1);
-      TileRaw<D> rk, rv;
-      IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc, h, a.num_kv_heads, valid, rk);
-      IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc, h, a.num_kv_heads, valid, rv);
-      DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc, h, a.num_kv_heads, valid, rk,
-                                                  s.key_norm ? sm.knorm : nullptr, sm.k);
-      DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc, h, a.num_kv_heads, valid, rv, nullptr, sm.v);
-      if (vc == kTileBodyTok || kc == kTileBodyTok) {
-        // Along_tokens tiles are decoded by channel: zero tokens past the end is not needed (full
-        // tiles only), nothing else to do.
-      }
+      const int valid = min(tile0 + kTileTokens, unit.tok_end) - tile0;
+      DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc[buf], h, a.num_kv_heads, valid,
+                                                  rk, s.key_norm ? sm.knorm : nullptr, sm.k);
+      DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc[buf], h, a.num_kv_heads, valid, rv, nullptr, sm.v);
     }
-    __syncthreads();
+    const int next = tile0 + kTileTokens;
+    if (next < unit.tok_end) locate(next, buf ^ 1);
+    __syncthreads();  // decoded tiles and the next tile's locations are visible
+    if (next < unit.tok_end) {
+      const int t1 = min(next + kTileTokens, unit.tok_end);
+      kc = ClassifyTile(s, s.k, next, t1);
+      vc = ClassifyTile(s, s.v, next, t1);
+      IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[buf ^ 1], h, a.num_kv_heads, t1 - next, rk);
+      IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[buf ^ 1], h, a.num_kv_heads, t1 - next, rv);
+    }
+    buf ^= 1;
     // Scores: warp w sums its quarter of the channels for every row (lane = token), so every
     // warp has work whatever the row count; the partial sums meet in shared memory.
     {
@@ -352,6 +364,7 @@ __global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
         acc[i] = o;
       }
     }
+    __syncthreads();  // sm.k / sm.v / sm.p consumed before the next tile is decoded into them
   }
   __syncthreads();
   float* po = a.part_o + static_cast<int64_t>(blockIdx.x) * kRowsPerUnit * D;
@@ -365,6 +378,16 @@ __global__ void __launch_bounds__(kAttnThreads) AttentionKernel(AttnArgs a) {
     pm[0] = sm.m[tid];
     pm[1] = sm.l[tid];
   }
+}
+
+template <int D, DType DT>
+int AttentionBlocksPerSmT() {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, AttentionKernel<D, DT>, kAttnThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return n > 0 ? n : 1;
 }
 
 template <int D, DType DT>

@@ -8,5 +8,7 @@ cudaError_t LaunchAttentionBF16D128(const AttnArgs& args, int num_units, cudaStr
   return LaunchAttentionT<128, DType::kBF16>(args, num_units, stream);
 }
 
+int AttentionBlocksPerSmBF16D128() { return AttentionBlocksPerSmT<128, DType::kBF16>(); }
+
 }  // namespace cuda
 }  // namespace kvq

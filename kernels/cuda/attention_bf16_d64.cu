@@ -8,5 +8,7 @@ cudaError_t LaunchAttentionBF16D64(const AttnArgs& args, int num_units, cudaStre
   return LaunchAttentionT<64, DType::kBF16>(args, num_units, stream);
 }
 
+int AttentionBlocksPerSmBF16D64() { return AttentionBlocksPerSmT<64, DType::kBF16>(); }
+
 }  // namespace cuda
 }  // namespace kvq

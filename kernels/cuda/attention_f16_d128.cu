@@ -8,5 +8,7 @@ cudaError_t LaunchAttentionF16D128(const AttnArgs& args, int num_units, cudaStre
   return LaunchAttentionT<128, DType::kF16>(args, num_units, stream);
 }
 
+int AttentionBlocksPerSmF16D128() { return AttentionBlocksPerSmT<128, DType::kF16>(); }
+
 }  // namespace cuda
 }  // namespace kvq

@@ -8,5 +8,7 @@ cudaError_t LaunchAttentionF16D64(const AttnArgs& args, int num_units, cudaStrea
   return LaunchAttentionT<64, DType::kF16>(args, num_units, stream);
 }
 
+int AttentionBlocksPerSmF16D64() { return AttentionBlocksPerSmT<64, DType::kF16>(); }
+
 }  // namespace cuda
 }  // namespace kvq

@@ -59,6 +59,11 @@ cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int nu
   return cudaErrorInvalidValue;
 }
 
+int AttentionBlocksPerSm(int head_dim, DType dtype) {
+  if (dtype == DType::kF16) return head_dim == 64 ? AttentionBlocksPerSmF16D64() : AttentionBlocksPerSmF16D128();
+  return head_dim == 64 ? AttentionBlocksPerSmBF16D64() : AttentionBlocksPerSmBF16D128();
+}
+
 cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int num_units,
                             cudaStream_t stream) {
   if (dtype == DType::kF16) {

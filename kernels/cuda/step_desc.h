@@ -119,6 +119,12 @@ cudaError_t LaunchAttentionF16D64(const AttnArgs& args, int num_units, cudaStrea
 cudaError_t LaunchAttentionF16D128(const AttnArgs& args, int num_units, cudaStream_t stream);
 cudaError_t LaunchAttentionBF16D64(const AttnArgs& args, int num_units, cudaStream_t stream);
 cudaError_t LaunchAttentionBF16D128(const AttnArgs& args, int num_units, cudaStream_t stream);
+// Resident attention blocks per SM (occupancy), for the split-KV plan.
+int AttentionBlocksPerSm(int head_dim, DType dtype);
+int AttentionBlocksPerSmF16D64();
+int AttentionBlocksPerSmF16D128();
+int AttentionBlocksPerSmBF16D64();
+int AttentionBlocksPerSmBF16D128();
 cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
                         cudaStream_t stream);
 

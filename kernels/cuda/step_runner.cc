@@ -294,9 +294,25 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       }
     }
   }
-  const int64_t target_units = int64_t{m.num_sms} * 4;
-  int64_t chunk = (total_tokens + target_units - 1) / std::max<int64_t>(target_units, 1);
-  chunk = std::max<int64_t>(64, (chunk + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens);
+  // Units are sized so that they fit in one wave of resident blocks (a second, partial wave
+  // would double the time): chunk grows until the unit count is at most the capacity.
+  const int64_t capacity =
+      std::max<int64_t>(1, int64_t{m.num_sms} * cuda::AttentionBlocksPerSm(p.head_dim, p.dtype));
+  int64_t max_visible = 0;
+  std::vector<int64_t> visible(items.size());
+  for (size_t k = 0; k < items.size(); ++k) {
+    const cuda::DevSeq& d = seqs[items[k].seq];
+    visible[k] = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
+    max_visible = std::max(max_visible, visible[k]);
+  }
+  auto round32 = [](int64_t x) { return (x + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens; };
+  auto count_units = [&](int64_t c) {
+    int64_t n = 0;
+    for (int64_t v : visible) n += (v + c - 1) / c;
+    return n;
+  };
+  int64_t chunk = std::max<int64_t>(64, round32((total_tokens + capacity - 1) / capacity));
+  while (chunk < max_visible && count_units(chunk) > capacity) chunk += std::max<int64_t>(32, round32(chunk / 16));
   std::vector<cuda::DevUnit> units;
   for (auto& it : items) {
     const cuda::DevSeq& d = seqs[it.seq];
