@@ -57,7 +57,7 @@ int Fail(const std::string& msg) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvq-store: the quantized KV-cache store (gRPC service kvq.v1.KVStore, health and reflection on).\n"
+      "the quantized KV-cache store (gRPC service kvq.v1.KVStore, health and reflection on).\n"
       "  kvq-store --port 50051 --metrics_port 9400 --backend cpu --pool_bytes 1073741824");
   absl::FlagsUsageConfig usage;
   usage.contains_helpshort_flags = [](absl::string_view f) { return f.find("kvstore/main.cc") != absl::string_view::npos; };
