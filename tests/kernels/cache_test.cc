@@ -1,0 +1,290 @@
+// LayerCache: the window policy of each preset, positions, truncation and retry, page accounting.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+
+namespace kvq {
+namespace testing {
+namespace {
+
+// Decodes `steps` tokens one at a time after a prefill of `prefill`, calling check(length) after
+// every committed step.
+template <typename F>
+void Decode(HostArena& arena, Seq& s, int prefill, int steps, std::mt19937_64& rng, F&& check) {
+  std::vector<uint16_t> o;
+  if (prefill > 0) {
+    const Tokens t = RandomTokens(s.model, prefill, rng);
+    ASSERT_TRUE(RunOne(arena, s, 0, t, &o).ok());
+    check(s.cache->length());
+  }
+  for (int i = 0; i < steps; ++i) {
+    const Tokens t = RandomTokens(s.model, 1, rng);
+    const Result r = RunOne(arena, s, s.cache->length(), t, &o);
+    ASSERT_TRUE(r.ok()) << r.message;
+    check(s.cache->length());
+  }
+}
+
+TEST(Policy, Kivi2MatchesReleasedKivi) {
+  // KIVI's released code: the key window holds 1..128 tokens at attention time and is quantized
+  // 128 at a time when it reaches 128; the value window holds R + 1 = 129 at attention, then
+  // slides by one. After a prefill of T: keys T % 128 in full precision, values the last 128.
+  Model m;
+  for (int prefill : {0, 1, 127, 128, 129, 1000}) {
+    HostArena arena(64 << 20);
+    Seq s(m, PresetConfig(Preset::kKivi2));
+    std::mt19937_64 rng(100 + prefill);
+    int step = 0;
+    Decode(arena, s, prefill, 300, rng, [&](int L) {
+      const auto& k = s.cache->k();
+      const auto& v = s.cache->v();
+      if (step++ == 0 && prefill > 0) {
+        // Attention of the prefill sees everything in full precision (flush is lazy).
+        EXPECT_EQ(k.win_len, L);
+        EXPECT_EQ(v.win_len, L);
+        return;
+      }
+      const int kwin = (L - 1) % 128 + 1;
+      EXPECT_EQ(k.win_len, kwin) << "L " << L;
+      EXPECT_EQ(k.body_len, L - kwin);
+      EXPECT_EQ(k.body_len % 128, 0);
+      EXPECT_EQ(v.win_len, std::min(L, 129)) << "L " << L;
+      EXPECT_EQ(v.body_len, L - std::min(L, 129));
+      EXPECT_EQ(s.cache->sink_len(), 0);
+    });
+    ASSERT_EQ(arena.Check(), "");
+    s.cache->Release(arena);
+    EXPECT_EQ(arena.live_allocations(), 0);
+  }
+}
+
+TEST(Policy, InnerQSinkWindowsAndValueFlush) {
+  Model m;
+  for (Preset preset : {Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase}) {
+    for (int prefill : {0, 5, 32, 100, 500}) {
+      HostArena arena(64 << 20);
+      Seq s(m, PresetConfig(preset));
+      std::mt19937_64 rng(200 + prefill);
+      int v_win_model = 0;  // the V window after the previous step, simulated from the policy text
+      int prev_len = 0;
+      Decode(arena, s, prefill, 260, rng, [&](int L) {
+        const auto& k = s.cache->k();
+        const auto& v = s.cache->v();
+        const int n = L - prev_len;
+        prev_len = L;
+        EXPECT_EQ(s.cache->sink_len(), std::min(L, 32));
+        const int after_sink = std::max(0, L - 32);
+        // V: flush 32 while the window holds >= 128, then append.
+        int w = v_win_model;
+        while (w >= 96 + 32) w -= 32;
+        const int appended = std::min(n, after_sink);
+        v_win_model = w + appended;
+        EXPECT_EQ(v.win_len, v_win_model) << PresetName(preset) << " L " << L;
+        EXPECT_EQ(v.body_len % 32, 0);
+        EXPECT_EQ(v.body_len + v.win_len, after_sink);
+        EXPECT_EQ(k.body_len + k.win_len, after_sink);
+        if (n == 1 && L > 32 + 97) {
+          EXPECT_EQ(k.win_len, 97) << PresetName(preset) << " L " << L;  // 96 kept + the new one
+          EXPECT_GE(v.win_len, 97);
+          EXPECT_LE(v.win_len, 128);
+        }
+        EXPECT_EQ(s.cache->norm_ready(), k.body_len > 0);
+      });
+      ASSERT_EQ(arena.Check(), "");
+      s.cache->Release(arena);
+      EXPECT_EQ(arena.live_allocations(), 0);
+    }
+  }
+}
+
+TEST(Policy, Fp16PresetOnlyGrowsTheWindow) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kFp16));
+  std::mt19937_64 rng(300);
+  Decode(arena, s, 200, 100, rng, [&](int L) {
+    EXPECT_EQ(s.cache->k().win_len, L);
+    EXPECT_EQ(s.cache->v().win_len, L);
+    EXPECT_EQ(s.cache->k().body_len, 0);
+    EXPECT_EQ(s.cache->min_position(), 0);
+  });
+  const CacheBytes b = s.cache->bytes();
+  EXPECT_EQ(b.codes + b.scales + b.metadata, 0);
+  EXPECT_EQ(b.full_precision, 2 * 3 * MakeStreamLayout(TensorFormat{}, m.hkv, m.d).fp_page_bytes);
+  s.cache->Release(arena);
+}
+
+TEST(Policy, KeyNormFactorsFromTheFirstFlushedKeysThenFrozen) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kInnerQ));
+  std::mt19937_64 rng(400);
+  std::vector<uint16_t> o;
+  const Tokens pre = RandomTokens(m, 400, rng);
+  ASSERT_TRUE(RunOne(arena, s, 0, pre, &o).ok());
+  EXPECT_FALSE(s.cache->norm_ready());
+  const Tokens t1 = RandomTokens(m, 1, rng);
+  ASSERT_TRUE(RunOne(arena, s, 400, t1, &o).ok());
+  ASSERT_TRUE(s.cache->norm_ready());
+  // The first flush quantized tokens 32 .. 400 - 96 (prefill keys outside sink and window).
+  EXPECT_EQ(s.cache->k().body_len, 400 - 32 - 96);
+  const float* f = reinterpret_cast<const float*>(arena.data() + s.cache->norm_offset());
+  std::vector<float> want(size_t(m.hkv) * m.d);
+  for (int h = 0; h < m.hkv; ++h)
+    for (int c = 0; c < m.d; ++c) {
+      float mx = 0;
+      for (int t = 32; t < 400 - 96; ++t)
+        mx = std::max(mx, std::fabs(LoadAct(&pre.k[(size_t(t) * m.hkv + h) * m.d + c], m.dtype)));
+      want[size_t(h) * m.d + c] = KeyNormFactor(mx);
+      ASSERT_EQ(f[h * m.d + c], want[size_t(h) * m.d + c]);
+    }
+  for (int i = 0; i < 50; ++i) {
+    Tokens t = RandomTokens(m, 1, rng);
+    for (auto& x : t.k) x = StoreAct(LoadAct(&x, m.dtype) * 100.f, m.dtype);  // bigger keys later
+    ASSERT_TRUE(RunOne(arena, s, s.cache->length(), t, &o).ok());
+  }
+  for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(f[i], want[i]) << "factors must stay frozen";
+  s.cache->Release(arena);
+}
+
+TEST(Positions, ErrorsLeaveEverythingUnchanged) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kKivi2));
+  std::mt19937_64 rng(500);
+  std::vector<uint16_t> o;
+  ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 300, rng), &o).ok());
+  ASSERT_TRUE(RunOne(arena, s, 300, RandomTokens(m, 1, rng), &o).ok());
+  // K body 256, V body 301 - 129 = 172: min position 256.
+  EXPECT_EQ(s.cache->min_position(), 256);
+  const int64_t live = arena.live_bytes();
+  StepPlan plan;
+  Result r = s.cache->Plan(302, 1, arena, &plan);
+  EXPECT_EQ(r.code, Code::kFailedPrecondition);
+  EXPECT_NE(r.message.find("301"), std::string::npos) << r.message;
+  r = s.cache->Plan(255, 1, arena, &plan);
+  EXPECT_EQ(r.code, Code::kFailedPrecondition);
+  r = s.cache->Plan(-1, 1, arena, &plan);
+  EXPECT_EQ(r.code, Code::kFailedPrecondition);
+  r = s.cache->Plan(301, 0, arena, &plan);
+  EXPECT_EQ(r.code, Code::kInvalidArgument);
+  EXPECT_EQ(arena.live_bytes(), live);
+  EXPECT_EQ(s.cache->length(), 301);
+  // A plan that is aborted leaves nothing allocated and the cache as it was.
+  ASSERT_TRUE(s.cache->Plan(256, 200, arena, &plan).ok());
+  EXPECT_GT(arena.live_bytes(), live);
+  LayerCache::Abort(&plan, arena);
+  EXPECT_EQ(arena.live_bytes(), live);
+  EXPECT_EQ(s.cache->length(), 301);
+  EXPECT_EQ(arena.Check(), "");
+  s.cache->Release(arena);
+}
+
+TEST(Positions, PoolExhaustionAllocatesNothing) {
+  Model m;
+  const int64_t fp = MakeStreamLayout(TensorFormat{}, m.hkv, m.d).fp_page_bytes;
+  HostArena arena(3 * (fp + HostArena::kGuardBytes));
+  Seq s(m, PresetConfig(Preset::kFp16));
+  std::mt19937_64 rng(501);
+  std::vector<uint16_t> o;
+  ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 128, rng), &o).ok());  // 2 pages
+  StepPlan plan;
+  const Result r = s.cache->Plan(128, 1, arena, &plan);  // needs 2 more
+  EXPECT_EQ(r.code, Code::kResourceExhausted);
+  EXPECT_EQ(arena.live_allocations(), 2);
+  s.cache->Release(arena);
+  EXPECT_EQ(arena.live_allocations(), 0);
+}
+
+TEST(Positions, TruncationIntoSinkWhileBodiesAreEmpty) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kInnerQ));
+  std::mt19937_64 rng(502);
+  std::vector<uint16_t> o;
+  ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 50, rng), &o).ok());
+  EXPECT_EQ(s.cache->min_position(), 0);
+  ASSERT_TRUE(RunOne(arena, s, 10, RandomTokens(m, 5, rng), &o).ok());
+  EXPECT_EQ(s.cache->length(), 15);
+  EXPECT_EQ(s.cache->sink_len(), 15);
+  EXPECT_EQ(s.cache->k().win_len, 0);
+  ExpectCacheMatchesHistory(s, DequantizeCache(*s.cache, arena.data()));
+  s.cache->Release(arena);
+  EXPECT_EQ(arena.live_allocations(), 0);
+}
+
+TEST(Bytes, LayoutMatchesTheTableBitsPerElement) {
+  // D = 128, G = 32, fp16 scales: the body's bits per element for K and V.
+  struct Want {
+    Preset p;
+    double k, v;
+  };
+  // innerq: the table's "3.0 (+zeros of asym V groups)": the hybrid V always stores a zero slot,
+  // so 3-bit sym K 3.5 and 2-bit hybrid V 3.0 average 3.25; innerq2 averages 3.0.
+  for (const Want& w : {Want{Preset::kKivi2, 3.0, 3.0}, Want{Preset::kKivi4, 5.0, 5.0},
+                        Want{Preset::kInnerQ, 3.5, 3.0}, Want{Preset::kInnerQ2, 3.0, 3.0},
+                        Want{Preset::kInnerQBase, 3.5, 3.5}}) {
+    const QuantConfig c = PresetConfig(w.p);
+    for (int hkv : {1, 8}) {
+      const double per_page = double(kPageTokens) * hkv * 128;
+      EXPECT_DOUBLE_EQ(MakeStreamLayout(c.k, hkv, 128).quant_page_bytes * 8 / per_page, w.k) << PresetName(w.p);
+      EXPECT_DOUBLE_EQ(MakeStreamLayout(c.v, hkv, 128).quant_page_bytes * 8 / per_page, w.v) << PresetName(w.p);
+    }
+  }
+}
+
+TEST(Bytes, ReportedBytesAreTheLivePages) {
+  Model m;
+  m.d = 128;
+  for (Preset p : AllPresets()) {
+    HostArena arena(256 << 20);
+    Seq s(m, PresetConfig(p));
+    std::mt19937_64 rng(600);
+    std::vector<uint16_t> o;
+    ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 600, rng), &o).ok());
+    for (int i = 0; i < 96; ++i) {
+      ASSERT_TRUE(RunOne(arena, s, s.cache->length(), RandomTokens(m, 1, rng), &o).ok());
+      ASSERT_EQ(s.cache->bytes().total(), arena.live_bytes()) << PresetName(p);
+    }
+    const CacheBytes b = s.cache->bytes();
+    const double bits = double(b.total()) * 8 / (double(s.cache->length()) * m.hkv * m.d * 2);
+    // The whole-cache figure includes windows, sink and the last pages' slack.
+    RecordProperty(std::string("bits_per_element_") + PresetName(p), std::to_string(bits));
+    if (p != Preset::kFp16) {
+      EXPECT_LT(bits, 16.0) << PresetName(p);
+    }
+    if (p == Preset::kFp16) {
+      EXPECT_GE(bits, 16.0);
+    }
+    s.cache->Release(arena);
+    EXPECT_EQ(arena.live_bytes(), 0);
+  }
+}
+
+TEST(Arena, GuardBandsCatchOverruns) {
+  HostArena arena(1 << 16);
+  int64_t a, b;
+  ASSERT_TRUE(arena.Allocate(100, &a));
+  ASSERT_TRUE(arena.Allocate(64, &b));
+  EXPECT_EQ(a % 16, 0);
+  EXPECT_EQ(b % 16, 0);
+  EXPECT_EQ(arena.Check(), "");
+  arena.data()[a + 112] = 0;  // first guard byte after the (rounded) 112 bytes
+  EXPECT_NE(arena.Check(), "");
+  HostArena arena2(1 << 16);
+  ASSERT_TRUE(arena2.Allocate(64, &a));
+  arena2.Free(a, 64);
+  EXPECT_EQ(arena2.Check(), "");
+  arena2.Free(a, 64);
+  EXPECT_NE(arena2.Check(), "") << "double free";
+  int64_t c;
+  EXPECT_FALSE(arena2.Allocate(1 << 20, &c));
+}
+
+}  // namespace
+}  // namespace testing
+}  // namespace kvq
