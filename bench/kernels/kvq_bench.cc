@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...]
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--shape B,Hq,Hkv,T,D]...
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes:
 // attention (split-KV + merge) and quantize-append (one launch for the batch), with CUDA events,
@@ -238,7 +238,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick]\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -247,6 +247,7 @@ int Usage() {
 int main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) != "kernels") return Usage();
   bool json = false, quick = false;
+  std::vector<Shape> custom;
   int iters = 50;
   std::vector<Preset> presets = {Preset::kFp16, Preset::kKivi2, Preset::kKivi4,
                                  Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase};
@@ -256,6 +257,14 @@ int main(int argc, char** argv) {
       json = true;
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--shape" && i + 1 < argc) {
+      Shape sh{};
+      if (std::sscanf(argv[++i], "%d,%d,%d,%d,%d", &sh.b, &sh.hq, &sh.hkv, &sh.t, &sh.d) != 5 || sh.b < 1 ||
+          sh.hkv < 1 || sh.hq % sh.hkv != 0 || sh.t < 2 || (sh.d != 64 && sh.d != 128)) {
+        std::fprintf(stderr, "kvq-bench: --shape wants B,Hq,Hkv,T,D (D 64 or 128)\n");
+        return 2;
+      }
+      custom.push_back(sh);
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--presets" && i + 1 < argc) {
@@ -284,6 +293,7 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes = {{1, 32, 32, 4096, 128},  {1, 32, 32, 32768, 128}, {16, 32, 32, 4096, 128},
                                {16, 32, 8, 32768, 128}, {64, 32, 8, 8192, 128},  {1, 9, 3, 8192, 64}};
   if (quick) shapes = {{1, 32, 32, 32768, 128}, {16, 32, 8, 32768, 128}};
+  if (!custom.empty()) shapes = custom;
   double copy = 0;
   if (!MeasureCopy(&copy)) return 1;
   std::vector<Row> rows;

@@ -219,6 +219,40 @@ __device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const 
   }
 }
 
+template <int D, int R, typename Smem>
+__device__ __forceinline__ void ScoresPhase(Smem& sm, int warp, int lane) {
+  constexpr int kSlice = D / (kAttnThreads / 32);
+  float dot[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) dot[r] = 0.f;
+#pragma unroll
+  for (int c = warp * kSlice; c < (warp + 1) * kSlice; c += 4) {
+    const float4 kk = *reinterpret_cast<const float4*>(&sm.k[lane][c]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 qq = *reinterpret_cast<const float4*>(&sm.q[r][c]);
+      dot[r] += kk.x * qq.x + kk.y * qq.y + kk.z * qq.z + kk.w * qq.w;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) sm.part[warp][r][lane] = dot[r];
+}
+
+template <int D, int R, typename Smem>
+__device__ __forceinline__ void PvPhase(Smem& sm, float* acc, int pv_c, int pv_r0) {
+  constexpr int kRowStep = kAttnThreads / D;
+#pragma unroll
+  for (int i = 0; i < kRowsPerUnit * D / kAttnThreads; ++i) {
+    const int r = pv_r0 + i * kRowStep;
+    if (i * kRowStep < R && r < R) {
+      float o = acc[i] * sm.alpha[r];
+#pragma unroll 8
+      for (int t = 0; t < kTileTokens; ++t) o += sm.p[r][t] * sm.v[t][pv_c];
+      acc[i] = o;
+    }
+  }
+}
+
 template <int D, DType DT>
 __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
@@ -227,7 +261,14 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
   __shared__ __align__(16) AttnSmem<D, DT> sm;
 
   const DevUnit unit = a.units[blockIdx.x];
-  const DevSeq& s = a.seqs[unit.seq];
+  // The sequence descriptor lives in shared memory for the whole unit: its fields are read in
+  // every tile, and global reloads after each barrier cost more than shared ones.
+  __shared__ __align__(16) DevSeq seq_s;
+  static_assert(sizeof(DevSeq) % 4 == 0, "DevSeq copied as words");
+  for (int i = threadIdx.x; i < static_cast<int>(sizeof(DevSeq) / 4); i += kAttnThreads)
+    reinterpret_cast<uint32_t*>(&seq_s)[i] = reinterpret_cast<const uint32_t*>(a.seqs + unit.seq)[i];
+  __syncthreads();
+  const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -252,7 +293,9 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
     sm.pos[tid] = pos;
     sm.m[tid] = -INFINITY;
     sm.l[tid] = 0.f;
+    sm.alpha[tid] = 0.f;  // rows past num_rows keep alpha = 0 and p = 0 (their output is unused)
   }
+  for (int i = tid; i < kRowsPerUnit * kTileTokens; i += kAttnThreads) (&sm.p[0][0])[i] = 0.f;
   for (int c = tid; c < D; c += kAttnThreads) {
     sm.knorm[c] = s.key_norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset)[h * D + c] : 1.f;
   }
@@ -261,6 +304,7 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
   for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
   const int pv_c = tid % D;
   const int pv_r0 = tid / D;
+  const int row_class = unit.num_rows <= 1 ? 1 : unit.num_rows <= 2 ? 2 : unit.num_rows <= 4 ? 4 : kRowsPerUnit;
 
   // Software pipeline: tile i+1 is located and its loads are issued right after tile i is
   // decoded, so its memory latency overlaps tile i's scores, softmax and P.V.
@@ -304,25 +348,13 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
     }
     buf ^= 1;
     // Scores: warp w sums its quarter of the channels for every row (lane = token), so every
-    // warp has work whatever the row count; the partial sums meet in shared memory.
-    {
-      constexpr int kSlice = D / (kAttnThreads / 32);
-      float dot[kRowsPerUnit];
-#pragma unroll
-      for (int r = 0; r < kRowsPerUnit; ++r) dot[r] = 0.f;
-#pragma unroll 4
-      for (int c = warp * kSlice; c < (warp + 1) * kSlice; c += 4) {
-        const float4 kk = *reinterpret_cast<const float4*>(&sm.k[lane][c]);
-#pragma unroll
-        for (int r = 0; r < kRowsPerUnit; ++r) {
-          if (r < unit.num_rows) {
-            const float4 qq = *reinterpret_cast<const float4*>(&sm.q[r][c]);
-            dot[r] += kk.x * qq.x + kk.y * qq.y + kk.z * qq.z + kk.w * qq.w;
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRowsPerUnit; ++r) sm.part[warp][r][lane] = dot[r];
+    // warp has work whatever the row count; the partial sums meet in shared memory. The row
+    // count is rounded up to 1, 2, 4 or 8 so the loops are unrolled (extra rows are zero).
+    switch (row_class) {
+      case 1: ScoresPhase<D, 1>(sm, warp, lane); break;
+      case 2: ScoresPhase<D, 2>(sm, warp, lane); break;
+      case 4: ScoresPhase<D, 4>(sm, warp, lane); break;
+      default: ScoresPhase<D, kRowsPerUnit>(sm, warp, lane); break;
     }
     __syncthreads();
     // Online softmax: warp w owns rows w and w + 4; lane = token of the tile.
@@ -354,15 +386,11 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
     }
     __syncthreads();
     // P.V: thread owns channel pv_c of rows pv_r0, pv_r0 + kRowStep, ...
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int r = pv_r0 + i * kRowStep;
-      if (r < unit.num_rows) {
-        float o = acc[i] * sm.alpha[r];
-#pragma unroll 8
-        for (int t = 0; t < kTileTokens; ++t) o += sm.p[r][t] * sm.v[t][pv_c];
-        acc[i] = o;
-      }
+    switch (row_class) {
+      case 1: PvPhase<D, 1>(sm, acc, pv_c, pv_r0); break;
+      case 2: PvPhase<D, 2>(sm, acc, pv_c, pv_r0); break;
+      case 4: PvPhase<D, 4>(sm, acc, pv_c, pv_r0); break;
+      default: PvPhase<D, kRowsPerUnit>(sm, acc, pv_c, pv_r0); break;
     }
     __syncthreads();  // sm.k / sm.v / sm.p consumed before the next tile is decoded into them
   }
