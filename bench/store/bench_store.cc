@@ -1,0 +1,235 @@
+// kvq-bench-store: measures Attend round trips on loopback with the CPU backend.
+//
+// Starts a store in-process (gRPC on 127.0.0.1, a real TCP connection) or talks to --target;
+// creates --batch sessions of the given shape, prefills them in chunks (payload throughput: big
+// messages), then runs --steps decode steps of --layers requests each (one request per layer with
+// one entry per session, as a worker sends them) and reports the round-trip latency distribution
+// and the step time. With --direct (in-process only) the same decode steps also run on the core
+// directly (no gRPC) so the wire overhead is visible.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "grpcpp/grpcpp.h"
+#include "kvq/numeric.h"
+#include "kvstore.grpc.pb.h"
+#include "kvstore/convert.h"
+#include "kvstore/cpu_backend.h"
+#include "kvstore/server.h"
+
+ABSL_FLAG(std::string, target, "", "host:port of a running kvq-store (default: start one in-process)");
+ABSL_FLAG(std::string, token, "", "Bearer token for --target");
+ABSL_FLAG(int, layers, 30, "Layers per session");
+ABSL_FLAG(int, batch, 8, "Sessions (entries per Attend request)");
+ABSL_FLAG(int, hq, 9, "Query heads");
+ABSL_FLAG(int, hkv, 3, "KV heads");
+ABSL_FLAG(int, head_dim, 64, "Head dimension");
+ABSL_FLAG(std::string, preset, "kivi2", "Quantization preset");
+ABSL_FLAG(int, prefill, 512, "Prefill tokens per session before decoding");
+ABSL_FLAG(int, chunk, 256, "Prefill chunk (tokens per entry)");
+ABSL_FLAG(int, steps, 32, "Decode steps measured");
+ABSL_FLAG(int, warmup, 4, "Decode steps before measuring");
+ABSL_FLAG(int, threads, 0, "CPU backend threads (in-process store; 0 = all cores)");
+ABSL_FLAG(int64_t, pool_bytes, int64_t{2} << 30, "Pool of the in-process store");
+ABSL_FLAG(bool, direct, true, "Also time the same decode steps on the core without gRPC (in-process only)");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+std::string RandomHalf(size_t count, std::mt19937_64& rng) {
+  std::normal_distribution<float> n01(0.f, 1.f);
+  std::string s(count * 2, '\0');
+  for (size_t i = 0; i < count; ++i) {
+    const uint16_t h = kvq::FloatToHalfBits(n01(rng));
+    std::memcpy(&s[2 * i], &h, 2);
+  }
+  return s;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5));
+  return v[i];
+}
+
+int Fail(const std::string& m) {
+  std::fprintf(stderr, "kvq-bench-store: %s\n", m.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const int layers = absl::GetFlag(FLAGS_layers), batch = absl::GetFlag(FLAGS_batch);
+  const int hq = absl::GetFlag(FLAGS_hq), hkv = absl::GetFlag(FLAGS_hkv), d = absl::GetFlag(FLAGS_head_dim);
+  const int prefill = absl::GetFlag(FLAGS_prefill), chunk = std::max(1, absl::GetFlag(FLAGS_chunk));
+  const int steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
+  kvq::Preset preset;
+  if (!kvq::ParsePreset(absl::GetFlag(FLAGS_preset), &preset)) return Fail("unknown --preset");
+  if (layers < 1 || batch < 1 || steps < 1) return Fail("--layers, --batch and --steps must be >= 1");
+
+  std::unique_ptr<kvq::store::StoreServer> server;
+  std::string target = absl::GetFlag(FLAGS_target);
+  if (target.empty()) {
+    auto backend = kvq::store::CpuBackend::Create(absl::GetFlag(FLAGS_pool_bytes), absl::GetFlag(FLAGS_threads));
+    if (!backend.ok()) return Fail(std::string(backend.status().message()));
+    kvq::store::ServerOptions so;
+    so.host = "127.0.0.1";
+    so.port = 0;
+    so.metrics_port = -1;
+    so.max_message_bytes = int64_t{256} << 20;
+    auto s = kvq::store::StoreServer::Start(so, kvq::store::StoreOptions{}, std::move(backend).value(),
+                                            kvq::store::TenantRegistry());
+    if (!s.ok()) return Fail(std::string(s.status().message()));
+    server = std::move(s).value();
+    target = "127.0.0.1:" + std::to_string(server->port());
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  args.SetMaxSendMessageSize(256 << 20);
+  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  auto stub = kvq::v1::KVStore::NewStub(channel);
+  const std::string token = absl::GetFlag(FLAGS_token);
+  auto auth = [&](grpc::ClientContext* c) {
+    if (!token.empty()) c->AddMetadata("authorization", "Bearer " + token);
+  };
+
+  std::vector<std::string> ids;
+  for (int b = 0; b < batch; ++b) {
+    kvq::v1::CreateSessionRequest req;
+    req.mutable_shape()->set_num_layers(layers);
+    req.mutable_shape()->set_num_q_heads(hq);
+    req.mutable_shape()->set_num_kv_heads(hkv);
+    req.mutable_shape()->set_head_dim(d);
+    req.mutable_shape()->set_dtype(kvq::v1::DTYPE_F16);
+    req.set_preset(kvq::store::ToProto(preset));
+    kvq::v1::CreateSessionResponse resp;
+    grpc::ClientContext ctx;
+    auth(&ctx);
+    grpc::Status st = stub->CreateSession(&ctx, req, &resp);
+    if (!st.ok()) return Fail("CreateSession: " + st.error_message());
+    ids.push_back(resp.session_id());
+  }
+
+  std::mt19937_64 rng(42);
+  // A pool of random inputs reused across requests (generation is not what we measure).
+  const std::string q_pool = RandomHalf(size_t(chunk) * hq * d * 4, rng);
+  const std::string kv_pool = RandomHalf(size_t(chunk) * hkv * d * 4, rng);
+  auto fill = [&](kvq::v1::AttendRequest* req, int layer, int pos, int n, uint64_t salt) {
+    req->Clear();
+    req->set_layer(layer);
+    req->set_dtype(kvq::v1::DTYPE_F16);
+    for (int b = 0; b < batch; ++b) {
+      kvq::v1::AttendEntry* e = req->add_entries();
+      e->set_session_id(ids[b]);
+      e->set_position(pos);
+      e->set_num_tokens(n);
+      // Rows of the random pools (4 x chunk tokens), at an offset that changes per request.
+      const size_t rows = 4 * size_t(chunk), row = ((salt + b) * 2654435761u) % (rows - n + 1);
+      const size_t q_row = size_t(hq) * d * 2, kv_row = size_t(hkv) * d * 2;
+      e->set_q(q_pool.substr(row * q_row, n * q_row));
+      e->set_k(kv_pool.substr(row * kv_row, n * kv_row));
+      e->set_v(kv_pool.substr((rows - n - row) * kv_row, n * kv_row));
+    }
+  };
+
+  grpc::ClientContext ctx;
+  auth(&ctx);
+  auto stream = stub->Attend(&ctx);
+  kvq::v1::AttendRequest req;
+  kvq::v1::AttendResponse resp;
+  auto round_trip = [&]() -> bool {
+    if (!stream->Write(req) || !stream->Read(&resp)) return false;
+    for (const auto& r : resp.results())
+      if (r.code() != 0) {
+        std::fprintf(stderr, "kvq-bench-store: entry error %d: %s\n", r.code(), r.message().c_str());
+        return false;
+      }
+    return true;
+  };
+
+  // Prefill: big messages (payload throughput).
+  double prefill_s = 0, prefill_bytes = 0;
+  int pos = 0;
+  while (pos < prefill) {
+    const int n = std::min(chunk, prefill - pos);
+    for (int l = 0; l < layers; ++l) {
+      fill(&req, l, pos, n, pos + l);
+      const auto t0 = Clock::now();
+      if (!round_trip()) return Fail("prefill Attend failed");
+      prefill_s += Seconds(t0, Clock::now());
+      prefill_bytes += req.ByteSizeLong() + resp.ByteSizeLong();
+    }
+    pos += n;
+  }
+
+  // Decode.
+  std::vector<double> rtt, step_s;
+  double decode_bytes = 0;
+  for (int s = 0; s < warmup + steps; ++s) {
+    const auto ts = Clock::now();
+    for (int l = 0; l < layers; ++l) {
+      fill(&req, l, pos, 1, s * 131 + l);
+      const auto t0 = Clock::now();
+      if (!round_trip()) return Fail("decode Attend failed");
+      if (s >= warmup) {
+        rtt.push_back(Seconds(t0, Clock::now()));
+        decode_bytes += req.ByteSizeLong() + resp.ByteSizeLong();
+      }
+    }
+    if (s >= warmup) step_s.push_back(Seconds(ts, Clock::now()));
+    ++pos;
+  }
+  stream->WritesDone();
+  grpc::Status st = stream->Finish();
+  if (!st.ok()) return Fail("stream: " + st.error_message());
+
+  double decode_total = 0;
+  for (double x : step_s) decode_total += x;
+  std::printf("kvq-bench-store: target %s, preset %s, %d layers x batch %d, Hq %d Hkv %d D %d, fp16\n",
+              server ? "in-process (loopback TCP)" : target.c_str(), kvq::PresetName(preset), layers, batch, hq, hkv, d);
+  std::printf("prefill: %d tokens/session in chunks of %d: %.1f MB/s payload (req+resp), %.0f tokens/s\n", prefill,
+              chunk, prefill_bytes / prefill_s / 1e6, double(prefill) * batch / prefill_s);
+  std::printf("decode (context %d..%d, %d steps): Attend round trip p50 %.3f ms, p90 %.3f ms, p99 %.3f ms, max %.3f ms\n",
+              prefill + warmup, pos, steps, 1e3 * Percentile(rtt, 0.5), 1e3 * Percentile(rtt, 0.9),
+              1e3 * Percentile(rtt, 0.99), 1e3 * Percentile(rtt, 1.0));
+  std::printf("decode: step (%d layers) p50 %.2f ms -> %.1f tokens/s for the batch; payload %.1f MB/s, %.1f KB/request\n",
+              layers, 1e3 * Percentile(step_s, 0.5), double(steps) * batch / decode_total, decode_bytes / decode_total / 1e6,
+              decode_bytes / rtt.size() / 1e3);
+
+  if (server && absl::GetFlag(FLAGS_direct)) {
+    // The same decode requests on the core, no gRPC: what the wire adds.
+    kvq::store::Store& store = server->store();
+    kvq::store::Tenant* tenant = *server->tenants().Authenticate(nullptr);
+    std::vector<double> core;
+    for (int s = 0; s < warmup + steps; ++s) {
+      for (int l = 0; l < layers; ++l) {
+        fill(&req, l, pos, 1, s * 131 + l);
+        std::vector<kvq::store::AttendInput> ins;
+        for (const auto& e : req.entries())
+          ins.push_back(kvq::store::AttendInput{e.session_id(), e.position(), e.num_tokens(), e.q(), e.k(), e.v()});
+        std::vector<std::string> o(ins.size());
+        std::vector<kvq::store::AttendOutput> outs(ins.size());
+        for (size_t i = 0; i < ins.size(); ++i) outs[i].o = &o[i];
+        const auto t0 = Clock::now();
+        const auto sum = store.Attend(*tenant, l, kvq::DType::kF16, ins, &outs);
+        if (s >= warmup) core.push_back(Seconds(t0, Clock::now()));
+        if (sum.ok_entries != batch) return Fail("direct Attend failed: " + std::string(outs[0].status.message()));
+      }
+      ++pos;
+    }
+    std::printf("core only (same requests, no gRPC): p50 %.3f ms, p90 %.3f ms -> wire + service overhead p50 %.3f ms\n",
+                1e3 * Percentile(core, 0.5), 1e3 * Percentile(core, 0.9),
+                1e3 * (Percentile(rtt, 0.5) - Percentile(core, 0.5)));
+  }
+  return 0;
+}
