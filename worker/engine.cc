@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "kvq/format.h"
 
 namespace kvq::worker {
 namespace {
@@ -152,6 +153,11 @@ void Engine::Admit(std::vector<std::unique_ptr<Seq>>* fresh) {
     if (s == nullptr) continue;
     if (s->p.session.empty()) {
       if (s->p.preset.empty()) s->p.preset = opts_.default_preset;
+      kvq::Preset preset;
+      if (!kvq::ParsePreset(s->p.preset, &preset)) {
+        Finalize(s, Finish::kNone, absl::InvalidArgumentError(absl::StrCat("unknown preset '", s->p.preset, "'")));
+        continue;
+      }
       auto id = backend_->CreateSession(cfg.session_shape(), s->p.preset);
       if (!id.ok()) {
         Finalize(s, Finish::kNone, id.status());
@@ -274,6 +280,7 @@ void Engine::Step() {
       const size_t at = s->text.find(stop, from);
       if (at != std::string::npos) {
         s->text.resize(at);
+        (void)s->utf8.Flush();  // bytes after the stop string are dropped with it
         finish = Finish::kStop;
       }
     }

@@ -342,28 +342,62 @@ std::string Tokenizer::ApplyChatTemplate(const std::vector<ChatMessage>& message
   return out;
 }
 
+namespace {
+// Copies valid UTF-8 sequences and replaces each invalid byte with U+FFFD, so the text is
+// always valid UTF-8 (protobuf strings require it).
+std::string Sanitize(const std::string& in) {
+  std::string out;
+  size_t i = 0;
+  while (i < in.size()) {
+    const uint8_t c = uint8_t(in[i]);
+    int len = 0;
+    uint32_t min = 0;
+    if (c < 0x80) len = 1;
+    else if (c >= 0xC2 && c <= 0xDF) { len = 2; min = 0x80; }
+    else if ((c >> 4) == 0xE) { len = 3; min = 0x800; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; min = 0x10000; }
+    bool ok = len > 0 && i + size_t(len) <= in.size();
+    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1f) : len == 3 ? (c & 0x0f) : (c & 0x07);
+    for (int k = 1; ok && k < len; ++k) {
+      const uint8_t cc = uint8_t(in[i + size_t(k)]);
+      if ((cc >> 6) != 2) ok = false;
+      cp = (cp << 6) | (cc & 0x3f);
+    }
+    if (ok && len > 1 && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
+    if (ok) {
+      out.append(in, i, size_t(len));
+      i += size_t(len);
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+}  // namespace
+
 std::string Utf8Stream::Push(const std::string& bytes) {
   pending_ += bytes;
-  // Find the end of the last complete character.
+  // Hold back the bytes of a character that the next token may complete.
   size_t cut = pending_.size();
-  for (size_t back = 1; back <= 4 && back <= pending_.size(); ++back) {
+  for (size_t back = 1; back <= 3 && back <= pending_.size(); ++back) {
     const uint8_t c = uint8_t(pending_[pending_.size() - back]);
     if ((c >> 6) == 2) continue;  // continuation byte
     int len = 1;
     if ((c >> 5) == 6) len = 2;
     else if ((c >> 4) == 14) len = 3;
     else if ((c >> 3) == 30) len = 4;
-    if (size_t(len) > back) cut = pending_.size() - back;  // incomplete lead: hold it back
+    if (size_t(len) > back) cut = pending_.size() - back;
     break;
   }
-  std::string out = pending_.substr(0, cut);
+  std::string out = Sanitize(pending_.substr(0, cut));
   pending_.erase(0, cut);
   return out;
 }
 
 std::string Utf8Stream::Flush() {
-  std::string out;
-  out.swap(pending_);
+  std::string out = Sanitize(pending_);
+  pending_.clear();
   return out;
 }
 

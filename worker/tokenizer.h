@@ -45,6 +45,12 @@ class Tokenizer {
   // default system message when the first message is not a system message.
   std::string ApplyChatTemplate(const std::vector<ChatMessage>& messages) const;
   bool has_chat_template() const { return chatml_; }
+  // The pre-tokenizer's words (the GPT-2 pattern, digits split first where the model does).
+  std::vector<std::string> PreTokenize(const std::string& text) const {
+    std::vector<std::string> words;
+    SplitWords(text, &words);
+    return words;
+  }
 
  private:
   void SplitWords(const std::string& text, std::vector<std::string>* words) const;
@@ -64,11 +70,11 @@ class Tokenizer {
 };
 
 // Turns a stream of token byte strings into valid UTF-8 pieces: bytes of a character split
-// across tokens are held back until the character is complete.
+// across tokens are held back until the character is complete; invalid bytes become U+FFFD.
 class Utf8Stream {
  public:
   std::string Push(const std::string& bytes);
-  std::string Flush();  // whatever is left (possibly an invalid tail)
+  std::string Flush();  // whatever is left (an incomplete tail becomes U+FFFD)
 
  private:
   std::string pending_;
