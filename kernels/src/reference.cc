@@ -246,28 +246,86 @@ bool QuantizeAppendItem(const StepParams& p, const SeqWork& w, const QuantConfig
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
-template <int B>
-inline void DecodeRun(const uint32_t* words, int i0, int cnt, float a, float b, float* out, int stride) {
-  constexpr uint32_t mask = (1u << B) - 1u;
-  for (int j = 0; j < cnt; ++j) {
-    const int i = i0 + j;
-    uint32_t c;
-    if (32 % B == 0) {
-      c = (words[(i * B) >> 5] >> ((i * B) & 31)) & mask;
-    } else {
-      c = UnpackCode(words, i, B);
+// fp16 bits to float without branches, exact for every finite value (normal and subnormal: the
+// magnitude bits shifted into a float and scaled by 2^112 is an exact power-of-two product);
+// inf/NaN fixed up by a select. Vectorizes, unlike numeric.h's scalar version (which stays the
+// definition for device code built with flush-to-zero).
+inline float HalfToFloatFast(uint16_t h) {
+  const uint32_t mag = uint32_t(h & 0x7fffu) << 13;
+  float f = BitsAsFloat(mag) * 0x1p112f;
+  uint32_t u = FloatAsBits(f);
+  u = (h & 0x7c00u) == 0x7c00u ? (mag | 0x7f800000u) : u;
+  return BitsAsFloat(u | (uint32_t(h & 0x8000u) << 16));
+}
+
+inline void LoadRow(const uint16_t* src, int d, DType dt, float* out) {
+  uint32_t tmp[256];
+  if (dt == DType::kF16) {
+    // Sign and magnitude moved into float position, then scaled by 2^112: exact for every finite
+    // half (normal or subnormal). Rows with inf/NaN take the scalar path.
+    uint32_t special = 0;
+    for (int c = 0; c < d; ++c) {
+      const uint32_t h = src[c];
+      tmp[c] = ((h & 0x8000u) << 16) | ((h & 0x7fffu) << 13);
+      special |= ((h & 0x7c00u) + 0x0400u) & 0x8000u;
     }
-    out[j * stride] = float(c) * a + b;
+    if (special) {
+      for (int c = 0; c < d; ++c) out[c] = HalfToFloatFast(src[c]);
+      return;
+    }
+    std::memcpy(out, tmp, size_t(d) * 4);
+    for (int c = 0; c < d; ++c) out[c] *= 0x1p112f;
+  } else {
+    for (int c = 0; c < d; ++c) tmp[c] = uint32_t(src[c]) << 16;
+    std::memcpy(out, tmp, size_t(d) * 4);
   }
 }
 
-inline void DecodeRunBits(int bits, const uint32_t* words, int i0, int cnt, float a, float b, float* out,
-                          int stride) {
+// Codes to floats through small tables: a byte holds 4 two-bit or 2 four-bit codes; 12 bits hold
+// 4 three-bit codes. Stream bit k is bit k % 8 of byte k / 8 (little-endian words).
+struct CodeTables {
+  float t2[256][4];
+  float t4[256][2];
+  float t3[4096][4];
+  CodeTables() {
+    for (int x = 0; x < 256; ++x) {
+      for (int k = 0; k < 4; ++k) t2[x][k] = float((x >> (2 * k)) & 3);
+      for (int k = 0; k < 2; ++k) t4[x][k] = float((x >> (4 * k)) & 15);
+    }
+    for (int x = 0; x < 4096; ++x)
+      for (int k = 0; k < 4; ++k) t3[x][k] = float((x >> (3 * k)) & 7);
+  }
+};
+
+const CodeTables& Tables() {
+  static const CodeTables tables;
+  return tables;
+}
+
+// cf[j] = code (i0 + j) of the group as a float, j < cnt.
+inline void CodesToFloat(const CodeTables& tb, const uint32_t* words, int bits, int i0, int cnt, float* cf) {
+  const uint8_t* by = reinterpret_cast<const uint8_t*>(words);
+  if ((i0 | cnt) % 4 != 0) {
+    for (int j = 0; j < cnt; ++j) cf[j] = float(UnpackCode(words, i0 + j, bits));
+    return;
+  }
   switch (bits) {
-    case 2: DecodeRun<2>(words, i0, cnt, a, b, out, stride); break;
-    case 3: DecodeRun<3>(words, i0, cnt, a, b, out, stride); break;
-    case 4: DecodeRun<4>(words, i0, cnt, a, b, out, stride); break;
-    default: DecodeRun<8>(words, i0, cnt, a, b, out, stride); break;
+    case 2:
+      for (int m = 0; m < cnt / 4; ++m) std::memcpy(cf + 4 * m, tb.t2[by[i0 / 4 + m]], 16);
+      break;
+    case 4:
+      for (int m = 0; m < cnt / 2; ++m) std::memcpy(cf + 2 * m, tb.t4[by[i0 / 2 + m]], 8);
+      break;
+    case 3:
+      for (int m = 0; m < cnt / 4; ++m) {
+        const int bit = 12 * (i0 / 4 + m);
+        const uint32_t w = uint32_t(by[bit >> 3]) | (uint32_t(by[(bit >> 3) + 1]) << 8);
+        std::memcpy(cf + 4 * m, tb.t3[(w >> (bit & 7)) & 0xfffu], 16);
+      }
+      break;
+    default:
+      for (int j = 0; j < cnt; ++j) cf[j] = float(by[i0 + j]);
+      break;
   }
 }
 
@@ -285,8 +343,7 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
               int32_t t0, int cnt, float* out) {
   if (t0 < si.sink_post) {
     for (int j = 0; j < cnt; ++j) {
-      const uint16_t* tok = FpToken(arena, s.view->sink_page, t0 + j, h, hkv, d);
-      for (int c = 0; c < d; ++c) out[j * d + c] = LoadAct(tok + c, dt);
+      LoadRow(FpToken(arena, s.view->sink_page, t0 + j, h, hkv, d), d, dt, out + j * d);
     }
     return;
   }
@@ -295,12 +352,8 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
     const int64_t idx0 = int64_t(s.win_base) + (b0 - s.body_post);
     for (int j = 0; j < cnt; ++j) {
       const int64_t idx = idx0 + j;
-      const uint16_t* tok = FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
-      if (dt == DType::kF16) {
-        for (int c = 0; c < d; ++c) out[j * d + c] = HalfBitsToFloat(tok[c]);
-      } else {
-        for (int c = 0; c < d; ++c) out[j * d + c] = Bf16BitsToFloat(tok[c]);
-      }
+      LoadRow(FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d), d, dt,
+              out + j * d);
     }
     return;
   }
@@ -313,6 +366,8 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
   const uint16_t* zeros = reinterpret_cast<const uint16_t*>(base + s.layout.zeros_offset);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(base);
   const int slot0 = b0 % kPageTokens;
+  const CodeTables& tb = Tables();
+  float cf[kMaxGroupSize];
   if (f.grouping == Grouping::kAlongChannels) {
     const int gpt = d / G;
     for (int j = 0; j < cnt; ++j) {
@@ -321,7 +376,9 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
         const int g = slot * gpt + gi;
         float a, b;
         GroupAffine(f, scales[g], f.has_zeros() ? zeros[g] : uint16_t(0), &a, &b);
-        DecodeRunBits(f.bits, words + int64_t(g) * wpg, 0, G, a, b, out + j * d + gi * G, 1);
+        CodesToFloat(tb, words + int64_t(g) * wpg, f.bits, 0, G, cf);
+        float* o = out + j * d + gi * G;
+        for (int i = 0; i < G; ++i) o[i] = cf[i] * a + b;
       }
     }
   } else {
@@ -331,7 +388,8 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
       const int g = gbase + c;
       float a, b;
       GroupAffine(f, scales[g], f.has_zeros() ? zeros[g] : uint16_t(0), &a, &b);
-      DecodeRunBits(f.bits, words + int64_t(g) * wpg, i0, cnt, a, b, out + c, d);
+      CodesToFloat(tb, words + int64_t(g) * wpg, f.bits, i0, cnt, cf);
+      for (int j = 0; j < cnt; ++j) out[j * d + c] = cf[j] * a + b;
     }
   }
 }
