@@ -404,7 +404,16 @@ inline float Dot(const float* a, const float* b, int d) {
 struct AttnItem {
   int32_t seq;
   int32_t h;
-  int32_t q0, q1;  // query tokens [q0, q1) of the sequence
+  int32_t q0, q1;        // query tokens [q0, q1) of the sequence
+  int32_t t_lo, t_hi;    // token range of this split (t_hi = INT32_MAX: to the end)
+  int64_t partial = -1;  // split-KV: index of this item's (m, l, acc) slot; -1 writes o directly
+};
+
+// Split-KV partial state of one item: rows x (m, l, acc[D]).
+struct Partials {
+  int max_rows = 0, d = 0;
+  std::vector<float> data;
+  float* slot(int64_t i) { return data.data() + size_t(i) * size_t(max_rows) * size_t(d + 2); }
 };
 
 struct Scratch {
@@ -412,7 +421,7 @@ struct Scratch {
 };
 
 void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, const uint8_t* arena,
-                   const AttnItem& it, Scratch& sc) {
+                   const AttnItem& it, Scratch& sc, Partials* partials) {
   const int hkv = p.num_kv_heads, hq = p.num_q_heads, d = p.head_dim, g = hq / hkv;
   const DType dt = p.dtype;
   const SeqInfo si = MakeSeqInfo(p, w, cfg);
@@ -441,13 +450,13 @@ void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg
       for (int c = 0; c < d; ++c) qn[c] = q[c] * norm[c];
     }
   }
-  const int32_t t_end = pos[size_t(rows - 1)] + 1;  // the last row sees the most tokens
+  const int32_t t_end = std::min(it.t_hi, pos[size_t(rows - 1)] + 1);  // the last row sees the most
   // Segment boundaries of K and V (absolute positions); tiles never cross one.
   const int32_t S = si.sink_post;
   int32_t bounds[5] = {S, S + si.k.body_post, S + si.v.body_post, t_end, t_end};
   std::sort(bounds, bounds + 5);
   float scores[kTile];
-  int32_t t0 = 0;
+  int32_t t0 = it.t_lo;
   while (t0 < t_end) {
     int32_t t1 = std::min(t_end, t0 + kTile);
     if (t0 >= S) t1 = std::min(t1, S + ((t0 - S) / kTile + 1) * kTile);
@@ -488,6 +497,16 @@ void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg
     }
     t0 = t1;
   }
+  if (it.partial >= 0) {
+    float* slot = partials->slot(it.partial);
+    for (int r = 0; r < rows; ++r) {
+      float* row = slot + size_t(r) * size_t(d + 2);
+      row[0] = sc.m[size_t(r)];
+      row[1] = sc.l[size_t(r)];
+      std::memcpy(row + 2, sc.acc.data() + size_t(r) * d, size_t(d) * 4);
+    }
+    return;
+  }
   uint16_t* out = static_cast<uint16_t*>(p.o);
   for (int r = 0; r < rows; ++r) {
     const int qi = it.q0 + r / g;
@@ -522,19 +541,88 @@ Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const Q
 
 void CpuAttention(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                   const uint8_t* arena, int threads) {
-  const int hkv = params.num_kv_heads;
-  const int g = params.num_q_heads / hkv;
+  const int hkv = params.num_kv_heads, hq = params.num_q_heads, d = params.head_dim;
+  const int g = hq / hkv;
   const int qblk = std::max(1, kMaxRows / g);
+  const int nthreads = std::max(1, threads > 0 ? threads : int(std::thread::hardware_concurrency()));
+  constexpr int32_t kEnd = std::numeric_limits<int32_t>::max();
   std::vector<AttnItem> items;
   for (int s = 0; s < num_seqs; ++s)
     for (int h = 0; h < hkv; ++h)
       for (int32_t q0 = 0; q0 < works[s].n_new; q0 += qblk)
-        items.push_back({s, h, q0, std::min(works[s].n_new, q0 + qblk)});
-  std::vector<Scratch> scratch(size_t(std::max(1, threads > 0 ? threads : int(std::thread::hardware_concurrency()))));
-  ParallelFor(int64_t(items.size()), int(scratch.size()), [&](int64_t i, int tid) {
-    const AttnItem& it = items[size_t(i)];
-    AttentionItem(params, works[it.seq], configs[it.seq], arena, it, scratch[size_t(tid)]);
+        items.push_back({s, h, q0, std::min(works[s].n_new, q0 + qblk), 0, kEnd, -1});
+  // Split-KV when there are too few items to keep every thread busy (decode of few sequences):
+  // each long item is cut into token chunks (multiples of kSplitTokens) that write partial
+  // (m, l, acc) states, merged below. Edge cases: a chunk a row does not reach leaves m = -inf,
+  // l = 0 and contributes nothing; chunk 0 always holds token 0, which every row sees.
+  constexpr int32_t kSplitTokens = 512;
+  std::vector<AttnItem> run;
+  struct Merge {
+    AttnItem item;
+    int64_t first;
+    int count;
+  };
+  std::vector<Merge> merges;
+  const int64_t want = 4 * int64_t(nthreads);
+  Partials partials;
+  partials.max_rows = kMaxRows;
+  partials.d = d;
+  int64_t nslots = 0;
+  for (const AttnItem& it : items) {
+    const SeqInfo si = MakeSeqInfo(params, works[it.seq], configs[it.seq]);
+    const int32_t t_need = si.length - works[it.seq].n_new + it.q1;  // tokens the last row sees
+    int splits = 1;
+    if (int64_t(items.size()) < want) {
+      splits = int(std::min<int64_t>((want + int64_t(items.size()) - 1) / int64_t(items.size()),
+                                     (t_need + kSplitTokens - 1) / kSplitTokens));
+      splits = std::max(1, splits);
+    }
+    if (splits == 1) {
+      run.push_back(it);
+      continue;
+    }
+    const int32_t chunk = ((t_need + splits - 1) / splits + kTile - 1) / kTile * kTile;
+    Merge mg{it, nslots, 0};
+    for (int32_t lo = 0; lo < t_need; lo += chunk) {
+      AttnItem part = it;
+      part.t_lo = lo;
+      part.t_hi = std::min(t_need, lo + chunk);
+      part.partial = nslots++;
+      run.push_back(part);
+      ++mg.count;
+    }
+    merges.push_back(mg);
+  }
+  partials.data.resize(size_t(nslots) * kMaxRows * size_t(d + 2));
+  std::vector<Scratch> scratch(static_cast<size_t>(nthreads));
+  ParallelFor(int64_t(run.size()), nthreads, [&](int64_t i, int tid) {
+    const AttnItem& it = run[size_t(i)];
+    AttentionItem(params, works[it.seq], configs[it.seq], arena, it, scratch[size_t(tid)], &partials);
   });
+  uint16_t* out = static_cast<uint16_t*>(params.o);
+  std::vector<float> acc(static_cast<size_t>(d));
+  for (const Merge& mg : merges) {
+    const SeqWork& w = works[mg.item.seq];
+    const int rows = (mg.item.q1 - mg.item.q0) * g;
+    for (int r = 0; r < rows; ++r) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int c = 0; c < mg.count; ++c) m = std::max(m, partials.slot(mg.first + c)[size_t(r) * size_t(d + 2)]);
+      float l = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int c = 0; c < mg.count; ++c) {
+        const float* row = partials.slot(mg.first + c) + size_t(r) * size_t(d + 2);
+        if (row[1] == 0.f) continue;
+        const float f = std::exp(row[0] - m);
+        l += row[1] * f;
+        for (int x = 0; x < d; ++x) acc[size_t(x)] += row[2 + x] * f;
+      }
+      const int qi = mg.item.q0 + r / g;
+      const int head = mg.item.h * g + r % g;
+      uint16_t* dst = out + ((w.q_row + qi) * hq + head) * d;
+      const float inv = 1.f / l;
+      for (int x = 0; x < d; ++x) dst[x] = StoreAct(acc[size_t(x)] * inv, params.dtype);
+    }
+  }
 }
 
 Result CpuRunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
