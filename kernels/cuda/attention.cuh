@@ -155,7 +155,7 @@ __device__ __forceinline__ void DecodeTok32(const uint32_t* w, float a, float b,
     uint32_t c = r[bit >> 5] >> (bit & 31);
     if ((bit & 31) + BITS > 32) c |= r[(bit >> 5) + 1] << (32 - (bit & 31));
     c &= (1u << BITS) - 1u;
-    col[t * stride] = (static_cast<float>(c) * a + b) * f;
+    col[t * stride] = (CodeToFloat(c) * a + b) * f;
   }
 }
 
@@ -194,7 +194,7 @@ __device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const 
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float f = knorm ? knorm[c0 + e] : 1.f;
-        v[e] = (static_cast<float>(static_cast<uint32_t>(w64 >> (e * bits)) & mask) * ab.x + ab.y) * f;
+        v[e] = (CodeToFloat(static_cast<uint32_t>(w64 >> (e * bits)) & mask) * ab.x + ab.y) * f;
       }
       if (t >= valid) {
 #pragma unroll

@@ -93,6 +93,12 @@ __device__ __forceinline__ float2 GroupAffine(int bits, int mode, float s, float
   return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
 }
 
+// Small unsigned integer (< 2^23) to float without the quarter-rate I2F: 2^23 + c is exact in
+// fp32 when its bits are 0x4B000000 | c; subtracting 2^23 leaves c exactly.
+__device__ __forceinline__ float CodeToFloat(uint32_t c) {
+  return __uint_as_float(0x4B000000u | c) - 8388608.f;
+}
+
 __device__ __forceinline__ float HalfBits(const uint8_t* p) {
   return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }

@@ -15,19 +15,21 @@ __global__ void __launch_bounds__(128) MergeKernel(MergeArgs a) {
   for (int idx = threadIdx.x; idx < it.num_rows * D; idx += blockDim.x) {
     const int r = idx / D;
     const int c = idx % D;
+    const float* ml = a.part_ml + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * 2;
+    const float* po = a.part_o + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * D + c;
+    constexpr int kStride = kRowsPerUnit * 2;
     float m = -INFINITY;
-    for (int u = 0; u < it.num_units; ++u) {
-      m = fmaxf(m, a.part_ml[(static_cast<int64_t>(it.unit0 + u) * kRowsPerUnit + r) * 2]);
-    }
+    // Unrolled, branch-free loops: the loads of several units are in flight together.
+#pragma unroll 8
+    for (int u = 0; u < it.num_units; ++u) m = fmaxf(m, ml[u * kStride]);
     float l = 0.f, o = 0.f;
     if (m != -INFINITY) {
+#pragma unroll 8
       for (int u = 0; u < it.num_units; ++u) {
-        const int64_t pu = static_cast<int64_t>(it.unit0 + u) * kRowsPerUnit + r;
-        const float mu = a.part_ml[pu * 2];
-        if (mu == -INFINITY) continue;
-        const float w = exp2f(mu - m);
-        l += w * a.part_ml[pu * 2 + 1];
-        o += w * a.part_o[pu * D + c];
+        const float mu = ml[u * kStride];
+        const float w = mu == -INFINITY ? 0.f : exp2f(mu - m);
+        l += w * ml[u * kStride + 1];
+        o += w * po[static_cast<int64_t>(u) * kRowsPerUnit * D];
       }
     }
     const float out = l > 0.f ? o / l : 0.f;

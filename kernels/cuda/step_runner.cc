@@ -249,11 +249,16 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     d.to_sink = std::min(w.n_new, c.sink - w.sink_len);
     d.kv_row = w.kv_row;
     d.q_row = w.q_row;
-    d.key_norm = c.key_norm ? 1 : 0;
+    // The key-norm factors matter once keys are quantized (a body after this step's flush);
+    // before that the planner may not have allocated them yet.
+    const bool norm_used = c.key_norm && (int64_t{w.k.body_len} + w.flush_k > 0);
+    d.key_norm = norm_used ? 1 : 0;
     d.compute_norm = w.compute_norm ? 1 : 0;
     d.norm_offset = w.norm_offset;
-    if (c.key_norm && (w.norm_offset < 0 || w.norm_offset % 16))
+    if ((norm_used || w.compute_norm) && (w.norm_offset < 0 || w.norm_offset % 16))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": key_norm needs a norm_offset");
+    if (w.compute_norm && !c.key_norm)
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": compute_norm without key_norm");
     if (c.sink > 0 && (w.k.sink_page < 0 || w.v.sink_page < 0 || w.k.sink_page % 16 || w.v.sink_page % 16))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": the sink needs sink pages");
     if (w.sink_len < c.sink && (w.k.win_len > 0 || w.k.body_len > 0 || w.v.win_len > 0 || w.v.body_len > 0))
