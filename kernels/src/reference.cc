@@ -203,8 +203,9 @@ bool FlushStream(uint8_t* arena, const Stream& s, int h, int hkv, int d, DType d
   return true;
 }
 
-// Flush then append for one (sequence, KV head). Returns false on a value beyond fp16 range.
-bool QuantizeAppendItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, uint8_t* arena, int h) {
+// Flush of one (sequence, KV head): writes only body slots past the committed body and the
+// freshly allocated key-norm factors. Returns false on a value beyond fp16 range.
+bool FlushItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, uint8_t* arena, int h) {
   const int hkv = p.num_kv_heads, d = p.head_dim;
   const SeqInfo si = MakeSeqInfo(p, w, cfg);
   float* norm = nullptr;
@@ -221,7 +222,15 @@ bool QuantizeAppendItem(const StepParams& p, const SeqWork& w, const QuantConfig
     if (!FlushStream(arena, si.k, h, hkv, d, p.dtype, cfg.key_norm ? norm : nullptr)) return false;
   }
   if (si.v.flush > 0 && !FlushStream(arena, si.v, h, hkv, d, p.dtype, nullptr)) return false;
-  // Append: sink slots first, then the windows after their post-flush last token.
+  return true;
+}
+
+// Append of one (sequence, KV head): sink slots first, then the windows after their post-flush
+// last token. (A truncating step overwrites window slots of the committed state here, so it runs
+// only after every flush of the step succeeded.)
+void AppendItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, uint8_t* arena, int h) {
+  const int hkv = p.num_kv_heads, d = p.head_dim;
+  const SeqInfo si = MakeSeqInfo(p, w, cfg);
   const uint16_t* kin = static_cast<const uint16_t*>(p.k_new);
   const uint16_t* vin = static_cast<const uint16_t*>(p.v_new);
   for (int32_t i = 0; i < w.n_new; ++i) {
@@ -240,7 +249,6 @@ bool QuantizeAppendItem(const StepParams& p, const SeqWork& w, const QuantConfig
       std::memcpy(dst, src[t], size_t(d) * 2);
     }
   }
-  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -526,9 +534,11 @@ Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const Q
   if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
   const int hkv = params.num_kv_heads;
   std::atomic<int64_t> bad{-1};
+  // Two phases: every flush first, then (only if all succeeded) every append, so a failed step
+  // leaves the committed state of every sequence untouched and the caller can Abort.
   ParallelFor(int64_t(num_seqs) * hkv, threads, [&](int64_t i, int) {
     const int s = int(i / hkv), h = int(i % hkv);
-    if (!QuantizeAppendItem(params, works[s], configs[s], arena, h)) {
+    if (!FlushItem(params, works[s], configs[s], arena, h)) {
       int64_t expected = -1;
       bad.compare_exchange_strong(expected, s);
     }
@@ -536,6 +546,10 @@ Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const Q
   if (bad.load() >= 0)
     return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(bad.load()) +
                                                      ": a flushed key or value is not finite or beyond fp16 range");
+  ParallelFor(int64_t(num_seqs) * hkv, threads, [&](int64_t i, int) {
+    const int s = int(i / hkv), h = int(i % hkv);
+    AppendItem(params, works[s], configs[s], arena, h);
+  });
   return Result::Ok();
 }
 

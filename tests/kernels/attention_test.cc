@@ -302,6 +302,29 @@ TEST(Step, RejectsOutOfRangeValuesWithoutChangingTheCache) {
   s.cache->Release(arena);
 }
 
+TEST(Step, FailedTruncatingStepLeavesTheCommittedCacheIntact) {
+  // A retry that truncates and then fails in its flush must not have overwritten the committed
+  // window (the appends run only after every flush succeeded).
+  Model m;
+  m.dtype = DType::kBF16;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kKivi2));
+  std::mt19937_64 rng(8100);
+  std::vector<uint16_t> o;
+  Tokens t = RandomTokens(m, 200, rng);
+  t.v[size_t(5) * m.hkv * m.d] = StoreAct(1e9f, m.dtype);  // token 5, KV head 0, channel 0
+  ASSERT_TRUE(RunOne(arena, s, 0, t, &o).ok());
+  const int64_t live = arena.live_bytes();
+  for (int threads : {1, 2}) {
+    const Result r = RunOne(arena, s, 150, RandomTokens(m, 1, rng), &o, 0.f, threads);
+    EXPECT_EQ(r.code, Code::kInvalidArgument);
+    EXPECT_EQ(s.cache->length(), 200);
+    EXPECT_EQ(arena.live_bytes(), live);
+    ExpectCacheMatchesHistory(s, DequantizeCache(*s.cache, arena.data()));
+  }
+  s.cache->Release(arena);
+}
+
 TEST(Step, SoftmaxScaleAndThreadCountsAgree) {
   Model m;
   m.hq = 9;

@@ -100,7 +100,8 @@ struct StreamState {
 };
 
 // Planned step: the work for the kernels plus what Commit/Abort need. Owns the page arrays the
-// SeqWork points into, so it must outlive the kernel call.
+// SeqWork points into, so it must outlive the kernel call (moving it keeps them valid; copying
+// it does not: the copy's work still points into the original).
 struct StepPlan {
   SeqWork work;
   StreamState k_next, v_next;     // state after the step (for Commit)
@@ -133,6 +134,10 @@ class LayerCache {
   // Applies a planned step after the kernels succeeded; frees pages the step emptied.
   void Commit(StepPlan* plan, PageAllocator& alloc);
   // Drops a planned step (kernel failure or cancelled entry): frees the pages it allocated.
+  // A step that failed inside CpuRunStep wrote nothing the committed state reads (flushes go to
+  // new body slots, appends run only after every flush succeeded). A truncating step whose kernel
+  // SUCCEEDED but which is aborted anyway has overwritten window slots at positions >= its
+  // position: the next step for this cache must then start at or before that position.
   static void Abort(StepPlan* plan, PageAllocator& alloc);
   // Frees every page.
   void Release(PageAllocator& alloc);
