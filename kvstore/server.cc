@@ -67,6 +67,9 @@ absl::StatusOr<std::unique_ptr<StoreServer>> StoreServer::Start(const ServerOpti
 void StoreServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   if (shut_down_) return;
   shut_down_ = true;
+  // The metrics endpoint stops while the calls drain: its HTTP server takes up to two seconds to
+  // stop (civetweb's poll quantum), which then overlaps the drain instead of adding to it.
+  if (exposer_) exposer_stopper_ = std::thread([this] { exposer_.reset(); });
   if (server_) {
     grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
     if (health != nullptr) health->Shutdown();
@@ -76,12 +79,12 @@ void StoreServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 
 void StoreServer::Wait() {
   if (server_) server_->Wait();
+  if (exposer_stopper_.joinable()) exposer_stopper_.join();
 }
 
 StoreServer::~StoreServer() {
   Shutdown(std::chrono::system_clock::now());
   Wait();
-  exposer_.reset();
 }
 
 }  // namespace kvq::store

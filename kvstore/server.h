@@ -5,6 +5,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -42,7 +43,8 @@ class StoreServer {
   Metrics& metrics() { return *metrics_; }
   const TenantRegistry& tenants() const { return *tenants_; }
 
-  // Stops accepting calls, lets in-flight calls finish until `deadline`, then cancels them.
+  // Stops accepting calls, lets in-flight calls finish until `deadline`, then cancels them; the
+  // metrics endpoint stops at once. Wait() returns when both are done.
   void Shutdown(std::chrono::system_clock::time_point deadline);
   void Wait();
 
@@ -56,6 +58,7 @@ class StoreServer {
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::thread exposer_stopper_;
   int port_ = 0;
   int metrics_port_ = -1;
   bool shut_down_ = false;
