@@ -42,8 +42,12 @@ std::vector<uint16_t> Random(size_t n, std::mt19937_64& rng, float scale) {
   return v;
 }
 
-// Returns microseconds per decode step of one layer (batch sequences), or < 0 on error.
-double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
+struct Timing {
+  double median_us = -1, best_us = -1;
+};
+
+// Microseconds per decode step of one layer (batch sequences); median_us < 0 on error.
+Timing Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
   kvq::CacheShape cs;
   cs.num_kv_heads = sh.hkv;
   cs.head_dim = sh.d;
@@ -70,7 +74,7 @@ double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
       kvq::Result r = caches[size_t(b)]->Plan(pos, n, arena, &plan);
       if (!r.ok()) {
         std::fprintf(stderr, "plan: %s\n", r.message.c_str());
-        return -1;
+        return Timing{};
       }
       p.k_new = k.data();
       p.v_new = v.data();
@@ -82,7 +86,7 @@ double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
       r = kvq::CpuQuantizeAppend(p, &plan.work, &cs.config, 1, arena.data(), opt.threads);
       if (!r.ok()) {
         std::fprintf(stderr, "fill: %s\n", r.message.c_str());
-        return -1;
+        return Timing{};
       }
       caches[size_t(b)]->Commit(&plan, arena);
       pos += n;
@@ -97,7 +101,7 @@ double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
   p.k_new = k.data();
   p.v_new = v.data();
   p.o = o.data();
-  double best = 1e30, total = 0;
+  std::vector<double> times;
   for (int it = 0; it < opt.iters + 2; ++it) {
     std::vector<kvq::StepPlan> plans(size_t(opt.batch));
     std::vector<kvq::SeqWork> works;
@@ -107,7 +111,7 @@ double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
       kvq::Result r = caches[size_t(b)]->Plan(opt.tokens - 1, 1, arena, &plans[size_t(b)]);
       if (!r.ok()) {
         std::fprintf(stderr, "plan: %s\n", r.message.c_str());
-        return -1;
+        return Timing{};
       }
       plans[size_t(b)].work.kv_row = b;
       plans[size_t(b)].work.q_row = b;
@@ -116,18 +120,18 @@ double Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
     const kvq::Result r = kvq::CpuRunStep(p, works.data(), cfgs.data(), opt.batch, arena.data(), opt.threads);
     if (!r.ok()) {
       std::fprintf(stderr, "step: %s\n", r.message.c_str());
-      return -1;
+      return Timing{};
     }
     for (int b = 0; b < opt.batch; ++b) caches[size_t(b)]->Commit(&plans[size_t(b)], arena);
     const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-    if (it >= 2) {  // two warm-up steps (the first applies the pending flush of the fill)
-      best = std::min(best, us);
-      total += us;
-    }
+    if (it >= 2) times.push_back(us);  // two warm-up steps (the first applies the fill's pending flush)
   }
   for (auto& c : caches) c->Release(arena);
-  (void)best;
-  return total / opt.iters;
+  std::sort(times.begin(), times.end());
+  Timing t;
+  t.median_us = times[times.size() / 2];
+  t.best_us = times.front();
+  return t;
 }
 
 bool ParseShape(const char* s, Shape* out) {
@@ -165,23 +169,26 @@ int main(int argc, char** argv) {
   }
   if (opt.shapes.empty()) opt.shapes = {{32, 8, 128}, {9, 3, 64}};
   std::printf("kvq-bench-cpu: decode step (flush + append + attention) of one layer, T=%d, batch=%d, fp16, "
-              "threads=%d (0 = all), mean of %d steps\n",
+              "threads=%d (0 = all), median of %d steps\n",
               opt.tokens, opt.batch, opt.threads, opt.iters);
-  std::printf("%-14s %-12s %12s %14s %16s\n", "shape", "preset", "us/step", "KV tok/s", "model tok/s");
+  std::printf("%-14s %-12s %12s %12s %14s %16s\n", "shape", "preset", "us/step", "best_us", "KV tok/s",
+              "model tok/s");
   for (const Shape& sh : opt.shapes) {
     for (kvq::Preset pr : {kvq::Preset::kFp16, kvq::Preset::kKivi2, kvq::Preset::kKivi4, kvq::Preset::kInnerQ,
                            kvq::Preset::kInnerQ2, kvq::Preset::kInnerQBase}) {
-      const double us = Bench(opt, sh, pr);
-      if (us < 0) return 1;
+      const Timing tm = Bench(opt, sh, pr);
+      if (tm.median_us < 0) return 1;
+      const double us = tm.median_us;
       char name[32];
       std::snprintf(name, sizeof name, "%d/%d/%d", sh.hq, sh.hkv, sh.d);
       // KV tok/s: cached tokens attended per second (T x batch per step); model tok/s: decode
       // tokens per second of a model with --layers such layers, attention only.
-      std::printf("%-14s %-12s %12.1f %14.3g %16.1f\n", name, kvq::PresetName(pr), us,
+      std::printf("%-14s %-12s %12.1f %12.1f %14.3g %16.1f\n", name, kvq::PresetName(pr), us, tm.best_us,
                   double(opt.tokens) * opt.batch / (us * 1e-6), double(opt.batch) / (us * 1e-6 * opt.layers));
     }
   }
-  std::printf("us/step: one layer, all sequences of the batch; model tok/s = batch / (%d layers x step).\n",
+  std::printf("us/step: median, one layer, all sequences of the batch; KV tok/s = T x batch / step;\n"
+              "model tok/s = batch / (%d layers x step), attention only.\n",
               opt.layers);
   return 0;
 }

@@ -28,7 +28,8 @@ int64_t WindowPages(int32_t win_first, int32_t win_len) {
 LayerCache::LayerCache(const CacheShape& shape)
     : shape_(shape),
       k_layout_(MakeStreamLayout(shape.config.k, shape.num_kv_heads, shape.head_dim)),
-      v_layout_(MakeStreamLayout(shape.config.v, shape.num_kv_heads, shape.head_dim)) {}
+      v_layout_(MakeStreamLayout(shape.config.v, shape.num_kv_heads, shape.head_dim)),
+      shape_error_(ValidateShape(shape)) {}
 
 int32_t LayerCache::length() const { return sink_len_ + k_.body_len + k_.win_len; }
 
@@ -40,6 +41,7 @@ int32_t LayerCache::min_position() const {
 Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepPlan* plan) const {
   const QuantConfig& cfg = shape_.config;
   const int32_t len = length();
+  if (!shape_error_.empty()) return Result::Error(Code::kInvalidArgument, "invalid cache shape: " + shape_error_);
   if (n < 1) return Result::Error(Code::kInvalidArgument, "a step needs n >= 1 new tokens, got " + std::to_string(n));
   if (position < min_position() || position > len) {
     return Result::Error(Code::kFailedPrecondition,

@@ -184,6 +184,26 @@ TEST(Positions, ErrorsLeaveEverythingUnchanged) {
   s.cache->Release(arena);
 }
 
+TEST(Positions, InvalidShapesAreRefused) {
+  HostArena arena(1 << 20);
+  CacheShape bad;
+  bad.num_kv_heads = 2;
+  bad.head_dim = 96;  // unsupported
+  bad.config = PresetConfig(Preset::kKivi2);
+  LayerCache c(bad);
+  StepPlan plan;
+  Result r = c.Plan(0, 1, arena, &plan);
+  EXPECT_EQ(r.code, Code::kInvalidArgument);
+  EXPECT_NE(r.message.find("head_dim"), std::string::npos) << r.message;
+  bad.head_dim = 64;
+  bad.config.k.flush = 100;  // along_tokens flush not a multiple of G
+  LayerCache c2(bad);
+  r = c2.Plan(0, 1, arena, &plan);
+  EXPECT_EQ(r.code, Code::kInvalidArgument);
+  EXPECT_NE(r.message.find("flush"), std::string::npos) << r.message;
+  EXPECT_EQ(arena.live_allocations(), 0);
+}
+
 TEST(Positions, PoolExhaustionAllocatesNothing) {
   Model m;
   const int64_t fp = MakeStreamLayout(TensorFormat{}, m.hkv, m.d).fp_page_bytes;

@@ -129,7 +129,8 @@ class LayerCache {
   // Plans a step appending n >= 1 tokens at `position` (== length appends; min_position() <=
   // position < length truncates back to position first; anything else kFailedPrecondition naming
   // the current length). Applies the pending flush policy, allocates the pages the step needs.
-  // Changes nothing in this object; on error allocates nothing.
+  // Changes nothing in this object; on error allocates nothing. An invalid shape or config
+  // (ValidateShape) gives kInvalidArgument for every step.
   Result Plan(int32_t position, int32_t n, PageAllocator& alloc, StepPlan* plan) const;
   // Applies a planned step after the kernels succeeded; frees pages the step emptied.
   void Commit(StepPlan* plan, PageAllocator& alloc);
@@ -152,6 +153,7 @@ class LayerCache {
  private:
   CacheShape shape_;
   StreamLayout k_layout_, v_layout_;
+  std::string shape_error_;  // ValidateShape(shape_): Plan refuses every step of an invalid shape
   int32_t sink_len_ = 0;
   StreamState k_, v_;
   bool norm_ready_ = false;
