@@ -316,6 +316,48 @@ TEST_F(StoreTest, BatchedStepsMatchTheReference) {
   EXPECT_EQ(backend_->pool().bad_frees(), 0);
 }
 
+// One request whose sessions have different model shapes and dtypes run as one backend call per
+// shape; bf16 sessions match the reference too.
+TEST_F(StoreTest, MixedShapesInOneRequestAndBf16) {
+  TestShape a, b, c;
+  a.dtype = b.dtype = c.dtype = kvq::DType::kBF16;
+  a.config = kvq::PresetConfig(kvq::Preset::kInnerQ);
+  b.hq = 8;  // GQA 4
+  b.config = kvq::PresetConfig(kvq::Preset::kKivi4);
+  c.hkv = 1;
+  c.hq = 2;
+  c.d = 128;
+  c.config = kvq::PresetConfig(kvq::Preset::kInnerQBase);
+  const std::vector<TestShape> shapes{a, b, c};
+  std::vector<std::string> ids;
+  std::vector<std::unique_ptr<ReferenceSession>> refs;
+  for (const TestShape& s : shapes) {
+    ids.push_back(Create(tenant_, s));
+    refs.push_back(std::make_unique<ReferenceSession>(s));
+  }
+  std::mt19937_64 rng(4242);
+  int pos = 0;
+  for (int step = 0; step < 12; ++step) {
+    const int n = step < 2 ? 90 : 1;
+    for (int layer = 0; layer < 2; ++layer) {
+      std::vector<StepInput> ins;
+      std::vector<AttendInput> req;
+      for (size_t i = 0; i < shapes.size(); ++i) ins.push_back(RandomStep(shapes[i], n, rng));
+      for (size_t i = 0; i < shapes.size(); ++i) req.push_back(AttendInput{ids[i], pos, n, ins[i].q, ins[i].k, ins[i].v});
+      std::vector<std::string> o(shapes.size());
+      std::vector<AttendOutput> outs(shapes.size());
+      for (size_t i = 0; i < shapes.size(); ++i) outs[i].o = &o[i];
+      const AttendSummary sum = store_->Attend(tenant_, layer, kvq::DType::kBF16, req, &outs);
+      ASSERT_EQ(sum.ok_entries, 3);
+      EXPECT_EQ(sum.prefill, n > 1);
+      for (size_t i = 0; i < shapes.size(); ++i)
+        ASSERT_TRUE(o[i] == refs[i]->Step(layer, pos, n, ins[i].q, ins[i].k, ins[i].v))
+            << "session " << i << " step " << step << " layer " << layer;
+    }
+    pos += n;
+  }
+}
+
 // A worker crashed after layer 0 of a step: layer 0 is one token ahead of layer 1. Re-sending the
 // whole step (same position) for every layer repairs it, and the outputs equal a clean run's.
 TEST_F(StoreTest, RetryAfterHalfFinishedStep) {

@@ -8,6 +8,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvstore.grpc.pb.h"
+#include "kvstore/convert.h"
 #include "kvstore/cpu_backend.h"
 #include "kvstore/server.h"
 #include "test_util.h"
@@ -23,6 +24,34 @@ using testing::TestShape;
 constexpr char kTenants[] =
     "alpha-token-0001 alpha 0 0 0\n"
     "beta-token-00001 beta 1 0 0\n";
+
+// Every preset and dtype maps to the proto and back, and a preset's expanded config survives the
+// explicit-config path unchanged.
+TEST(Convert, EnumsAndConfigsRoundTrip) {
+  for (kvq::Preset p : {kvq::Preset::kFp16, kvq::Preset::kKivi2, kvq::Preset::kKivi4, kvq::Preset::kInnerQ,
+                        kvq::Preset::kInnerQ2, kvq::Preset::kInnerQBase}) {
+    auto back = FromProto(ToProto(p));
+    ASSERT_TRUE(back.ok());
+    EXPECT_EQ(*back, p);
+    EXPECT_EQ(v1::Preset_Name(ToProto(p)), std::string("PRESET_") + [&] {
+      std::string n = kvq::PresetName(p);
+      for (char& ch : n) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      return n;
+    }());
+    const kvq::QuantConfig c = kvq::PresetConfig(p);
+    auto cb = FromProto(ToProto(c));
+    ASSERT_TRUE(cb.ok()) << cb.status();
+    EXPECT_EQ(ToProto(*cb).SerializeAsString(), ToProto(c).SerializeAsString());
+    EXPECT_EQ(kvq::ValidateConfig(*cb, 64), "");
+  }
+  for (kvq::DType d : {kvq::DType::kF16, kvq::DType::kBF16}) EXPECT_EQ(*FromProto(ToProto(d)), d);
+  EXPECT_FALSE(FromProto(v1::DTYPE_UNSPECIFIED).ok());
+  EXPECT_FALSE(FromProto(static_cast<v1::DType>(77)).ok());
+  EXPECT_FALSE(FromProto(v1::PRESET_UNSPECIFIED).ok());
+  EXPECT_EQ(ToGrpcCode(absl::StatusCode::kFailedPrecondition), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(ToGrpcCode(absl::StatusCode::kUnauthenticated), grpc::StatusCode::UNAUTHENTICATED);
+  for (int c = 0; c <= 16; ++c) EXPECT_EQ(static_cast<int>(ToGrpcCode(static_cast<absl::StatusCode>(c))), c);
+}
 
 class ServiceTest : public ::testing::Test {
  protected:
