@@ -536,5 +536,57 @@ TEST_F(ServiceTest, ManyConcurrentStreams) {
   EXPECT_EQ(failures.load(), 0);
 }
 
+// A self-signed test certificate (CN localhost, SAN localhost and 127.0.0.1, P-256, 100 years).
+constexpr char kTestCert[] = R"(-----BEGIN CERTIFICATE-----
+MIIBmzCCAUGgAwIBAgIUGHKrHtM/adRuAZULTAbaU9mdJ3IwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNDEyNTQwOVoYDzIxMjYxMDMx
+MTI1NDA5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAARq9q2PlJlSzP/gvt4t8juK5KHKhml7pF6hiHc32XzM157U1yNMEEEv
+Xt+fUcdpl0O6quRZyjqMnvfrUnPjRsBmo28wbTAdBgNVHQ4EFgQUL9LLUzFqDqfs
+ubbbuTa16nmu1vkwHwYDVR0jBBgwFoAUL9LLUzFqDqfsubbbuTa16nmu1vkwDwYD
+VR0TAQH/BAUwAwEB/zAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwCgYIKoZI
+zj0EAwIDSAAwRQIgJt2FRrnrkQNBdPRNznoWjgd05LyKuMG3quRRAXjobeICIQDF
+qZTM5RQXCS3moZCwg2oW3go9wyIP6MBVtmGd/5mDQQ==
+-----END CERTIFICATE-----
+)";
+constexpr char kTestKey[] = R"(-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgoX1325YUl7+v+Y9B
+PUAmVqkIVYlHuNL2+NIMe+rWTKShRANCAARq9q2PlJlSzP/gvt4t8juK5KHKhml7
+pF6hiHc32XzM157U1yNMEEEvXt+fUcdpl0O6quRZyjqMnvfrUnPjRsBm
+-----END PRIVATE KEY-----
+)";
+
+// With a certificate and key the store speaks TLS only: a TLS client works, a plaintext one fails.
+TEST(ServiceTls, ServesTlsWithTheGivenCertificate) {
+  auto backend = CpuBackend::Create(int64_t{16} << 20, 1);
+  ASSERT_TRUE(backend.ok());
+  ServerOptions so;
+  so.host = "127.0.0.1";
+  so.port = 0;
+  so.metrics_port = -1;
+  so.tls_cert_pem = kTestCert;
+  so.tls_key_pem = kTestKey;
+  auto server = StoreServer::Start(so, StoreOptions{}, std::move(backend).value(), TenantRegistry());
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string addr = "127.0.0.1:" + std::to_string((*server)->port());
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = kTestCert;
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto stub = v1::KVStore::NewStub(grpc::CreateCustomChannel(addr, grpc::SslCredentials(ssl), args));
+  grpc::ClientContext ctx;
+  v1::ListSessionsResponse resp;
+  EXPECT_TRUE(stub->ListSessions(&ctx, v1::ListSessionsRequest(), &resp).ok());
+  auto plain = v1::KVStore::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext pctx;
+  pctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  EXPECT_FALSE(plain->ListSessions(&pctx, v1::ListSessionsRequest(), &resp).ok());
+  // Half a TLS configuration is refused at start-up.
+  auto backend2 = CpuBackend::Create(int64_t{16} << 20, 1);
+  so.tls_key_pem.clear();
+  EXPECT_EQ(StoreServer::Start(so, StoreOptions{}, std::move(backend2).value(), TenantRegistry()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace kvq::store
