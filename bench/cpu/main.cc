@@ -3,7 +3,8 @@
 // The cache is filled with CpuQuantizeAppend (no prefill attention), then the same decode step
 // is retried at the same position (truncate + re-run), so every timed step sees exactly T.
 //
-//   kvq-bench-cpu [--tokens T] [--batch B] [--iters N] [--threads N] [--shape Hq,Hkv,D]...
+//   kvq-bench-cpu [--tokens T] [--batch B] [--iters N] [--threads N] [--layers L]
+//                 [--shape Hq,Hkv,D]... [--preset NAME]...
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -33,6 +34,7 @@ struct Options {
   int threads = 0;
   int layers = 30;  // for the per-token figure of a whole model
   std::vector<Shape> shapes;
+  std::vector<kvq::Preset> presets;
 };
 
 std::vector<uint16_t> Random(size_t n, std::mt19937_64& rng, float scale) {
@@ -149,7 +151,14 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--iters") && has) opt.iters = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--threads") && has) opt.threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--layers") && has) opt.layers = std::atoi(argv[++i]);
-    else if (!std::strcmp(argv[i], "--shape") && has) {
+    else if (!std::strcmp(argv[i], "--preset") && has) {
+      kvq::Preset pr;
+      if (!kvq::ParsePreset(argv[++i], &pr)) {
+        std::fprintf(stderr, "kvq-bench-cpu: unknown preset %s\n", argv[i]);
+        return 2;
+      }
+      opt.presets.push_back(pr);
+    } else if (!std::strcmp(argv[i], "--shape") && has) {
       Shape s;
       if (!ParseShape(argv[++i], &s)) {
         std::fprintf(stderr, "kvq-bench-cpu: bad --shape %s (want Hq,Hkv,D)\n", argv[i]);
@@ -159,7 +168,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: kvq-bench-cpu [--tokens T] [--batch B] [--iters N] [--threads N] [--layers L] "
-                   "[--shape Hq,Hkv,D]...\n");
+                   "[--shape Hq,Hkv,D]... [--preset NAME]...\n");
       return 2;
     }
   }
@@ -168,14 +177,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (opt.shapes.empty()) opt.shapes = {{32, 8, 128}, {9, 3, 64}};
+  if (opt.presets.empty())
+    opt.presets = {kvq::Preset::kFp16, kvq::Preset::kKivi2, kvq::Preset::kKivi4, kvq::Preset::kInnerQ,
+                   kvq::Preset::kInnerQ2, kvq::Preset::kInnerQBase};
   std::printf("kvq-bench-cpu: decode step (flush + append + attention) of one layer, T=%d, batch=%d, fp16, "
               "threads=%d (0 = all), median of %d steps\n",
               opt.tokens, opt.batch, opt.threads, opt.iters);
   std::printf("%-14s %-12s %12s %12s %14s %16s\n", "shape", "preset", "us/step", "best_us", "KV tok/s",
               "model tok/s");
   for (const Shape& sh : opt.shapes) {
-    for (kvq::Preset pr : {kvq::Preset::kFp16, kvq::Preset::kKivi2, kvq::Preset::kKivi4, kvq::Preset::kInnerQ,
-                           kvq::Preset::kInnerQ2, kvq::Preset::kInnerQBase}) {
+    for (kvq::Preset pr : opt.presets) {
       const Timing tm = Bench(opt, sh, pr);
       if (tm.median_us < 0) return 1;
       const double us = tm.median_us;

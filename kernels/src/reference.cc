@@ -289,6 +289,14 @@ inline void LoadRow(const uint16_t* src, int d, DType dt, float* out) {
   }
 }
 
+inline void Prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
 // Codes to floats through small tables: a byte holds 4 two-bit or 2 four-bit codes; 12 bits hold
 // 4 three-bit codes. Stream bit k is bit k % 8 of byte k / 8 (little-endian words).
 struct CodeTables {
@@ -358,8 +366,16 @@ void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, i
   const int32_t b0 = t0 - si.sink_post;
   if (b0 >= s.body_post) {
     const int64_t idx0 = int64_t(s.win_base) + (b0 - s.body_post);
+    const int64_t win_end = int64_t(s.win_base) + s.win_post;
     for (int j = 0; j < cnt; ++j) {
       const int64_t idx = idx0 + j;
+      // The rows of one head are 2*Hkv*D bytes apart: prefetch a tile ahead (memory-bound here).
+      const int64_t ahead = idx + kTile;
+      if (ahead < win_end) {
+        const uint8_t* pf = reinterpret_cast<const uint8_t*>(
+            FpToken(arena, s.view->win_pages[ahead / kPageTokens], int(ahead % kPageTokens), h, hkv, d));
+        for (int b = 0; b < d * 2; b += 64) Prefetch(pf + b);
+      }
       LoadRow(FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d), d, dt,
               out + j * d);
     }
@@ -496,9 +512,23 @@ void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg
       }
       float lsum = 0.f;
       for (int j = 0; j < valid; ++j) {
-        const float pj = std::exp(scores[j] - m_new);
-        lsum += pj;
-        const float* v = sc.vtile.data() + size_t(j) * d;
+        scores[j] = std::exp(scores[j] - m_new);
+        lsum += scores[j];
+      }
+      // Four tokens per pass over acc: a quarter of the loads and stores of acc.
+      const float* vt = sc.vtile.data();
+      int j = 0;
+      for (; j + 4 <= valid; j += 4) {
+        const float p0 = scores[j], p1 = scores[j + 1], p2 = scores[j + 2], p3 = scores[j + 3];
+        const float* v0 = vt + size_t(j) * d;
+        const float* v1 = v0 + d;
+        const float* v2 = v1 + d;
+        const float* v3 = v2 + d;
+        for (int c = 0; c < d; ++c) acc[c] += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c]);
+      }
+      for (; j < valid; ++j) {
+        const float pj = scores[j];
+        const float* v = vt + size_t(j) * d;
         for (int c = 0; c < d; ++c) acc[c] += pj * v[c];
       }
       sc.l[size_t(r)] += lsum;
