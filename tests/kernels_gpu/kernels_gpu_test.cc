@@ -51,11 +51,16 @@ struct DevBuf {
 };
 
 struct SeqSpec {
-  Preset preset;
+  SeqSpec(Preset p, int l0, int a, int b, int wf)
+      : config(PresetConfig(p)), name(PresetName(p)), L0(l0), n1(a), n2(b), win_first(wf) {}
+  SeqSpec(const QuantConfig& c, int l0, int a, int b, int wf)
+      : config(c), name("custom"), L0(l0), n1(a), n2(b), win_first(wf) {}
+  QuantConfig config;
+  std::string name;
   int L0;         // tokens before the first step
-  int n1 = 1;     // tokens appended by the first step
-  int n2 = 1;     // tokens appended by the second step
-  int win_first = 0;
+  int n1;         // tokens appended by the first step
+  int n2;         // tokens appended by the second step
+  int win_first;  // window start slot in its first page
 };
 
 struct Case {
@@ -68,7 +73,7 @@ struct Case {
 std::string Describe(const Case& c) {
   std::ostringstream os;
   os << "Hq=" << c.hq << " Hkv=" << c.hkv << " D=" << c.d << " " << DTypeName(c.dt) << " seqs:";
-  for (const auto& s : c.seqs) os << " " << PresetName(s.preset) << "/L0=" << s.L0 << "/n=" << s.n1 << "," << s.n2;
+  for (const auto& s : c.seqs) os << " " << s.name << "/L0=" << s.L0 << "/n=" << s.n1 << "," << s.n2;
   return os.str();
 }
 
@@ -184,7 +189,7 @@ void RunCase(const Case& c) {
   Arena a;
   std::vector<TSeq> seqs;
   for (const auto& s : c.seqs)
-    seqs.push_back(testing::MakeSeq(a, PresetConfig(s.preset), c.hkv, c.d, c.dt, s.L0, s.win_first, rng));
+    seqs.push_back(testing::MakeSeq(a, s.config, c.hkv, c.d, c.dt, s.L0, s.win_first, rng));
   {
     SCOPED_TRACE("step 1 (flush of the initial window)");
     RunAndCompare(c, a, &seqs, true, rng, *runner);
@@ -264,6 +269,49 @@ TEST(KernelsGpu, Long32k) {
     c.seqs = {{p, 32768, 1, 1, 3}};
     c.seed = 4242;
     RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Explicit configs beyond the presets: group sizes 64 and 128, 3- and 4-bit, an odd sink, keep and
+// flush values that leave partial pages, hybrid keys along tokens, mixed in one batch.
+TEST(KernelsGpu, CustomConfigs) {
+  SKIP_WITHOUT_GPU();
+  auto fmt = [](QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
+    TensorFormat f;
+    f.mode = m;
+    f.bits = bits;
+    f.grouping = g;
+    f.group_size = gs;
+    f.keep = keep;
+    f.flush = flush;
+    return f;
+  };
+  QuantConfig a;
+  a.k = fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 64, 10, 64);
+  a.v = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 128, 7, 3);
+  a.sink = 5;
+  a.key_norm = true;
+  QuantConfig b;
+  b.k = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 128, 0, 128);
+  b.v = fmt(QuantMode::kHybrid, 3, Grouping::kAlongTokens, 32, 40, 96);
+  b.sink = 0;
+  QuantConfig c;
+  c.k = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 64, 1, 2);
+  c.v = TensorFormat{};  // full-precision values
+  c.sink = 128;
+  ASSERT_EQ(ValidateConfig(a, 128), "");
+  ASSERT_EQ(ValidateConfig(b, 128), "");
+  ASSERT_EQ(ValidateConfig(c, 128), "");
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    Case cs;
+    cs.hkv = 2;
+    cs.hq = 8;
+    cs.dt = dt;
+    cs.seqs = {SeqSpec(a, 1000, 2, 1, 77), SeqSpec(b, 2999, 1, 3, 5), SeqSpec(c, 700, 1, 1, 0),
+               SeqSpec(a, 3, 4, 1, 0)};  // the last one's sink is not full yet
+    cs.seed = 9000 + static_cast<int>(dt);
+    RunCase(cs);
     if (HasFatalFailure()) return;
   }
 }
