@@ -330,14 +330,22 @@ __global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
     IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[0], h, a.num_kv_heads, t1 - unit.tok_begin, rv);
   }
   for (int tile0 = unit.tok_begin; tile0 < unit.tok_end; tile0 += kTileTokens) {
+    // The next tile's page lookups (one global load per token) go out before this tile is
+    // decoded and land in shared memory after it, so their latency overlaps the decode.
+    const int next = tile0 + kTileTokens;
+    TokLoc next_loc;
+    const bool has_next_loc = next < unit.tok_end && tid < 2 * kTileTokens && next + (tid % kTileTokens) < unit.tok_end;
+    if (has_next_loc) next_loc = Locate(s, tid < kTileTokens ? s.k : s.v, a.pages, next + tid % kTileTokens);
     {
       const int valid = min(tile0 + kTileTokens, unit.tok_end) - tile0;
       DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc[buf], h, a.num_kv_heads, valid,
                                                   rk, s.key_norm ? sm.knorm : nullptr, sm.k);
       DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc[buf], h, a.num_kv_heads, valid, rv, nullptr, sm.v);
     }
-    const int next = tile0 + kTileTokens;
-    if (next < unit.tok_end) locate(next, buf ^ 1);
+    if (has_next_loc) {
+      if (tid < kTileTokens) sm.kloc[buf ^ 1][tid] = next_loc;
+      else sm.vloc[buf ^ 1][tid - kTileTokens] = next_loc;
+    }
     __syncthreads();  // decoded tiles and the next tile's locations are visible
     if (next < unit.tok_end) {
       const int t1 = min(next + kTileTokens, unit.tok_end);
