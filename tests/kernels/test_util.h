@@ -191,9 +191,20 @@ inline Dequant DequantizeCache(const LayerCache& c, const uint8_t* arena) {
             uint16_t sc, zr = 0;
             std::memcpy(&sc, head + l.scales_offset + 2 * g, 2);
             if (f.has_zeros()) std::memcpy(&zr, head + l.zeros_offset + 2 * g, 2);
-            const uint32_t code = UnpackCode(words, i, f.bits);
+            // The test's own reading of the format: code i at stream bits i*b .. i*b+b-1 (LSB
+            // first, stream bit k = bit k%32 of word k/32); asym x^ = c*s + z (hybrid: scale sign
+            // bit set), sym x^ = (c - L)*s.
+            uint32_t code = 0;
+            for (int bit = 0; bit < f.bits; ++bit) {
+              const int k = i * f.bits + bit;
+              code |= ((words[k / 32] >> (k % 32)) & 1u) << bit;
+            }
+            const bool asym = f.mode == QuantMode::kAsym || (f.mode == QuantMode::kHybrid && (sc & 0x8000));
+            const double s_abs = double(HalfBitsToFloat(uint16_t(sc & 0x7fff)));
+            const double xq = asym ? code * s_abs + double(HalfBitsToFloat(zr))
+                                   : (double(code) - ((1 << (f.bits - 1)) - 1)) * s_abs;
             const double fac = (which == 0 && norm) ? double(norm[h * d + ch]) : 1.0;
-            x[ch] = double(DequantRef(code, f.bits, f.mode, sc, zr)) * fac;
+            x[ch] = xq * fac;
             const double s16 = double(HalfBitsToFloat(uint16_t(sc & 0x7fff)));
             const double z16 = std::fabs(double(HalfBitsToFloat(zr)));
             const int levels = (1 << f.bits) - 1;
