@@ -110,7 +110,9 @@ def build():
 
     L.row("Memory: what the quantized KV cache saves")
     L.add(stat("Memory saved", "1 - stored bytes / fp16-equivalent bytes, over the selected stores: "
-               "the share of KV-cache memory the quantization saves against an fp16 cache.",
+               "the share of KV-cache memory the quantization saves against an fp16 cache. Negative while "
+               "sessions are shorter than their full-precision sink + window (nothing quantized yet, and "
+               "pages are allocated whole).",
                "percentunit",
                f"1 - sum(kvq_store_bytes{{{STORE}}}) / sum(kvq_store_fp16_equivalent_bytes{{{STORE}}})",
                thresholds=[{"color": "red", "value": None}, {"color": "yellow", "value": 0.5},
