@@ -254,7 +254,7 @@ __device__ __forceinline__ void PvPhase(Smem& sm, float* acc, int pv_c, int pv_r
 }
 
 template <int D, DType DT>
-__global__ void __launch_bounds__(kAttnThreads, 4) AttentionKernel(AttnArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   constexpr int kRowsPerThread = kRowsPerUnit * D / kAttnThreads;
   constexpr int kRowStep = kAttnThreads / D;           // PV: thread = (channel, row phase)
