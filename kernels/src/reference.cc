@@ -17,6 +17,18 @@
 namespace kvq {
 namespace {
 
+// The attention's hot functions are compiled twice on x86-64 GCC, for the baseline (SSE2) and for
+// AVX2, and picked at load time (ifunc), so one binary runs on every CI machine and uses wider
+// vectors where they exist. The source fixes the summation order (no -ffast-math, no contraction),
+// so both versions compute bit-identical results.
+#if !defined(KVQ_CPU_CLONES)  // -DKVQ_CPU_CLONES= builds the baseline only
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define KVQ_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KVQ_CPU_CLONES
+#endif
+#endif
+
 constexpr int kTile = 32;       // tokens per attention tile (divides every group size)
 constexpr int kMaxRows = 16;    // query rows (query tokens x heads of a GQA group) per item
 constexpr int kLanes = 8;       // independent partial sums in dot products (vectorizable order)
@@ -355,7 +367,7 @@ inline void GroupAffine(const TensorFormat& f, uint16_t sc, uint16_t zr, float* 
 
 // Writes tokens [t0, t0 + cnt) (absolute positions, all in one segment of stream s) of head h
 // into out[cnt][d] as floats.
-void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, int hkv, int d, DType dt,
+KVQ_CPU_CLONES void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stream& s, int h, int hkv, int d, DType dt,
               int32_t t0, int cnt, float* out) {
   if (t0 < si.sink_post) {
     for (int j = 0; j < cnt; ++j) {
@@ -444,7 +456,7 @@ struct Scratch {
   std::vector<float> q, qn, acc, m, l, ktile, vtile;
 };
 
-void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, const uint8_t* arena,
+KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, const uint8_t* arena,
                    const AttnItem& it, Scratch& sc, Partials* partials) {
   const int hkv = p.num_kv_heads, hq = p.num_q_heads, d = p.head_dim, g = hq / hkv;
   const DType dt = p.dtype;
