@@ -91,6 +91,8 @@ TEST(Attention, HeadDim256AndExplicitConfigs) {
   c.key_norm = true;
   ASSERT_EQ(ValidateConfig(c, 256), "");
   CheckScenario(m, c, {300, 1, 1, 130, 1}, 2100);
+  // Longer: split-KV chunks (512 tokens) no longer align with the 32-token tiles after a sink of 4.
+  CheckScenario(m, c, {700, 1, 400, 1, 1}, 2102, 3);
   c.k = TensorFormat{QuantMode::kSym, 3, Grouping::kAlongTokens, 64, 5, 64};
   c.v = TensorFormat{QuantMode::kAsym, 3, Grouping::kAlongChannels, 128, 0, 3};
   c.sink = 128;
