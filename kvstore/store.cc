@@ -165,6 +165,25 @@ absl::StatusOr<std::string> Store::CreateSession(Tenant& tenant, const SessionSp
       return absl::ResourceExhaustedError(absl::StrCat("the store holds its maximum of ", options_.max_sessions,
                                                        " sessions"));
   } while (!num_sessions_.compare_exchange_weak(cur, cur + 1));
+  // Admission: the session's first step needs a K and a V page in every layer; refuse a session
+  // that could not take one step rather than fail it later.
+  const int64_t min_bytes = int64_t{spec.num_layers} * 2 *
+                            kvq::MakeStreamLayout(spec.cache.config.k, spec.cache.num_kv_heads, spec.cache.head_dim)
+                                .fp_page_bytes;
+  const int64_t pool_free = backend_->pool_capacity() - backend_->pool_used();
+  if (pool_free < min_bytes) {
+    num_sessions_.fetch_sub(1);
+    return absl::ResourceExhaustedError(absl::StrCat("the page pool has ", pool_free,
+                                                     " bytes free; a new session of this shape needs at least ",
+                                                     min_bytes));
+  }
+  if (tenant.quota().max_bytes > 0 && tenant.bytes() + min_bytes > tenant.quota().max_bytes) {
+    num_sessions_.fetch_sub(1);
+    QuotaRejected();
+    return absl::ResourceExhaustedError(absl::StrCat("tenant '", tenant.name(), "' byte quota of ",
+                                                     tenant.quota().max_bytes, " bytes cannot hold a new session (",
+                                                     min_bytes, " bytes for its first step)"));
+  }
   if (!tenant.TryAddSessions(1)) {
     num_sessions_.fetch_sub(1);
     QuotaRejected();

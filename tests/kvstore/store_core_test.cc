@@ -526,20 +526,29 @@ TEST_F(StoreTest, QuotasAndLimits) {
   ASSERT_TRUE(store_->DropSession(small, a).ok());
   EXPECT_EQ(small.tokens(), 40);
   EXPECT_EQ(small.sessions(), 1);
+  ASSERT_TRUE(store_->DropSession(small, b).ok());  // room under the store-wide limit of 3
 
-  // Byte quota: smaller than one fp16 window page ([128][2][64] x 2 bytes = 32 KiB per stream).
-  Tenant tiny("tiny", TenantQuota{0, 0, 40000});
+  // Byte quota. One fp16 page is [128][Hkv 2][D 64] x 2 bytes = 32 KiB per stream; a 2-layer
+  // session needs 4 pages (128 KiB) for its first step, which admission checks at creation.
+  Tenant tiny("tiny", TenantQuota{0, 0, 150000});
   const std::string t = Create(tiny, s);
-  st = AttendOne(tiny, t, 0, 0, 1, RandomStep(s, 1, rng));
+  ASSERT_TRUE(AttendOne(tiny, t, 0, 0, 129, RandomStep(s, 129, rng)).ok());  // 2 pages per stream
+  EXPECT_EQ(tiny.bytes(), 4 * 32768);
+  auto refused = store_->CreateSession(tiny, SpecOf(s));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("byte quota"), std::string::npos) << refused.status();
+  st = AttendOne(tiny, t, 1, 0, 129, RandomStep(s, 129, rng));
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(st.message().find("byte quota"), std::string::npos) << st;
-  EXPECT_EQ(tiny.bytes(), 0);
-  EXPECT_EQ(store_->GetSession(tiny, t)->layer_lengths[0], 0);
+  EXPECT_EQ(tiny.bytes(), 4 * 32768);
+  EXPECT_EQ(store_->GetSession(tiny, t)->layer_lengths, std::vector<int32_t>({129, 0}));
+  EXPECT_EQ(tiny.bytes(), store_->GetSession(tiny, t)->bytes.total());
 }
 
 TEST_F(StoreTest, PoolExhaustionIsAnErrorNotACrash) {
   MakeStore(100000);  // room for three 32 KiB pages
   TestShape s;
+  s.layers = 1;
   s.config = kvq::PresetConfig(kvq::Preset::kFp16);
   const std::string a = Create(tenant_, s), b = Create(tenant_, s);
   std::mt19937_64 rng(4);
@@ -548,6 +557,11 @@ TEST_F(StoreTest, PoolExhaustionIsAnErrorNotACrash) {
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(st.message().find("page pool exhausted"), std::string::npos) << st;
   EXPECT_EQ(store_->GetSession(tenant_, b)->layer_lengths[0], 0);
+  // Admission: a session that could not take one step is refused at creation.
+  auto c = store_->CreateSession(tenant_, SpecOf(s));
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(c.status().message().find("page pool has"), std::string::npos) << c.status();
+  EXPECT_EQ(store_->Stats().sessions, 2);
   const int64_t used = store_->Stats().pool_used;
   ASSERT_TRUE(store_->DropSession(tenant_, a).ok());
   EXPECT_LT(store_->Stats().pool_used, used);
