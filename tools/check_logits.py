@@ -27,14 +27,19 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--attention", default="exact")
     ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--long", default="", help="text file: adds a prompt of its first --long_chars characters")
+    ap.add_argument("--long_chars", type=int, default=3000)
     a = ap.parse_args()
+    prompts = list(PROMPTS)
+    if a.long:
+        prompts.append(open(a.long, encoding="utf-8").read()[:a.long_chars])
     d, f = os.path.dirname(os.path.abspath(a.model)), os.path.basename(a.model)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
     model.eval()
     worst = 0.0
     all_equal = True
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=a.tokens, do_sample=False, output_scores=True,
@@ -66,7 +71,7 @@ def main():
             print("   ref: ", tok.decode(ref_tokens))
         print("   text:", repr(tok.decode(ref_tokens)))
     print(f"attention={a.attention}: max |logit diff| {worst:.2e}; greedy {'IDENTICAL' if all_equal else 'DIFFERENT'} "
-          f"(up to {a.tokens} tokens or end of sequence) on {len(PROMPTS)} prompts")
+          f"(up to {a.tokens} tokens or end of sequence) on {len(prompts)} prompts")
     return 0 if all_equal else 1
 
 
