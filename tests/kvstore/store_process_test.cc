@@ -71,10 +71,13 @@ class StoreProcess {
     return true;
   }
 
-  // SIGTERM, then the exit status (-1 when it did not stop in time).
-  int Stop() {
+  void Terminate() {
+    if (pid_ > 0) kill(pid_, SIGTERM);
+  }
+
+  // The exit status after SIGTERM (-1 when it did not stop in time).
+  int WaitExit() {
     if (pid_ <= 0) return -1;
-    kill(pid_, SIGTERM);
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
     int status = 0;
     while (std::chrono::steady_clock::now() < until) {
@@ -317,7 +320,32 @@ TEST(StoreProcess, ServesOverTcpAndMetricsMove) {
   EXPECT_EQ(Metric(m2, "kvq_store_pool_bytes{state=\"used\"}"), 0);
   EXPECT_EQ(Metric(m2, "kvq_store_attended_tokens_total"), 2 * pos);  // counters never go back
 
-  EXPECT_EQ(proc.Stop(), 0);
+  // Graceful shutdown: a stream open at SIGTERM is still served until it closes; new calls are not.
+  {
+    grpc::ClientContext sctx;
+    sctx.AddMetadata("authorization", std::string("Bearer ") + kToken);
+    auto s2 = stub->Attend(&sctx);
+    v1::AttendRequest req;
+    req.set_layer(0);
+    req.set_dtype(v1::DTYPE_F16);
+    v1::AttendResponse resp;
+    ASSERT_TRUE(s2->Write(req));  // no entries: an empty response
+    ASSERT_TRUE(s2->Read(&resp));
+    proc.Terminate();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    grpc::ClientContext nctx;
+    nctx.AddMetadata("authorization", std::string("Bearer ") + kToken);
+    nctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+    v1::ListSessionsResponse list;
+    EXPECT_FALSE(stub->ListSessions(&nctx, v1::ListSessionsRequest(), &list).ok());
+    req.set_step_id(99);
+    ASSERT_TRUE(s2->Write(req));
+    ASSERT_TRUE(s2->Read(&resp));
+    EXPECT_EQ(resp.step_id(), 99u);
+    s2->WritesDone();
+    EXPECT_TRUE(s2->Finish().ok());
+  }
+  EXPECT_EQ(proc.WaitExit(), 0);
   std::remove(tenants.c_str());
   rmdir(dir_template);
 }
