@@ -582,6 +582,85 @@ TEST_F(StoreTest, PerSessionMaxTokens) {
   EXPECT_NE(st.message().find("max_tokens"), std::string::npos);
 }
 
+// Random, mostly malformed requests: every entry ends OK or with a clean error, and the books
+// stay balanced after each request (tenant bytes == pool bytes, token totals == session lengths).
+TEST_F(StoreTest, RandomMalformedRequestsKeepTheBooksBalanced) {
+  std::mt19937_64 rng(2718);
+  std::vector<TestShape> shapes(3);
+  shapes[0].config = kvq::PresetConfig(kvq::Preset::kInnerQ);
+  shapes[1].config = kvq::PresetConfig(kvq::Preset::kKivi2);
+  shapes[2].config = kvq::PresetConfig(kvq::Preset::kFp16);
+  shapes[2].layers = 3;
+  std::vector<std::string> ids;
+  for (const TestShape& s : shapes) ids.push_back(Create(tenant_, s));
+  std::uniform_int_distribution<int> pick(0, 99);
+  int ok = 0, failed = 0;
+  for (int it = 0; it < 300; ++it) {
+    const int layer = pick(rng) < 90 ? pick(rng) % 2 : pick(rng) % 5 - 1;
+    const int entries = 1 + pick(rng) % 4;
+    std::vector<StepInput> ins;
+    std::vector<AttendInput> req;
+    for (int e = 0; e < entries; ++e) {
+      const int si = pick(rng) % 3;
+      const TestShape& s = shapes[si];
+      auto snap = store_->GetSession(tenant_, ids[si]);
+      const int len = snap->layer_lengths[std::clamp(layer, 0, s.layers - 1)];
+      int n = pick(rng) < 80 ? 1 : 1 + pick(rng) % 70;
+      ins.push_back(RandomStep(s, n, rng));
+      StepInput& in = ins.back();
+      int pos = len;
+      switch (pick(rng) % 10) {
+        case 0: pos = len - pick(rng) % 5; break;                  // retry / rollback (maybe too far)
+        case 1: pos = len + 1 + pick(rng) % 3; break;              // gap
+        case 2: in.k.resize(in.k.size() / 2); break;               // short k
+        case 3: testing::SetActAt(&in.v, pick(rng), 0x7C00); break;  // inf
+        case 4: n = 0; break;
+        case 5: in.q += in.q; break;
+        default: break;
+      }
+      req.push_back(AttendInput{ids[si], pos, n, {}, {}, {}});
+    }
+    for (int e = 0; e < entries; ++e) {
+      req[e].q = ins[e].q;
+      req[e].k = ins[e].k;
+      req[e].v = ins[e].v;
+    }
+    std::vector<std::string> o(entries);
+    std::vector<AttendOutput> outs(entries);
+    for (int e = 0; e < entries; ++e) outs[e].o = &o[e];
+    store_->Attend(tenant_, layer, kvq::DType::kF16, req, &outs);
+    for (int e = 0; e < entries; ++e) {
+      if (outs[e].status.ok()) {
+        ++ok;
+        EXPECT_EQ(o[e].size(), req[e].q.size());
+      } else {
+        ++failed;
+        EXPECT_TRUE(o[e].empty());
+        const absl::StatusCode c = outs[e].status.code();
+        EXPECT_TRUE(c == absl::StatusCode::kInvalidArgument || c == absl::StatusCode::kFailedPrecondition)
+            << outs[e].status;
+      }
+    }
+    ASSERT_EQ(tenant_.bytes(), store_->Stats().pool_used) << "request " << it;
+    int64_t tokens = 0, bytes = 0;
+    for (const std::string& id : ids) {
+      auto snap = store_->GetSession(tenant_, id);
+      tokens += *std::max_element(snap->layer_lengths.begin(), snap->layer_lengths.end());
+      bytes += snap->bytes.total();
+    }
+    ASSERT_EQ(store_->Stats().tokens, tokens) << "request " << it;
+    ASSERT_EQ(tenant_.tokens(), tokens) << "request " << it;
+    ASSERT_EQ(store_->Stats().bytes.total(), bytes) << "request " << it;
+    ASSERT_LE(bytes, store_->Stats().pool_used);
+  }
+  EXPECT_GT(ok, 100);
+  EXPECT_GT(failed, 50);
+  for (const std::string& id : ids) ASSERT_TRUE(store_->DropSession(tenant_, id).ok());
+  EXPECT_EQ(store_->Stats().pool_used, 0);
+  EXPECT_EQ(tenant_.bytes(), 0);
+  EXPECT_EQ(backend_->pool().bad_frees(), 0);
+}
+
 // Concurrent requests over overlapping sets of sessions, in different orders: no deadlock, and the
 // final lengths are exact.
 TEST_F(StoreTest, ConcurrentRequestsOnSharedSessions) {
