@@ -1,5 +1,6 @@
-// kvq-bench-cpu: times one decode step (flush + append + attention, n = 1 new token per
-// sequence) of one layer through the CPU reference at context length T, for every preset.
+// kvq-bench-cpu: times one step (flush + append + attention; n = 1 new token per sequence for
+// decode, --new N for a prefill chunk ending at T) of one layer through the CPU reference at
+// context length T, for every preset.
 // The cache is filled with CpuQuantizeAppend (no prefill attention), then the same decode step
 // is retried at the same position (truncate + re-run), so every timed step sees exactly T.
 //
@@ -33,6 +34,7 @@ struct Options {
   int iters = 20;
   int threads = 0;
   int layers = 30;  // for the per-token figure of a whole model
+  int n = 1;        // new tokens per sequence per step (> 1: a prefill chunk ending at T)
   std::vector<Shape> shapes;
   std::vector<kvq::Preset> presets;
 };
@@ -68,8 +70,8 @@ Timing Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
   p.dtype = kvq::DType::kF16;
   // Fill to T - 1 tokens: quantize-append only.
   for (int b = 0; b < opt.batch; ++b) {
-    for (int pos = 0; pos < opt.tokens - 1;) {
-      const int n = std::min(chunk, opt.tokens - 1 - pos);
+    for (int pos = 0; pos < opt.tokens - opt.n;) {
+      const int n = std::min(chunk, opt.tokens - opt.n - pos);
       const auto k = Random(size_t(n) * sh.hkv * sh.d, rng, 2.f);
       const auto v = Random(size_t(n) * sh.hkv * sh.d, rng, 1.f);
       kvq::StepPlan plan;
@@ -94,10 +96,11 @@ Timing Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
       pos += n;
     }
   }
-  // The decode step: one new token per sequence at position T - 1 (so attention sees T).
-  const auto q = Random(size_t(opt.batch) * sh.hq * sh.d, rng, 1.f);
-  const auto k = Random(size_t(opt.batch) * sh.hkv * sh.d, rng, 2.f);
-  const auto v = Random(size_t(opt.batch) * sh.hkv * sh.d, rng, 1.f);
+  // The step: n new tokens per sequence at position T - n (so the last query sees T tokens).
+  const size_t rows = size_t(opt.batch) * opt.n;
+  const auto q = Random(rows * sh.hq * sh.d, rng, 1.f);
+  const auto k = Random(rows * sh.hkv * sh.d, rng, 2.f);
+  const auto v = Random(rows * sh.hkv * sh.d, rng, 1.f);
   std::vector<uint16_t> o(q.size());
   p.q = q.data();
   p.k_new = k.data();
@@ -110,13 +113,13 @@ Timing Bench(const Options& opt, const Shape& sh, kvq::Preset preset) {
     std::vector<kvq::QuantConfig> cfgs(size_t(opt.batch), cs.config);
     const auto t0 = std::chrono::steady_clock::now();
     for (int b = 0; b < opt.batch; ++b) {
-      kvq::Result r = caches[size_t(b)]->Plan(opt.tokens - 1, 1, arena, &plans[size_t(b)]);
+      kvq::Result r = caches[size_t(b)]->Plan(opt.tokens - opt.n, opt.n, arena, &plans[size_t(b)]);
       if (!r.ok()) {
         std::fprintf(stderr, "plan: %s\n", r.message.c_str());
         return Timing{};
       }
-      plans[size_t(b)].work.kv_row = b;
-      plans[size_t(b)].work.q_row = b;
+      plans[size_t(b)].work.kv_row = int64_t(b) * opt.n;
+      plans[size_t(b)].work.q_row = int64_t(b) * opt.n;
       works.push_back(plans[size_t(b)].work);
     }
     const kvq::Result r = kvq::CpuRunStep(p, works.data(), cfgs.data(), opt.batch, arena.data(), opt.threads);
@@ -151,6 +154,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--iters") && has) opt.iters = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--threads") && has) opt.threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--layers") && has) opt.layers = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--new") && has) opt.n = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--preset") && has) {
       kvq::Preset pr;
       if (!kvq::ParsePreset(argv[++i], &pr)) {
@@ -167,22 +171,22 @@ int main(int argc, char** argv) {
       opt.shapes.push_back(s);
     } else {
       std::fprintf(stderr,
-                   "usage: kvq-bench-cpu [--tokens T] [--batch B] [--iters N] [--threads N] [--layers L] "
+                   "usage: kvq-bench-cpu [--tokens T] [--new N] [--batch B] [--iters N] [--threads N] [--layers L] "
                    "[--shape Hq,Hkv,D]... [--preset NAME]...\n");
       return 2;
     }
   }
-  if (opt.tokens < 2 || opt.batch < 1 || opt.iters < 1 || opt.layers < 1) {
-    std::fprintf(stderr, "kvq-bench-cpu: --tokens >= 2, --batch, --iters, --layers >= 1\n");
+  if (opt.tokens < 2 || opt.n < 1 || opt.n >= opt.tokens || opt.batch < 1 || opt.iters < 1 || opt.layers < 1) {
+    std::fprintf(stderr, "kvq-bench-cpu: --tokens >= 2, 1 <= --new < --tokens, --batch, --iters, --layers >= 1\n");
     return 2;
   }
   if (opt.shapes.empty()) opt.shapes = {{32, 8, 128}, {9, 3, 64}};
   if (opt.presets.empty())
     opt.presets = {kvq::Preset::kFp16, kvq::Preset::kKivi2, kvq::Preset::kKivi4, kvq::Preset::kInnerQ,
                    kvq::Preset::kInnerQ2, kvq::Preset::kInnerQBase};
-  std::printf("kvq-bench-cpu: decode step (flush + append + attention) of one layer, T=%d, batch=%d, fp16, "
-              "threads=%d (0 = all), median of %d steps\n",
-              opt.tokens, opt.batch, opt.threads, opt.iters);
+  std::printf("kvq-bench-cpu: step (flush + append + attention) of one layer, T=%d, %d new token(s) per sequence, "
+              "batch=%d, fp16, threads=%d (0 = all), median of %d steps\n",
+              opt.tokens, opt.n, opt.batch, opt.threads, opt.iters);
   std::printf("%-14s %-12s %12s %12s %14s %16s\n", "shape", "preset", "us/step", "best_us", "KV tok/s",
               "model tok/s");
   for (const Shape& sh : opt.shapes) {
@@ -195,11 +199,11 @@ int main(int argc, char** argv) {
       // KV tok/s: cached tokens attended per second (T x batch per step); model tok/s: decode
       // tokens per second of a model with --layers such layers, attention only.
       std::printf("%-14s %-12s %12.1f %12.1f %14.3g %16.1f\n", name, kvq::PresetName(pr), us, tm.best_us,
-                  double(opt.tokens) * opt.batch / (us * 1e-6), double(opt.batch) / (us * 1e-6 * opt.layers));
+                  double(opt.tokens) * opt.batch / (us * 1e-6), double(opt.batch) * opt.n / (us * 1e-6 * opt.layers));
     }
   }
   std::printf("us/step: median, one layer, all sequences of the batch; KV tok/s = T x batch / step;\n"
-              "model tok/s = batch / (%d layers x step), attention only.\n",
+              "model tok/s = batch x new / (%d layers x step), attention only.\n",
               opt.layers);
   return 0;
 }

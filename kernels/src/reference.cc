@@ -6,8 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +38,98 @@ constexpr int kLanes = 8;       // independent partial sums in dot products (vec
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A persistent pool of hardware_concurrency - 1 workers: a decode step of a 30-layer model makes
+// ~90 parallel loops per token, and starting threads for each cost more than the loops' work.
+// One loop runs on the pool at a time; a caller that finds it busy (another thread's step, or
+// a nested call) runs its loop inline, so concurrent callers never wait on each other.
+class WorkerPool {
+ public:
+  static WorkerPool& Get() {
+    static WorkerPool pool(int(std::thread::hardware_concurrency()) - 1);
+    return pool;
+  }
+
+  int workers() const { return int(threads_.size()); }
+
+  // Runs fn(i, tid) for i in [0, count) on `participants` threads (the caller is tid 0). The
+  // caller never waits for a worker that has not started yet (under load a worker may be
+  // scheduled late): once the caller ran out of items it closes the loop and waits only for the
+  // workers that joined it.
+  void Run(int64_t count, int participants, const std::function<void(int64_t, int)>& fn) {
+    std::unique_lock<std::mutex> run(run_mu_, std::try_to_lock);
+    const int helpers = std::min(participants - 1, workers());
+    if (!run.owns_lock() || helpers <= 0) {
+      for (int64_t i = 0; i < count; ++i) fn(i, 0);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &fn;
+      count_ = count;
+      next_.store(0);
+      helpers_ = helpers;
+      open_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    Loop(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    open_ = false;
+    done_cv_.wait(lock, [&] { return active_ == 0; });
+    job_ = nullptr;
+  }
+
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+ private:
+  explicit WorkerPool(int n) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { Worker(i + 1); });
+  }
+
+  void Loop(int tid) {
+    for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) (*job_)(i, tid);
+  }
+
+  void Worker(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (!open_ || tid > helpers_) continue;
+        ++active_;
+      }
+      Loop(tid);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) done_cv_.notify_all();
+    }
+  }
+
+  std::mutex run_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  const std::function<void(int64_t, int)>* job_ = nullptr;
+  int64_t count_ = 0;
+  std::atomic<int64_t> next_{0};
+  int helpers_ = 0;
+  bool open_ = false;  // a loop is running and workers may still join it
+  int active_ = 0;     // workers inside the current loop
+  std::vector<std::thread> threads_;
+};
+
+// Runs fn(i, tid) for i in [0, count) on up to `threads` threads (0 = hardware concurrency);
+// tid < the number of threads used.
 template <typename F>
 void ParallelFor(int64_t count, int threads, F&& fn) {
   if (count <= 0) return;
@@ -45,15 +140,8 @@ void ParallelFor(int64_t count, int threads, F&& fn) {
     for (int64_t i = 0; i < count; ++i) fn(i, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto body = [&](int tid) {
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, tid);
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(size_t(t - 1));
-  for (int i = 1; i < t; ++i) pool.emplace_back(body, i);
-  body(0);
-  for (auto& th : pool) th.join();
+  const std::function<void(int64_t, int)> job = [&fn](int64_t i, int tid) { fn(i, tid); };
+  WorkerPool::Get().Run(count, t, job);
 }
 
 // One stream (K or V) of one sequence as the kernels walk it.

@@ -4,6 +4,7 @@
 
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -325,6 +326,36 @@ TEST(Step, FailedTruncatingStepLeavesTheCommittedCacheIntact) {
     ExpectCacheMatchesHistory(s, DequantizeCache(*s.cache, arena.data()));
   }
   s.cache->Release(arena);
+}
+
+TEST(Step, ConcurrentCallersGetTheSameOutputsAsSerialOnes) {
+  // The store may run steps of different sessions from several threads at once: each call is
+  // independent (the worker pool runs one loop at a time; other callers run theirs inline).
+  Model m;
+  m.hq = 6;
+  m.hkv = 3;
+  constexpr int kCallers = 4;
+  std::vector<std::vector<uint16_t>> serial(kCallers), concurrent(kCallers);
+  auto run = [&](int who, std::vector<uint16_t>* all) {
+    HostArena arena(32 << 20);
+    Seq s(m, PresetConfig(who % 2 ? Preset::kInnerQ : Preset::kKivi2));
+    std::mt19937_64 rng(8200 + who);
+    std::vector<uint16_t> o;
+    for (int i = 0; i < 60; ++i) {
+      const Tokens t = RandomTokens(m, i == 0 ? 700 : 1, rng);
+      if (!RunOne(arena, s, s.cache->length(), t, &o).ok()) return;
+      all->insert(all->end(), o.begin(), o.end());
+    }
+    s.cache->Release(arena);
+  };
+  for (int i = 0; i < kCallers; ++i) run(i, &serial[size_t(i)]);
+  std::vector<std::thread> th;
+  for (int i = 0; i < kCallers; ++i) th.emplace_back(run, i, &concurrent[size_t(i)]);
+  for (auto& t : th) t.join();
+  for (int i = 0; i < kCallers; ++i) {
+    ASSERT_FALSE(serial[size_t(i)].empty());
+    EXPECT_EQ(serial[size_t(i)], concurrent[size_t(i)]) << "caller " << i;
+  }
 }
 
 TEST(Step, SoftmaxScaleAndThreadCountsAgree) {
