@@ -34,6 +34,7 @@ ABSL_FLAG(int, prefill, 512, "Prefill tokens per session before decoding");
 ABSL_FLAG(int, chunk, 256, "Prefill chunk (tokens per entry)");
 ABSL_FLAG(int, steps, 32, "Decode steps measured");
 ABSL_FLAG(int, warmup, 4, "Decode steps before measuring");
+ABSL_FLAG(std::string, backend, "cpu", "Backend of the in-process store: auto, cpu, cuda");
 ABSL_FLAG(int, threads, 0, "CPU backend threads (in-process store; 0 = all cores)");
 ABSL_FLAG(int64_t, pool_bytes, int64_t{2} << 30, "Pool of the in-process store");
 ABSL_FLAG(bool, direct, true, "Also time the same decode steps on the core without gRPC (in-process only)");
@@ -78,10 +79,14 @@ int main(int argc, char** argv) {
   if (layers < 1 || batch < 1 || steps < 1) return Fail("--layers, --batch and --steps must be >= 1");
 
   std::unique_ptr<kvq::store::StoreServer> server;
+  std::string backend_name = "remote";
   std::string target = absl::GetFlag(FLAGS_target);
   if (target.empty()) {
-    auto backend = kvq::store::CpuBackend::Create(absl::GetFlag(FLAGS_pool_bytes), absl::GetFlag(FLAGS_threads));
+    kvq::store::BackendKind kind;
+    if (!kvq::store::ParseBackendKind(absl::GetFlag(FLAGS_backend), &kind)) return Fail("unknown --backend");
+    auto backend = kvq::store::MakeBackend(kind, absl::GetFlag(FLAGS_pool_bytes), absl::GetFlag(FLAGS_threads));
     if (!backend.ok()) return Fail(std::string(backend.status().message()));
+    backend_name = (*backend)->name();
     kvq::store::ServerOptions so;
     so.host = "127.0.0.1";
     so.port = 0;
@@ -195,8 +200,8 @@ int main(int argc, char** argv) {
 
   double decode_total = 0;
   for (double x : step_s) decode_total += x;
-  std::printf("kvq-bench-store: target %s, preset %s, %d layers x batch %d, Hq %d Hkv %d D %d, fp16\n",
-              server ? "in-process (loopback TCP)" : target.c_str(), kvq::PresetName(preset), layers, batch, hq, hkv, d);
+  std::printf("kvq-bench-store: target %s, backend %s, preset %s, %d layers x batch %d, Hq %d Hkv %d D %d, fp16\n",
+              server ? "in-process (loopback TCP)" : target.c_str(), backend_name.c_str(), kvq::PresetName(preset), layers, batch, hq, hkv, d);
   std::printf("prefill: %d tokens/session in chunks of %d: %.1f MB/s payload (req+resp), %.0f tokens/s\n", prefill,
               chunk, prefill_bytes / prefill_s / 1e6, double(prefill) * batch / prefill_s);
   std::printf("decode (context %d..%d, %d steps): Attend round trip p50 %.3f ms, p90 %.3f ms, p99 %.3f ms, max %.3f ms\n",
