@@ -11,6 +11,11 @@
 #include "absl/strings/str_cat.h"
 #include "worker/status.h"
 
+#if KVQ_WORKER_HAVE_BLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+#endif
+
 namespace kvq::worker {
 
 // A fixed set of threads running ParallelFor over index ranges; the caller takes part.
@@ -201,17 +206,40 @@ absl::Status Model::Init(int threads) {
   }
   if (f.Find("tokenizer.ggml.model") != nullptr) {
     auto tok = Tokenizer::FromGguf(f);
-    if (!tok.ok()) return tok.status();
-    tokenizer_ = std::make_unique<Tokenizer>(std::move(*tok));
+    if (tok.ok()) {
+      tokenizer_ = std::make_unique<Tokenizer>(std::move(*tok));
+    } else if (!absl::IsUnimplemented(tok.status())) {
+      return tok.status();
+    }  // an unsupported tokenizer kind: the model still serves token ids
   }
   if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
   pool_ = std::make_unique<ThreadPool>(threads);
+#if KVQ_WORKER_HAVE_BLAS
+  if (openblas_set_num_threads != nullptr) openblas_set_num_threads(1);  // our pool parallelizes
+#endif
   return absl::OkStatus();
 }
 
 void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) const {
   const int64_t in = w.dims[0], out = w.rows();
   const int64_t row_bytes = GgmlRowBytes(w.type, in);
+#if KVQ_WORKER_HAVE_BLAS
+  if (rows >= kBlasMinRows) {
+    // Many rows (prefill): dequantize blocks of weight rows and multiply with sgemm.
+    constexpr int64_t kBlock = 64;
+    const int64_t blocks = (out + kBlock - 1) / kBlock;
+    pool_->ParallelFor(blocks, [&](int64_t begin, int64_t end) {
+      std::vector<float> wb(static_cast<size_t>(kBlock * in));
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o0 = b * kBlock, n = std::min(kBlock, out - o0);
+        for (int64_t o = 0; o < n; ++o) DequantizeRow(w.type, w.data + (o0 + o) * row_bytes, wb.data() + o * in, in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(in), 1.0f, x, int(in), wb.data(),
+                    int(in), 0.0f, y + o0, int(out));
+      }
+    });
+    return;
+  }
+#endif
   pool_->ParallelFor(out, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(static_cast<size_t>(in));
     for (int64_t o = begin; o < end; ++o) {

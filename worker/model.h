@@ -61,6 +61,9 @@ class Model {
   // in chunk order.
   absl::Status Forward(const std::vector<SeqChunk>& chunks, AttentionBackend* attention, std::vector<float>* logits);
 
+  // Matrix products with at least this many rows use BLAS sgemm (when built with it); fewer
+  // rows (decoding) use the worker's own dequantize-and-dot loop.
+  static constexpr int64_t kBlasMinRows = 32;
   // Building blocks (also used by the layer test against a plain reference).
   // y[r, o] = sum_i x[r, i] * W[o, i] for a GGUF weight W with dims {in, out}.
   void MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) const;

@@ -158,6 +158,17 @@ INSTANTIATE_TEST_SUITE_P(Types, LayerMath,
                                            GgmlType::kQ4_0, GgmlType::kQ4_1),
                          [](const auto& info) { return std::string(GgmlTypeName(info.param)); });
 
+TEST(Model, LongPrefillMatchesThePlainReference) {
+  // Enough rows for the many-row (BLAS) matrix product path.
+  auto m = TinyModel(GgmlType::kQ4_1, 1, 9);
+  const auto tokens = RandomTokens(int(Model::kBlasMinRows) + 9, m->config().vocab_size, 4);
+  ExactAttention attn;
+  auto sid = attn.CreateSession(m->config().session_shape(), "fp16");
+  std::vector<float> logits;
+  ASSERT_TRUE(m->Forward({{*sid, 0, tokens, true}}, &attn, &logits).ok());
+  EXPECT_LT(MaxRelDiff(logits, ReferenceLogits(m->file(), m->config(), tokens)), 1e-4);
+}
+
 TEST(Model, TwoLayersIncrementalAndBatchedEqualOnePrefill) {
   auto m = TinyModel(GgmlType::kQ8_0, 2, 21);
   const int V = m->config().vocab_size;
