@@ -124,6 +124,36 @@ TEST(Attention, Length4096) {
   }
 }
 
+TEST(Attention, ConstantAndZeroCachesStayFinite) {
+  // Whole groups of zeros or of one constant go through flush and attention without NaN/inf and
+  // still match exact attention on what is stored.
+  Model m;
+  for (Preset p : AllPresets()) {
+    for (float c : {0.f, 2.5f}) {
+      HostArena arena(32 << 20);
+      Seq s(m, PresetConfig(p));
+      std::mt19937_64 rng(5100);
+      std::vector<uint16_t> o;
+      for (int step = 0; step < 4; ++step) {
+        Tokens t = RandomTokens(m, step == 0 ? 300 : 1, rng);
+        for (auto& x : t.k) x = StoreAct(c, m.dtype);
+        for (auto& x : t.v) x = StoreAct(-c, m.dtype);
+        ASSERT_TRUE(RunOne(arena, s, s.cache->length(), t, &o).ok()) << PresetName(p);
+        const int n = int(t.k.size() / size_t(m.hkv * m.d));
+        const Dequant dq = DequantizeCache(*s.cache, arena.data());
+        ExpectCacheMatchesHistory(s, dq);
+        const std::vector<double> ref = ExactAttention(m, dq, t.q, n);
+        for (size_t i = 0; i < ref.size(); ++i) {
+          const float x = LoadAct(&o[i], m.dtype);
+          ASSERT_TRUE(std::isfinite(x)) << PresetName(p);
+          ASSERT_NEAR(x, ref[i], 1e-3 * (1 + std::fabs(ref[i]))) << PresetName(p) << " c " << c;
+        }
+      }
+      s.cache->Release(arena);
+    }
+  }
+}
+
 TEST(Attention, GqaHeadMapping) {
   // Query head h reads KV head h / (Hq / Hkv): KV heads get very different values, so a wrong
   // mapping (e.g. h % Hkv) would be far off.
