@@ -604,7 +604,7 @@ absl::Status GgufWriter::AddTensor(const std::string& name, GgmlType type, const
   return absl::OkStatus();
 }
 
-std::string GgufWriter::Serialize() const {
+std::string GgufWriter::Header(std::vector<uint64_t>* offsets) const {
   std::string out;
   Put<uint32_t>(&out, kGgufMagic);
   Put<uint32_t>(&out, 3);
@@ -612,17 +612,22 @@ std::string GgufWriter::Serialize() const {
   Put<uint64_t>(&out, uint64_t(kv_count_));
   out += kv_blob_;
   uint64_t off = 0;
-  std::vector<uint64_t> offsets;
   for (const auto& t : tensors_) {
     PutStr(&out, t.name);
     Put<uint32_t>(&out, uint32_t(t.dims.size()));
     for (int64_t d : t.dims) Put<uint64_t>(&out, uint64_t(d));
     Put<uint32_t>(&out, uint32_t(t.type));
     Put<uint64_t>(&out, off);
-    offsets.push_back(off);
+    offsets->push_back(off);
     off += (t.bytes.size() + kDefaultAlignment - 1) / kDefaultAlignment * kDefaultAlignment;
   }
   out.resize((out.size() + kDefaultAlignment - 1) / kDefaultAlignment * kDefaultAlignment, '\0');
+  return out;
+}
+
+std::string GgufWriter::Serialize() const {
+  std::vector<uint64_t> offsets;
+  std::string out = Header(&offsets);
   const size_t data_start = out.size();
   for (size_t i = 0; i < tensors_.size(); ++i) {
     out.resize(data_start + offsets[i], '\0');
@@ -633,10 +638,18 @@ std::string GgufWriter::Serialize() const {
 }
 
 absl::Status GgufWriter::WriteFile(const std::string& path) const {
+  // Streams the tensors: a large model is never copied into one buffer.
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   if (!f) return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
-  const std::string bytes = Serialize();
-  f.write(bytes.data(), std::streamsize(bytes.size()));
+  std::vector<uint64_t> offsets;
+  const std::string header = Header(&offsets);
+  f.write(header.data(), std::streamsize(header.size()));
+  const std::string pad(size_t(kDefaultAlignment), '\0');
+  for (const auto& t : tensors_) {
+    f.write(t.bytes.data(), std::streamsize(t.bytes.size()));
+    const size_t rem = t.bytes.size() % size_t(kDefaultAlignment);
+    if (rem != 0) f.write(pad.data(), std::streamsize(size_t(kDefaultAlignment) - rem));
+  }
   if (!f) return absl::InternalError(absl::StrCat("write failed: ", path));
   return absl::OkStatus();
 }

@@ -100,9 +100,10 @@ class GgufWriter {
   absl::Status AddTensor(const std::string& name, GgmlType type, const std::vector<int64_t>& dims,
                          const std::vector<float>& data);
   std::string Serialize() const;
-  absl::Status WriteFile(const std::string& path) const;
+  absl::Status WriteFile(const std::string& path) const;  // streams; same bytes as Serialize()
 
  private:
+  std::string Header(std::vector<uint64_t>* offsets) const;
   std::string kv_blob_;
   int64_t kv_count_ = 0;
   struct Pending { std::string name; GgmlType type; std::vector<int64_t> dims; std::string bytes; };

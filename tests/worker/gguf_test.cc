@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -87,6 +89,11 @@ TEST(Gguf, OpenFromDiskAndMissingFile) {
   ASSERT_TRUE(w.WriteFile(path).ok());
   auto f = GgufFile::Open(path, /*progress=*/false);
   ASSERT_TRUE(f.ok()) << f.status();
+  {  // the streamed file is byte for byte the in-memory image
+    std::ifstream in(path, std::ios::binary);
+    const std::string disk((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(disk, w.Serialize());
+  }
   EXPECT_NE((*f)->tensor("blk.0.attn_q.weight"), nullptr);
   auto missing = GgufFile::Open(path + ".does-not-exist");
   EXPECT_TRUE(absl::IsNotFound(missing.status()));
