@@ -33,7 +33,7 @@ namespace {
 #endif
 
 constexpr int kTile = 32;       // tokens per attention tile (divides every group size)
-constexpr int kMaxRows = 16;    // query rows (query tokens x heads of a GQA group) per item
+constexpr int kMaxRows = 16;    // query rows per item (more when one GQA group alone has more heads)
 constexpr int kLanes = 8;       // independent partial sums in dot products (vectorizable order)
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -739,7 +739,7 @@ void CpuAttention(const StepParams& params, const SeqWork* works, const QuantCon
   std::vector<Merge> merges;
   const int64_t want = 4 * int64_t(nthreads);
   Partials partials;
-  partials.max_rows = kMaxRows;
+  partials.max_rows = qblk * g;  // rows of the largest item (g itself when g > kMaxRows)
   partials.d = d;
   int64_t nslots = 0;
   for (const AttnItem& it : items) {
@@ -767,7 +767,7 @@ void CpuAttention(const StepParams& params, const SeqWork* works, const QuantCon
     }
     merges.push_back(mg);
   }
-  partials.data.resize(size_t(nslots) * kMaxRows * size_t(d + 2));
+  partials.data.resize(size_t(nslots) * size_t(partials.max_rows) * size_t(d + 2));
   std::vector<Scratch> scratch(static_cast<size_t>(nthreads));
   ParallelFor(int64_t(run.size()), nthreads, [&](int64_t i, int tid) {
     const AttnItem& it = run[size_t(i)];

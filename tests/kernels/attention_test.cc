@@ -185,6 +185,16 @@ TEST(Attention, GqaHeadMapping) {
   s.cache->Release(arena);
 }
 
+TEST(Attention, WideGqaGroupsWithSplitKv) {
+  // 32 query heads on one KV head: one GQA group is wider than an item's usual row budget, and
+  // a long context splits it over several KV chunks.
+  Model m;
+  m.hq = 32;
+  m.hkv = 1;
+  CheckScenario(m, PresetConfig(Preset::kInnerQ), {1200, 1, 1}, 5200, 2);
+  CheckScenario(m, PresetConfig(Preset::kKivi2), {900, 1, 3}, 5201, 3);
+}
+
 TEST(Attention, BatchOfMixedSequencesEqualsEachAlone) {
   // Several sequences with different presets, lengths and n in one batch give exactly the outputs
   // of running each alone, and match exact attention.
