@@ -2,7 +2,7 @@
 //
 //   kvq-local --model M.gguf --tokenize FILE          token ids of FILE's text, one line
 //   kvq-local --model M.gguf --prompt TEXT [--chat] [--max_tokens N] [--attention exact|fp16|kivi2|...]
-//             [--logits_out FILE]                      greedy generation; ids and text on stdout;
+//             [--logits_out FILE] [--backend cpu|cuda] greedy generation; ids and text on stdout;
 //                                                      with --logits_out, every step's logits (float32)
 #include <chrono>
 #include <cstdio>
@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   std::string model_path, prompt, tokenize, attention = "exact", logits_out, prompt_ids;
   int max_tokens = 32, threads = 0;
   bool chat = false;
+  std::string backend = "cpu";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&](const char* what) -> std::string {
@@ -44,6 +45,7 @@ int main(int argc, char** argv) {
     else if (a == "--max_tokens") max_tokens = std::atoi(next("--max_tokens").c_str());
     else if (a == "--threads") threads = std::atoi(next("--threads").c_str());
     else if (a == "--chat") chat = true;
+    else if (a == "--backend") backend = next("--backend");
     else {
       std::fprintf(stderr, "kvq-local: unknown argument %s\n", a.c_str());
       return 2;
@@ -59,6 +61,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   Model& model = **model_or;
+  if (backend == "cuda") {
+    const auto st = model.UseCuda();
+    if (!st.ok()) {
+      std::fprintf(stderr, "kvq-local: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "kvq-local: compute on %s\n", model.compute_device().c_str());
+  }
   const auto* tok = model.tokenizer();
   if (!tokenize.empty()) {
     if (tok == nullptr) { std::fprintf(stderr, "kvq-local: model has no tokenizer\n"); return 1; }

@@ -31,7 +31,8 @@ ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(std::string, store, "127.0.0.1:50051", "host:port of kvq-store");
 ABSL_FLAG(std::string, store_token, "", "bearer token for the store (tenant), if it requires one");
 ABSL_FLAG(std::string, model, "", "path of the GGUF model file");
-ABSL_FLAG(std::string, backend, "cpu", "compute backend for the transformer: cpu (cuda is not built yet)");
+ABSL_FLAG(std::string, backend, "auto", "compute backend for the transformer: cpu, cuda (cuBLAS matrix products), "
+                                         "auto (cuda when built and a GPU is present)");
 ABSL_FLAG(std::string, attention, "store", "where attention runs: store (kvq-store over gRPC), local (in-process "
                                            "quantized CPU reference), exact (in-process float, no quantization)");
 ABSL_FLAG(int, metrics_port, 9401, "Prometheus /metrics port (0 = off)");
@@ -55,9 +56,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvq-worker: --model is required\n");
     return 2;
   }
-  if (absl::GetFlag(FLAGS_backend) != "cpu") {
-    std::fprintf(stderr, "kvq-worker: --backend %s is not available (this build computes on the cpu)\n",
-                 absl::GetFlag(FLAGS_backend).c_str());
+  const std::string compute = absl::GetFlag(FLAGS_backend);
+  if (compute != "cpu" && compute != "cuda" && compute != "auto") {
+    std::fprintf(stderr, "kvq-worker: unknown --backend %s (cpu, cuda, auto)\n", compute.c_str());
     return 2;
   }
   kvq::Preset preset;
@@ -70,10 +71,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvq-worker: %s\n", model.status().ToString().c_str());
     return 1;
   }
+  if (compute != "cpu") {
+    const absl::Status st = (*model)->UseCuda();
+    if (!st.ok()) {
+      if (compute == "cuda") {
+        std::fprintf(stderr, "kvq-worker: %s\n", st.ToString().c_str());
+        return 1;
+      }
+      std::fprintf(stderr, "kvq-worker: --backend auto: computing on the cpu (%s)\n", std::string(st.message()).c_str());
+    }
+  }
   const ModelConfig& cfg = (*model)->config();
-  std::fprintf(stderr, "kvq-worker: model %s (%s): %d layers, %d q heads, %d kv heads, head_dim %d, vocab %d, context %d\n",
+  std::fprintf(stderr, "kvq-worker: model %s (%s): %d layers, %d q heads, %d kv heads, head_dim %d, vocab %d, context %d; compute %s\n",
                cfg.name.c_str(), cfg.arch.c_str(), cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-               cfg.vocab_size, cfg.context_length);
+               cfg.vocab_size, cfg.context_length, (*model)->compute_device().c_str());
 
   auto registry = std::make_shared<prometheus::Registry>();
   WorkerMetrics metrics(*registry);

@@ -11,6 +11,10 @@
 #include "absl/strings/str_cat.h"
 #include "worker/status.h"
 
+#if KVQ_WORKER_HAVE_CUDA
+#include "worker/cuda_matmul.h"
+#include "worker/half.h"
+#endif
 #if KVQ_WORKER_HAVE_BLAS
 #include <cblas.h>
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
@@ -121,7 +125,49 @@ absl::Status CheckTensor(const GgufFile& f, const std::string& name, std::vector
 
 }  // namespace
 
+#if !KVQ_WORKER_HAVE_CUDA
+class CudaMatMul {};
+#endif
+
 Model::~Model() = default;
+
+std::string Model::compute_device() const {
+#if KVQ_WORKER_HAVE_CUDA
+  if (gpu_ != nullptr) return "cuda (" + gpu_->device_name() + ")";
+#endif
+  return "cpu";
+}
+
+absl::Status Model::UseCuda() {
+#if KVQ_WORKER_HAVE_CUDA
+  std::unique_ptr<CudaMatMul> g;
+  const std::string err = CudaMatMul::Create(&g);
+  if (!err.empty()) return absl::FailedPreconditionError("CUDA backend: " + err);
+  std::vector<const GgufTensor*> ws;
+  for (const Layer& L : layers_) {
+    for (const GgufTensor* t : {L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down}) ws.push_back(t);
+  }
+  ws.push_back(output_);
+  for (const GgufTensor* t : ws) {
+    if (gpu_handle_.count(t)) continue;
+    const int64_t in = t->dims[0], out = t->rows(), rb = GgmlRowBytes(t->type, in);
+    std::vector<uint16_t> h(static_cast<size_t>(in * out));
+    std::vector<float> row(static_cast<size_t>(in));
+    for (int64_t o = 0; o < out; ++o) {
+      DequantizeRow(t->type, t->data + o * rb, row.data(), in);
+      for (int64_t i = 0; i < in; ++i) h[size_t(o * in + i)] = FloatToHalf(row[size_t(i)]);
+    }
+    std::string uerr;
+    const int handle = g->Upload(h.data(), out, in, &uerr);
+    if (handle < 0) return absl::ResourceExhaustedError("CUDA backend: " + uerr);
+    gpu_handle_[t] = handle;
+  }
+  gpu_ = std::move(g);
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError("this build has no CUDA (configure with -DKVQ_CUDA=ON on a machine with nvcc)");
+#endif
+}
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, bool progress, int threads) {
   KVQ_ASSIGN_OR_RETURN(auto file, GgufFile::Open(path, progress));
@@ -223,6 +269,18 @@ absl::Status Model::Init(int threads) {
 void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) const {
   const int64_t in = w.dims[0], out = w.rows();
   const int64_t row_bytes = GgmlRowBytes(w.type, in);
+#if KVQ_WORKER_HAVE_CUDA
+  if (gpu_ != nullptr) {
+    auto it = gpu_handle_.find(&w);
+    if (it != gpu_handle_.end()) {
+      const std::string err = gpu_->MatMul(it->second, x, rows, y);
+      if (err.empty()) return;
+      if (gpu_error_.empty()) gpu_error_ = err;
+      std::fill(y, y + rows * out, 0.f);
+      return;
+    }
+  }
+#endif
 #if KVQ_WORKER_HAVE_BLAS
   if (rows >= kBlasMinRows) {
     // Many rows (prefill): dequantize blocks of weight rows and multiply with sgemm.
@@ -348,6 +406,11 @@ absl::Status Model::Forward(const std::vector<SeqChunk>& chunks, AttentionBacken
     for (int64_t i = 0; i < R * D; ++i) x[size_t(i)] += ao[size_t(i)];
   }
   KVQ_RETURN_IF_ERROR(attention->EndStep());
+  if (!gpu_error_.empty()) {
+    const std::string err = gpu_error_;
+    gpu_error_.clear();
+    return absl::InternalError("CUDA matrix product failed: " + err);
+  }
   // Final norm and logits for the last row of each chunk that wants them.
   std::vector<float> last;
   int64_t r = 0;
@@ -361,6 +424,11 @@ absl::Status Model::Forward(const std::vector<SeqChunk>& chunks, AttentionBacken
   std::vector<float> hn(last.size());
   RmsNorm(last.data(), *out_norm_, nl, hn.data());
   MatMul(*output_, hn.data(), nl, logits->data());
+  if (!gpu_error_.empty()) {
+    const std::string err = gpu_error_;
+    gpu_error_.clear();
+    return absl::InternalError("CUDA matrix product failed: " + err);
+  }
   return absl::OkStatus();
 }
 

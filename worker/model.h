@@ -45,6 +45,7 @@ struct SeqChunk {
 };
 
 class ThreadPool;
+class CudaMatMul;
 
 class Model {
  public:
@@ -52,6 +53,12 @@ class Model {
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& path, bool progress, int threads = 0);
   static absl::StatusOr<std::unique_ptr<Model>> FromFile(std::unique_ptr<GgufFile> file, int threads = 0);
   ~Model();
+
+  // Moves the matrix products to the GPU (weights uploaded once as fp16; cuBLAS). An error when
+  // the build has no CUDA or there is no device. Call before the first Forward.
+  absl::Status UseCuda();
+  bool on_gpu() const { return gpu_ != nullptr; }
+  std::string compute_device() const;
 
   const ModelConfig& config() const { return cfg_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }  // null when the file has none
@@ -88,6 +95,9 @@ class Model {
   std::vector<Layer> layers_;
   std::vector<float> inv_freq_;  // [head_dim / 2]
   std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<CudaMatMul> gpu_;
+  std::map<const GgufTensor*, int> gpu_handle_;
+  mutable std::string gpu_error_;  // first GPU failure in a step; Forward reports it
 };
 
 // A plain full-precision attention backend: every session's K/V in float, exact softmax. The

@@ -111,7 +111,7 @@ class EndToEnd : public ::testing::Test {
     worker_ = new Child();
     const int worker_port = worker_->Start({KVQ_WORKER_BIN, "--port", "0", "--host", "127.0.0.1", "--metrics_port", "0",
                                             "--store", store_target_, "--model", model_path_, "--default_preset", "fp16",
-                                            "--threads", "1", "--max_batch", "8", "--prefill_chunk", "8"},
+                                            "--threads", "1", "--max_batch", "8", "--prefill_chunk", "8", "--backend", "cpu"},
                                            "serving on", "127.0.0.1:");
     ASSERT_GT(worker_port, 0) << worker_->log;
     worker_target_ = "127.0.0.1:" + std::to_string(worker_port);

@@ -200,6 +200,25 @@ TEST(Model, TwoLayersIncrementalAndBatchedEqualOnePrefill) {
   EXPECT_LT(MaxRelDiff(logits, ref_a), 1e-4);
 }
 
+TEST(Model, CudaMatrixProductsMatchTheCpu) {
+  auto gpu = TinyModel(GgmlType::kQ8_0, 2, 41);
+  const absl::Status st = gpu->UseCuda();
+  if (absl::IsFailedPrecondition(st)) GTEST_SKIP() << st.message();
+  ASSERT_TRUE(st.ok()) << st;
+  auto cpu = TinyModel(GgmlType::kQ8_0, 2, 41);
+  for (int n : {5, int(Model::kBlasMinRows) + 3}) {
+    const auto tokens = RandomTokens(n, cpu->config().vocab_size, uint64_t(n));
+    ExactAttention a, b;
+    auto sa = a.CreateSession(cpu->config().session_shape(), "fp16");
+    auto sb = b.CreateSession(gpu->config().session_shape(), "fp16");
+    std::vector<float> lc, lg;
+    ASSERT_TRUE(cpu->Forward({{*sa, 0, tokens, true}}, &a, &lc).ok());
+    ASSERT_TRUE(gpu->Forward({{*sb, 0, tokens, true}}, &b, &lg).ok());
+    std::vector<double> ref(lc.begin(), lc.end());
+    EXPECT_LT(MaxRelDiff(lg, ref), 2e-2) << n << " tokens";  // fp16 weights and inputs on the GPU
+  }
+}
+
 TEST(Model, BadInputsAreErrors) {
   auto m = TinyModel(GgmlType::kQ8_0, 1, 2);
   ExactAttention attn;
