@@ -1,4 +1,5 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--shape B,Hq,Hkv,T,D]...
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--shape B,Hq,Hkv,T,D]...
+// (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes:
 // attention (split-KV + merge) and quantize-append (one launch for the batch), with CUDA events,
@@ -61,7 +62,10 @@ struct Row {
   double bytes = 0;    // per attention step
   double gbps = 0;
   int sets = 0, units = 0, chunk = 0;
+  std::string path;  // attention kernel the plan chose: decode (fast path) or generic
 };
+
+bool g_force_generic = false;  // --generic
 
 double Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -174,6 +178,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   std::vector<std::unique_ptr<CudaStepRunner>> runners(sets);
   for (int k = 0; k < sets; ++k) {
     CHECK_KVQ(CudaStepRunner::Create(&runners[k]));
+    runners[k]->set_force_generic(g_force_generic);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -224,6 +229,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->sets = sets;
   row->units = runners[0]->stats().num_units;
   row->chunk = runners[0]->stats().chunk_tokens;
+  row->path = runners[0]->stats().decode_path ? "decode" : "generic";
   runners.clear();
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -238,7 +244,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -257,6 +263,8 @@ int main(int argc, char** argv) {
       json = true;
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--generic") {
+      g_force_generic = true;
     } else if (a == "--shape" && i + 1 < argc) {
       Shape sh{};
       if (std::sscanf(argv[++i], "%d,%d,%d,%d,%d", &sh.b, &sh.hq, &sh.hkv, &sh.t, &sh.d) != 5 || sh.b < 1 ||
@@ -310,20 +318,20 @@ int main(int argc, char** argv) {
       const Row& r = rows[i];
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
-                  "\"qa_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d}%s\n",
+                  "\"qa_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\"}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
-                  r.gbps / copy, r.qa_us, r.sets, r.units, r.chunk, i + 1 < rows.size() ? "," : "");
+                  r.gbps / copy, r.qa_us, r.sets, r.units, r.chunk, r.path.c_str(), i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
   } else {
     std::printf("device: %s, device-to-device copy bandwidth: %.1f GB/s (read + write)\n", prop.name, copy);
     std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs\n", iters);
-    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %8s\n", "B", "Hq", "Hkv", "T", "D", "preset",
-                "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa/attn");
+    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %8s  %s\n", "B", "Hq", "Hkv", "T", "D", "preset",
+                "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa/attn", "kernel");
     for (const Row& r : rows)
-      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %7.1f%%\n", r.s.b, r.s.hq,
+      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %7.1f%%  %s\n", r.s.b, r.s.hq,
                   r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps, 100.0 * r.gbps / copy,
-                  r.qa_us, 100.0 * r.qa_us / r.attn_us);
+                  r.qa_us, 100.0 * r.qa_us / r.attn_us, r.path.c_str());
   }
   return 0;
 }

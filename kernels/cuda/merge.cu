@@ -78,5 +78,22 @@ cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int
   return cudaErrorInvalidValue;  // CudaSupports rejects these before any launch
 }
 
+int DecodeBlocksPerSm(int head_dim, DType dtype, int rows) {
+  if (dtype == DType::kF16) return head_dim == 64 ? DecodeBlocksPerSmF16D64(rows) : DecodeBlocksPerSmF16D128(rows);
+  return head_dim == 64 ? DecodeBlocksPerSmBF16D64(rows) : DecodeBlocksPerSmBF16D128(rows);
+}
+
+cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int num_units,
+                         cudaStream_t stream) {
+  if (dtype == DType::kF16) {
+    if (head_dim == 64) return LaunchDecodeF16D64(args, rows, num_units, stream);
+    if (head_dim == 128) return LaunchDecodeF16D128(args, rows, num_units, stream);
+  } else if (dtype == DType::kBF16) {
+    if (head_dim == 64) return LaunchDecodeBF16D64(args, rows, num_units, stream);
+    if (head_dim == 128) return LaunchDecodeBF16D128(args, rows, num_units, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace cuda
 }  // namespace kvq

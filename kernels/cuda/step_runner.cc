@@ -63,6 +63,29 @@ std::string CudaSupports(const StepParams& params, const QuantConfig* configs, i
   return "";
 }
 
+namespace {
+
+// The decode fast path (decode.cuh) covers: every sequence with at most kRowsPerUnit query rows
+// (n_new * Hq/Hkv) so one unit holds all rows of its KV head, every quantized tensor grouped by
+// G = 32 with 2-4 bits (a token's along_channels groups and an aligned 32-token along_tokens
+// tile are one group each), and a sink of a multiple of 32 tokens (the body, hence every
+// along_tokens group, starts on a 32-token tile boundary). Everything else takes the generic kernel.
+bool DecodeFastPathFits(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs) {
+  const int g = p.num_q_heads / p.num_kv_heads;
+  for (int i = 0; i < num_seqs; ++i) {
+    if (int64_t{works[i].n_new} * g > cuda::kRowsPerUnit) return false;
+    const QuantConfig& c = configs[i];
+    if (c.sink % cuda::kTileTokens != 0) return false;
+    for (const TensorFormat* f : {&c.k, &c.v}) {
+      if (!f->quantized()) continue;
+      if (f->group_size != 32 || f->bits < 2 || f->bits > 4) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 struct CudaStepRunner::Impl {
   int device = 0;
   int num_sms = 0;
@@ -84,6 +107,8 @@ struct CudaStepRunner::Impl {
   int num_units = 0;
   int num_items = 0;
   int chunk = 0;
+  bool decode_path = false;
+  int max_rows = 0;
   const cuda::DevSeq* d_seqs = nullptr;
   const int64_t* d_pages = nullptr;
   const cuda::DevUnit* d_units = nullptr;
@@ -301,8 +326,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   }
   // Units are sized so that they fit in one wave of resident blocks (a second, partial wave
   // would double the time): chunk grows until the unit count is at most the capacity.
-  const int64_t capacity =
-      std::max<int64_t>(1, int64_t{m.num_sms} * cuda::AttentionBlocksPerSm(p.head_dim, p.dtype));
+  const bool decode_path = attention_ready && !force_generic_ && DecodeFastPathFits(p, works, configs, num_seqs);
+  int max_rows = 1;
+  for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
+  const int blocks_per_sm = decode_path ? cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows)
+                                        : cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
+  const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
+  // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
+  const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
   int64_t max_visible = 0;
   std::vector<int64_t> visible(items.size());
   for (size_t k = 0; k < items.size(); ++k) {
@@ -310,14 +341,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     visible[k] = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
     max_visible = std::max(max_visible, visible[k]);
   }
-  auto round32 = [](int64_t x) { return (x + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens; };
+  auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
   auto count_units = [&](int64_t c) {
     int64_t n = 0;
     for (int64_t v : visible) n += (v + c - 1) / c;
     return n;
   };
-  int64_t chunk = std::max<int64_t>(64, round32((total_tokens + capacity - 1) / capacity));
-  while (chunk < max_visible && count_units(chunk) > capacity) chunk += std::max<int64_t>(32, round32(chunk / 16));
+  int64_t chunk = std::max<int64_t>(std::max<int64_t>(64, quantum), round_up((total_tokens + capacity - 1) / capacity));
+  while (chunk < max_visible && count_units(chunk) > capacity) chunk += std::max<int64_t>(quantum, round_up(chunk / 16));
   std::vector<cuda::DevUnit> units;
   for (auto& it : items) {
     const cuda::DevSeq& d = seqs[it.seq];
@@ -358,6 +389,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.num_units = static_cast<int>(units.size());
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
+  m.decode_path = decode_path;
+  m.max_rows = max_rows;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
@@ -366,6 +399,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.attention_ready = attention_ready;
   stats_.num_units = m.num_units;
   stats_.chunk_tokens = m.chunk;
+  stats_.decode_path = decode_path;
   return Result::Ok();
 }
 
@@ -411,7 +445,11 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.num_kv_heads = p.num_kv_heads;
   a.group = p.num_q_heads / p.num_kv_heads;
   a.scale_log2 = scale * 1.4426950408889634f;
-  KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
+  if (m.decode_path) {
+    KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.num_units, stream));
+  } else {
+    KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
+  }
   cuda::MergeArgs mg{};
   mg.items = m.d_items;
   mg.seqs = m.d_seqs;

@@ -68,6 +68,7 @@ struct Case {
   DType dt = DType::kF16;
   std::vector<SeqSpec> seqs;
   uint32_t seed = 1;
+  int expect_decode = -1;  // 1: the plan must take the decode fast path, 0: the generic kernel
 };
 
 std::string Describe(const Case& c) {
@@ -129,6 +130,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   CUDA_OK(cudaStreamCreate(&stream));
   Result r = runner.RunStep(gp, works.data(), cfgs.data(), n, d_arena.p, stream);
   ASSERT_TRUE(r.ok()) << r.message;
+  if (c.expect_decode >= 0) {
+    EXPECT_EQ(runner.stats().decode_path, c.expect_decode == 1) << "attention kernel chosen by the plan";
+  }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
   CUDA_OK(cudaStreamDestroy(stream));
@@ -223,6 +227,7 @@ TEST_P(PresetTest, Lengths) {
     c.dt = dt;
     c.seqs = {{p, L, 1, 1, (L * 7) % 128}};
     c.seed = 1000 + k++;
+    c.expect_decode = 1;
     RunCase(c);
     if (HasFatalFailure()) return;
   }
@@ -246,9 +251,43 @@ TEST_P(PresetTest, MixedBatch) {
               {Preset::kInnerQ, 129, 1, 33, 127},
               {p, 1000, 2, 1, 64}};
     c.seed = 77 + d;
+    c.expect_decode = 0;  // prefill rows: the generic kernel
     RunCase(c);
     if (HasFatalFailure()) return;
   }
+}
+
+// A decode batch (<= 8 query rows per sequence and KV head) mixing presets and lengths in one
+// launch: the decode fast path, D = 64 and 128, GQA 4 (n = 1 and 2) and GQA 3.
+TEST_P(PresetTest, DecodeBatch) {
+  SKIP_WITHOUT_GPU();
+  const Preset p = std::get<0>(GetParam());
+  const DType dt = std::get<1>(GetParam());
+  for (int d : {64, 128}) {
+    Case c;
+    c.hkv = 2;
+    c.hq = 8;
+    c.d = d;
+    c.dt = dt;
+    c.seqs = {{p, 5000, 1, 2, 33},
+              {p, 259, 2, 1, 100},
+              {Preset::kKivi2, 700, 1, 1, 90},
+              {Preset::kInnerQ, 129, 2, 2, 127},
+              {p, 17, 1, 1, 64}};
+    c.seed = 500 + d;
+    c.expect_decode = 1;
+    RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+  Case g3;  // Hq = 9, Hkv = 3 (3 rows per KV head)
+  g3.hkv = 3;
+  g3.hq = 9;
+  g3.d = 64;
+  g3.dt = dt;
+  g3.seqs = {{p, 3000, 1, 1, 5}, {p, 64, 1, 1, 0}};
+  g3.seed = 600;
+  g3.expect_decode = 1;
+  RunCase(g3);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest,
@@ -268,6 +307,7 @@ TEST(KernelsGpu, Long32k) {
     c.hq = 8;
     c.seqs = {{p, 32768, 1, 1, 3}};
     c.seed = 4242;
+    c.expect_decode = 1;
     RunCase(c);
     if (HasFatalFailure()) return;
   }
@@ -311,8 +351,64 @@ TEST(KernelsGpu, CustomConfigs) {
     cs.seqs = {SeqSpec(a, 1000, 2, 1, 77), SeqSpec(b, 2999, 1, 3, 5), SeqSpec(c, 700, 1, 1, 0),
                SeqSpec(a, 3, 4, 1, 0)};  // the last one's sink is not full yet
     cs.seed = 9000 + static_cast<int>(dt);
+    cs.expect_decode = 0;  // group sizes 64/128 and an odd sink: the generic kernel
     RunCase(cs);
     if (HasFatalFailure()) return;
+  }
+}
+
+// Explicit G = 32 configs that the decode fast path takes beyond the presets: 3-bit along_tokens
+// keys with key normalization, 3-bit along_channels values (codes crossing words), hybrid 4-bit
+// both ways, full-precision keys with quantized values and the reverse, sinks of 32/64/96 tokens.
+TEST(KernelsGpu, DecodeCustomConfigs) {
+  SKIP_WITHOUT_GPU();
+  auto fmt = [](QuantMode m, int bits, Grouping g, int keep, int flush) {
+    TensorFormat f;
+    f.mode = m;
+    f.bits = bits;
+    f.grouping = g;
+    f.group_size = 32;
+    f.keep = keep;
+    f.flush = flush;
+    return f;
+  };
+  QuantConfig a;
+  a.k = fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 10, 64);
+  a.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 7, 3);
+  a.sink = 64;
+  a.key_norm = true;
+  QuantConfig b;
+  b.k = fmt(QuantMode::kHybrid, 4, Grouping::kAlongChannels, 1, 2);
+  b.v = fmt(QuantMode::kHybrid, 4, Grouping::kAlongTokens, 40, 96);
+  b.sink = 32;
+  QuantConfig c;
+  c.k = TensorFormat{};
+  c.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 5, 32);
+  QuantConfig e;
+  e.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 3, 1);
+  e.v = TensorFormat{};
+  e.sink = 96;
+  e.key_norm = true;
+  QuantConfig f;
+  f.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongTokens, 0, 32);
+  f.v = fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 33, 32);
+  for (const QuantConfig* q : {&a, &b, &c, &e, &f}) ASSERT_EQ(ValidateConfig(*q, 128), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      Case cs;
+      cs.hkv = 2;
+      cs.hq = 8;
+      cs.d = d;
+      cs.dt = dt;
+      cs.seqs = {SeqSpec(a, 1000, 2, 1, 77), SeqSpec(b, 2999, 1, 2, 5), SeqSpec(c, 700, 1, 1, 0),
+                 SeqSpec(e, 300, 2, 2, 9),   SeqSpec(f, 1500, 1, 1, 31),
+                 SeqSpec(a, 3, 1, 1, 0)};  // the last one's sink is not full yet
+      cs.seed = 9100 + k++;
+      cs.expect_decode = 1;
+      RunCase(cs);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 

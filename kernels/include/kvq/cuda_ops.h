@@ -25,6 +25,7 @@ std::string CudaSupports(const StepParams& params, const QuantConfig* configs, i
 struct CudaStepStats {
   int num_units = 0;     // split-KV work units of the last attention launch
   int chunk_tokens = 0;  // tokens per unit (the split size)
+  bool decode_path = false;  // the last attention plan took the decode fast path (decode.cuh)
 };
 
 class CudaStepRunner {
@@ -59,11 +60,16 @@ class CudaStepRunner {
 
   const CudaStepStats& stats() const { return stats_; }
 
+  // The plan picks the decode fast path for batches it fits (DecodeFastPathFits in
+  // step_runner.cc); true forces the generic kernel, so tests and the benchmark can compare both.
+  void set_force_generic(bool force) { force_generic_ = force; }
+
  private:
   CudaStepRunner() = default;
   struct Impl;
   std::unique_ptr<Impl> impl_;
   CudaStepStats stats_;
+  bool force_generic_ = false;
 };
 
 }  // namespace kvq

@@ -1,0 +1,591 @@
+// Decode fast path of the split-KV attention: few query rows per unit (R <= kRowsPerUnit), every
+// quantized tensor grouped by G = 32 and the sink a multiple of 32 tokens (the plan checks this;
+// the generic kernel in attention.cuh serves everything else).
+//
+// One block = one DevUnit; its 4 warps take 32-token tiles in turn and keep their own online
+// softmax state in registers, so the tile loop has no block barrier; the warps meet once at the end.
+// Per tile, scores with lane = token, P.V with lane = D/32 consecutive channels. The packed codes
+// go straight from 16-byte loads into registers and the products are computed on the codes:
+//  - along_channels K body (InnerQ): s_g * sum_i q'_i c_i + b_g * sum_i q'_i per 32-channel group
+//    (q' = q * key-norm factor, its group sums precomputed once per unit);
+//  - along_tokens K body (KIVI): the warp stages the tile's code words (1 group of 32 tokens per
+//    channel) in its own shared memory, with q'_c * a_c per channel and the zero term
+//    sum_c q'_c b_c computed once per tile; lane = token then sums q'_c a_c * c_{t,c};
+//  - along_tokens V body (InnerQ): per channel a_c * sum_t p_t c_{t,c} + b_c * sum_t p_t;
+//  - along_channels V body (KIVI) and full-precision tokens: per token, p_t * (a_g c + b_g).
+// A group's value is a*c + b with (a, b) from GroupAffine (sym / asym / hybrid by the scale's sign).
+#pragma once
+
+#include <cfloat>
+
+#include "device_common.cuh"
+
+namespace kvq {
+namespace cuda {
+
+constexpr int kDecWarps = 4;
+constexpr int kDecThreads = kDecWarps * 32;
+
+template <int D, int R>
+struct DecSmem {
+  static constexpr int kNG = D / 32;
+  struct alignas(16) Warp {  // float4 reads of p and qa
+    union {
+      struct {
+        uint32_t codes[D * 4];  // along_tokens K tile: channel c's group words at c * bits
+        float qa[R][D];         // q'_c * a_c
+      } k;
+      float o[R][D];            // end of the unit: this warp's accumulator
+    } u;
+    float p[R][32];
+    int64_t vpage[32];
+    int vslot[32];
+    int vbody[32];
+  };
+  Warp w[kDecWarps];
+  alignas(16) float q[R][D];
+  alignas(16) float qn[R][D];
+  float qsum[R][kNG];
+  int pos[R];
+  float m[kDecWarps][R];
+  float l[kDecWarps][R];
+};
+
+// Code i (compile-time) of a packed little-endian bitstream held in registers.
+template <int BITS>
+__device__ __forceinline__ float CodeAt(const uint32_t* w, int i) {
+  const int bit = i * BITS;
+  uint32_t c = w[bit >> 5] >> (bit & 31);
+  if ((bit & 31) + BITS > 32) c |= w[(bit >> 5) + 1] << (32 - (bit & 31));
+  return CodeToFloat(c & ((1u << BITS) - 1u));
+}
+
+template <int N>
+__device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
+      dst[4 * i] = v.x;
+      dst[4 * i + 1] = v.y;
+      dst[4 * i + 2] = v.z;
+      dst[4 * i + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src) + i);
+      dst[2 * i] = v.x;
+      dst[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = __ldg(src + i);
+  }
+}
+
+// N consecutive fp16 values (N = 2 or 4, 2N-byte aligned) as floats.
+template <int N>
+__device__ __forceinline__ void LoadHalves(const uint8_t* p, float* out) {
+  static_assert(N == 2 || N == 4, "2 or 4 halves");
+  uint32_t w[N / 2];
+  if constexpr (N == 4) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+  }
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
+}
+
+// Full-precision key row of one token (lane): sc[r] += q[r] . k.
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, float* sc) {
+#pragma unroll
+  for (int half = 0; half < D / 64; ++half) {
+    uint4 raw[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(row) + half * 8 + i);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float k[8];
+      Unpack8<DT>(raw[i], k);
+      const int c = half * 64 + i * 8;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4 q0 = *reinterpret_cast<const float4*>(&sm.q[r][c]);
+        const float4 q1 = *reinterpret_cast<const float4*>(&sm.q[r][c + 4]);
+        sc[r] += k[0] * q0.x + k[1] * q0.y + k[2] * q0.z + k[3] * q0.w + k[4] * q1.x + k[5] * q1.y +
+                 k[6] * q1.z + k[7] * q1.w;
+      }
+    }
+  }
+}
+
+// along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
+template <int D, int R, int BITS, typename Smem>
+__device__ __forceinline__ void KChannelsToken(const Smem& sm, const uint8_t* head, const DevTensor& x,
+                                               int slot, float* sc) {
+  constexpr int NG = D / 32;
+  constexpr int NW = NG * BITS;
+  uint32_t w[NW];
+  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + slot * NW, w);
+  float s[NG], z[NG];
+  LoadHalves<NG>(head + x.scales_offset + 2 * slot * NG, s);
+  if (x.has_zeros) {
+    LoadHalves<NG>(head + x.zeros_offset + 2 * slot * NG, z);
+  } else {
+#pragma unroll
+    for (int g = 0; g < NG; ++g) z[g] = 0.f;
+  }
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    float dot[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) dot[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i += 4) {
+      float c[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[e] = CodeAt<BITS>(w + g * BITS, i + e);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4 q = *reinterpret_cast<const float4*>(&sm.qn[r][g * 32 + i]);
+        dot[r] += c[0] * q.x + c[1] * q.y + c[2] * q.z + c[3] * q.w;
+      }
+    }
+    const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) sc[r] += ab.x * dot[r] + ab.y * sm.qsum[r][g];
+  }
+}
+
+// along_tokens (G = 32) body keys of a whole 32-token tile (warp-cooperative, see the header).
+template <int D, int R, int BITS, typename Smem>
+__device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const uint8_t* head,
+                                            const DevTensor& x, int slot0, float* sc) {
+  constexpr int CPL = D / 32;
+  constexpr int NW = CPL * BITS;
+  auto& ws = sm.w[warp];
+  const int c0 = lane * CPL;
+  const int g0 = (slot0 / 32) * D + c0;
+  uint32_t w[NW];
+  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, w);
+  float s[CPL], z[CPL];
+  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, s);
+  if (x.has_zeros) {
+    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, z);
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) z[j] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < NW; ++i) ws.u.k.codes[c0 * BITS + i] = w[i];
+  float zt[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) zt[r] = 0.f;
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) {
+    const float2 ab = GroupAffine(BITS, x.mode, s[j], z[j]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float qn = sm.qn[r][c0 + j];
+      ws.u.k.qa[r][c0 + j] = qn * ab.x;
+      zt[r] += qn * ab.y;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) zt[r] += __shfl_xor_sync(0xffffffffu, zt[r], o);
+  }
+  __syncwarp();
+  const int bit = lane * BITS;
+  const int wi = bit >> 5;
+  const int sh = bit & 31;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  float dot[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) dot[r] = 0.f;
+#pragma unroll 4
+  for (int c = 0; c < D; c += 4) {
+    float cf[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t* cw = &ws.u.k.codes[(c + e) * BITS + wi];
+      uint32_t code;
+      if constexpr (BITS == 3) {
+        const uint32_t hi = wi + 1 < BITS ? cw[1] : 0u;
+        code = __funnelshift_r(cw[0], hi, sh);
+      } else {
+        code = cw[0] >> sh;
+      }
+      cf[e] = CodeToFloat(code & kMask);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 qa = *reinterpret_cast<const float4*>(&ws.u.k.qa[r][c]);
+      dot[r] += cf[0] * qa.x + cf[1] * qa.y + cf[2] * qa.z + cf[3] * qa.w;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) sc[r] = dot[r] + zt[r];
+  __syncwarp();  // the staged tile is consumed before the next tile overwrites it
+}
+
+// along_tokens (G = 32) body values of a whole 32-token tile: lane = CPL channels.
+template <int D, int R, int BITS, typename Smem>
+__device__ __forceinline__ void VTokensTile(const Smem& sm, int warp, int lane, const uint8_t* head,
+                                            const DevTensor& x, int slot0, const float* psum,
+                                            float (*acc)[D / 32]) {
+  constexpr int CPL = D / 32;
+  constexpr int NW = CPL * BITS;
+  const auto& ws = sm.w[warp];
+  const int c0 = lane * CPL;
+  const int g0 = (slot0 / 32) * D + c0;
+  uint32_t w[NW];
+  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, w);
+  float s[CPL], z[CPL];
+  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, s);
+  if (x.has_zeros) {
+    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, z);
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) z[j] = 0.f;
+  }
+  float dot[R][CPL];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) dot[r][j] = 0.f;
+#pragma unroll
+  for (int t = 0; t < 32; t += 4) {
+    float cf[4][CPL];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) cf[e][j] = CodeAt<BITS>(w + j * BITS, t + e);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) dot[r][j] += p.x * cf[0][j] + p.y * cf[1][j] + p.z * cf[2][j] + p.w * cf[3][j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) {
+    const float2 ab = GroupAffine(BITS, x.mode, s[j], z[j]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r][j] += ab.x * dot[r][j] + ab.y * psum[r];
+  }
+}
+
+// Values token by token (full-precision tokens and along_channels body tokens): lane = CPL channels.
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void VPerToken(const Smem& sm, int warp, int lane, const uint8_t* arena,
+                                          const DevTensor& x, int h, int num_kv_heads, int nvalid,
+                                          float (*acc)[D / 32]) {
+  constexpr int CPL = D / 32;
+  const auto& ws = sm.w[warp];
+  const int c0 = lane * CPL;
+  const int bits = x.bits;
+  const int sh = ((c0 % 32) * bits) & 31;
+  const int wofs = ((c0 % 32) * bits) >> 5;
+  const uint32_t mask = (1u << (bits & 31)) - 1u;
+  constexpr int kBatch = 8;
+#pragma unroll 1
+  for (int j0 = 0; j0 < nvalid; j0 += kBatch) {
+    uint32_t raw0[kBatch], raw1[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int j = j0 + b;
+      raw0[b] = 0u;
+      raw1[b] = 0u;
+      if (j < nvalid) {
+        const int64_t page = ws.vpage[j];
+        const int slot = ws.vslot[j];
+        if (ws.vbody[j]) {
+          const uint8_t* head = arena + page + static_cast<int64_t>(h) * x.head_bytes;
+          const int g = slot * (D / 32) + c0 / 32;
+          const uint32_t* cw = reinterpret_cast<const uint32_t*>(head) + g * bits + wofs;
+          // this lane's CPL codes may cross into the next word (3 bits)
+          const uint32_t hi = sh + CPL * bits > 32 ? __ldg(cw + 1) : 0u;
+          raw0[b] = __funnelshift_r(__ldg(cw), hi, sh);
+          const uint32_t sb = __ldg(reinterpret_cast<const unsigned short*>(head + x.scales_offset) + g);
+          const uint32_t zb =
+              x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
+          raw1[b] = sb | (zb << 16);
+        } else {
+          const uint8_t* row = arena + page + (static_cast<int64_t>(slot) * num_kv_heads + h) * D * 2 + c0 * 2;
+          if constexpr (CPL == 4) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(row));
+            raw0[b] = v.x;
+            raw1[b] = v.y;
+          } else {
+            raw0[b] = __ldg(reinterpret_cast<const uint32_t*>(row));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int j = j0 + b;
+      if (j < nvalid) {
+        float v[CPL];
+        if (ws.vbody[j]) {
+          const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[b] & 0xffffu)));
+          const float z = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[b] >> 16)));
+          const float2 ab = GroupAffine(bits, x.mode, s, z);
+#pragma unroll
+          for (int e = 0; e < CPL; ++e) v[e] = CodeToFloat((raw0[b] >> (e * bits)) & mask) * ab.x + ab.y;
+        } else {
+          v[0] = ActToFloat<DT>(static_cast<uint16_t>(raw0[b] & 0xffffu));
+          v[1] = ActToFloat<DT>(static_cast<uint16_t>(raw0[b] >> 16));
+          if constexpr (CPL == 4) {
+            v[2] = ActToFloat<DT>(static_cast<uint16_t>(raw1[b] & 0xffffu));
+            v[3] = ActToFloat<DT>(static_cast<uint16_t>(raw1[b] >> 16));
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float p = ws.p[r][j];
+#pragma unroll
+          for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
+        }
+      }
+    }
+  }
+}
+
+template <int D, DType DT, int R>
+__global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
+  constexpr int CPL = D / 32;
+  constexpr int NG = D / 32;
+  __shared__ __align__(16) DecSmem<D, R> sm;
+  __shared__ __align__(16) DevSeq seq_s;
+
+  const DevUnit unit = a.units[blockIdx.x];
+  static_assert(sizeof(DevSeq) % 4 == 0, "DevSeq copied as words");
+  for (int i = threadIdx.x; i < static_cast<int>(sizeof(DevSeq) / 4); i += kDecThreads)
+    reinterpret_cast<uint32_t*>(&seq_s)[i] = reinterpret_cast<const uint32_t*>(a.seqs + unit.seq)[i];
+  __syncthreads();
+  const DevSeq& s = seq_s;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int h = unit.kv_head;
+
+  for (int idx = tid; idx < R * D; idx += kDecThreads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float qv = 0.f;
+    if (r < unit.num_rows) {
+      const int row = unit.row0 + r;
+      const int i = row / a.group;
+      const int hq = h * a.group + row % a.group;
+      qv = ActToFloat<DT>(a.q[((s.q_row + i) * a.num_q_heads + hq) * D + c]);
+    }
+    const float f = s.key_norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset)[h * D + c] : 1.f;
+    sm.q[r][c] = qv;
+    sm.qn[r][c] = qv * f;
+  }
+  if (tid < R) sm.pos[tid] = tid < unit.num_rows ? s.length - s.n_new + (unit.row0 + tid) / a.group : -1;
+  __syncthreads();
+  for (int idx = tid; idx < R * NG; idx += kDecThreads) {
+    const int r = idx / NG;
+    const int g = idx % NG;
+    float sum = 0.f;
+    for (int i = 0; i < 32; ++i) sum += sm.qn[r][g * 32 + i];
+    sm.qsum[r][g] = sum;
+  }
+  __syncthreads();
+
+  int pos[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) pos[r] = sm.pos[r];
+  float m[R], l[R], acc[R][CPL];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) acc[r][j] = 0.f;
+  }
+  const int b0 = s.sink_len + s.to_sink;
+  const int kb1 = b0 + s.k.body_len + s.k.flush;
+  const int vb1 = b0 + s.v.body_len + s.v.flush;
+  const bool k_tok = s.k.grouping == static_cast<int>(Grouping::kAlongTokens);
+  const bool v_tok = s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
+  auto& ws = sm.w[warp];
+
+  for (int tile0 = unit.tok_begin + warp * 32; tile0 < unit.tok_end; tile0 += kDecWarps * 32) {
+    const int t = tile0 + lane;
+    const bool in = t < unit.tok_end;
+    float sc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) sc[r] = 0.f;
+    // ---- scores (lane = token)
+    if (k_tok && tile0 >= b0 && tile0 < kb1) {
+      const int u0 = tile0 - b0;
+      const int64_t page = a.pages[s.k.body_pages + u0 / kPageTokens];
+      const uint8_t* head = a.arena + page + static_cast<int64_t>(h) * s.k.head_bytes;
+      const int slot0 = u0 % kPageTokens;
+      switch (s.k.bits) {
+        case 2: KTokensTile<D, R, 2>(sm, warp, lane, head, s.k, slot0, sc); break;
+        case 3: KTokensTile<D, R, 3>(sm, warp, lane, head, s.k, slot0, sc); break;
+        default: KTokensTile<D, R, 4>(sm, warp, lane, head, s.k, slot0, sc); break;
+      }
+    } else if (in) {
+      const TokLoc kl = Locate(s, s.k, a.pages, t);
+      if (kl.body) {
+        const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
+        switch (s.k.bits) {
+          case 2: KChannelsToken<D, R, 2>(sm, head, s.k, kl.slot, sc); break;
+          case 3: KChannelsToken<D, R, 3>(sm, head, s.k, kl.slot, sc); break;
+          default: KChannelsToken<D, R, 4>(sm, head, s.k, kl.slot, sc); break;
+        }
+      } else {
+        KFullToken<D, DT, R>(sm, a.arena + kl.page + (static_cast<int64_t>(kl.slot) * a.num_kv_heads + h) * D * 2, sc);
+      }
+    }
+    // ---- online softmax per warp (lane = token)
+    float psum[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool valid = in && t <= pos[r];
+      const float x = valid ? sc[r] * a.scale_log2 : -INFINITY;
+      float mx = x;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[r], mx);
+      const float p = m_new == -INFINITY ? 0.f : exp2f(x - m_new);
+      float sum = p;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      const float alpha = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) acc[r][j] *= alpha;
+      psum[r] = sum;
+      ws.p[r][lane] = p;
+    }
+    // ---- P.V (lane = CPL channels)
+    if (v_tok && tile0 >= b0 && tile0 < vb1) {
+      __syncwarp();
+      const int u0 = tile0 - b0;
+      const int64_t page = a.pages[s.v.body_pages + u0 / kPageTokens];
+      const uint8_t* head = a.arena + page + static_cast<int64_t>(h) * s.v.head_bytes;
+      const int slot0 = u0 % kPageTokens;
+      switch (s.v.bits) {
+        case 2: VTokensTile<D, R, 2>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
+        case 3: VTokensTile<D, R, 3>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
+        default: VTokensTile<D, R, 4>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
+      }
+    } else {
+      if (in) {
+        const TokLoc vl = Locate(s, s.v, a.pages, t);
+        ws.vpage[lane] = vl.page;
+        ws.vslot[lane] = vl.slot;
+        ws.vbody[lane] = vl.body;
+      }
+      __syncwarp();
+      VPerToken<D, DT, R>(sm, warp, lane, a.arena, s.v, h, a.num_kv_heads, min(32, unit.tok_end - tile0), acc);
+    }
+    __syncwarp();  // p and the V locations are consumed before the next tile writes them
+  }
+
+  // ---- the 4 warps' partial states meet once
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sm.m[warp][r] = m[r];
+      sm.l[warp][r] = l[r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) ws.u.o[r][lane * CPL + j] = acc[r][j];
+  __syncthreads();
+  float* po = a.part_o + static_cast<int64_t>(blockIdx.x) * kRowsPerUnit * D;
+  for (int idx = tid; idx < R * D; idx += kDecThreads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][r]);
+    float o = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecWarps; ++w) {
+        const float mw = sm.m[w][r];
+        if (mw != -INFINITY) o += exp2f(mw - mm) * sm.w[w].u.o[r][c];
+      }
+    }
+    po[r * D + c] = o;
+  }
+  if (tid < R) {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][tid]);
+    float ll = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecWarps; ++w) {
+        const float mw = sm.m[w][tid];
+        if (mw != -INFINITY) ll += exp2f(mw - mm) * sm.l[w][tid];
+      }
+    }
+    float* pm = a.part_ml + (static_cast<int64_t>(blockIdx.x) * kRowsPerUnit + tid) * 2;
+    pm[0] = mm;
+    pm[1] = ll;
+  }
+}
+
+template <int D, DType DT, int R>
+int DecodeBlocksPerSmT() {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R>, kDecThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return n > 0 ? n : 1;
+}
+
+template <int D, DType DT, int R>
+cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
+  if (num_units <= 0) return cudaSuccess;
+  DecodeKernel<D, DT, R><<<num_units, kDecThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Rows per unit rounded up to the instantiated classes.
+__host__ __device__ constexpr int DecodeRowClass(int rows) { return rows <= 1 ? 1 : rows <= 4 ? 4 : kRowsPerUnit; }
+
+#define KVQ_DECODE_INSTANTIATE(SUFFIX, D, DT)                                              \
+  cudaError_t LaunchDecode##SUFFIX(const AttnArgs& args, int rows, int num_units,          \
+                                   cudaStream_t stream) {                                  \
+    switch (DecodeRowClass(rows)) {                                                        \
+      case 1: return LaunchDecodeT<D, DT, 1>(args, num_units, stream);                     \
+      case 4: return LaunchDecodeT<D, DT, 4>(args, num_units, stream);                     \
+      default: return LaunchDecodeT<D, DT, kRowsPerUnit>(args, num_units, stream);         \
+    }                                                                                      \
+  }                                                                                        \
+  int DecodeBlocksPerSm##SUFFIX(int rows) {                                                \
+    switch (DecodeRowClass(rows)) {                                                        \
+      case 1: return DecodeBlocksPerSmT<D, DT, 1>();                                       \
+      case 4: return DecodeBlocksPerSmT<D, DT, 4>();                                       \
+      default: return DecodeBlocksPerSmT<D, DT, kRowsPerUnit>();                           \
+    }                                                                                      \
+  }
+
+}  // namespace cuda
+}  // namespace kvq

@@ -1,0 +1,10 @@
+// One (dtype, head_dim) of the decode fast path (rows classes 1, 4, 8) per file: parallel nvcc builds.
+#include "decode.cuh"
+
+namespace kvq {
+namespace cuda {
+
+KVQ_DECODE_INSTANTIATE(F16D64, 64, DType::kF16)
+
+}  // namespace cuda
+}  // namespace kvq
