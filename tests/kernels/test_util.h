@@ -299,8 +299,11 @@ inline double NormalizedError(const Model& m, const std::vector<uint16_t>& o, co
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
-// Tolerance of the attention comparison: the output's rounding to the activation dtype dominates.
-inline double AttnTol(DType dt) { return dt == DType::kF16 ? 1e-3 : 6e-3; }
+// Tolerance of the attention comparison (normalized error over a step's outputs). The output's
+// rounding to the activation dtype dominates: its RMS is about 2^-11/sqrt(3) = 2.8e-4 for fp16
+// and 2^-8/sqrt(3) = 2.3e-3 for bf16; observed maxima over the preset suite were 2.5e-4 and
+// 2.1e-3. A real error in the kernels (one wrong token, a wrong scale) is far above these.
+inline double AttnTol(DType dt) { return dt == DType::kF16 ? 6e-4 : 4e-3; }
 
 inline std::vector<Preset> AllPresets() {
   return {Preset::kFp16, Preset::kKivi2, Preset::kKivi4, Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase};
