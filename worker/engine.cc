@@ -387,10 +387,12 @@ void Engine::Finalize(Seq* s, Finish finish, absl::Status error) {
     if (!s->p.keep_session) (void)backend_->DeleteSession(s->session);
   }
   if (error.ok() && finish != Finish::kCancelled && s->text.size() > s->emitted) ev.text = SafeText(s, true);
-  s->sink(ev);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    --in_flight_;  // before the sink: whoever sees the last event sees the count without it
+  }
   if (obs_.request_done) obs_.request_done(finish, !error.ok());
-  std::lock_guard<std::mutex> l(mu_);
-  --in_flight_;
+  s->sink(ev);
 }
 
 }  // namespace kvq::worker
