@@ -158,7 +158,10 @@ TEST(Engine, CancellationEndsTheRequestAndDropsOrKeepsItsSession) {
     GenParams p = Params(Prompt(4, 1, m->config().vocab_size), 100000);
     p.keep_session = keep;
     const uint64_t h = engine.Submit(p, c.Sink());
-    while (c.TokenCount() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (c.TokenCount() < 3 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ASSERT_GE(c.TokenCount(), 3u);
     engine.Cancel(h);
     const GenEvent done = c.WaitDone();
     EXPECT_TRUE(done.error.ok());
