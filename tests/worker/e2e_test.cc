@@ -222,8 +222,10 @@ std::vector<int32_t> InProcess(const std::string& model_path, const std::vector<
 #endif
 
 TEST_F(EndToEnd, GreedyIsDeterministicAndMatchesTheInProcessRun) {
+  int64_t fp16_stored = 0;
   for (const std::string preset : {"fp16", "kivi2", "innerq"}) {
-    const auto prompt = Prompt(19, 1);
+    // 150 prompt tokens: past the 128 full-precision tokens, so the quantized body is read.
+    const auto prompt = Prompt(150, 1);
     const Reply a = Generate(Req(prompt, 24, preset));
     ASSERT_TRUE(a.status.ok()) << preset << ": " << a.status.error_message();
     EXPECT_EQ(a.tokens.size(), 24u);
@@ -231,6 +233,13 @@ TEST_F(EndToEnd, GreedyIsDeterministicAndMatchesTheInProcessRun) {
     EXPECT_EQ(a.last.usage().preset(), preset);
     EXPECT_GT(a.last.usage().kv_stored_bytes(), 0);
     EXPECT_GT(a.last.usage().kv_fp16_equivalent_bytes(), 0);
+    EXPECT_EQ(a.last.usage().session_length(), 150 + 24 - 1);
+    // The store counts whole pages (128 tokens), so at 173 tokens only kivi2 is already smaller
+    // than the fp16 preset's pages; innerq's sink and window pages still outweigh its body.
+    if (preset == "fp16") fp16_stored = a.last.usage().kv_stored_bytes();
+    if (preset == "kivi2") {
+      EXPECT_LT(a.last.usage().kv_stored_bytes(), fp16_stored) << a.last.usage().ShortDebugString();
+    }
     const Reply b = Generate(Req(prompt, 24, preset));
     EXPECT_EQ(a.tokens, b.tokens) << preset;
     EXPECT_NE(a.session, b.session);
