@@ -215,6 +215,61 @@ TEST(Engine, BadRequestsEndWithErrors) {
   EXPECT_TRUE(absl::IsInvalidArgument(c.WaitDone().error));
 }
 
+TEST(Engine, SamplingIsSeededAndTopKOneIsGreedy) {
+  auto m = Tiny(8);
+  ExactAttention attn;
+  Engine engine(m.get(), &attn, EngineOptions{});
+  const auto prompt = Prompt(5, 21, m->config().vocab_size);
+  auto run = [&](float temp, int top_k, float top_p, uint64_t seed) {
+    Collector c;
+    GenParams p = Params(prompt, 16);
+    p.temperature = temp;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.seed = seed;
+    engine.Submit(p, c.Sink());
+    EXPECT_TRUE(c.WaitDone().error.ok());
+    return c.Tokens();
+  };
+  // A high temperature: the random model's logits are sharp.
+  const auto a = run(100.f, 0, 0.f, 42), b = run(100.f, 0, 0.f, 42), c = run(100.f, 0, 0.f, 43);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);  // 16 nearly uniform draws over ~300 ids: equal only by accident
+  EXPECT_EQ(run(2.f, 1, 0.f, 7), Greedy(*m, prompt, 16));
+  EXPECT_EQ(run(2.f, 0, 1e-6f, 7), Greedy(*m, prompt, 16));  // nucleus of one token
+}
+
+TEST(Engine, LongPromptIsChunkedAndDoesNotStallDecoding) {
+  auto m = Tiny(9);
+  ExactAttention attn;
+  EngineOptions o;
+  o.prefill_chunk = 4;
+  o.max_step_tokens = 6;
+  std::mutex mu;
+  std::vector<std::pair<int, int>> steps;  // (sequences, token rows)
+  EngineObserver obs;
+  obs.step = [&](int seqs, int rows, double) {
+    std::lock_guard<std::mutex> l(mu);
+    steps.emplace_back(seqs, rows);
+  };
+  Engine engine(m.get(), &attn, o, obs);
+  Collector a, b;
+  const auto pa = Prompt(3, 1, m->config().vocab_size), pb = Prompt(40, 2, m->config().vocab_size);
+  engine.Submit(Params(pa, 30), a.Sink());
+  while (a.TokenCount() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  engine.Submit(Params(pb, 3), b.Sink());
+  ASSERT_TRUE(a.WaitDone().error.ok());
+  ASSERT_TRUE(b.WaitDone().error.ok());
+  int shared = 0;
+  for (const auto& [seqs, rows] : steps) {
+    EXPECT_LE(rows, 6);
+    shared += seqs == 2 && rows == 5;  // a's decode token + a 4-token chunk of b's prompt
+  }
+  EXPECT_GE(shared, 9);  // b's 40-token prompt went in 10 chunks, each beside a's decoding
+  EXPECT_EQ(a.Tokens(), Greedy(*m, pa, 30));
+  EXPECT_EQ(b.Tokens(), Greedy(*m, pb, 3));
+}
+
 // A backend that fails one sequence's entry at one layer once, as a store might.
 class FlakyAttention : public ExactAttention {
  public:
