@@ -55,7 +55,25 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvq-local: --model is required\n");
     return 2;
   }
-  auto model_or = Model::Load(model_path, /*progress=*/!tokenize.empty() ? false : true, threads);
+  if (!tokenize.empty()) {  // the tokenizer alone: any GGUF file with tokenizer metadata
+    auto file = kvq::worker::GgufFile::Open(model_path);
+    if (!file.ok()) { std::fprintf(stderr, "kvq-local: %s\n", file.status().ToString().c_str()); return 1; }
+    auto t = kvq::worker::Tokenizer::FromGguf(**file);
+    if (!t.ok()) { std::fprintf(stderr, "kvq-local: %s\n", t.status().ToString().c_str()); return 1; }
+    std::ifstream f(tokenize, std::ios::binary);
+    if (!f) { std::fprintf(stderr, "kvq-local: cannot read %s\n", tokenize.c_str()); return 1; }
+    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    auto t0 = std::chrono::steady_clock::now();
+    auto ids = t->Encode(text);
+    auto t1 = std::chrono::steady_clock::now();
+    std::string line;
+    for (size_t i = 0; i < ids.size(); ++i) line += (i ? " " : "") + std::to_string(ids[i]);
+    std::printf("%s\n", line.c_str());
+    std::fprintf(stderr, "%zu tokens in %.2f s; round trip %s\n", ids.size(), std::chrono::duration<double>(t1 - t0).count(),
+                 t->Decode(ids) == text ? "exact" : "DIFFERS");
+    return 0;
+  }
+  auto model_or = Model::Load(model_path, /*progress=*/true, threads);
   if (!model_or.ok()) {
     std::fprintf(stderr, "kvq-local: %s\n", model_or.status().ToString().c_str());
     return 1;

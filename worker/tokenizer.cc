@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <queue>
 
 #include "absl/strings/str_cat.h"
 
@@ -137,11 +138,119 @@ absl::StatusOr<Tokenizer> Tokenizer::FromParts(std::vector<std::string> tokens, 
   return t;
 }
 
+absl::StatusOr<Tokenizer> Tokenizer::FromSpmParts(std::vector<std::string> tokens, std::vector<float> scores,
+                                                  std::vector<int> token_types, bool add_space_prefix) {
+  if (tokens.empty()) return absl::InvalidArgumentError("tokenizer has an empty vocabulary");
+  if (!scores.empty() && scores.size() != tokens.size())
+    return absl::InvalidArgumentError("tokenizer scores and tokens differ in length");
+  if (!token_types.empty() && token_types.size() != tokens.size())
+    return absl::InvalidArgumentError("tokenizer token_type and tokens differ in length");
+  Tokenizer t;
+  t.spm_ = true;
+  t.add_space_prefix_ = add_space_prefix;
+  t.scores_ = scores.empty() ? std::vector<float>(tokens.size(), 0.f) : std::move(scores);
+  std::fill(std::begin(t.byte_tokens_), std::end(t.byte_tokens_), -1);
+  t.special_.assign(tokens.size(), 0);
+  t.token_bytes_.resize(tokens.size());
+  static const std::string kSpace = "\xe2\x96\x81";  // U+2581
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const int type = token_types.empty() ? 1 : token_types[i];
+    t.vocab_.emplace(tokens[i], int32_t(i));
+    if (type == 3 || type == 4) {  // control / user-defined: matched in the text, decoded as is
+      t.special_[i] = 1;
+      t.token_bytes_[i] = type == 4 ? tokens[i] : "";
+      if (type == 4 && !tokens[i].empty()) t.specials_.emplace_back(tokens[i], int32_t(i));
+      if (type == 3 && tokens[i].size() > 2 && tokens[i][0] == '<') t.specials_.emplace_back(tokens[i], int32_t(i));
+      continue;
+    }
+    if (type == 6 && tokens[i].size() == 6 && tokens[i].compare(0, 3, "<0x") == 0) {  // <0xAB>
+      const int b = std::stoi(tokens[i].substr(3, 2), nullptr, 16);
+      t.byte_tokens_[b] = int32_t(i);
+      t.token_bytes_[i] = std::string(1, char(b));
+      continue;
+    }
+    std::string text = tokens[i];
+    for (size_t at = text.find(kSpace); at != std::string::npos; at = text.find(kSpace, at + 1)) text.replace(at, 3, " ");
+    t.token_bytes_[i] = text;
+  }
+  std::sort(t.specials_.begin(), t.specials_.end(),
+            [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  t.tokens_ = std::move(tokens);
+  return t;
+}
+
+// SentencePiece BPE as llama.cpp runs it: start from UTF-8 characters, repeatedly merge the
+// adjacent pair whose concatenation is the highest-scoring token (leftmost on ties).
+void Tokenizer::Spm(const std::string& raw, std::vector<int32_t>* out) const {
+  std::string text;
+  for (char c : raw) {
+    if (c == ' ') text += "\xe2\x96\x81";
+    else text += c;
+  }
+  struct Sym { size_t off, len; int prev, next; };
+  std::vector<Sym> syms;
+  std::vector<uint32_t> cps;
+  std::vector<size_t> offs;
+  DecodeUtf8(text, &cps, &offs);
+  for (size_t i = 0; i < cps.size(); ++i)
+    syms.push_back({offs[i], offs[i + 1] - offs[i], int(i) - 1, i + 1 < cps.size() ? int(i) + 1 : -1});
+  struct Bigram { float score; int left; size_t len; };
+  auto cmp = [](const Bigram& a, const Bigram& b) { return a.score < b.score || (a.score == b.score && a.left > b.left); };
+  std::priority_queue<Bigram, std::vector<Bigram>, decltype(cmp)> q(cmp);
+  auto try_add = [&](int l, int r) {
+    if (l < 0 || r < 0) return;
+    const std::string s = text.substr(syms[size_t(l)].off, syms[size_t(l)].len + syms[size_t(r)].len);
+    auto it = vocab_.find(s);
+    if (it == vocab_.end()) return;
+    q.push({scores_[size_t(it->second)], l, s.size()});
+  };
+  for (size_t i = 1; i < syms.size(); ++i) try_add(int(i) - 1, int(i));
+  while (!q.empty()) {
+    const Bigram b = q.top();
+    q.pop();
+    Sym& l = syms[size_t(b.left)];
+    if (l.len == 0 || l.next < 0) continue;
+    Sym& r = syms[size_t(l.next)];
+    if (l.len + r.len != b.len) continue;  // stale: one side merged since
+    l.len += r.len;
+    r.len = 0;
+    l.next = r.next;
+    if (r.next >= 0) syms[size_t(r.next)].prev = b.left;
+    try_add(l.prev, b.left);
+    try_add(b.left, l.next);
+  }
+  for (int i = syms.empty() ? -1 : 0; i >= 0; i = syms[size_t(i)].next) {
+    const std::string s = text.substr(syms[size_t(i)].off, syms[size_t(i)].len);
+    auto it = vocab_.find(s);
+    if (it != vocab_.end()) {
+      out->push_back(it->second);
+      continue;
+    }
+    for (unsigned char c : s)  // byte fallback
+      if (byte_tokens_[c] >= 0) out->push_back(byte_tokens_[c]);
+  }
+}
+
 absl::StatusOr<Tokenizer> Tokenizer::FromGguf(const GgufFile& file) {
   auto model = file.GetString("tokenizer.ggml.model");
   if (!model.ok()) return absl::InvalidArgumentError("GGUF file has no tokenizer (tokenizer.ggml.model)");
+  if (*model == "llama") {
+    const GgufValue* toks = file.Find("tokenizer.ggml.tokens");
+    const GgufValue* sc = file.Find("tokenizer.ggml.scores");
+    if (toks == nullptr || toks->strings.empty()) return absl::InvalidArgumentError("GGUF file has no tokenizer.ggml.tokens");
+    std::vector<float> scores;
+    if (sc != nullptr) for (double d : sc->numbers) scores.push_back(float(d));
+    std::vector<int> types;
+    if (const GgufValue* tt = file.Find("tokenizer.ggml.token_type")) for (double d : tt->numbers) types.push_back(int(d));
+    auto t = FromSpmParts(toks->strings, scores, types, file.NumberOr("tokenizer.ggml.add_space_prefix", 1) != 0);
+    if (!t.ok()) return t.status();
+    t->bos_ = int32_t(file.NumberOr("tokenizer.ggml.bos_token_id", -1));
+    t->eos_ = int32_t(file.NumberOr("tokenizer.ggml.eos_token_id", -1));
+    if (t->eos_ >= 0) t->stop_ids_.push_back(t->eos_);
+    return t;
+  }
   if (*model != "gpt2")
-    return absl::UnimplementedError(absl::StrCat("tokenizer model '", *model, "' is not supported (only byte-level BPE, 'gpt2')"));
+    return absl::UnimplementedError(absl::StrCat("tokenizer model '", *model, "' is not supported (gpt2 byte-level BPE, llama SentencePiece)"));
   const GgufValue* toks = file.Find("tokenizer.ggml.tokens");
   const GgufValue* merges = file.Find("tokenizer.ggml.merges");
   if (toks == nullptr || toks->strings.empty()) return absl::InvalidArgumentError("GGUF file has no tokenizer.ggml.tokens");
@@ -290,7 +399,13 @@ std::vector<int32_t> Tokenizer::Encode(const std::string& text, bool parse_speci
   std::vector<int32_t> ids;
   std::vector<std::string> words;
   std::unordered_map<std::string, std::vector<int32_t>> cache;
+  bool first_plain = true;
   auto encode_plain = [&](const std::string& s) {
+    if (spm_) {
+      Spm(add_space_prefix_ && first_plain ? " " + s : s, &ids);
+      first_plain = false;
+      return;
+    }
     words.clear();
     SplitWords(s, &words);
     for (const auto& w : words) {
@@ -330,6 +445,7 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special
     if (skip_special && IsSpecial(id)) continue;
     out += TokenBytes(id);
   }
+  if (spm_ && add_space_prefix_ && !out.empty() && out[0] == ' ') out.erase(0, 1);  // the added prefix
   return out;
 }
 

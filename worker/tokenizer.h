@@ -1,6 +1,9 @@
-// Byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen2 use) built from GGUF
-// metadata (tokenizer.ggml.*): the pre-tokenizer pattern, merges by rank, special tokens matched
-// in the text before pre-tokenization, incremental UTF-8-safe decoding for streaming, and the
+// Tokenizers built from GGUF metadata (tokenizer.ggml.*):
+//  - byte-level BPE ("gpt2": SmolLM2, Llama 3, Qwen2): the GPT-2 pre-tokenizer pattern, merges by
+//    rank;
+//  - SentencePiece-style BPE ("llama": Llama 2, Mistral): spaces as U+2581, a leading space, merges
+//    of the highest-scoring pair first, <0xXX> byte fallback;
+// special tokens matched in the text first, incremental UTF-8-safe decoding for streaming, and the
 // basics of the ChatML chat template.
 #pragma once
 
@@ -26,6 +29,9 @@ class Tokenizer {
   // From explicit parts (tests). token_types: 1 normal, 3 control, 4 user-defined (special).
   static absl::StatusOr<Tokenizer> FromParts(std::vector<std::string> tokens, std::vector<int> token_types,
                                              const std::vector<std::string>& merges, bool digits_individually);
+  // SentencePiece-style vocabulary: tokens with scores; token_types 6 = byte (<0xXX>).
+  static absl::StatusOr<Tokenizer> FromSpmParts(std::vector<std::string> tokens, std::vector<float> scores,
+                                                std::vector<int> token_types, bool add_space_prefix);
 
   std::vector<int32_t> Encode(const std::string& text, bool parse_special = true) const;
   // Text of the ids; special tokens are written as their text unless skip_special.
@@ -55,10 +61,15 @@ class Tokenizer {
  private:
   void SplitWords(const std::string& text, std::vector<std::string>* words) const;
   void Bpe(const std::string& word, std::vector<int32_t>* out) const;
+  void Spm(const std::string& text, std::vector<int32_t>* out) const;
 
   std::vector<std::string> tokens_;            // as stored (byte-mapped unicode)
   std::vector<std::string> token_bytes_;       // decoded raw bytes
   std::vector<uint8_t> special_;
+  bool spm_ = false;                           // SentencePiece-style vocabulary
+  bool add_space_prefix_ = false;
+  std::vector<float> scores_;
+  int32_t byte_tokens_[256] = {};              // SPM byte fallback ids (-1 when absent)
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<std::string, int32_t> merge_rank_;
   std::vector<std::pair<std::string, int32_t>> specials_;  // longest first

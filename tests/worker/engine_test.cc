@@ -256,7 +256,9 @@ TEST(Engine, LongPromptIsChunkedAndDoesNotStallDecoding) {
   Collector a, b;
   const auto pa = Prompt(3, 1, m->config().vocab_size), pb = Prompt(40, 2, m->config().vocab_size);
   engine.Submit(Params(pa, 30), a.Sink());
-  while (a.TokenCount() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (a.TokenCount() < 2 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   engine.Submit(Params(pb, 3), b.Sink());
   ASSERT_TRUE(a.WaitDone().error.ok());
   ASSERT_TRUE(b.WaitDone().error.ok());

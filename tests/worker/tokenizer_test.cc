@@ -2,6 +2,7 @@
 // special tokens, the chat template, and round trips of random text and random bytes.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -106,9 +107,50 @@ TEST(Utf8Stream, HoldsBackSplitCharacters) {
   EXPECT_EQ(u.Push("\xc0\xaf"), "\xef\xbf\xbd\xef\xbf\xbd");     // overlong encodings too
 }
 
+// SentencePiece-style vocabulary: <unk>, <s>, </s>, 256 byte tokens, then pieces with scores.
+Tokenizer TinySpm() {
+  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>"};
+  std::vector<float> scores = {0, 0, 0};
+  std::vector<int> types = {2, 3, 3};
+  char buf[8];
+  for (int b = 0; b < 256; ++b) {
+    std::snprintf(buf, sizeof buf, "<0x%02X>", b);
+    tokens.push_back(buf);
+    scores.push_back(0);
+    types.push_back(6);
+  }
+  const std::string sp = "\xe2\x96\x81";
+  for (const auto& [piece, score] : std::vector<std::pair<std::string, float>>{
+           {sp, -10}, {"t", -10}, {"h", -10}, {"e", -10}, {sp + "t", -1}, {"he", -2}, {sp + "the", -0.5f}}) {
+    tokens.push_back(piece);
+    scores.push_back(score);
+    types.push_back(1);
+  }
+  auto t = Tokenizer::FromSpmParts(tokens, scores, types, /*add_space_prefix=*/true);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return std::move(*t);
+}
+
+TEST(SpmTokenizer, HighestScoringMergesFirstAndByteFallback) {
+  const Tokenizer t = TinySpm();
+  // "the" -> "\u2581the": "\u2581t" (-1) merges before "he" (-2), then "\u2581the" (-0.5).
+  EXPECT_EQ(t.Encode("the"), (std::vector<int32_t>{265}));
+  // "x" is no piece: its byte token <0x78> = 3 + 0x78.
+  EXPECT_EQ(t.Encode("the x"), (std::vector<int32_t>{265, 259, 3 + 0x78}));
+  EXPECT_EQ(t.Encode("<s>the"), (std::vector<int32_t>{1, 265}));
+  EXPECT_EQ(t.Decode({265, 259, 3 + 0x78}), "the x");
+  std::mt19937_64 rng(5);
+  const std::vector<std::string> alphabet = {"t", "h", "e", " ", "x", "\n", "\xc3\xa9", "\xe4\xb8\xad", "1"};
+  for (int iter = 0; iter < 200; ++iter) {
+    std::string s;
+    for (int i = int(rng() % 20); i > 0; --i) s += alphabet[rng() % alphabet.size()];
+    EXPECT_EQ(t.Decode(t.Encode(s)), s) << iter;
+  }
+}
+
 TEST(TokenizerErrors, UnsupportedModelAndMissingVocabulary) {
   GgufWriter w;
-  w.AddString("tokenizer.ggml.model", "llama");
+  w.AddString("tokenizer.ggml.model", "rwkv");
   auto f = GgufFile::FromBytes(w.Serialize());
   ASSERT_TRUE(f.ok());
   EXPECT_TRUE(absl::IsUnimplemented(Tokenizer::FromGguf(**f).status()));
