@@ -25,6 +25,24 @@ namespace cuda {
 
 constexpr int kDecWarps = 4;
 constexpr int kDecThreads = kDecWarps * 32;
+constexpr int kVBatch = 8;
+
+// Code paths a kernel instance contains (the plan picks the smallest family that covers the batch;
+// paths a batch never takes cost registers, hence resident warps, if compiled in).
+enum DecodePath : int { kPathKCh = 1, kPathKTok = 2, kPathVTok = 4, kPathVCh = 8 };
+constexpr int kFamFull = 0;                        // fp16 preset: full-precision tokens only
+constexpr int kFamInnerQ = kPathKCh | kPathVTok;   // InnerQ presets
+constexpr int kFamKivi = kPathKTok | kPathVCh;     // KIVI presets
+constexpr int kFamAll = kPathKCh | kPathKTok | kPathVTok | kPathVCh;
+static_assert(kPathKCh == kDecodePathKCh && kPathKTok == kDecodePathKTok && kPathVTok == kDecodePathVTok &&
+                  kPathVCh == kDecodePathVCh,
+              "step_desc.h and decode.cuh agree on the path bits");
+__host__ __device__ constexpr int DecodeFamily(int paths) {
+  return paths == 0 ? kFamFull
+         : (paths & ~kFamInnerQ) == 0 ? kFamInnerQ
+         : (paths & ~kFamKivi) == 0   ? kFamKivi
+                                      : kFamAll;
+}  // tokens whose value loads are in flight together on the per-token path
 
 template <int D, int R>
 struct DecSmem {
@@ -35,6 +53,10 @@ struct DecSmem {
         uint32_t codes[D * 4];  // along_tokens K tile: channel c's group words at c * bits
         float qa[R][D];         // q'_c * a_c
       } k;
+      struct {
+        uint32_t codes[32][D / 32 * 4];  // along_channels V tile: token t's code words
+        float2 ab[32][D / 32];           // and its groups' (a, b) (written after the scores)
+      } v;
       float o[R][D];            // end of the unit: this warp's accumulator
     } u;
     float p[R][32];
@@ -238,26 +260,36 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
   __syncwarp();  // the staged tile is consumed before the next tile overwrites it
 }
 
-// along_tokens (G = 32) body values of a whole 32-token tile: lane = CPL channels.
-template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void VTokensTile(const Smem& sm, int warp, int lane, const uint8_t* head,
-                                            const DevTensor& x, int slot0, const float* psum,
-                                            float (*acc)[D / 32]) {
+// along_tokens (G = 32) body values of a whole 32-token tile: lane = CPL channels. The loads
+// (codes of CPL groups, their scales and zeros) are issued at the start of the tile.
+template <int D>
+struct VTokRaw {
+  uint32_t w[D / 32 * 4];
+  float s[D / 32], z[D / 32];
+};
+
+template <int D, int BITS>
+__device__ __forceinline__ void VTokensLoad(int lane, const uint8_t* head, const DevTensor& x, int slot0,
+                                            VTokRaw<D>& raw) {
   constexpr int CPL = D / 32;
-  constexpr int NW = CPL * BITS;
-  const auto& ws = sm.w[warp];
   const int c0 = lane * CPL;
   const int g0 = (slot0 / 32) * D + c0;
-  uint32_t w[NW];
-  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, w);
-  float s[CPL], z[CPL];
-  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, s);
+  LoadWords<CPL * BITS>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, raw.w);
+  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, raw.s);
   if (x.has_zeros) {
-    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, z);
+    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, raw.z);
   } else {
 #pragma unroll
-    for (int j = 0; j < CPL; ++j) z[j] = 0.f;
+    for (int j = 0; j < CPL; ++j) raw.z[j] = 0.f;
   }
+}
+
+template <int D, int R, int BITS, typename Smem>
+__device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const DevTensor& x,
+                                               const VTokRaw<D>& raw, const float* psum,
+                                               float (*acc)[D / 32]) {
+  constexpr int CPL = D / 32;
+  const auto& ws = sm.w[warp];
   float dot[R][CPL];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -269,7 +301,7 @@ __device__ __forceinline__ void VTokensTile(const Smem& sm, int warp, int lane, 
 #pragma unroll
     for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int j = 0; j < CPL; ++j) cf[e][j] = CodeAt<BITS>(w + j * BITS, t + e);
+      for (int j = 0; j < CPL; ++j) cf[e][j] = CodeAt<BITS>(raw.w + j * BITS, t + e);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
@@ -279,91 +311,164 @@ __device__ __forceinline__ void VTokensTile(const Smem& sm, int warp, int lane, 
   }
 #pragma unroll
   for (int j = 0; j < CPL; ++j) {
-    const float2 ab = GroupAffine(BITS, x.mode, s[j], z[j]);
+    const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r][j] += ab.x * dot[r][j] + ab.y * psum[r];
   }
 }
 
-// Values token by token (full-precision tokens and along_channels body tokens): lane = CPL channels.
-template <int D, DType DT, int R, typename Smem>
-__device__ __forceinline__ void VPerToken(const Smem& sm, int warp, int lane, const uint8_t* arena,
-                                          const DevTensor& x, int h, int num_kv_heads, int nvalid,
-                                          float (*acc)[D / 32]) {
+// Values token by token (full-precision tokens and along_channels body tokens): lane = CPL
+// channels. All loads of the tile are issued at its start (2 words per token and lane: the
+// activations, or the pre-shifted code word and the group's scale | zero << 16).
+template <int D, bool BODY, typename Smem>
+__device__ __forceinline__ void VPerTokenIssue(const Smem& sm, int warp, int lane, const uint8_t* arena,
+                                               const DevTensor& x, int h, int num_kv_heads, int j0,
+                                               int nvalid, uint32_t* raw0, uint32_t* raw1) {
   constexpr int CPL = D / 32;
   const auto& ws = sm.w[warp];
   const int c0 = lane * CPL;
   const int bits = x.bits;
   const int sh = ((c0 % 32) * bits) & 31;
   const int wofs = ((c0 % 32) * bits) >> 5;
-  const uint32_t mask = (1u << (bits & 31)) - 1u;
-  constexpr int kBatch = 8;
-#pragma unroll 1
-  for (int j0 = 0; j0 < nvalid; j0 += kBatch) {
-    uint32_t raw0[kBatch], raw1[kBatch];
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int j = j0 + b;
-      raw0[b] = 0u;
-      raw1[b] = 0u;
-      if (j < nvalid) {
-        const int64_t page = ws.vpage[j];
-        const int slot = ws.vslot[j];
-        if (ws.vbody[j]) {
-          const uint8_t* head = arena + page + static_cast<int64_t>(h) * x.head_bytes;
-          const int g = slot * (D / 32) + c0 / 32;
-          const uint32_t* cw = reinterpret_cast<const uint32_t*>(head) + g * bits + wofs;
-          // this lane's CPL codes may cross into the next word (3 bits)
-          const uint32_t hi = sh + CPL * bits > 32 ? __ldg(cw + 1) : 0u;
-          raw0[b] = __funnelshift_r(__ldg(cw), hi, sh);
-          const uint32_t sb = __ldg(reinterpret_cast<const unsigned short*>(head + x.scales_offset) + g);
-          const uint32_t zb =
-              x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
-          raw1[b] = sb | (zb << 16);
+  for (int j = 0; j < kVBatch; ++j) {
+    raw0[j] = 0u;
+    raw1[j] = 0u;
+    if (j < nvalid) {
+      const int64_t page = ws.vpage[j0 + j];
+      const int slot = ws.vslot[j0 + j];
+      if (BODY && ws.vbody[j0 + j]) {
+        const uint8_t* head = arena + page + static_cast<int64_t>(h) * x.head_bytes;
+        const int g = slot * (D / 32) + c0 / 32;
+        const uint32_t* cw = reinterpret_cast<const uint32_t*>(head) + g * bits + wofs;
+        // this lane's CPL codes may cross into the next word (3 bits)
+        const uint32_t hi = sh + CPL * bits > 32 ? __ldg(cw + 1) : 0u;
+        raw0[j] = __funnelshift_r(__ldg(cw), hi, sh);
+        const uint32_t sb = __ldg(reinterpret_cast<const unsigned short*>(head + x.scales_offset) + g);
+        const uint32_t zb =
+            x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
+        raw1[j] = sb | (zb << 16);
+      } else {
+        const uint8_t* row = arena + page + (static_cast<int64_t>(slot) * num_kv_heads + h) * D * 2 + c0 * 2;
+        if constexpr (CPL == 4) {
+          const uint2 v = __ldg(reinterpret_cast<const uint2*>(row));
+          raw0[j] = v.x;
+          raw1[j] = v.y;
         } else {
-          const uint8_t* row = arena + page + (static_cast<int64_t>(slot) * num_kv_heads + h) * D * 2 + c0 * 2;
-          if constexpr (CPL == 4) {
-            const uint2 v = __ldg(reinterpret_cast<const uint2*>(row));
-            raw0[b] = v.x;
-            raw1[b] = v.y;
-          } else {
-            raw0[b] = __ldg(reinterpret_cast<const uint32_t*>(row));
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int j = j0 + b;
-      if (j < nvalid) {
-        float v[CPL];
-        if (ws.vbody[j]) {
-          const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[b] & 0xffffu)));
-          const float z = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[b] >> 16)));
-          const float2 ab = GroupAffine(bits, x.mode, s, z);
-#pragma unroll
-          for (int e = 0; e < CPL; ++e) v[e] = CodeToFloat((raw0[b] >> (e * bits)) & mask) * ab.x + ab.y;
-        } else {
-          v[0] = ActToFloat<DT>(static_cast<uint16_t>(raw0[b] & 0xffffu));
-          v[1] = ActToFloat<DT>(static_cast<uint16_t>(raw0[b] >> 16));
-          if constexpr (CPL == 4) {
-            v[2] = ActToFloat<DT>(static_cast<uint16_t>(raw1[b] & 0xffffu));
-            v[3] = ActToFloat<DT>(static_cast<uint16_t>(raw1[b] >> 16));
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float p = ws.p[r][j];
-#pragma unroll
-          for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
+          raw0[j] = __ldg(reinterpret_cast<const uint32_t*>(row));
         }
       }
     }
   }
 }
 
-template <int D, DType DT, int R>
-__global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
+template <int D, DType DT, int R, bool BODY, typename Smem>
+__device__ __forceinline__ void VPerTokenCompute(const Smem& sm, int warp, const DevTensor& x, int j0, int nvalid,
+                                                 const uint32_t* raw0, const uint32_t* raw1,
+                                                 float (*acc)[D / 32]) {
+  constexpr int CPL = D / 32;
+  const auto& ws = sm.w[warp];
+  const int bits = x.bits;
+  const uint32_t mask = (1u << (bits & 31)) - 1u;
+#pragma unroll
+  for (int j = 0; j < kVBatch; ++j) {
+    if (j < nvalid) {
+      float v[CPL];
+      if (BODY && ws.vbody[j0 + j]) {
+        const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[j] & 0xffffu)));
+        const float z = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[j] >> 16)));
+        const float2 ab = GroupAffine(bits, x.mode, s, z);
+#pragma unroll
+        for (int e = 0; e < CPL; ++e) v[e] = CodeToFloat((raw0[j] >> (e * bits)) & mask) * ab.x + ab.y;
+      } else {
+        v[0] = ActToFloat<DT>(static_cast<uint16_t>(raw0[j] & 0xffffu));
+        v[1] = ActToFloat<DT>(static_cast<uint16_t>(raw0[j] >> 16));
+        if constexpr (CPL == 4) {
+          v[2] = ActToFloat<DT>(static_cast<uint16_t>(raw1[j] & 0xffffu));
+          v[3] = ActToFloat<DT>(static_cast<uint16_t>(raw1[j] >> 16));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float p = ws.p[r][j0 + j];
+#pragma unroll
+        for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
+      }
+    }
+  }
+}
+
+// along_channels (G = 32) body values of a whole 32-token tile. Lane = token loads its token's
+// code words (16-byte loads) and its groups' scale / zero; after the scores they go to the warp's
+// shared memory as words and (a, b), and P.V reads them with lane = CPL channels.
+template <int D>
+struct VChRaw {
+  uint32_t w[D / 32 * 4];
+  float s[D / 32], z[D / 32];
+};
+
+template <int D, int BITS>
+__device__ __forceinline__ void VChannelsLoad(const uint8_t* head, const DevTensor& x, int slot, VChRaw<D>& raw) {
+  constexpr int NG = D / 32;
+  LoadWords<NG * BITS>(reinterpret_cast<const uint32_t*>(head) + slot * NG * BITS, raw.w);
+  LoadHalves<NG>(head + x.scales_offset + 2 * slot * NG, raw.s);
+  if (x.has_zeros) {
+    LoadHalves<NG>(head + x.zeros_offset + 2 * slot * NG, raw.z);
+  } else {
+#pragma unroll
+    for (int g = 0; g < NG; ++g) raw.z[g] = 0.f;
+  }
+}
+
+template <int D, int BITS, typename Smem>
+__device__ __forceinline__ void VChannelsStage(Smem& sm, int warp, int lane, const DevTensor& x,
+                                               const VChRaw<D>& raw) {
+  constexpr int NG = D / 32;
+  auto& ws = sm.w[warp];
+#pragma unroll
+  for (int i = 0; i < NG * BITS; ++i) ws.u.v.codes[lane][i] = raw.w[i];
+#pragma unroll
+  for (int g = 0; g < NG; ++g) ws.u.v.ab[lane][g] = GroupAffine(BITS, x.mode, raw.s[g], raw.z[g]);
+}
+
+template <int D, int R, int BITS, typename Smem>
+__device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int lane, float (*acc)[D / 32]) {
+  constexpr int CPL = D / 32;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const auto& ws = sm.w[warp];
+  const int c0 = lane * CPL;
+  const int bit = (c0 % 32) * BITS;
+  const int wi = (c0 / 32) * BITS + (bit >> 5);
+  const int sh = bit & 31;
+  const int g = c0 / 32;
+#pragma unroll 8
+  for (int j = 0; j < 32; ++j) {
+    uint32_t word = ws.u.v.codes[j][wi];
+    if constexpr (BITS == 3) word = __funnelshift_r(word, ws.u.v.codes[j][wi + 1 < D / 32 * 4 ? wi + 1 : wi], sh);
+    else word >>= sh;
+    const float2 ab = ws.u.v.ab[j][g];
+    float v[CPL];
+#pragma unroll
+    for (int e = 0; e < CPL; ++e) v[e] = CodeToFloat((word >> (e * BITS)) & kMask) * ab.x + ab.y;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float p = ws.p[r][j];
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
+    }
+  }
+}
+
+// Register caps: R = 1: 4 blocks (16 warps) per SM, R = 4: 3, R = 8: 2 (ptxas -v: no spills).
+template <int R>
+#ifdef KVQ_DECODE_NO_MIN_BLOCKS
+constexpr int DecodeMinBlocks() { return R == 1 ? 6 : R <= 4 ? 4 : 2; }
+#else
+constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
+#endif
+
+template <int D, DType DT, int R, int PATHS>
+__global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
   constexpr int CPL = D / 32;
@@ -421,8 +526,9 @@ __global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
   const int b0 = s.sink_len + s.to_sink;
   const int kb1 = b0 + s.k.body_len + s.k.flush;
   const int vb1 = b0 + s.v.body_len + s.v.flush;
-  const bool k_tok = s.k.grouping == static_cast<int>(Grouping::kAlongTokens);
-  const bool v_tok = s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
+  const bool k_tok = (PATHS & kPathKTok) && s.k.grouping == static_cast<int>(Grouping::kAlongTokens);
+  const bool v_tok = (PATHS & kPathVTok) && s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
+  const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
 
   for (int tile0 = unit.tok_begin + warp * 32; tile0 < unit.tok_end; tile0 += kDecWarps * 32) {
@@ -444,7 +550,7 @@ __global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
-      if (kl.body) {
+      if ((PATHS & kPathKCh) && kl.body) {
         const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
         switch (s.k.bits) {
           case 2: KChannelsToken<D, R, 2>(sm, head, s.k, kl.slot, sc); break;
@@ -477,17 +583,33 @@ __global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
       psum[r] = sum;
       ws.p[r][lane] = p;
     }
-    // ---- P.V (lane = CPL channels)
-    if (v_tok && tile0 >= b0 && tile0 < vb1) {
-      __syncwarp();
+    // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident
+    // warps, and was slower on the H100 (docs/gpu_notes.md, v3 -> v4)
+    const bool vt = v_tok && tile0 >= b0 && tile0 < vb1;
+    const int nvalid = min(32, unit.tok_end - tile0);
+    const int vbits = s.v.bits;
+    // a whole tile of along_channels body values (tiles across the body's end go token by token)
+    const bool vc = v_ch && tile0 >= b0 && tile0 + 32 <= vb1;
+    VTokRaw<D> vraw;
+    VChRaw<D> vchraw;
+    uint32_t raw0[kVBatch], raw1[kVBatch];
+    if (vc) {
+      const TokLoc vl = Locate(s, s.v, a.pages, t);  // every lane's token is in the body
+      const uint8_t* head = a.arena + vl.page + static_cast<int64_t>(h) * s.v.head_bytes;
+      switch (vbits) {
+        case 2: VChannelsLoad<D, 2>(head, s.v, vl.slot, vchraw); break;
+        case 3: VChannelsLoad<D, 3>(head, s.v, vl.slot, vchraw); break;
+        default: VChannelsLoad<D, 4>(head, s.v, vl.slot, vchraw); break;
+      }
+    } else if (vt) {
       const int u0 = tile0 - b0;
       const int64_t page = a.pages[s.v.body_pages + u0 / kPageTokens];
       const uint8_t* head = a.arena + page + static_cast<int64_t>(h) * s.v.head_bytes;
       const int slot0 = u0 % kPageTokens;
-      switch (s.v.bits) {
-        case 2: VTokensTile<D, R, 2>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
-        case 3: VTokensTile<D, R, 3>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
-        default: VTokensTile<D, R, 4>(sm, warp, lane, head, s.v, slot0, psum, acc); break;
+      switch (vbits) {
+        case 2: VTokensLoad<D, 2>(lane, head, s.v, slot0, vraw); break;
+        case 3: VTokensLoad<D, 3>(lane, head, s.v, slot0, vraw); break;
+        default: VTokensLoad<D, 4>(lane, head, s.v, slot0, vraw); break;
       }
     } else {
       if (in) {
@@ -496,8 +618,35 @@ __global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
         ws.vslot[lane] = vl.slot;
         ws.vbody[lane] = vl.body;
       }
-      __syncwarp();
-      VPerToken<D, DT, R>(sm, warp, lane, a.arena, s.v, h, a.num_kv_heads, min(32, unit.tok_end - tile0), acc);
+    }
+    // ---- P.V (lane = CPL channels)
+    if (vc) {
+      switch (vbits) {
+        case 2: VChannelsStage<D, 2>(sm, warp, lane, s.v, vchraw); break;
+        case 3: VChannelsStage<D, 3>(sm, warp, lane, s.v, vchraw); break;
+        default: VChannelsStage<D, 4>(sm, warp, lane, s.v, vchraw); break;
+      }
+    }
+    __syncwarp();
+    if (vc) {
+      switch (vbits) {
+        case 2: VChannelsCompute<D, R, 2>(sm, warp, lane, acc); break;
+        case 3: VChannelsCompute<D, R, 3>(sm, warp, lane, acc); break;
+        default: VChannelsCompute<D, R, 4>(sm, warp, lane, acc); break;
+      }
+    } else if (vt) {
+      switch (vbits) {
+        case 2: VTokensCompute<D, R, 2>(sm, warp, s.v, vraw, psum, acc); break;
+        case 3: VTokensCompute<D, R, 3>(sm, warp, s.v, vraw, psum, acc); break;
+        default: VTokensCompute<D, R, 4>(sm, warp, s.v, vraw, psum, acc); break;
+      }
+    } else {
+      // token by token, kVBatch tokens' loads in flight at a time
+#pragma unroll 1
+      for (int j0 = 0; j0 < nvalid; j0 += kVBatch) {
+        VPerTokenIssue<D, (PATHS & kPathVCh) != 0>(sm, warp, lane, a.arena, s.v, h, a.num_kv_heads, j0, min(kVBatch, nvalid - j0), raw0, raw1);
+        VPerTokenCompute<D, DT, R, (PATHS & kPathVCh) != 0>(sm, warp, s.v, j0, min(kVBatch, nvalid - j0), raw0, raw1, acc);
+      }
     }
     __syncwarp();  // p and the V locations are consumed before the next tile writes them
   }
@@ -550,40 +699,60 @@ __global__ void __launch_bounds__(kDecThreads) DecodeKernel(AttnArgs a) {
   }
 }
 
-template <int D, DType DT, int R>
+template <int D, DType DT, int R, int PATHS>
 int DecodeBlocksPerSmT() {
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R>, kDecThreads, 0) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS>, kDecThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();
     return 1;
   }
   return n > 0 ? n : 1;
 }
 
-template <int D, DType DT, int R>
+template <int D, DType DT, int R, int PATHS>
 cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
-  DecodeKernel<D, DT, R><<<num_units, kDecThreads, 0, stream>>>(args);
+  DecodeKernel<D, DT, R, PATHS><<<num_units, kDecThreads, 0, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <int D, DType DT, int R>
+cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cudaStream_t stream) {
+  switch (DecodeFamily(paths)) {
+    case kFamFull: return LaunchDecodeT<D, DT, R, kFamFull>(args, num_units, stream);
+    case kFamInnerQ: return LaunchDecodeT<D, DT, R, kFamInnerQ>(args, num_units, stream);
+    case kFamKivi: return LaunchDecodeT<D, DT, R, kFamKivi>(args, num_units, stream);
+    default: return LaunchDecodeT<D, DT, R, kFamAll>(args, num_units, stream);
+  }
+}
+
+template <int D, DType DT, int R>
+int DecodeBlocksPerSmFam(int paths) {
+  switch (DecodeFamily(paths)) {
+    case kFamFull: return DecodeBlocksPerSmT<D, DT, R, kFamFull>();
+    case kFamInnerQ: return DecodeBlocksPerSmT<D, DT, R, kFamInnerQ>();
+    case kFamKivi: return DecodeBlocksPerSmT<D, DT, R, kFamKivi>();
+    default: return DecodeBlocksPerSmT<D, DT, R, kFamAll>();
+  }
 }
 
 // Rows per unit rounded up to the instantiated classes.
 __host__ __device__ constexpr int DecodeRowClass(int rows) { return rows <= 1 ? 1 : rows <= 4 ? 4 : kRowsPerUnit; }
 
 #define KVQ_DECODE_INSTANTIATE(SUFFIX, D, DT)                                              \
-  cudaError_t LaunchDecode##SUFFIX(const AttnArgs& args, int rows, int num_units,          \
+  cudaError_t LaunchDecode##SUFFIX(const AttnArgs& args, int rows, int paths, int num_units, \
                                    cudaStream_t stream) {                                  \
     switch (DecodeRowClass(rows)) {                                                        \
-      case 1: return LaunchDecodeT<D, DT, 1>(args, num_units, stream);                     \
-      case 4: return LaunchDecodeT<D, DT, 4>(args, num_units, stream);                     \
-      default: return LaunchDecodeT<D, DT, kRowsPerUnit>(args, num_units, stream);         \
+      case 1: return LaunchDecodeFam<D, DT, 1>(args, paths, num_units, stream);            \
+      case 4: return LaunchDecodeFam<D, DT, 4>(args, paths, num_units, stream);            \
+      default: return LaunchDecodeFam<D, DT, kRowsPerUnit>(args, paths, num_units, stream);\
     }                                                                                      \
   }                                                                                        \
-  int DecodeBlocksPerSm##SUFFIX(int rows) {                                                \
+  int DecodeBlocksPerSm##SUFFIX(int rows, int paths) {                                     \
     switch (DecodeRowClass(rows)) {                                                        \
-      case 1: return DecodeBlocksPerSmT<D, DT, 1>();                                       \
-      case 4: return DecodeBlocksPerSmT<D, DT, 4>();                                       \
-      default: return DecodeBlocksPerSmT<D, DT, kRowsPerUnit>();                           \
+      case 1: return DecodeBlocksPerSmFam<D, DT, 1>(paths);                                \
+      case 4: return DecodeBlocksPerSmFam<D, DT, 4>(paths);                                \
+      default: return DecodeBlocksPerSmFam<D, DT, kRowsPerUnit>(paths);                    \
     }                                                                                      \
   }
 

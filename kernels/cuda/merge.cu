@@ -78,19 +78,20 @@ cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int
   return cudaErrorInvalidValue;  // CudaSupports rejects these before any launch
 }
 
-int DecodeBlocksPerSm(int head_dim, DType dtype, int rows) {
-  if (dtype == DType::kF16) return head_dim == 64 ? DecodeBlocksPerSmF16D64(rows) : DecodeBlocksPerSmF16D128(rows);
-  return head_dim == 64 ? DecodeBlocksPerSmBF16D64(rows) : DecodeBlocksPerSmBF16D128(rows);
+int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths) {
+  if (dtype == DType::kF16)
+    return head_dim == 64 ? DecodeBlocksPerSmF16D64(rows, paths) : DecodeBlocksPerSmF16D128(rows, paths);
+  return head_dim == 64 ? DecodeBlocksPerSmBF16D64(rows, paths) : DecodeBlocksPerSmBF16D128(rows, paths);
 }
 
-cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int num_units,
-                         cudaStream_t stream) {
+cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int paths,
+                         int num_units, cudaStream_t stream) {
   if (dtype == DType::kF16) {
-    if (head_dim == 64) return LaunchDecodeF16D64(args, rows, num_units, stream);
-    if (head_dim == 128) return LaunchDecodeF16D128(args, rows, num_units, stream);
+    if (head_dim == 64) return LaunchDecodeF16D64(args, rows, paths, num_units, stream);
+    if (head_dim == 128) return LaunchDecodeF16D128(args, rows, paths, num_units, stream);
   } else if (dtype == DType::kBF16) {
-    if (head_dim == 64) return LaunchDecodeBF16D64(args, rows, num_units, stream);
-    if (head_dim == 128) return LaunchDecodeBF16D128(args, rows, num_units, stream);
+    if (head_dim == 64) return LaunchDecodeBF16D64(args, rows, paths, num_units, stream);
+    if (head_dim == 128) return LaunchDecodeBF16D128(args, rows, paths, num_units, stream);
   }
   return cudaErrorInvalidValue;
 }

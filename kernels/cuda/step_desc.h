@@ -125,18 +125,21 @@ int AttentionBlocksPerSmF16D64();
 int AttentionBlocksPerSmF16D128();
 int AttentionBlocksPerSmBF16D64();
 int AttentionBlocksPerSmBF16D128();
-// Decode fast path (decode.cuh): `rows` = the most query rows of any unit (<= kRowsPerUnit).
-cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int num_units,
-                         cudaStream_t stream);
-int DecodeBlocksPerSm(int head_dim, DType dtype, int rows);
-cudaError_t LaunchDecodeF16D64(const AttnArgs& args, int rows, int num_units, cudaStream_t stream);
-cudaError_t LaunchDecodeF16D128(const AttnArgs& args, int rows, int num_units, cudaStream_t stream);
-cudaError_t LaunchDecodeBF16D64(const AttnArgs& args, int rows, int num_units, cudaStream_t stream);
-cudaError_t LaunchDecodeBF16D128(const AttnArgs& args, int rows, int num_units, cudaStream_t stream);
-int DecodeBlocksPerSmF16D64(int rows);
-int DecodeBlocksPerSmF16D128(int rows);
-int DecodeBlocksPerSmBF16D64(int rows);
-int DecodeBlocksPerSmBF16D128(int rows);
+// Decode fast path (decode.cuh): `rows` = the most query rows of any unit (<= kRowsPerUnit);
+// `paths` = the DecodePath bits the batch needs (the kernel family is chosen from them).
+cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int paths,
+                         int num_units, cudaStream_t stream);
+int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths);
+cudaError_t LaunchDecodeF16D64(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
+cudaError_t LaunchDecodeF16D128(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
+cudaError_t LaunchDecodeBF16D64(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
+cudaError_t LaunchDecodeBF16D128(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
+int DecodeBlocksPerSmF16D64(int rows, int paths);
+int DecodeBlocksPerSmF16D128(int rows, int paths);
+int DecodeBlocksPerSmBF16D64(int rows, int paths);
+int DecodeBlocksPerSmBF16D128(int rows, int paths);
+// DecodePath bits (decode.cuh): along_channels K, along_tokens K, along_tokens V, along_channels V.
+constexpr int kDecodePathKCh = 1, kDecodePathKTok = 2, kDecodePathVTok = 4, kDecodePathVCh = 8;
 cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
                         cudaStream_t stream);
 

@@ -84,6 +84,19 @@ bool DecodeFastPathFits(const StepParams& p, const SeqWork* works, const QuantCo
   return true;
 }
 
+// The decode kernel's code paths the batch needs (kDecodePath* bits of step_desc.h).
+int DecodePaths(const QuantConfig* configs, int num_seqs) {
+  int paths = 0;
+  for (int i = 0; i < num_seqs; ++i) {
+    const QuantConfig& c = configs[i];
+    if (c.k.quantized())
+      paths |= c.k.grouping == Grouping::kAlongTokens ? cuda::kDecodePathKTok : cuda::kDecodePathKCh;
+    if (c.v.quantized())
+      paths |= c.v.grouping == Grouping::kAlongTokens ? cuda::kDecodePathVTok : cuda::kDecodePathVCh;
+  }
+  return paths;
+}
+
 }  // namespace
 
 struct CudaStepRunner::Impl {
@@ -109,6 +122,7 @@ struct CudaStepRunner::Impl {
   int chunk = 0;
   bool decode_path = false;
   int max_rows = 0;
+  int decode_paths = 0;
   const cuda::DevSeq* d_seqs = nullptr;
   const int64_t* d_pages = nullptr;
   const cuda::DevUnit* d_units = nullptr;
@@ -329,7 +343,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   const bool decode_path = attention_ready && !force_generic_ && DecodeFastPathFits(p, works, configs, num_seqs);
   int max_rows = 1;
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
-  const int blocks_per_sm = decode_path ? cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows)
+  const int decode_paths = DecodePaths(configs, num_seqs);
+  const int blocks_per_sm = decode_path ? cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths)
                                         : cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
   const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
   // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
@@ -391,6 +406,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.chunk = static_cast<int>(chunk);
   m.decode_path = decode_path;
   m.max_rows = max_rows;
+  m.decode_paths = decode_paths;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
@@ -446,7 +462,7 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.group = p.num_q_heads / p.num_kv_heads;
   a.scale_log2 = scale * 1.4426950408889634f;
   if (m.decode_path) {
-    KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.num_units, stream));
+    KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
   } else {
     KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
   }
