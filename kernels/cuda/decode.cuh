@@ -12,8 +12,13 @@
 //    channel) in its own shared memory, with q'_c * a_c per channel and the zero term
 //    sum_c q'_c b_c computed once per tile; lane = token then sums q'_c a_c * c_{t,c};
 //  - along_tokens V body (InnerQ): per channel a_c * sum_t p_t c_{t,c} + b_c * sum_t p_t;
-//  - along_channels V body (KIVI) and full-precision tokens: per token, p_t * (a_g c + b_g).
+//  - along_channels V body (KIVI): lane = token loads its token's code words (16-byte loads) and
+//    its groups' (a, b), stages them in the warp's shared memory, then per token p_t * (a_g c + b_g);
+//  - full-precision tokens (sink, window) and along_channels body tokens of a tile that crosses
+//    the body's end: token by token, kVBatch tokens' loads in flight.
 // A group's value is a*c + b with (a, b) from GroupAffine (sym / asym / hybrid by the scale's sign).
+// The kernel is instantiated per (D, dtype) file for R in {1, 4, 8} and per path family (fp16,
+// InnerQ, KIVI, all): code paths a batch never takes would cost registers and resident warps.
 #pragma once
 
 #include <cfloat>
@@ -318,7 +323,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
 }
 
 // Values token by token (full-precision tokens and along_channels body tokens): lane = CPL
-// channels. All loads of the tile are issued at its start (2 words per token and lane: the
+// channels. The loads of up to kVBatch tokens go out together (2 words per token and lane: the
 // activations, or the pre-shifted code word and the group's scale | zero << 16).
 template <int D, bool BODY, typename Smem>
 __device__ __forceinline__ void VPerTokenIssue(const Smem& sm, int warp, int lane, const uint8_t* arena,
@@ -459,13 +464,11 @@ __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int l
   }
 }
 
-// Register caps: R = 1: 4 blocks (16 warps) per SM, R = 4: 3, R = 8: 2 (ptxas -v: no spills).
+// Register caps (resident blocks per SM): R = 1: 5 (96 registers; ptxas -v: 0-140 bytes of
+// spills depending on the family), R = 4: 3 (168), R = 8: 2. Measured against R = 1: 4 and
+// R = 1: 6 on the H100 (docs/gpu_notes.md): mixed, this is the best for the quantized presets.
 template <int R>
-#ifdef KVQ_DECODE_NO_MIN_BLOCKS
-constexpr int DecodeMinBlocks() { return R == 1 ? 6 : R <= 4 ? 4 : 2; }
-#else
 constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
-#endif
 
 template <int D, DType DT, int R, int PATHS>
 __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKernel(AttnArgs a) {
