@@ -4,7 +4,7 @@
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-pkgs=(build-essential cmake ccache pkg-config python3 python3-pip unzip curl
+pkgs=(build-essential cmake ccache pkg-config python3 python3-pip python3-yaml unzip curl
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
       prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev libopenblas-dev)
 missing=()
