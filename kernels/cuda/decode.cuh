@@ -78,13 +78,34 @@ struct DecSmem {
   float l[kDecWarps][R];
 };
 
-// Code i (compile-time) of a packed little-endian bitstream held in registers.
+// Codes as floats in [1, 2) without an add per code: the code's bits rotated to the top of the fp32
+// mantissa (bits [23 - BITS, 23)) and OR-ed with the exponent of 1.0 give exactly
+// u = 1 + c * 2^-BITS (one funnel shift and one LOP3 per code, no FADD). The products use u and
+// remove the constant once per group / tile: sum_i x_i c_i = 2^BITS * (sum_i x_i u_i - sum_i x_i),
+// and a c + b = (2^BITS a) u + (b - 2^BITS a). The sums stay fp32; the cancellation costs at most
+// 2^BITS ulps of sum |x_i| (<= 16 * 2^-24 relative), far below the fp16 inputs' rounding.
 template <int BITS>
-__device__ __forceinline__ float CodeAt(const uint32_t* w, int i) {
+__device__ __forceinline__ constexpr uint32_t UnitTopMask() { return ((1u << BITS) - 1u) << (23 - BITS); }
+template <int BITS>
+__device__ __forceinline__ constexpr float UnitScale() { return static_cast<float>(1u << BITS); }
+
+// u = 1 + c * 2^-BITS for the code at bit `sh` of lo (continuing into hi when it crosses the word;
+// pass hi = lo otherwise: the funnel shift is then a rotation).
+template <int BITS>
+__device__ __forceinline__ float UnitCode(uint32_t lo, uint32_t hi, int sh) {
+  const uint32_t x = __funnelshift_r(lo, hi, (sh - (23 - BITS)) & 31);
+  return __uint_as_float((x & UnitTopMask<BITS>()) | 0x3F800000u);
+}
+
+// Code i (compile-time) of a packed little-endian bitstream held in registers, as u = 1 + c * 2^-BITS.
+template <int BITS>
+__device__ __forceinline__ float UnitAt(const uint32_t* w, int i) {
   const int bit = i * BITS;
-  uint32_t c = w[bit >> 5] >> (bit & 31);
-  if ((bit & 31) + BITS > 32) c |= w[(bit >> 5) + 1] << (32 - (bit & 31));
-  return CodeToFloat(c & ((1u << BITS) - 1u));
+  const int sh = bit & 31;
+  const uint32_t lo = w[bit >> 5];
+  // a code that crosses into the next word: sh >= 30 > 23 - BITS, so the shift is a right shift
+  const uint32_t hi = sh + BITS > 32 ? w[(bit >> 5) + 1] : lo;
+  return UnitCode<BITS>(lo, hi, sh);
 }
 
 template <int N>
@@ -179,7 +200,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const uint8_t* he
     for (int i = 0; i < 32; i += 4) {
       float c[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) c[e] = CodeAt<BITS>(w + g * BITS, i + e);
+      for (int e = 0; e < 4; ++e) c[e] = UnitAt<BITS>(w + g * BITS, i + e);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const float4 q = *reinterpret_cast<const float4*>(&sm.qn[r][g * 32 + i]);
@@ -188,7 +209,10 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const uint8_t* he
     }
     const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
 #pragma unroll
-    for (int r = 0; r < R; ++r) sc[r] += ab.x * dot[r] + ab.y * sm.qsum[r][g];
+    for (int r = 0; r < R; ++r) {
+      const float qs = sm.qsum[r][g];
+      sc[r] += ab.x * ((dot[r] - qs) * UnitScale<BITS>()) + ab.y * qs;  // dot[r] = sum q'_i u_i
+    }
   }
 }
 
@@ -221,9 +245,12 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
     const float2 ab = GroupAffine(BITS, x.mode, s[j], z[j]);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+      // staged 2^BITS q'_c a_c: sum_c (2^BITS q'_c a_c) u_c = sum_c q'_c a_c c_c + 2^BITS sum_c q'_c a_c,
+      // the second sum leaves through the zero term
       const float qn = sm.qn[r][c0 + j];
-      ws.u.k.qa[r][c0 + j] = qn * ab.x;
-      zt[r] += qn * ab.y;
+      const float qa = (qn * ab.x) * UnitScale<BITS>();
+      ws.u.k.qa[r][c0 + j] = qa;
+      zt[r] += qn * ab.y - qa;
     }
   }
 #pragma unroll
@@ -235,7 +262,8 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
   const int bit = lane * BITS;
   const int wi = bit >> 5;
   const int sh = bit & 31;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  // the word holding the code's high bits: the next one if the code crosses, else the same (rotation)
+  const int wi_hi = sh + BITS > 32 ? wi + 1 : wi;
   float dot[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) dot[r] = 0.f;
@@ -244,15 +272,10 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
     float cf[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const uint32_t* cw = &ws.u.k.codes[(c + e) * BITS + wi];
-      uint32_t code;
-      if constexpr (BITS == 3) {
-        const uint32_t hi = wi + 1 < BITS ? cw[1] : 0u;
-        code = __funnelshift_r(cw[0], hi, sh);
-      } else {
-        code = cw[0] >> sh;
-      }
-      cf[e] = CodeToFloat(code & kMask);
+      const uint32_t* cw = &ws.u.k.codes[(c + e) * BITS];
+      const uint32_t lo = cw[wi];
+      const uint32_t hi = BITS == 3 ? cw[wi_hi] : lo;
+      cf[e] = UnitCode<BITS>(lo, hi, sh);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -306,7 +329,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
 #pragma unroll
     for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int j = 0; j < CPL; ++j) cf[e][j] = CodeAt<BITS>(raw.w + j * BITS, t + e);
+      for (int j = 0; j < CPL; ++j) cf[e][j] = UnitAt<BITS>(raw.w + j * BITS, t + e);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
@@ -318,7 +341,10 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
   for (int j = 0; j < CPL; ++j) {
     const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r][j] += ab.x * dot[r][j] + ab.y * psum[r];
+    for (int r = 0; r < R; ++r) {
+      // dot[r][j] = sum_t p_t u_t = psum + 2^-BITS sum_t p_t c_t
+      acc[r][j] += ab.x * ((dot[r][j] - psum[r]) * UnitScale<BITS>()) + ab.y * psum[r];
+    }
   }
 }
 
@@ -433,13 +459,17 @@ __device__ __forceinline__ void VChannelsStage(Smem& sm, int warp, int lane, con
 #pragma unroll
   for (int i = 0; i < NG * BITS; ++i) ws.u.v.codes[lane][i] = raw.w[i];
 #pragma unroll
-  for (int g = 0; g < NG; ++g) ws.u.v.ab[lane][g] = GroupAffine(BITS, x.mode, raw.s[g], raw.z[g]);
+  for (int g = 0; g < NG; ++g) {
+    // a c + b = (2^BITS a) u + (b - 2^BITS a) with u = 1 + c 2^-BITS (UnitCode)
+    const float2 ab = GroupAffine(BITS, x.mode, raw.s[g], raw.z[g]);
+    const float a2 = ab.x * UnitScale<BITS>();
+    ws.u.v.ab[lane][g] = make_float2(a2, ab.y - a2);
+  }
 }
 
 template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int lane, float (*acc)[D / 32]) {
   constexpr int CPL = D / 32;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
   const auto& ws = sm.w[warp];
   const int c0 = lane * CPL;
   const int bit = (c0 % 32) * BITS;
@@ -454,7 +484,7 @@ __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int l
     const float2 ab = ws.u.v.ab[j][g];
     float v[CPL];
 #pragma unroll
-    for (int e = 0; e < CPL; ++e) v[e] = CodeToFloat((word >> (e * BITS)) & kMask) * ab.x + ab.y;
+    for (int e = 0; e < CPL; ++e) v[e] = UnitCode<BITS>(word, word, e * BITS) * ab.x + ab.y;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float p = ws.p[r][j];
