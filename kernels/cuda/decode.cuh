@@ -55,7 +55,10 @@ struct DecSmem {
   struct alignas(16) Warp {  // float4 reads of p and qa
     union {
       struct {
-        uint32_t codes[D * 4];  // along_tokens K tile: channel c's group words at c * bits
+        // along_tokens K tile: word i of channel c's group at codes[i][c], so the words of 4
+        // consecutive channels are one 16-byte read; rows padded by 4 words so the lanes reading
+        // different rows hit different banks
+        uint32_t codes[4][D + 4];
         float qa[R][D];         // q'_c * a_c
       } k;
       struct {
@@ -236,7 +239,9 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
     for (int j = 0; j < CPL; ++j) z[j] = 0.f;
   }
 #pragma unroll
-  for (int i = 0; i < NW; ++i) ws.u.k.codes[c0 * BITS + i] = w[i];
+  for (int j = 0; j < CPL; ++j)
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) ws.u.k.codes[i][c0 + j] = w[j * BITS + i];
   float zt[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) zt[r] = 0.f;
@@ -269,14 +274,14 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
   for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll 4
   for (int c = 0; c < D; c += 4) {
+    const uint4 lo = *reinterpret_cast<const uint4*>(&ws.u.k.codes[wi][c]);
+    uint4 hi = lo;
+    if constexpr (BITS == 3) hi = *reinterpret_cast<const uint4*>(&ws.u.k.codes[wi_hi][c]);
     float cf[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t* cw = &ws.u.k.codes[(c + e) * BITS];
-      const uint32_t lo = cw[wi];
-      const uint32_t hi = BITS == 3 ? cw[wi_hi] : lo;
-      cf[e] = UnitCode<BITS>(lo, hi, sh);
-    }
+    cf[0] = UnitCode<BITS>(lo.x, hi.x, sh);
+    cf[1] = UnitCode<BITS>(lo.y, hi.y, sh);
+    cf[2] = UnitCode<BITS>(lo.z, hi.z, sh);
+    cf[3] = UnitCode<BITS>(lo.w, hi.w, sh);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float4 qa = *reinterpret_cast<const float4*>(&ws.u.k.qa[r][c]);
@@ -476,20 +481,32 @@ __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int l
   const int wi = (c0 / 32) * BITS + (bit >> 5);
   const int sh = bit & 31;
   const int g = c0 / 32;
-#pragma unroll 8
-  for (int j = 0; j < 32; ++j) {
-    uint32_t word = ws.u.v.codes[j][wi];
-    if constexpr (BITS == 3) word = __funnelshift_r(word, ws.u.v.codes[j][wi + 1 < D / 32 * 4 ? wi + 1 : wi], sh);
-    else word >>= sh;
-    const float2 ab = ws.u.v.ab[j][g];
-    float v[CPL];
-#pragma unroll
-    for (int e = 0; e < CPL; ++e) v[e] = UnitCode<BITS>(word, word, e * BITS) * ab.x + ab.y;
+#pragma unroll 2
+  for (int j0 = 0; j0 < 32; j0 += 4) {
+    float p[R][4];  // p of 4 tokens per 16-byte read
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float p = ws.p[r][j];
+      const float4 p4 = *reinterpret_cast<const float4*>(&ws.p[r][j0]);
+      p[r][0] = p4.x;
+      p[r][1] = p4.y;
+      p[r][2] = p4.z;
+      p[r][3] = p4.w;
+    }
 #pragma unroll
-      for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = j0 + jj;
+      uint32_t word = ws.u.v.codes[j][wi];
+      if constexpr (BITS == 3) word = __funnelshift_r(word, ws.u.v.codes[j][wi + 1 < D / 32 * 4 ? wi + 1 : wi], sh);
+      else word >>= sh;
+      const float2 ab = ws.u.v.ab[j][g];
+      float v[CPL];
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) v[e] = UnitCode<BITS>(word, word, e * BITS) * ab.x + ab.y;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < CPL; ++e) acc[r][e] += p[r][jj] * v[e];
+      }
     }
   }
 }
