@@ -24,17 +24,8 @@ using testing::Arena;
 using testing::TSeq;
 using testing::TStep;
 
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
 #define SKIP_WITHOUT_GPU() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device: GPU kernel test not run"
+  if (!testing::HaveCudaDevice()) GTEST_SKIP() << "no CUDA device: GPU kernel test not run"
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
 

@@ -15,10 +15,21 @@
 #include "kvq/cache.h"
 #include "kvq/format.h"
 #include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
 #include <cuda_fp16.h>
 
 namespace kvq {
 namespace testing {
+
+// True when a CUDA device is usable; clears the error a machine without a driver leaves behind.
+inline bool HaveCudaDevice() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
 
 constexpr uint8_t kFill = 0xFF;   // never-written bytes: fp16/bf16 NaN if a kernel reads them
 constexpr uint8_t kGuard = 0xA5;  // guard bands between pages

@@ -22,17 +22,8 @@
 namespace kvq::store {
 namespace {
 
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
 #define SKIP_WITHOUT_GPU() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device: CUDA backend test not run"
+  if (!kvq::testing::HaveCudaDevice()) GTEST_SKIP() << "no CUDA device: CUDA backend test not run"
 
 std::string RandomBytes(int64_t n, DType dt, std::mt19937& rng, float scale) {
   const std::vector<uint16_t> v = kvq::testing::RandomActs(n, dt, rng, scale);
