@@ -261,12 +261,8 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
   __shared__ __align__(16) AttnSmem<D, DT> sm;
 
   const DevUnit unit = a.units[blockIdx.x];
-  // The sequence descriptor lives in shared memory for the whole unit: its fields are read in
-  // every tile, and global reloads after each barrier cost more than shared ones.
   __shared__ __align__(16) DevSeq seq_s;
-  static_assert(sizeof(DevSeq) % 4 == 0, "DevSeq copied as words");
-  for (int i = threadIdx.x; i < static_cast<int>(sizeof(DevSeq) / 4); i += kAttnThreads)
-    reinterpret_cast<uint32_t*>(&seq_s)[i] = reinterpret_cast<const uint32_t*>(a.seqs + unit.seq)[i];
+  LoadSeqToShared<kAttnThreads>(a.seqs + unit.seq, &seq_s);
   __syncthreads();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
@@ -278,14 +274,7 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
   for (int idx = tid; idx < kRowsPerUnit * D; idx += kAttnThreads) {
     const int r = idx / D;
     const int c = idx % D;
-    float qv = 0.f;
-    if (r < unit.num_rows) {
-      const int row = unit.row0 + r;
-      const int i = row / a.group;
-      const int hq = h * a.group + row % a.group;
-      qv = ActToFloat<DT>(a.q[((s.q_row + i) * a.num_q_heads + hq) * D + c]);
-    }
-    sm.q[r][c] = qv;
+    sm.q[r][c] = UnitQuery<D, DT>(a.q, a.num_q_heads, a.group, s, unit, r, c);
   }
   if (tid < kRowsPerUnit) {
     int pos = -1;

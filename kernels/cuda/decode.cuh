@@ -527,9 +527,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   __shared__ __align__(16) DevSeq seq_s;
 
   const DevUnit unit = a.units[blockIdx.x];
-  static_assert(sizeof(DevSeq) % 4 == 0, "DevSeq copied as words");
-  for (int i = threadIdx.x; i < static_cast<int>(sizeof(DevSeq) / 4); i += kDecThreads)
-    reinterpret_cast<uint32_t*>(&seq_s)[i] = reinterpret_cast<const uint32_t*>(a.seqs + unit.seq)[i];
+  LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
   __syncthreads();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
@@ -540,13 +538,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   for (int idx = tid; idx < R * D; idx += kDecThreads) {
     const int r = idx / D;
     const int c = idx % D;
-    float qv = 0.f;
-    if (r < unit.num_rows) {
-      const int row = unit.row0 + r;
-      const int i = row / a.group;
-      const int hq = h * a.group + row % a.group;
-      qv = ActToFloat<DT>(a.q[((s.q_row + i) * a.num_q_heads + hq) * D + c]);
-    }
+    const float qv = UnitQuery<D, DT>(a.q, a.num_q_heads, a.group, s, unit, r, c);
     const float f = s.key_norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset)[h * D + c] : 1.f;
     sm.q[r][c] = qv;
     sm.qn[r][c] = qv * f;

@@ -145,5 +145,28 @@ __device__ __forceinline__ void DequantBody8(const uint8_t* arena, const DevTens
   }
 }
 
+
+// Copies a unit's sequence descriptor into shared memory, word by word over the block's threads
+// (its fields are read in every tile; shared reloads cost less than global ones after barriers).
+// The caller synchronizes before reading `dst`.
+template <int kThreads>
+__device__ __forceinline__ void LoadSeqToShared(const DevSeq* src, DevSeq* dst) {
+  static_assert(sizeof(DevSeq) % 4 == 0, "DevSeq copied as words");
+  for (int i = threadIdx.x; i < static_cast<int>(sizeof(DevSeq) / 4); i += kThreads)
+    reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+}
+
+// Query element c of a unit's row r as float: row = i * group + j reads query token i of the
+// sequence, query head kv_head * group + j; rows past the unit's num_rows read as 0.
+template <int D, DType DT>
+__device__ __forceinline__ float UnitQuery(const uint16_t* q, int num_q_heads, int group, const DevSeq& s,
+                                           const DevUnit& unit, int r, int c) {
+  if (r >= unit.num_rows) return 0.f;
+  const int row = unit.row0 + r;
+  const int i = row / group;
+  const int hq = unit.kv_head * group + row % group;
+  return ActToFloat<DT>(q[((s.q_row + i) * num_q_heads + hq) * D + c]);
+}
+
 }  // namespace cuda
 }  // namespace kvq
