@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--shape B,Hq,Hkv,T,D]...
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes:
@@ -66,6 +66,8 @@ struct Row {
 };
 
 bool g_force_generic = false;  // --generic
+int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
+bool g_imma = true;            // --no-imma: InnerQ body tiles on the per-token paths, not the tensor cores
 
 double Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -179,6 +181,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   for (int k = 0; k < sets; ++k) {
     CHECK_KVQ(CudaStepRunner::Create(&runners[k]));
     runners[k]->set_force_generic(g_force_generic);
+    runners[k]->set_ring_stages(g_ring_stages);
+    runners[k]->set_imma(g_imma);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -229,7 +233,14 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->sets = sets;
   row->units = runners[0]->stats().num_units;
   row->chunk = runners[0]->stats().chunk_tokens;
-  row->path = runners[0]->stats().decode_path ? "decode" : "generic";
+  {
+    const CudaStepStats& st = runners[0]->stats();
+    // decode-s<stages>-b<blocks per SM>[-imma]: the decode path's ring depth, the occupancy the plan
+    // used, and whether InnerQ body tiles ran on the tensor cores
+    row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
+                                     (st.imma_units > 0 ? "-imma" : "")
+                               : "generic";
+  }
   runners.clear();
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -244,7 +255,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -273,6 +284,10 @@ int main(int argc, char** argv) {
         return 2;
       }
       custom.push_back(sh);
+    } else if (a == "--no-imma") {
+      g_imma = false;
+    } else if (a == "--stages" && i + 1 < argc) {
+      g_ring_stages = std::atoi(argv[++i]);
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--presets" && i + 1 < argc) {

@@ -21,6 +21,7 @@
 // InnerQ, KIVI, all): code paths a batch never takes would cost registers and resident warps.
 #pragma once
 
+#include <atomic>
 #include <cfloat>
 
 #include "device_common.cuh"
@@ -28,9 +29,27 @@
 namespace kvq {
 namespace cuda {
 
-constexpr int kDecWarps = 4;
+constexpr int kDecWarps = kDecRingWarps;
 constexpr int kDecThreads = kDecWarps * 32;
 constexpr int kVBatch = 8;
+
+// A load from global memory (read-only path) or from shared memory (a staged tile).
+template <bool SM, typename T>
+__device__ __forceinline__ T Ld(const T* p) {
+  if constexpr (SM) {
+    return *p;
+  } else {
+    return __ldg(p);
+  }
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Code paths a kernel instance contains (the plan picks the smallest family that covers the batch;
 // paths a batch never takes cost registers, hence resident warps, if compiled in).
@@ -111,12 +130,12 @@ __device__ __forceinline__ float UnitAt(const uint32_t* w, int i) {
   return UnitCode<BITS>(lo, hi, sh);
 }
 
-template <int N>
+template <int N, bool SM = false>
 __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   if constexpr (N % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
+      const uint4 v = Ld<SM>(reinterpret_cast<const uint4*>(src) + i);
       dst[4 * i] = v.x;
       dst[4 * i + 1] = v.y;
       dst[4 * i + 2] = v.z;
@@ -125,27 +144,27 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   } else if constexpr (N % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src) + i);
+      const uint2 v = Ld<SM>(reinterpret_cast<const uint2*>(src) + i);
       dst[2 * i] = v.x;
       dst[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = __ldg(src + i);
+    for (int i = 0; i < N; ++i) dst[i] = Ld<SM>(src + i);
   }
 }
 
 // N consecutive fp16 values (N = 2 or 4, 2N-byte aligned) as floats.
-template <int N>
+template <int N, bool SM = false>
 __device__ __forceinline__ void LoadHalves(const uint8_t* p, float* out) {
   static_assert(N == 2 || N == 4, "2 or 4 halves");
   uint32_t w[N / 2];
   if constexpr (N == 4) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 v = Ld<SM>(reinterpret_cast<const uint2*>(p));
     w[0] = v.x;
     w[1] = v.y;
   } else {
-    w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+    w[0] = Ld<SM>(reinterpret_cast<const uint32_t*>(p));
   }
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) {
@@ -153,6 +172,15 @@ __device__ __forceinline__ void LoadHalves(const uint8_t* p, float* out) {
     out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
   }
 }
+
+// Where body codes, scales and zeros start: a group's entries in a head's page (global memory) or
+// in a staged copy of a tile (shared memory, same relative layout); callers add the token or
+// channel index.
+struct BodySrc {
+  const uint8_t* codes;
+  const uint8_t* scales;
+  const uint8_t* zeros;  // unused without zeros
+};
 
 // Full-precision key row of one token (lane): sc[r] += q[r] . k.
 template <int D, DType DT, int R, typename Smem>
@@ -179,17 +207,17 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
 }
 
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
-template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void KChannelsToken(const Smem& sm, const uint8_t* head, const DevTensor& x,
+template <int D, int R, int BITS, bool SM, typename Smem>
+__device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b, const DevTensor& x,
                                                int slot, float* sc) {
   constexpr int NG = D / 32;
   constexpr int NW = NG * BITS;
   uint32_t w[NW];
-  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + slot * NW, w);
+  LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
-  LoadHalves<NG>(head + x.scales_offset + 2 * slot * NG, s);
+  LoadHalves<NG, SM>(b.scales + 2 * slot * NG, s);
   if (x.has_zeros) {
-    LoadHalves<NG>(head + x.zeros_offset + 2 * slot * NG, z);
+    LoadHalves<NG, SM>(b.zeros + 2 * slot * NG, z);
   } else {
 #pragma unroll
     for (int g = 0; g < NG; ++g) z[g] = 0.f;
@@ -220,20 +248,19 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const uint8_t* he
 }
 
 // along_tokens (G = 32) body keys of a whole 32-token tile (warp-cooperative, see the header).
-template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const uint8_t* head,
-                                            const DevTensor& x, int slot0, float* sc) {
+template <int D, int R, int BITS, bool SM, typename Smem>
+__device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const BodySrc& b,
+                                            const DevTensor& x, float* sc) {
   constexpr int CPL = D / 32;
   constexpr int NW = CPL * BITS;
   auto& ws = sm.w[warp];
   const int c0 = lane * CPL;
-  const int g0 = (slot0 / 32) * D + c0;
   uint32_t w[NW];
-  LoadWords<NW>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, w);
+  LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, w);
   float s[CPL], z[CPL];
-  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, s);
+  LoadHalves<CPL, SM>(b.scales + 2 * c0, s);
   if (x.has_zeros) {
-    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, z);
+    LoadHalves<CPL, SM>(b.zeros + 2 * c0, z);
   } else {
 #pragma unroll
     for (int j = 0; j < CPL; ++j) z[j] = 0.f;
@@ -301,16 +328,14 @@ struct VTokRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS>
-__device__ __forceinline__ void VTokensLoad(int lane, const uint8_t* head, const DevTensor& x, int slot0,
-                                            VTokRaw<D>& raw) {
+template <int D, int BITS, bool SM>
+__device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const DevTensor& x, VTokRaw<D>& raw) {
   constexpr int CPL = D / 32;
   const int c0 = lane * CPL;
-  const int g0 = (slot0 / 32) * D + c0;
-  LoadWords<CPL * BITS>(reinterpret_cast<const uint32_t*>(head) + g0 * BITS, raw.w);
-  LoadHalves<CPL>(head + x.scales_offset + 2 * g0, raw.s);
+  LoadWords<CPL * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
+  LoadHalves<CPL, SM>(b.scales + 2 * c0, raw.s);
   if (x.has_zeros) {
-    LoadHalves<CPL>(head + x.zeros_offset + 2 * g0, raw.z);
+    LoadHalves<CPL, SM>(b.zeros + 2 * c0, raw.z);
   } else {
 #pragma unroll
     for (int j = 0; j < CPL; ++j) raw.z[j] = 0.f;
@@ -443,13 +468,13 @@ struct VChRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS>
-__device__ __forceinline__ void VChannelsLoad(const uint8_t* head, const DevTensor& x, int slot, VChRaw<D>& raw) {
+template <int D, int BITS, bool SM>
+__device__ __forceinline__ void VChannelsLoad(const BodySrc& b, const DevTensor& x, int slot, VChRaw<D>& raw) {
   constexpr int NG = D / 32;
-  LoadWords<NG * BITS>(reinterpret_cast<const uint32_t*>(head) + slot * NG * BITS, raw.w);
-  LoadHalves<NG>(head + x.scales_offset + 2 * slot * NG, raw.s);
+  LoadWords<NG * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NG * BITS, raw.w);
+  LoadHalves<NG, SM>(b.scales + 2 * slot * NG, raw.s);
   if (x.has_zeros) {
-    LoadHalves<NG>(head + x.zeros_offset + 2 * slot * NG, raw.z);
+    LoadHalves<NG, SM>(b.zeros + 2 * slot * NG, raw.z);
   } else {
 #pragma unroll
     for (int g = 0; g < NG; ++g) raw.z[g] = 0.f;
@@ -511,6 +536,80 @@ __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int l
   }
 }
 
+// Global source of the body tile of x that starts at body offset u0 (a multiple of 32), KV head h.
+template <int D>
+__device__ __forceinline__ BodySrc BodyTileSrc(const uint8_t* arena, const int64_t* pages, const DevTensor& x,
+                                               int h, int u0) {
+  const uint8_t* head = arena + pages[x.body_pages + u0 / kPageTokens] + static_cast<int64_t>(h) * x.head_bytes;
+  const int slot0 = u0 % kPageTokens;
+  const int gb = x.grouping == static_cast<int>(Grouping::kAlongChannels) ? slot0 * (D / 32) : (slot0 / 32) * D;
+  return BodySrc{head + gb * x.words_per_group * 4, head + x.scales_offset + 2 * gb, head + x.zeros_offset + 2 * gb};
+}
+
+// A staged body tile in shared memory: codes, scales, zeros back to back (BodyTileBytes).
+template <int D>
+__device__ __forceinline__ BodySrc StagedSrc(const uint8_t* base, const DevTensor& x) {
+  const int cb = 4 * D * x.bits;
+  return BodySrc{base, base + cb, base + cb + 2 * D};
+}
+
+// Warp-wide copy of one body tile into shared memory (16-byte cp.async, L2 only); the caller commits.
+template <int D>
+__device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, const DevTensor& x, int lane) {
+  const int cb = 4 * D * x.bits;
+  for (int i = lane * 16; i < cb; i += 32 * 16) CpAsync16(dst + i, g.codes + i);
+  for (int i = lane * 16; i < 2 * D; i += 32 * 16) CpAsync16(dst + cb + i, g.scales + i);
+  if (x.has_zeros)
+    for (int i = lane * 16; i < 2 * D; i += 32 * 16) CpAsync16(dst + cb + 2 * D + i, g.zeros + i);
+}
+
+// The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
+// block barrier) become the unit's unnormalized (o, m, l).
+template <int D, int R, typename Smem>
+__device__ __forceinline__ void DecodeEpilogue(const Smem& sm, const AttnArgs& a, int part, int tid) {
+  float* po = a.part_o + static_cast<int64_t>(part) * kRowsPerUnit * D;
+  for (int idx = tid; idx < R * D; idx += kDecThreads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][r]);
+    float o = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecWarps; ++w) {
+        const float mw = sm.m[w][r];
+        if (mw != -INFINITY) o += exp2f(mw - mm) * sm.w[w].u.o[r][c];
+      }
+    }
+    po[r * D + c] = o;
+  }
+  if (tid < R) {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][tid]);
+    float ll = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecWarps; ++w) {
+        const float mw = sm.m[w][tid];
+        if (mw != -INFINITY) ll += exp2f(mw - mm) * sm.l[w][tid];
+      }
+    }
+    float* pm = a.part_ml + (static_cast<int64_t>(part) * kRowsPerUnit + tid) * 2;
+    pm[0] = mm;
+    pm[1] = ll;
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq
+
+#include "decode_imma.cuh"  // uses the helpers above
+
+namespace kvq {
+namespace cuda {
+
 // Register caps (resident blocks per SM): R = 1: 5 (96 registers; ptxas -v: 0-140 bytes of
 // spills depending on the family), R = 4: 3 (168), R = 8: 2. Measured against R = 1: 4 and
 // R = 1: 6 on the H100 (docs/gpu_notes.md): mixed, this is the best for the quantized presets.
@@ -525,6 +624,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   constexpr int NG = D / 32;
   __shared__ __align__(16) DecSmem<D, R> sm;
   __shared__ __align__(16) DevSeq seq_s;
+  extern __shared__ __align__(16) uint8_t dec_ring[];  // [warp][stage][ring_slot_bytes]
 
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
@@ -554,6 +654,22 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   }
   __syncthreads();
 
+  if constexpr (PATHS == kFamInnerQ && R <= 4) {
+    if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
+      uint8_t* ring = dec_ring + warp * a.ring_stages * a.ring_slot_bytes;
+      if (s.k.bits == 2) {
+        ImmaBodyUnit<D, R, 2, 2>(sm, a, s, unit, ring, warp, lane);
+      } else if (s.v.bits == 2) {
+        ImmaBodyUnit<D, R, 3, 2>(sm, a, s, unit, ring, warp, lane);
+      } else {
+        ImmaBodyUnit<D, R, 3, 3>(sm, a, s, unit, ring, warp, lane);
+      }
+      __syncthreads();
+      DecodeEpilogue<D, R>(sm, a, unit.part, tid);
+      return;
+    }
+  }
+
   int pos[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) pos[r] = sm.pos[r];
@@ -573,31 +689,88 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
 
-  for (int tile0 = unit.tok_begin + warp * 32; tile0 < unit.tok_end; tile0 += kDecWarps * 32) {
+  // Body tiles wholly inside the K (V) body are staged: copied into the warp's ring with cp.async
+  // ring_stages - 1 tiles ahead (one commit group per tile, empty when nothing is staged), so the
+  // loads of the next tiles are in flight while this one is computed. Full-precision tokens and
+  // the along_channels tile that crosses the body's end are read from global memory as before.
+  constexpr bool kRing = PATHS != kFamFull;
+  const int stages = a.ring_stages;
+  const int slot_bytes = a.ring_slot_bytes;
+  uint8_t* ring = dec_ring + warp * stages * slot_bytes;
+  const bool k_quant = s.k.mode != static_cast<int>(QuantMode::kFull);
+  const bool v_quant = s.v.mode != static_cast<int>(QuantMode::kFull);
+  const int k_tile_bytes = k_quant ? BodyTileBytes(D, s.k.bits, s.k.has_zeros != 0) : 0;
+  auto k_staged = [&](int tile0) { return kRing && k_quant && tile0 >= b0 && tile0 + 32 <= kb1; };
+  auto v_staged = [&](int tile0) { return kRing && v_quant && tile0 >= b0 && tile0 + 32 <= vb1; };
+  auto issue = [&](int tile0, int stage) {
+    if (tile0 < unit.tok_end) {
+      uint8_t* dst = ring + stage * slot_bytes;
+      if (k_staged(tile0)) StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0), s.k, lane);
+      if (v_staged(tile0))
+        StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0), s.v, lane);
+    }
+    CpAsyncCommit();
+  };
+  // The warp's tiles: every 4th from tok_begin + 32 warp, stepping over [skip_begin, skip_end)
+  // (the body tiles that tensor-core units of the same item take) in steps of 4 tiles.
+  auto skip = [&](int t0) {
+    return t0 >= unit.skip_begin && t0 < unit.skip_end
+               ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
+               : t0;
+  };
+  const int first_tile = skip(unit.tok_begin + warp * 32);
+  int ahead = first_tile;  // the next tile to stage
+  if constexpr (kRing) {
+    for (int st = 0; st + 1 < stages; ++st) {
+      issue(ahead, st);
+      ahead = skip(ahead + kDecWarps * 32);
+    }
+  }
+
+  int it = 0;
+  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32), ++it) {
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
+    const uint8_t* stage = ring + (it % (stages > 0 ? stages : 1)) * slot_bytes;
+    if constexpr (kRing) {
+      issue(ahead, (it + stages - 1) % stages);
+      ahead = skip(ahead + kDecWarps * 32);
+      // every group but the stages - 1 just issued is complete: this tile's copy has landed
+      if (stages == 3) {
+        CpAsyncWait<2>();
+      } else {
+        CpAsyncWait<1>();
+      }
+      __syncwarp();
+    }
+    const bool kst = k_staged(tile0);
     float sc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
     // ---- scores (lane = token)
-    if (k_tok && tile0 >= b0 && tile0 < kb1) {
-      const int u0 = tile0 - b0;
-      const int64_t page = a.pages[s.k.body_pages + u0 / kPageTokens];
-      const uint8_t* head = a.arena + page + static_cast<int64_t>(h) * s.k.head_bytes;
-      const int slot0 = u0 % kPageTokens;
+    if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole, hence staged
+      const BodySrc kb = StagedSrc<D>(stage, s.k);
       switch (s.k.bits) {
-        case 2: KTokensTile<D, R, 2>(sm, warp, lane, head, s.k, slot0, sc); break;
-        case 3: KTokensTile<D, R, 3>(sm, warp, lane, head, s.k, slot0, sc); break;
-        default: KTokensTile<D, R, 4>(sm, warp, lane, head, s.k, slot0, sc); break;
+        case 2: KTokensTile<D, R, 2, true>(sm, warp, lane, kb, s.k, sc); break;
+        case 3: KTokensTile<D, R, 3, true>(sm, warp, lane, kb, s.k, sc); break;
+        default: KTokensTile<D, R, 4, true>(sm, warp, lane, kb, s.k, sc); break;
+      }
+    } else if ((PATHS & kPathKCh) && kst) {
+      const BodySrc kb = StagedSrc<D>(stage, s.k);
+      switch (s.k.bits) {
+        case 2: KChannelsToken<D, R, 2, true>(sm, kb, s.k, lane, sc); break;
+        case 3: KChannelsToken<D, R, 3, true>(sm, kb, s.k, lane, sc); break;
+        default: KChannelsToken<D, R, 4, true>(sm, kb, s.k, lane, sc); break;
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
       if ((PATHS & kPathKCh) && kl.body) {
         const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
+        const BodySrc kb{head, head + s.k.scales_offset, head + s.k.zeros_offset};
         switch (s.k.bits) {
-          case 2: KChannelsToken<D, R, 2>(sm, head, s.k, kl.slot, sc); break;
-          case 3: KChannelsToken<D, R, 3>(sm, head, s.k, kl.slot, sc); break;
-          default: KChannelsToken<D, R, 4>(sm, head, s.k, kl.slot, sc); break;
+          case 2: KChannelsToken<D, R, 2, false>(sm, kb, s.k, kl.slot, sc); break;
+          case 3: KChannelsToken<D, R, 3, false>(sm, kb, s.k, kl.slot, sc); break;
+          default: KChannelsToken<D, R, 4, false>(sm, kb, s.k, kl.slot, sc); break;
         }
       } else {
         KFullToken<D, DT, R>(sm, a.arena + kl.page + (static_cast<int64_t>(kl.slot) * a.num_kv_heads + h) * D * 2, sc);
@@ -635,23 +808,19 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
     VTokRaw<D> vraw;
     VChRaw<D> vchraw;
     uint32_t raw0[kVBatch], raw1[kVBatch];
-    if (vc) {
-      const TokLoc vl = Locate(s, s.v, a.pages, t);  // every lane's token is in the body
-      const uint8_t* head = a.arena + vl.page + static_cast<int64_t>(h) * s.v.head_bytes;
+    if (vc) {  // whole body tiles (vc, vt) are staged
+      const BodySrc vb = StagedSrc<D>(stage + k_tile_bytes, s.v);
       switch (vbits) {
-        case 2: VChannelsLoad<D, 2>(head, s.v, vl.slot, vchraw); break;
-        case 3: VChannelsLoad<D, 3>(head, s.v, vl.slot, vchraw); break;
-        default: VChannelsLoad<D, 4>(head, s.v, vl.slot, vchraw); break;
+        case 2: VChannelsLoad<D, 2, true>(vb, s.v, lane, vchraw); break;
+        case 3: VChannelsLoad<D, 3, true>(vb, s.v, lane, vchraw); break;
+        default: VChannelsLoad<D, 4, true>(vb, s.v, lane, vchraw); break;
       }
     } else if (vt) {
-      const int u0 = tile0 - b0;
-      const int64_t page = a.pages[s.v.body_pages + u0 / kPageTokens];
-      const uint8_t* head = a.arena + page + static_cast<int64_t>(h) * s.v.head_bytes;
-      const int slot0 = u0 % kPageTokens;
+      const BodySrc vb = StagedSrc<D>(stage + k_tile_bytes, s.v);
       switch (vbits) {
-        case 2: VTokensLoad<D, 2>(lane, head, s.v, slot0, vraw); break;
-        case 3: VTokensLoad<D, 3>(lane, head, s.v, slot0, vraw); break;
-        default: VTokensLoad<D, 4>(lane, head, s.v, slot0, vraw); break;
+        case 2: VTokensLoad<D, 2, true>(lane, vb, s.v, vraw); break;
+        case 3: VTokensLoad<D, 3, true>(lane, vb, s.v, vraw); break;
+        default: VTokensLoad<D, 4, true>(lane, vb, s.v, vraw); break;
       }
     } else {
       if (in) {
@@ -693,6 +862,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
     __syncwarp();  // p and the V locations are consumed before the next tile writes them
   }
 
+  if constexpr (kRing) CpAsyncWait<0>();  // the look-ahead copies past the unit's end were empty
   // ---- the 4 warps' partial states meet once
   if (lane == 0) {
 #pragma unroll
@@ -706,45 +876,26 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
 #pragma unroll
     for (int j = 0; j < CPL; ++j) ws.u.o[r][lane * CPL + j] = acc[r][j];
   __syncthreads();
-  float* po = a.part_o + static_cast<int64_t>(blockIdx.x) * kRowsPerUnit * D;
-  for (int idx = tid; idx < R * D; idx += kDecThreads) {
-    const int r = idx / D;
-    const int c = idx % D;
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][r]);
-    float o = 0.f;
-    if (mm != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kDecWarps; ++w) {
-        const float mw = sm.m[w][r];
-        if (mw != -INFINITY) o += exp2f(mw - mm) * sm.w[w].u.o[r][c];
-      }
-    }
-    po[r * D + c] = o;
-  }
-  if (tid < R) {
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][tid]);
-    float ll = 0.f;
-    if (mm != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kDecWarps; ++w) {
-        const float mw = sm.m[w][tid];
-        if (mw != -INFINITY) ll += exp2f(mw - mm) * sm.l[w][tid];
-      }
-    }
-    float* pm = a.part_ml + (static_cast<int64_t>(blockIdx.x) * kRowsPerUnit + tid) * 2;
-    pm[0] = mm;
-    pm[1] = ll;
-  }
+  DecodeEpilogue<D, R>(sm, a, unit.part, tid);
+}
+
+// The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first.
+template <int D, DType DT, int R, int PATHS>
+cudaError_t DecodeRingOptIn(int ring_bytes) {
+  static std::atomic<int> opted{0};
+  if (ring_bytes <= opted.load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t e =
+      cudaFuncSetAttribute(DecodeKernel<D, DT, R, PATHS>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+  if (e == cudaSuccess) opted.store(ring_bytes, std::memory_order_relaxed);
+  return e;
 }
 
 template <int D, DType DT, int R, int PATHS>
-int DecodeBlocksPerSmT() {
+int DecodeBlocksPerSmT(int ring_bytes) {
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS>, kDecThreads, 0) != cudaSuccess) {
+  if (DecodeRingOptIn<D, DT, R, PATHS>(ring_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS>, kDecThreads, ring_bytes) !=
+          cudaSuccess) {
     (void)cudaGetLastError();
     return 1;
   }
@@ -754,7 +905,10 @@ int DecodeBlocksPerSmT() {
 template <int D, DType DT, int R, int PATHS>
 cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
-  DecodeKernel<D, DT, R, PATHS><<<num_units, kDecThreads, 0, stream>>>(args);
+  const int ring_bytes = PATHS == kFamFull ? 0 : DecodeRingBytes(args);
+  const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS>(ring_bytes);
+  if (e != cudaSuccess) return e;
+  DecodeKernel<D, DT, R, PATHS><<<num_units, kDecThreads, ring_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -769,12 +923,12 @@ cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cuda
 }
 
 template <int D, DType DT, int R>
-int DecodeBlocksPerSmFam(int paths) {
+int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
   switch (DecodeFamily(paths)) {
-    case kFamFull: return DecodeBlocksPerSmT<D, DT, R, kFamFull>();
-    case kFamInnerQ: return DecodeBlocksPerSmT<D, DT, R, kFamInnerQ>();
-    case kFamKivi: return DecodeBlocksPerSmT<D, DT, R, kFamKivi>();
-    default: return DecodeBlocksPerSmT<D, DT, R, kFamAll>();
+    case kFamFull: return DecodeBlocksPerSmT<D, DT, R, kFamFull>(0);
+    case kFamInnerQ: return DecodeBlocksPerSmT<D, DT, R, kFamInnerQ>(ring_bytes);
+    case kFamKivi: return DecodeBlocksPerSmT<D, DT, R, kFamKivi>(ring_bytes);
+    default: return DecodeBlocksPerSmT<D, DT, R, kFamAll>(ring_bytes);
   }
 }
 
@@ -790,11 +944,11 @@ __host__ __device__ constexpr int DecodeRowClass(int rows) { return rows <= 1 ? 
       default: return LaunchDecodeFam<D, DT, kRowsPerUnit>(args, paths, num_units, stream);\
     }                                                                                      \
   }                                                                                        \
-  int DecodeBlocksPerSm##SUFFIX(int rows, int paths) {                                     \
+  int DecodeBlocksPerSm##SUFFIX(int rows, int paths, int ring_bytes) {                     \
     switch (DecodeRowClass(rows)) {                                                        \
-      case 1: return DecodeBlocksPerSmFam<D, DT, 1>(paths);                                \
-      case 4: return DecodeBlocksPerSmFam<D, DT, 4>(paths);                                \
-      default: return DecodeBlocksPerSmFam<D, DT, kRowsPerUnit>(paths);                    \
+      case 1: return DecodeBlocksPerSmFam<D, DT, 1>(paths, ring_bytes);                    \
+      case 4: return DecodeBlocksPerSmFam<D, DT, 4>(paths, ring_bytes);                    \
+      default: return DecodeBlocksPerSmFam<D, DT, kRowsPerUnit>(paths, ring_bytes);        \
     }                                                                                      \
   }
 

@@ -78,10 +78,12 @@ cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int
   return cudaErrorInvalidValue;  // CudaSupports rejects these before any launch
 }
 
-int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths) {
+int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths, int ring_bytes) {
   if (dtype == DType::kF16)
-    return head_dim == 64 ? DecodeBlocksPerSmF16D64(rows, paths) : DecodeBlocksPerSmF16D128(rows, paths);
-  return head_dim == 64 ? DecodeBlocksPerSmBF16D64(rows, paths) : DecodeBlocksPerSmBF16D128(rows, paths);
+    return head_dim == 64 ? DecodeBlocksPerSmF16D64(rows, paths, ring_bytes)
+                          : DecodeBlocksPerSmF16D128(rows, paths, ring_bytes);
+  return head_dim == 64 ? DecodeBlocksPerSmBF16D64(rows, paths, ring_bytes)
+                        : DecodeBlocksPerSmBF16D128(rows, paths, ring_bytes);
 }
 
 cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int paths,

@@ -63,7 +63,19 @@ struct DevUnit {
   int32_t num_rows;
   int32_t tok_begin;
   int32_t tok_end;
+  int32_t kind;             // kUnitTokens, or kUnitImmaBody (decode_imma.cuh)
+  int32_t skip_begin;       // kUnitTokens of the decode path: tokens [skip_begin, skip_end) are
+  int32_t skip_end;         // left to the item's kUnitImmaBody units (32-aligned; empty: 0, 0)
+  int32_t part;             // decode path: index of the unit's partial (o, m, l) (launch order may differ)
 };
+// Unit kinds: any tokens (the per-token / per-tile paths), or only whole 32-token tiles inside both
+// the K and the V body of an InnerQ-layout sequence (K along_channels, V along_tokens, G = 32) with
+// <= 4 rows, on the tensor cores. Bits (K, V) with an IMMA instance: (2, 2), (3, 2), (3, 3).
+constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1;
+constexpr int kImmaMaxRows = 4;
+KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
+  return (k_bits == 2 && v_bits == 2) || (k_bits == 3 && v_bits == 2) || (k_bits == 3 && v_bits == 3);
+}
 
 // One (sequence, KV head, row block): the units [unit0, unit0 + num_units) that the merge combines.
 struct DevMergeItem {
@@ -99,7 +111,19 @@ struct AttnArgs {
   int32_t num_kv_heads;
   int32_t group;            // Hq / Hkv
   float scale_log2;         // softmax_scale * log2(e)
+  // Decode fast path: each warp's ring of ring_stages shared-memory slots of ring_slot_bytes
+  // (a whole body tile of K and of V, BodyTileBytes each) that cp.async fills ahead of the compute.
+  int32_t ring_slot_bytes;
+  int32_t ring_stages;      // 2 or 3
 };
+
+// Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),
+// then D/32 or D fp16 scales per tile (2D bytes either way), then as many zeros.
+KVQ_HD int BodyTileBytes(int head_dim, int bits, bool has_zeros) {
+  return 4 * head_dim * bits + 2 * head_dim + (has_zeros ? 2 * head_dim : 0);
+}
+constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
+KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * a.ring_stages * a.ring_slot_bytes; }
 
 struct MergeArgs {
   const DevMergeItem* items;
@@ -129,17 +153,21 @@ int AttentionBlocksPerSmBF16D128();
 // `paths` = the DecodePath bits the batch needs (the kernel family is chosen from them).
 cudaError_t LaunchDecode(const AttnArgs& args, int head_dim, DType dtype, int rows, int paths,
                          int num_units, cudaStream_t stream);
-int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths);
+int DecodeBlocksPerSm(int head_dim, DType dtype, int rows, int paths, int ring_bytes);
 cudaError_t LaunchDecodeF16D64(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
 cudaError_t LaunchDecodeF16D128(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
 cudaError_t LaunchDecodeBF16D64(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
 cudaError_t LaunchDecodeBF16D128(const AttnArgs& args, int rows, int paths, int num_units, cudaStream_t stream);
-int DecodeBlocksPerSmF16D64(int rows, int paths);
-int DecodeBlocksPerSmF16D128(int rows, int paths);
-int DecodeBlocksPerSmBF16D64(int rows, int paths);
-int DecodeBlocksPerSmBF16D128(int rows, int paths);
+int DecodeBlocksPerSmF16D64(int rows, int paths, int ring_bytes);
+int DecodeBlocksPerSmF16D128(int rows, int paths, int ring_bytes);
+int DecodeBlocksPerSmBF16D64(int rows, int paths, int ring_bytes);
+int DecodeBlocksPerSmBF16D128(int rows, int paths, int ring_bytes);
 // DecodePath bits (decode.cuh): along_channels K, along_tokens K, along_tokens V, along_channels V.
 constexpr int kDecodePathKCh = 1, kDecodePathKTok = 2, kDecodePathVTok = 4, kDecodePathVCh = 8;
+// The batch runs the InnerQ kernel family (every quantized tensor K along_channels / V along_tokens).
+inline bool DecodeFamilyIsInnerQ(int paths) {
+  return paths != 0 && (paths & ~(kDecodePathKCh | kDecodePathVTok)) == 0;
+}
 cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
                         cudaStream_t stream);
 

@@ -123,6 +123,8 @@ struct CudaStepRunner::Impl {
   bool decode_path = false;
   int max_rows = 0;
   int decode_paths = 0;
+  int ring_slot_bytes = 0;
+  int ring_stages = 2;
   const cuda::DevSeq* d_seqs = nullptr;
   const int64_t* d_pages = nullptr;
   const cuda::DevUnit* d_units = nullptr;
@@ -344,45 +346,119 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   int max_rows = 1;
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
   const int decode_paths = DecodePaths(configs, num_seqs);
-  const int blocks_per_sm = decode_path ? cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths)
-                                        : cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
+  // The decode kernel's per-warp rings hold whole body tiles of K and V (the largest any sequence
+  // of the batch needs). Three stages (two tiles ahead) when they cost no resident blocks against
+  // two, else two, unless set_ring_stages asked for a number.
+  int ring_slot_bytes = 0;
+  for (int i = 0; i < num_seqs; ++i) {
+    int b = 0;
+    for (const TensorFormat* f : {&configs[i].k, &configs[i].v})
+      if (f->quantized()) b += cuda::BodyTileBytes(p.head_dim, f->bits, f->has_zeros());
+    ring_slot_bytes = std::max(ring_slot_bytes, b);
+  }
+  int ring_stages = 2;
+  int blocks_per_sm = 0;
+  if (decode_path) {
+    auto blocks = [&](int stages) {
+      return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths,
+                                     cuda::kDecRingWarps * stages * ring_slot_bytes);
+    };
+    if (ring_stages_ == 2 || ring_stages_ == 3) {
+      ring_stages = ring_stages_;
+      blocks_per_sm = blocks(ring_stages);
+    } else {
+      blocks_per_sm = blocks(2);
+      const int b3 = blocks(3);
+      if (b3 >= blocks_per_sm) {
+        ring_stages = 3;
+        blocks_per_sm = b3;
+      }
+    }
+  } else {
+    blocks_per_sm = cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
+  }
   const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
   // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
   const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
+  // Each item's visible tokens as segments of one unit kind: on the InnerQ decode family with <= 4
+  // rows, the tiles inside both bodies go to the tensor-core units (decode_imma.cuh), the sink
+  // before them and the rest after them to the per-token units; otherwise one segment.
+  struct Segment {
+    int64_t begin, end;
+    int32_t kind;
+    int64_t skip_begin, skip_end;  // kUnitTokens around a body: one unit, never split
+  };
+  const bool imma_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsInnerQ(decode_paths) &&
+                           max_rows <= cuda::kImmaMaxRows;
+  std::vector<std::vector<Segment>> segments(items.size());
   int64_t max_visible = 0;
-  std::vector<int64_t> visible(items.size());
   for (size_t k = 0; k < items.size(); ++k) {
     const cuda::DevSeq& d = seqs[items[k].seq];
-    visible[k] = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
-    max_visible = std::max(max_visible, visible[k]);
+    const QuantConfig& c = configs[items[k].seq];
+    const int64_t visible = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
+    max_visible = std::max(max_visible, visible);
+    const bool imma_seq = imma_family && c.k.quantized() && c.v.quantized() &&
+                          c.k.grouping == Grouping::kAlongChannels && c.v.grouping == Grouping::kAlongTokens &&
+                          c.k.group_size == 32 && c.v.group_size == 32 && cuda::ImmaBits(c.k.bits, c.v.bits);
+    const int64_t b0 = d.sink_len + d.to_sink;
+    const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / cuda::kTileTokens *
+                         cuda::kTileTokens;
+    auto& seg = segments[k];
+    if (imma_seq && body >= cuda::kTileTokens && b0 + body <= visible) {
+      // sink and window: one per-token unit that steps over the body
+      if (b0 > 0 || b0 + body < visible) seg.push_back({0, visible, cuda::kUnitTokens, b0, b0 + body});
+      seg.push_back({b0, b0 + body, cuda::kUnitImmaBody, 0, 0});
+    } else {
+      seg.push_back({0, visible, cuda::kUnitTokens, 0, 0});
+    }
   }
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
   auto count_units = [&](int64_t c) {
     int64_t n = 0;
-    for (int64_t v : visible) n += (v + c - 1) / c;
+    for (const auto& seg : segments)
+      for (const Segment& sg : seg) n += sg.skip_end > sg.skip_begin ? 0 : (sg.end - sg.begin + c - 1) / c;
     return n;
   };
-  int64_t chunk = std::max<int64_t>(std::max<int64_t>(64, quantum), round_up((total_tokens + capacity - 1) / capacity));
-  while (chunk < max_visible && count_units(chunk) > capacity) chunk += std::max<int64_t>(quantum, round_up(chunk / 16));
+  // The per-token units around tensor-core bodies are short (sink + window): they take capacity
+  // from the split only when they are few; otherwise they run first and the body units after them.
+  int64_t num_around = 0;
+  for (const auto& seg : segments)
+    for (const Segment& sg : seg) num_around += sg.skip_end > sg.skip_begin ? 1 : 0;
+  const int64_t split_capacity = num_around * 8 <= capacity ? std::max<int64_t>(1, capacity - num_around) : capacity;
+  int64_t chunk =
+      std::max<int64_t>(std::max<int64_t>(64, quantum), round_up((total_tokens + split_capacity - 1) / split_capacity));
+  while (chunk < max_visible && count_units(chunk) > split_capacity)
+    chunk += std::max<int64_t>(quantum, round_up(chunk / 16));
   std::vector<cuda::DevUnit> units;
-  for (auto& it : items) {
-    const cuda::DevSeq& d = seqs[it.seq];
-    const int last_q = (it.row0 + it.num_rows - 1) / g;
-    const int visible = d.length - d.n_new + last_q + 1;
+  int imma_units = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    auto& it = items[k];
     it.unit0 = static_cast<int32_t>(units.size());
-    for (int64_t t0 = 0; t0 < visible; t0 += chunk) {
-      cuda::DevUnit u{};
-      u.seq = it.seq;
-      u.kv_head = it.kv_head;
-      u.row0 = it.row0;
-      u.num_rows = it.num_rows;
-      u.tok_begin = static_cast<int32_t>(t0);
-      u.tok_end = static_cast<int32_t>(std::min<int64_t>(visible, t0 + chunk));
-      units.push_back(u);
+    for (const Segment& sg : segments[k]) {
+      const bool whole = sg.skip_end > sg.skip_begin;
+      for (int64_t t0 = sg.begin; t0 < sg.end; t0 += whole ? sg.end - sg.begin : chunk) {
+        cuda::DevUnit u{};
+        u.seq = it.seq;
+        u.kv_head = it.kv_head;
+        u.row0 = it.row0;
+        u.num_rows = it.num_rows;
+        u.tok_begin = static_cast<int32_t>(t0);
+        u.tok_end = static_cast<int32_t>(whole ? sg.end : std::min<int64_t>(sg.end, t0 + chunk));
+        u.kind = sg.kind;
+        u.skip_begin = static_cast<int32_t>(sg.skip_begin);
+        u.skip_end = static_cast<int32_t>(sg.skip_end);
+        u.part = static_cast<int32_t>(units.size());
+        imma_units += sg.kind == cuda::kUnitImmaBody ? 1 : 0;
+        units.push_back(u);
+      }
     }
     it.num_units = static_cast<int32_t>(units.size()) - it.unit0;
   }
   if (units.size() > (size_t{1} << 31)) return Result::Error(Code::kInvalidArgument, "batch too large");
+  // Launch order: the per-token units first (short where they surround tensor-core bodies), so
+  // that any body units beyond one wave start as soon as they finish; the partials keep item order.
+  if (imma_units > 0)
+    std::stable_partition(units.begin(), units.end(), [](const cuda::DevUnit& u) { return u.kind == cuda::kUnitTokens; });
 
   const int64_t off_pages = Align16(int64_t(seqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_units = off_pages + Align16(int64_t(pages.size() * sizeof(int64_t)));
@@ -407,6 +483,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.decode_path = decode_path;
   m.max_rows = max_rows;
   m.decode_paths = decode_paths;
+  m.ring_slot_bytes = ring_slot_bytes;
+  m.ring_stages = ring_stages;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
@@ -416,6 +494,9 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.num_units = m.num_units;
   stats_.chunk_tokens = m.chunk;
   stats_.decode_path = decode_path;
+  stats_.ring_stages = decode_path ? ring_stages : 0;
+  stats_.imma_units = imma_units;
+  stats_.blocks_per_sm = blocks_per_sm;
   return Result::Ok();
 }
 
@@ -461,6 +542,8 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.num_kv_heads = p.num_kv_heads;
   a.group = p.num_q_heads / p.num_kv_heads;
   a.scale_log2 = scale * 1.4426950408889634f;
+  a.ring_slot_bytes = m.ring_slot_bytes;
+  a.ring_stages = m.ring_stages;
   if (m.decode_path) {
     KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
   } else {

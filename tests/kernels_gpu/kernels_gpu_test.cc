@@ -60,6 +60,8 @@ struct Case {
   std::vector<SeqSpec> seqs;
   uint32_t seed = 1;
   int expect_decode = -1;  // 1: the plan must take the decode fast path, 0: the generic kernel
+  int expect_imma = -1;    // 1: body tiles must run on the tensor cores (decode_imma.cuh), 0: must not
+  bool imma = true;        // CudaStepRunner::set_imma
 };
 
 std::string Describe(const Case& c) {
@@ -124,6 +126,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   if (c.expect_decode >= 0) {
     EXPECT_EQ(runner.stats().decode_path, c.expect_decode == 1) << "attention kernel chosen by the plan";
   }
+  if (c.expect_imma >= 0 && !first) {  // the first step flushes the initial window: bodies exist from step 2
+    EXPECT_EQ(runner.stats().imma_units > 0, c.expect_imma == 1) << "tensor-core body units in the plan";
+  }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
   CUDA_OK(cudaStreamDestroy(stream));
@@ -180,6 +185,7 @@ void RunCase(const Case& c) {
   std::unique_ptr<CudaStepRunner> runner;
   Result r = CudaStepRunner::Create(&runner);
   ASSERT_TRUE(r.ok()) << r.message;
+  runner->set_imma(c.imma);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -399,6 +405,66 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
       cs.expect_decode = 1;
       RunCase(cs);
       if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// InnerQ-layout batches (keys along channels, values along tokens, G = 32, <= 4 rows per KV head):
+// their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
+// per-token path, both in one launch. The presets and explicit configs of every mode the IMMA
+// instances cover ((K, V) bits (2, 2), (3, 2), (3, 3); sym / asym / hybrid; sinks 0 / 32 / 64 /
+// 96; key normalization on and off), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
+// tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
+TEST(KernelsGpu, ImmaBody) {
+  SKIP_WITHOUT_GPU();
+  auto fmt = [](QuantMode m, int bits, Grouping g, int keep, int flush) {
+    TensorFormat f;
+    f.mode = m;
+    f.bits = bits;
+    f.grouping = g;
+    f.group_size = 32;
+    f.keep = keep;
+    f.flush = flush;
+    return f;
+  };
+  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
+  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
+  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
+  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
+  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
+  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
+  b.sink = 64;
+  b.key_norm = true;
+  QuantConfig e;  // 3-bit sym keys, 2-bit hybrid values, sink 96
+  e.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 0, 1);
+  e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
+  e.sink = 96;
+  e.key_norm = true;
+  for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int gqa : {1, 2}) {
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2 * gqa;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kInnerQ, 5000, 1, 2, 33), SeqSpec(Preset::kInnerQ2, 700, 2, 1, 100),
+                   SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 2, 2, 77),
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 2, 9),
+                   SeqSpec(a, 40, 1, 1, 0),  // one body tile
+                   SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};  // no body: per-token units only
+        cs.seed = 9300 + k++;
+        cs.expect_decode = 1;
+        cs.expect_imma = 1;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+        cs.imma = false;
+        cs.expect_imma = 0;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }

@@ -26,6 +26,9 @@ struct CudaStepStats {
   int num_units = 0;     // split-KV work units of the last attention launch
   int chunk_tokens = 0;  // tokens per unit (the split size)
   bool decode_path = false;  // the last attention plan took the decode fast path (decode.cuh)
+  int ring_stages = 0;       // decode path: body tiles per warp ring (kept in flight: ring_stages - 1)
+  int blocks_per_sm = 0;     // resident attention blocks per SM the split plan assumed
+  int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
 };
 
 class CudaStepRunner {
@@ -63,6 +66,11 @@ class CudaStepRunner {
   // The plan picks the decode fast path for batches it fits (DecodeFastPathFits in
   // step_runner.cc); true forces the generic kernel, so tests and the benchmark can compare both.
   void set_force_generic(bool force) { force_generic_ = force; }
+  // Decode path: 2 or 3 ring stages; anything else lets the plan choose (the default).
+  void set_ring_stages(int stages) { ring_stages_ = stages; }
+  // Decode path: InnerQ body tiles on the tensor cores where they fit (default on); off, every tile
+  // takes the per-token / per-tile paths (tests and the benchmark compare both).
+  void set_imma(bool on) { imma_enabled_ = on; }
 
  private:
   CudaStepRunner() = default;
@@ -70,6 +78,8 @@ class CudaStepRunner {
   std::unique_ptr<Impl> impl_;
   CudaStepStats stats_;
   bool force_generic_ = false;
+  int ring_stages_ = 0;
+  bool imma_enabled_ = true;
 };
 
 }  // namespace kvq

@@ -1,0 +1,299 @@
+// Decode fast path, InnerQ body units on the tensor cores (included by decode.cuh).
+//
+// InnerQ groups both tensors along the inner dimension of their product (keys along channels,
+// values along tokens, G = 32), so one 32-wide group is exactly the k = 32 of one integer
+// tensor-core product mma.m16n8k32 (u8 codes x s8 operands, s32 accumulation), and each group's
+// scale is applied once per (token, group) for the keys and once per (channel, tile) for the
+// values, after the integer sum:
+//   scores, transposed: S^T[16 tokens][8 cols] = K codes[16 tokens][32 channels of group g] x Qb[32][8]
+//   values, transposed: O^T[16 channels][8 cols] = V codes[16 channels][32 tokens] x Pb[32][8]
+// The 8 columns are 4 query rows x (high byte, low byte) of a 16-bit fixed-point copy of q' (per
+// row scaled to +-32000) or of p (scaled by 32000): column 2r holds the high signed byte, 2r + 1
+// the low one (v = 256 hi + lo, lo in [-128, 127]), so hi * 256 + lo of the two accumulators is the
+// exact integer product with the 16-bit operand: no fp16 rounding of q or p, only their 16-bit
+// fixed-point rounding (<= 2^-16 of the row's largest |q'|, of 1 for p).
+//
+// Codes reach the A fragments as bytes with one shift and one LOP3 per 4 codes (2, 4 bits) or a
+// funnel shift and five logic ops per 8 codes (3 bits). Inside the 32-wide group the fragment's
+// k order is a fixed permutation of the physical positions (SlotPhys), applied to the other
+// operand when it is built; 3-bit codes sit at bit offset 0, 1 or 2 of their byte (SlotShift), and
+// the other operand's byte is scaled by 2^-offset to match.
+//
+// Units of this kind (DevUnit::kind == kUnitImmaBody) hold only body tokens of both K and V in
+// whole 32-token tiles (the plan cuts sink and window into units of the per-token kind); their
+// tiles come through the warp's cp.async ring like every staged body tile. Rows per unit <= 4.
+#pragma once
+
+namespace kvq {
+namespace cuda {
+
+// Physical position (channel of a key group, token of a value group) of logical k slot `k` of the
+// fragment, and the bit offset of its code inside the byte.
+__host__ __device__ __forceinline__ int SlotPhys(int bits, int k) {
+  const int t = (k & 15) >> 2, e = k & 3, half = k >> 4;
+  if (bits == 2) return half * 16 + t + 4 * e;
+  if (bits == 4) return half * 16 + 8 * (t >> 1) + (t & 1) + 2 * e;
+  // 3 bits: slots of thread t come from codes 8t .. 8t+7: {0, 3, 6, 2} then {1, 4, 7, 5}
+  const int j = half == 0 ? (e == 0 ? 0 : e == 1 ? 3 : e == 2 ? 6 : 2) : (e == 0 ? 1 : e == 1 ? 4 : e == 2 ? 7 : 5);
+  return 8 * t + j;
+}
+__host__ __device__ __forceinline__ int SlotShift(int bits, int k) {
+  return bits == 3 ? ((k & 3) == 3 ? 0 : (k & 3)) : 0;
+}
+// Inverse of SlotPhys: the slot of physical position p.
+__host__ __device__ __forceinline__ int SlotOf(int bits, int p) {
+  const int half = p >> 4, q = p & 15;
+  if (bits == 2) return half * 16 + 4 * (q & 3) + (q >> 2);
+  if (bits == 4) return half * 16 + 4 * (2 * (q >> 3) + (q & 1)) + ((q & 7) >> 1);
+  const int t = p >> 3, j = p & 7;
+  // j -> (half, e): 0 (0,0) 3 (0,1) 6 (0,2) 2 (0,3) 1 (1,0) 4 (1,1) 7 (1,2) 5 (1,3)
+  const int h3 = (j == 1 || j == 4 || j == 7 || j == 5) ? 1 : 0;
+  const int e3 = (j == 0 || j == 1) ? 0 : (j == 3 || j == 4) ? 1 : (j == 6 || j == 7) ? 2 : 3;
+  return h3 * 16 + 4 * t + e3;
+}
+
+// The two A-fragment registers of thread t (lane % 4) for one 32-code group bitstream `w`
+// (shared memory): 4 codes each, one per byte, slots 4t .. 4t+3 and 16+4t .. 16+4t+3.
+template <int BITS>
+__device__ __forceinline__ void GroupSlots(const uint32_t* w, int t, uint32_t& r0, uint32_t& r1) {
+  if constexpr (BITS == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(w);
+    r0 = (v.x >> (2 * t)) & 0x03030303u;
+    r1 = (v.y >> (2 * t)) & 0x03030303u;
+  } else if constexpr (BITS == 4) {
+    const int sh = 4 * (t & 1);
+    r0 = (w[t >> 1] >> sh) & 0x0F0F0F0Fu;
+    r1 = (w[2 + (t >> 1)] >> sh) & 0x0F0F0F0Fu;
+  } else {
+    static_assert(BITS == 3, "2, 3 or 4 bits");
+    const int bit = 24 * t;
+    // bits 24..31 of x are never used, so the word after the group may be anything readable
+    const uint32_t x = __funnelshift_r(w[bit >> 5], w[(bit >> 5) + 1], bit & 31);
+    r0 = (x & 0x001C0E07u) | ((x << 18) & 0x07000000u);
+    r1 = ((x >> 3) & 0x001C0E07u) | ((x << 9) & 0x07000000u);
+  }
+}
+
+__device__ __forceinline__ void Imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16-bit fixed point as (high, low) signed bytes: v = 256 hi + lo, lo in [-128, 127].
+__device__ __forceinline__ uint32_t FixedByte(float x, bool low) {
+  const int v = __float2int_rn(x);
+  const int hi = (v + 128) >> 8;
+  return static_cast<uint32_t>(low ? v - hi * 256 : hi) & 0xffu;
+}
+
+constexpr float kFixedScale = 32000.f;  // |v| <= 32000 < 32639, the largest (hi, lo) pair
+
+template <int D, int R, int KB, int VB, typename Smem>
+__device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
+                                             uint8_t* ring, int warp, int lane) {
+  constexpr int NG = D / 32;
+  constexpr int MC = D / 16;  // value m-tiles (16 channels each)
+  const int g = lane >> 2;    // groupID: fragment row / B column
+  const int t = lane & 3;     // thread in group: query row of this thread's accumulators
+  const int h = unit.kv_head;
+  const int stages = a.ring_stages;
+  const int slot_bytes = a.ring_slot_bytes;
+  const int b0 = s.sink_len + s.to_sink;
+  const int k_tile_bytes = BodyTileBytes(D, KB, s.k.has_zeros != 0);
+  auto& ws = sm.w[warp];
+
+  // ---- per unit: the q' operand (B fragments of the score product) and this thread's row terms
+  float qmax[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float mx = 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) mx = fmaxf(mx, fabsf(sm.qn[r][lane * (D / 32) + j]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    qmax[r] = mx;
+  }
+  uint32_t bq[NG][2];
+  {
+    const int r = g >> 1;  // B column g = row g / 2, high (even g) or low (odd g) byte
+    float qs = 0.f;
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr)
+      if (rr == r) qs = qmax[rr] > 0.f ? kFixedScale / qmax[rr] : 0.f;
+#pragma unroll
+    for (int gr = 0; gr < NG; ++gr) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t word = 0u;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k = half * 16 + 4 * t + e;
+          const int c = gr * 32 + SlotPhys(KB, k);
+          const float x = r < R ? sm.qn[r < R ? r : 0][c] * qs * (1.f / static_cast<float>(1 << SlotShift(KB, k))) : 0.f;
+          word |= FixedByte(x, (g & 1) != 0) << (8 * e);
+        }
+        bq[gr][half] = word;
+      }
+    }
+  }
+  float inv_q = 0.f, qsum[NG];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)
+    if (rr == t) inv_q = qmax[rr] > 0.f ? qmax[rr] / kFixedScale : 0.f;
+#pragma unroll
+  for (int gr = 0; gr < NG; ++gr) qsum[gr] = t < R ? sm.qsum[t < R ? t : 0][gr] : 0.f;
+  // the 4 tokens of this thread's score accumulators (g, g + 8, 16 + g, 24 + g): their value slots
+  int pslot[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pslot[i] = SlotOf(VB, g + 8 * i);
+
+  float m = -INFINITY, l = 0.f, acc[MC][2];
+#pragma unroll
+  for (int mc = 0; mc < MC; ++mc) acc[mc][0] = acc[mc][1] = 0.f;
+
+  auto issue = [&](int tile0, int stage) {
+    if (tile0 < unit.tok_end) {
+      uint8_t* dst = ring + stage * slot_bytes;
+      StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0), s.k, lane);
+      StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0), s.v, lane);
+    }
+    CpAsyncCommit();
+  };
+  const int first_tile = unit.tok_begin + warp * 32;
+  for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);
+  uint8_t* pb = reinterpret_cast<uint8_t*>(&ws.u.v.codes[0][0]);  // [8 columns][32 slots] bytes
+
+  int it = 0;
+  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
+    issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
+    if (stages == 3) {
+      CpAsyncWait<2>();
+    } else {
+      CpAsyncWait<1>();
+    }
+    __syncwarp();
+    const uint8_t* st = ring + (it % stages) * slot_bytes;
+    const BodySrc kb = StagedSrc<D>(st, s.k);
+    const BodySrc vb = StagedSrc<D>(st + k_tile_bytes, s.v);
+
+    // ---- scores of row t for tokens g, g + 8 (m-tile 0) and 16 + g, 24 + g (m-tile 1)
+    float sc[4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float sa[2] = {0.f, 0.f}, sb[2] = {0.f, 0.f};  // tokens tok0 and tok0 + 8
+      const int tok0 = mt * 16 + g;
+      float s0[NG], z0[NG], s1[NG], z1[NG];
+      LoadHalves<NG, true>(kb.scales + 2 * tok0 * NG, s0);
+      LoadHalves<NG, true>(kb.scales + 2 * (tok0 + 8) * NG, s1);
+      if (s.k.has_zeros) {
+        LoadHalves<NG, true>(kb.zeros + 2 * tok0 * NG, z0);
+        LoadHalves<NG, true>(kb.zeros + 2 * (tok0 + 8) * NG, z1);
+      } else {
+#pragma unroll
+        for (int gr = 0; gr < NG; ++gr) z0[gr] = z1[gr] = 0.f;
+      }
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(kb.codes);
+#pragma unroll
+      for (int gr = 0; gr < NG; ++gr) {
+        uint32_t x0, y0, x1, y1;
+        GroupSlots<KB>(kw + (tok0 * NG + gr) * KB, t, x0, y0);
+        GroupSlots<KB>(kw + ((tok0 + 8) * NG + gr) * KB, t, x1, y1);
+        int c[4] = {0, 0, 0, 0};
+        Imma16832(c, x0, x1, y0, y1, bq[gr][0], bq[gr][1]);
+        const float v0 = static_cast<float>(c[0] * 256 + c[1]);
+        const float v1 = static_cast<float>(c[2] * 256 + c[3]);
+        const float2 ab0 = GroupAffine(KB, s.k.mode, s0[gr], z0[gr]);
+        const float2 ab1 = GroupAffine(KB, s.k.mode, s1[gr], z1[gr]);
+        sa[0] += ab0.x * v0;
+        sb[0] += ab0.y * qsum[gr];
+        sa[1] += ab1.x * v1;
+        sb[1] += ab1.y * qsum[gr];
+      }
+      sc[2 * mt] = sa[0] * inv_q + sb[0];
+      sc[2 * mt + 1] = sa[1] * inv_q + sb[1];
+    }
+    // ---- online softmax of row t over the tile (the 8 lanes with this t hold its 32 tokens)
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sc[i] *= a.scale_log2;
+      mx = fmaxf(mx, sc[i]);
+    }
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float m_new = fmaxf(m, mx);
+    float p[4], psum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p[i] = exp2f(sc[i] - m_new);
+      psum += p[i];
+    }
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+    const float alpha = exp2f(m - m_new);  // m = -inf on the first tile: alpha = 0
+    l = l * alpha + psum;
+    m = m_new;
+#pragma unroll
+    for (int mc = 0; mc < MC; ++mc) {
+      acc[mc][0] *= alpha;
+      acc[mc][1] *= alpha;
+    }
+    // ---- p as (high, low) bytes in the value fragment's slot order: pb[column][slot]
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int k = pslot[i];
+      const float x = p[i] * (kFixedScale / static_cast<float>(1 << SlotShift(VB, k)));
+      pb[(2 * t) * 32 + k] = static_cast<uint8_t>(FixedByte(x, false));
+      pb[(2 * t + 1) * 32 + k] = static_cast<uint8_t>(FixedByte(x, true));
+    }
+    __syncwarp();
+    const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(pb + g * 32 + 4 * t);
+    const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(pb + g * 32 + 16 + 4 * t);
+    // ---- P.V: channels mc * 16 + g and + 8 of row t
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(vb.codes);
+    const float inv_p = 1.f / kFixedScale;
+#pragma unroll
+    for (int mc = 0; mc < MC; ++mc) {
+      const int c0 = mc * 16 + g;
+      uint32_t x0, y0, x1, y1;
+      GroupSlots<VB>(vw + c0 * VB, t, x0, y0);
+      GroupSlots<VB>(vw + (c0 + 8) * VB, t, x1, y1);
+      int c[4] = {0, 0, 0, 0};
+      Imma16832(c, x0, x1, y0, y1, pb0, pb1);
+      const float v0 = static_cast<float>(c[0] * 256 + c[1]) * inv_p;
+      const float v1 = static_cast<float>(c[2] * 256 + c[3]) * inv_p;
+      const float s0 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.scales + 2 * c0)));
+      const float s1 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.scales + 2 * c0 + 16)));
+      float z0 = 0.f, z1 = 0.f;
+      if (s.v.has_zeros) {
+        z0 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.zeros + 2 * c0)));
+        z1 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.zeros + 2 * c0 + 16)));
+      }
+      const float2 ab0 = GroupAffine(VB, s.v.mode, s0, z0);
+      const float2 ab1 = GroupAffine(VB, s.v.mode, s1, z1);
+      acc[mc][0] += ab0.x * v0 + ab0.y * psum;
+      acc[mc][1] += ab1.x * v1 + ab1.y * psum;
+    }
+    __syncwarp();  // pb and the ring slot are consumed before the next tile writes them
+  }
+  CpAsyncWait<0>();
+
+  // ---- this warp's state for the block's epilogue (rows t < R)
+  if (t < R) {
+    if (g == 0) {
+      sm.m[warp][t < R ? t : 0] = m;
+      sm.l[warp][t < R ? t : 0] = l;
+    }
+#pragma unroll
+    for (int mc = 0; mc < MC; ++mc) {
+      ws.u.o[t < R ? t : 0][mc * 16 + g] = acc[mc][0];
+      ws.u.o[t < R ? t : 0][mc * 16 + g + 8] = acc[mc][1];
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq
