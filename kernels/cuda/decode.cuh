@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cfloat>
 
+#include "code_bytes.cuh"
 #include "device_common.cuh"
 
 namespace kvq {
@@ -87,6 +88,7 @@ struct DecSmem {
       float o[R][D];            // end of the unit: this warp's accumulator
     } u;
     float p[R][32];
+    alignas(16) uint8_t pb[2][32];  // R = 1, along_tokens V body tile: p as (high, low) bytes in slot order
     int64_t vpage[32];
     int vslot[32];
     int vbody[32];
@@ -95,6 +97,9 @@ struct DecSmem {
   alignas(16) float q[R][D];
   alignas(16) float qn[R][D];
   float qsum[R][kNG];
+  alignas(16) uint8_t qbh[kNG][32];  // R = 1, along_channels K: q' as (high, low) bytes in slot order
+  alignas(16) uint8_t qbl[kNG][32];
+  float qinv;                        // max |q'| / kFixedScale: the fixed-point unit of qbh / qbl
   int pos[R];
   float m[kDecWarps][R];
   float l[kDecWarps][R];
@@ -222,6 +227,26 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
 #pragma unroll
     for (int g = 0; g < NG; ++g) z[g] = 0.f;
   }
+  if constexpr (R == 1) {
+    // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
+    // 16 dp4a per group, the scale once per group
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      uint32_t r0[4], r1[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) GroupSlotsReg<BITS>(w + g * BITS, t, r0[t], r1[t]);
+      const uint4 h0 = *reinterpret_cast<const uint4*>(&sm.qbh[g][0]);
+      const uint4 h1 = *reinterpret_cast<const uint4*>(&sm.qbh[g][16]);
+      const uint4 l0 = *reinterpret_cast<const uint4*>(&sm.qbl[g][0]);
+      const uint4 l1 = *reinterpret_cast<const uint4*>(&sm.qbl[g][16]);
+      const int hi = Dp4a8(r0, r1, h0, h1);
+      const int lo = Dp4a8(r0, r1, l0, l1);
+      const float dot = static_cast<float>(hi * 256 + lo) * sm.qinv;  // sum_i q'_i c_i
+      const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
+      sc[0] += ab.x * dot + ab.y * sm.qsum[0][g];
+    }
+    return;
+  }
 #pragma unroll
   for (int g = 0; g < NG; ++g) {
     float dot[R];
@@ -348,6 +373,25 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
                                                float (*acc)[D / 32]) {
   constexpr int CPL = D / 32;
   const auto& ws = sm.w[warp];
+  if constexpr (R == 1) {
+    // one row: integer products of the codes as bytes with p as 16-bit fixed point (ws.pb)
+    const uint4 h0 = *reinterpret_cast<const uint4*>(&ws.pb[0][0]);
+    const uint4 h1 = *reinterpret_cast<const uint4*>(&ws.pb[0][16]);
+    const uint4 l0 = *reinterpret_cast<const uint4*>(&ws.pb[1][0]);
+    const uint4 l1 = *reinterpret_cast<const uint4*>(&ws.pb[1][16]);
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      uint32_t r0[4], r1[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) GroupSlotsReg<BITS>(raw.w + j * BITS, t, r0[t], r1[t]);
+      const int hi = Dp4a8(r0, r1, h0, h1);
+      const int lo = Dp4a8(r0, r1, l0, l1);
+      const float v = static_cast<float>(hi * 256 + lo) * (1.f / kFixedScale);  // sum_t p_t c_t
+      const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
+      acc[0][j] += ab.x * v + ab.y * psum[0];
+    }
+    return;
+  }
   float dot[R][CPL];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -654,7 +698,29 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   }
   __syncthreads();
 
-  if constexpr (PATHS == kFamInnerQ && R <= 4) {
+  if constexpr (R == 1 && (PATHS & kPathKCh) != 0) {
+    // q' as 16-bit fixed-point bytes in slot order for the along_channels keys (KChannelsToken)
+    if (s.k.grouping == static_cast<int>(Grouping::kAlongChannels) && s.k.mode != static_cast<int>(QuantMode::kFull)) {
+      if (warp == 0) {
+        float mx = 0.f;
+        for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(sm.qn[0][c]));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        if (lane == 0) sm.qinv = mx / kFixedScale;
+      }
+      __syncthreads();
+      const float qs = sm.qinv > 0.f ? 1.f / sm.qinv : 0.f;
+      for (int idx = tid; idx < NG * 32; idx += kDecThreads) {
+        const int g = idx / 32;
+        const int k = idx % 32;
+        const float x = sm.qn[0][g * 32 + SlotPhys(s.k.bits, k)] * qs / static_cast<float>(1 << SlotShift(s.k.bits, k));
+        sm.qbh[g][k] = static_cast<uint8_t>(FixedByte(x, false));
+        sm.qbl[g][k] = static_cast<uint8_t>(FixedByte(x, true));
+      }
+      __syncthreads();
+    }
+  }
+  if constexpr (PATHS == kFamInnerQ && R == 4) {
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * a.ring_stages * a.ring_slot_bytes;
       if (s.k.bits == 2) {
@@ -688,79 +754,32 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
   const bool v_tok = (PATHS & kPathVTok) && s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
   const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
+  // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
+  const int pslot = SlotOf(s.v.bits, lane);
+  const int pshift = SlotShift(s.v.bits, pslot);
 
-  // Body tiles wholly inside the K (V) body are staged: copied into the warp's ring with cp.async
-  // ring_stages - 1 tiles ahead (one commit group per tile, empty when nothing is staged), so the
-  // loads of the next tiles are in flight while this one is computed. Full-precision tokens and
-  // the along_channels tile that crosses the body's end are read from global memory as before.
-  constexpr bool kRing = PATHS != kFamFull;
-  const int stages = a.ring_stages;
-  const int slot_bytes = a.ring_slot_bytes;
-  uint8_t* ring = dec_ring + warp * stages * slot_bytes;
-  const bool k_quant = s.k.mode != static_cast<int>(QuantMode::kFull);
-  const bool v_quant = s.v.mode != static_cast<int>(QuantMode::kFull);
-  const int k_tile_bytes = k_quant ? BodyTileBytes(D, s.k.bits, s.k.has_zeros != 0) : 0;
-  auto k_staged = [&](int tile0) { return kRing && k_quant && tile0 >= b0 && tile0 + 32 <= kb1; };
-  auto v_staged = [&](int tile0) { return kRing && v_quant && tile0 >= b0 && tile0 + 32 <= vb1; };
-  auto issue = [&](int tile0, int stage) {
-    if (tile0 < unit.tok_end) {
-      uint8_t* dst = ring + stage * slot_bytes;
-      if (k_staged(tile0)) StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0), s.k, lane);
-      if (v_staged(tile0))
-        StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0), s.v, lane);
-    }
-    CpAsyncCommit();
-  };
   // The warp's tiles: every 4th from tok_begin + 32 warp, stepping over [skip_begin, skip_end)
-  // (the body tiles that tensor-core units of the same item take) in steps of 4 tiles.
+  // (the body tiles that tensor-core units of the same item take) in steps of 4 tiles. Loads go
+  // straight from global memory to registers: staging these tiles through the IMMA units' cp.async
+  // ring was measured no faster and cost resident blocks (docs/gpu_notes.md, d8).
   auto skip = [&](int t0) {
     return t0 >= unit.skip_begin && t0 < unit.skip_end
                ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
                : t0;
   };
-  const int first_tile = skip(unit.tok_begin + warp * 32);
-  int ahead = first_tile;  // the next tile to stage
-  if constexpr (kRing) {
-    for (int st = 0; st + 1 < stages; ++st) {
-      issue(ahead, st);
-      ahead = skip(ahead + kDecWarps * 32);
-    }
-  }
-
-  int it = 0;
-  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32), ++it) {
+  for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
-    const uint8_t* stage = ring + (it % (stages > 0 ? stages : 1)) * slot_bytes;
-    if constexpr (kRing) {
-      issue(ahead, (it + stages - 1) % stages);
-      ahead = skip(ahead + kDecWarps * 32);
-      // every group but the stages - 1 just issued is complete: this tile's copy has landed
-      if (stages == 3) {
-        CpAsyncWait<2>();
-      } else {
-        CpAsyncWait<1>();
-      }
-      __syncwarp();
-    }
-    const bool kst = k_staged(tile0);
     float sc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
     // ---- scores (lane = token)
-    if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole, hence staged
-      const BodySrc kb = StagedSrc<D>(stage, s.k);
+    if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole
+      const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
       switch (s.k.bits) {
-        case 2: KTokensTile<D, R, 2, true>(sm, warp, lane, kb, s.k, sc); break;
-        case 3: KTokensTile<D, R, 3, true>(sm, warp, lane, kb, s.k, sc); break;
-        default: KTokensTile<D, R, 4, true>(sm, warp, lane, kb, s.k, sc); break;
-      }
-    } else if ((PATHS & kPathKCh) && kst) {
-      const BodySrc kb = StagedSrc<D>(stage, s.k);
-      switch (s.k.bits) {
-        case 2: KChannelsToken<D, R, 2, true>(sm, kb, s.k, lane, sc); break;
-        case 3: KChannelsToken<D, R, 3, true>(sm, kb, s.k, lane, sc); break;
-        default: KChannelsToken<D, R, 4, true>(sm, kb, s.k, lane, sc); break;
+        case 2: KTokensTile<D, R, 2, false>(sm, warp, lane, kb, s.k, sc); break;
+        case 3: KTokensTile<D, R, 3, false>(sm, warp, lane, kb, s.k, sc); break;
+        default: KTokensTile<D, R, 4, false>(sm, warp, lane, kb, s.k, sc); break;
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
@@ -797,6 +816,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
       for (int j = 0; j < CPL; ++j) acc[r][j] *= alpha;
       psum[r] = sum;
       ws.p[r][lane] = p;
+      if constexpr (R == 1 && (PATHS & kPathVTok) != 0) {
+        const float xp = p * (kFixedScale / static_cast<float>(1 << pshift));
+        ws.pb[0][pslot] = static_cast<uint8_t>(FixedByte(xp, false));
+        ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
+      }
     }
     // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident
     // warps, and was slower on the H100 (docs/gpu_notes.md, v3 -> v4)
@@ -808,19 +832,20 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
     VTokRaw<D> vraw;
     VChRaw<D> vchraw;
     uint32_t raw0[kVBatch], raw1[kVBatch];
-    if (vc) {  // whole body tiles (vc, vt) are staged
-      const BodySrc vb = StagedSrc<D>(stage + k_tile_bytes, s.v);
-      switch (vbits) {
-        case 2: VChannelsLoad<D, 2, true>(vb, s.v, lane, vchraw); break;
-        case 3: VChannelsLoad<D, 3, true>(vb, s.v, lane, vchraw); break;
-        default: VChannelsLoad<D, 4, true>(vb, s.v, lane, vchraw); break;
-      }
-    } else if (vt) {
-      const BodySrc vb = StagedSrc<D>(stage + k_tile_bytes, s.v);
-      switch (vbits) {
-        case 2: VTokensLoad<D, 2, true>(lane, vb, s.v, vraw); break;
-        case 3: VTokensLoad<D, 3, true>(lane, vb, s.v, vraw); break;
-        default: VTokensLoad<D, 4, true>(lane, vb, s.v, vraw); break;
+    if (vc || vt) {  // whole body tiles
+      const BodySrc vb = BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0);
+      if (vc) {
+        switch (vbits) {
+          case 2: VChannelsLoad<D, 2, false>(vb, s.v, lane, vchraw); break;
+          case 3: VChannelsLoad<D, 3, false>(vb, s.v, lane, vchraw); break;
+          default: VChannelsLoad<D, 4, false>(vb, s.v, lane, vchraw); break;
+        }
+      } else {
+        switch (vbits) {
+          case 2: VTokensLoad<D, 2, false>(lane, vb, s.v, vraw); break;
+          case 3: VTokensLoad<D, 3, false>(lane, vb, s.v, vraw); break;
+          default: VTokensLoad<D, 4, false>(lane, vb, s.v, vraw); break;
+        }
       }
     } else {
       if (in) {
@@ -862,7 +887,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
     __syncwarp();  // p and the V locations are consumed before the next tile writes them
   }
 
-  if constexpr (kRing) CpAsyncWait<0>();  // the look-ahead copies past the unit's end were empty
   // ---- the 4 warps' partial states meet once
   if (lane == 0) {
 #pragma unroll

@@ -346,15 +346,24 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   int max_rows = 1;
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
   const int decode_paths = DecodePaths(configs, num_seqs);
-  // The decode kernel's per-warp rings hold whole body tiles of K and V (the largest any sequence
-  // of the batch needs). Three stages (two tiles ahead) when they cost no resident blocks against
-  // two, else two, unless set_ring_stages asked for a number.
+  // Tensor-core body units (decode_imma.cuh): InnerQ-family batches with <= 4 rows per unit, for
+  // the sequences whose formats an IMMA instance covers. Their per-warp cp.async rings hold whole
+  // body tiles of K and V; three stages (two tiles ahead) when that costs no resident blocks
+  // against two, else two, unless set_ring_stages asked for a number.
+  // (one row: the per-token path's integer products on the codes are cheaper, see decode.cuh)
+  const bool imma_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsInnerQ(decode_paths) &&
+                           max_rows >= 2 && max_rows <= cuda::kImmaMaxRows;
+  auto imma_config = [&](const QuantConfig& c) {
+    return imma_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
+           c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
+           cuda::ImmaBits(c.k.bits, c.v.bits);
+  };
   int ring_slot_bytes = 0;
   for (int i = 0; i < num_seqs; ++i) {
-    int b = 0;
-    for (const TensorFormat* f : {&configs[i].k, &configs[i].v})
-      if (f->quantized()) b += cuda::BodyTileBytes(p.head_dim, f->bits, f->has_zeros());
-    ring_slot_bytes = std::max(ring_slot_bytes, b);
+    const QuantConfig& c = configs[i];
+    if (imma_config(c))
+      ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
+                                                      cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
   }
   int ring_stages = 2;
   int blocks_per_sm = 0;
@@ -388,8 +397,6 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     int32_t kind;
     int64_t skip_begin, skip_end;  // kUnitTokens around a body: one unit, never split
   };
-  const bool imma_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsInnerQ(decode_paths) &&
-                           max_rows <= cuda::kImmaMaxRows;
   std::vector<std::vector<Segment>> segments(items.size());
   int64_t max_visible = 0;
   for (size_t k = 0; k < items.size(); ++k) {
@@ -397,9 +404,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     const QuantConfig& c = configs[items[k].seq];
     const int64_t visible = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
     max_visible = std::max(max_visible, visible);
-    const bool imma_seq = imma_family && c.k.quantized() && c.v.quantized() &&
-                          c.k.grouping == Grouping::kAlongChannels && c.v.grouping == Grouping::kAlongTokens &&
-                          c.k.group_size == 32 && c.v.group_size == 32 && cuda::ImmaBits(c.k.bits, c.v.bits);
+    const bool imma_seq = imma_config(c);
     const int64_t b0 = d.sink_len + d.to_sink;
     const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / cuda::kTileTokens *
                          cuda::kTileTokens;

@@ -409,9 +409,9 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
   }
 }
 
-// InnerQ-layout batches (keys along channels, values along tokens, G = 32, <= 4 rows per KV head):
-// their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
-// per-token path, both in one launch. The presets and explicit configs of every mode the IMMA
+// InnerQ-layout batches (keys along channels, values along tokens, G = 32, 2 to 4 rows per KV
+// head): their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
+// per-token path, both in one launch; with one row the per-token path's dp4a products take all. The presets and explicit configs of every mode the IMMA
 // instances cover ((K, V) bits (2, 2), (3, 2), (3, 3); sym / asym / hybrid; sinks 0 / 32 / 64 /
 // 96; key normalization on and off), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
 // tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
@@ -464,6 +464,12 @@ TEST(KernelsGpu, ImmaBody) {
         cs.expect_imma = 0;
         RunCase(cs);
         if (HasFatalFailure()) return;
+        if (gqa == 1) {  // one row per KV head: the per-token path's integer products (no IMMA units)
+          for (auto& q : cs.seqs) q.n1 = q.n2 = 1;
+          cs.imma = true;
+          RunCase(cs);
+          if (HasFatalFailure()) return;
+        }
       }
     }
   }
