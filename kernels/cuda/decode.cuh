@@ -103,6 +103,7 @@ struct DecSmem {
   int pos[R];
   float m[kDecWarps][R];
   float l[kDecWarps][R];
+  int merge_last;
 };
 
 // Codes as floats in [1, 2) without an add per code: the code's bits rotated to the top of the fp32
@@ -609,8 +610,10 @@ __device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, co
 
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
 // block barrier) become the unit's unnormalized (o, m, l).
-template <int D, int R, typename Smem>
-__device__ __forceinline__ void DecodeEpilogue(const Smem& sm, const AttnArgs& a, int part, int tid) {
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
+                                               int tid) {
+  const int part = unit.part;
   float* po = a.part_o + static_cast<int64_t>(part) * kRowsPerUnit * D;
   for (int idx = tid; idx < R * D; idx += kDecThreads) {
     const int r = idx / D;
@@ -643,6 +646,21 @@ __device__ __forceinline__ void DecodeEpilogue(const Smem& sm, const AttnArgs& a
     float* pm = a.part_ml + (static_cast<int64_t>(part) * kRowsPerUnit + tid) * 2;
     pm[0] = mm;
     pm[1] = ll;
+  }
+  // Fused merge: the partial is visible device-wide before this unit counts itself; the item's
+  // last unit to count (threadFenceReduction pattern) combines every partial of the item.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const DevMergeItem& it = a.items[unit.item];
+    sm.merge_last = atomicAdd(a.merge_count + unit.item, 1) == it.num_units - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  if (sm.merge_last) {
+    __threadfence();
+    const DevMergeItem it = a.items[unit.item];
+    MergeItemRows<D, DT>(it, s, a.part_o, a.part_ml, a.o, a.num_q_heads, a.group, tid, kDecThreads);
+    if (tid == 0) a.merge_count[unit.item] = 0;  // ready for the next launch
   }
 }
 
@@ -731,7 +749,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
         ImmaBodyUnit<D, R, 3, 3>(sm, a, s, unit, ring, warp, lane);
       }
       __syncthreads();
-      DecodeEpilogue<D, R>(sm, a, unit.part, tid);
+      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
       return;
     }
   }
@@ -900,7 +918,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
 #pragma unroll
     for (int j = 0; j < CPL; ++j) ws.u.o[r][lane * CPL + j] = acc[r][j];
   __syncthreads();
-  DecodeEpilogue<D, R>(sm, a, unit.part, tid);
+  DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
 }
 
 // The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first.

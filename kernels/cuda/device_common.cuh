@@ -168,5 +168,41 @@ __device__ __forceinline__ float UnitQuery(const uint16_t* q, int num_q_heads, i
   return ActToFloat<DT>(q[((s.q_row + i) * num_q_heads + hq) * D + c]);
 }
 
+// Combines the units' unnormalized (o, m, l) of one merge item into the final output rows, with
+// the threads of a block. A unit whose tokens are all masked for a row has m = -inf and l = 0 and
+// gets weight 0; a row always sees at least itself, so the combined l is > 0. L2 loads (__ldcg):
+// the partials may have been written by other blocks of the same launch (fused merge).
+template <int D, DType DT>
+__device__ __forceinline__ void MergeItemRows(const DevMergeItem& it, const DevSeq& s, const float* part_o,
+                                              const float* part_ml, uint16_t* o, int num_q_heads, int group,
+                                              int tid, int threads) {
+  for (int idx = tid; idx < it.num_rows * D; idx += threads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    const float* ml = part_ml + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * 2;
+    const float* po = part_o + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * D + c;
+    constexpr int kStride = kRowsPerUnit * 2;
+    float m = -INFINITY;
+    // Unrolled, branch-free loops: the loads of several units are in flight together.
+#pragma unroll 8
+    for (int u = 0; u < it.num_units; ++u) m = fmaxf(m, __ldcg(ml + u * kStride));
+    float l = 0.f, acc = 0.f;
+    if (m != -INFINITY) {
+#pragma unroll 8
+      for (int u = 0; u < it.num_units; ++u) {
+        const float mu = __ldcg(ml + u * kStride);
+        const float w = mu == -INFINITY ? 0.f : exp2f(mu - m);
+        l += w * __ldcg(ml + u * kStride + 1);
+        acc += w * __ldcg(po + static_cast<int64_t>(u) * kRowsPerUnit * D);
+      }
+    }
+    const float out = l > 0.f ? acc / l : 0.f;
+    const int row = it.row0 + r;
+    const int i = row / group;
+    const int hq = it.kv_head * group + row % group;
+    o[((s.q_row + i) * num_q_heads + hq) * D + c] = FloatToAct<DT>(out);
+  }
+}
+
 }  // namespace cuda
 }  // namespace kvq

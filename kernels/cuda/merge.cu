@@ -1,7 +1,6 @@
-// Merge of split-KV partial states: for each (sequence, KV head, row block) combine the units'
-// unnormalized (o, m, l) into the final output. Edge cases: a unit whose tokens are all masked
-// for a row has m = -inf and l = 0 and gets weight 0; a row always sees at least itself, so the
-// combined l is > 0.
+// Merge of split-KV partial states for the generic kernel: for each (sequence, KV head, row block)
+// combine the units' unnormalized (o, m, l) into the final output (MergeItemRows). The decode
+// path merges inside its own launch (the last unit of an item to finish, decode.cuh).
 #include "device_common.cuh"
 
 namespace kvq {
@@ -11,33 +10,7 @@ namespace {
 template <int D, DType DT>
 __global__ void __launch_bounds__(128) MergeKernel(MergeArgs a) {
   const DevMergeItem it = a.items[blockIdx.x];
-  const DevSeq& s = a.seqs[it.seq];
-  for (int idx = threadIdx.x; idx < it.num_rows * D; idx += blockDim.x) {
-    const int r = idx / D;
-    const int c = idx % D;
-    const float* ml = a.part_ml + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * 2;
-    const float* po = a.part_o + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * D + c;
-    constexpr int kStride = kRowsPerUnit * 2;
-    float m = -INFINITY;
-    // Unrolled, branch-free loops: the loads of several units are in flight together.
-#pragma unroll 8
-    for (int u = 0; u < it.num_units; ++u) m = fmaxf(m, ml[u * kStride]);
-    float l = 0.f, o = 0.f;
-    if (m != -INFINITY) {
-#pragma unroll 8
-      for (int u = 0; u < it.num_units; ++u) {
-        const float mu = ml[u * kStride];
-        const float w = mu == -INFINITY ? 0.f : exp2f(mu - m);
-        l += w * ml[u * kStride + 1];
-        o += w * po[static_cast<int64_t>(u) * kRowsPerUnit * D];
-      }
-    }
-    const float out = l > 0.f ? o / l : 0.f;
-    const int row = it.row0 + r;
-    const int i = row / a.group;
-    const int hq = it.kv_head * a.group + row % a.group;
-    a.o[((s.q_row + i) * a.num_q_heads + hq) * D + c] = FloatToAct<DT>(out);
-  }
+  MergeItemRows<D, DT>(it, a.seqs[it.seq], a.part_o, a.part_ml, a.o, a.num_q_heads, a.group, threadIdx.x, blockDim.x);
 }
 
 template <int D, DType DT>

@@ -67,6 +67,7 @@ struct DevUnit {
   int32_t skip_begin;       // kUnitTokens of the decode path: tokens [skip_begin, skip_end) are
   int32_t skip_end;         // left to the item's kUnitImmaBody units (32-aligned; empty: 0, 0)
   int32_t part;             // decode path: index of the unit's partial (o, m, l) (launch order may differ)
+  int32_t item;             // its merge item
 };
 // Unit kinds: any tokens (the per-token / per-tile paths), or only whole 32-token tiles inside both
 // the K and the V body of an InnerQ-layout sequence (K along_channels, V along_tokens, G = 32) with
@@ -115,6 +116,11 @@ struct AttnArgs {
   // (a whole body tile of K and of V, BodyTileBytes each) that cp.async fills ahead of the compute.
   int32_t ring_slot_bytes;
   int32_t ring_stages;      // 2 or 3
+  // Decode path, merge fused into the launch: each unit counts itself in merge_count[item] after
+  // writing its partial; the item's last unit merges all of them into o and resets the count.
+  const DevMergeItem* items;
+  int32_t* merge_count;     // [items], zero between launches
+  uint16_t* o;              // [rows, Hq, D]
 };
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),

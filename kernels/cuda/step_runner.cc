@@ -111,6 +111,8 @@ struct CudaStepRunner::Impl {
   int64_t units_cap = 0;
   int32_t* error_flag = nullptr;
   int32_t* error_host = nullptr;
+  int32_t* merge_count = nullptr;  // decode path's fused merge: one counter per item, zero between launches
+  int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
 
@@ -140,6 +142,7 @@ struct CudaStepRunner::Impl {
     cudaFree(part_ml);
     cudaFree(error_flag);
     cudaFreeHost(error_host);
+    cudaFree(merge_count);
     if (done) cudaEventDestroy(done);
   }
 
@@ -160,6 +163,19 @@ struct CudaStepRunner::Impl {
     KVQ_CUDA_RETURN(cudaMallocHost(&staging, cap));
     KVQ_CUDA_RETURN(cudaMalloc(&meta, cap));
     meta_cap = cap;
+    return Result::Ok();
+  }
+
+  Result EnsureMergeCounters(int64_t items) {
+    if (items <= merge_cap) return Result::Ok();
+    KVQ_RETURN_IF_ERROR(WaitIdle());
+    const int64_t cap = std::max<int64_t>(items, std::max<int64_t>(merge_cap * 2, 1024));
+    if (merge_count) KVQ_CUDA_RETURN(cudaFree(merge_count));
+    merge_count = nullptr;
+    merge_cap = 0;
+    KVQ_CUDA_RETURN(cudaMalloc(&merge_count, cap * sizeof(int32_t)));
+    KVQ_CUDA_RETURN(cudaMemset(merge_count, 0, cap * sizeof(int32_t)));
+    merge_cap = cap;
     return Result::Ok();
   }
 
@@ -453,6 +469,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
         u.skip_begin = static_cast<int32_t>(sg.skip_begin);
         u.skip_end = static_cast<int32_t>(sg.skip_end);
         u.part = static_cast<int32_t>(units.size());
+        u.item = static_cast<int32_t>(k);
         imma_units += sg.kind == cuda::kUnitImmaBody ? 1 : 0;
         units.push_back(u);
       }
@@ -472,6 +489,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   KVQ_RETURN_IF_ERROR(m.WaitIdle());  // the staging buffer may still feed the previous copy
   KVQ_RETURN_IF_ERROR(m.EnsureMeta(std::max<int64_t>(total, 16)));
   KVQ_RETURN_IF_ERROR(m.EnsureWorkspace(std::max<int64_t>(int64_t(units.size()), 1), p.head_dim));
+  KVQ_RETURN_IF_ERROR(m.EnsureMergeCounters(std::max<int64_t>(int64_t(items.size()), 1)));
   if (!seqs.empty()) std::memcpy(m.staging, seqs.data(), seqs.size() * sizeof(cuda::DevSeq));
   if (!pages.empty()) std::memcpy(m.staging + off_pages, pages.data(), pages.size() * sizeof(int64_t));
   if (!units.empty()) std::memcpy(m.staging + off_units, units.data(), units.size() * sizeof(cuda::DevUnit));
@@ -549,11 +567,15 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.scale_log2 = scale * 1.4426950408889634f;
   a.ring_slot_bytes = m.ring_slot_bytes;
   a.ring_stages = m.ring_stages;
-  if (m.decode_path) {
+  a.items = m.d_items;
+  a.merge_count = m.merge_count;
+  a.o = static_cast<uint16_t*>(p.o);
+  if (m.decode_path) {  // the merge is fused into the decode launch
     KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
-  } else {
-    KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
+    KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+    return Result::Ok();
   }
+  KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
   cuda::MergeArgs mg{};
   mg.items = m.d_items;
   mg.seqs = m.d_seqs;
