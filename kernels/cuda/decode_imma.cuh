@@ -112,7 +112,12 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   };
   const int first_tile = unit.tok_begin + warp * 32;
   for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);
-  uint8_t* pb = reinterpret_cast<uint8_t*>(&ws.u.v.codes[0][0]);  // [8 columns][32 slots] bytes
+  // in the warp's union area: p bytes [8 columns][32 slots], then the tile's (a, b) per key
+  // (token, group) and per value channel, computed once per tile by the warp (lane = NG entries)
+  uint8_t* pb = reinterpret_cast<uint8_t*>(&ws.u);
+  float2* kab = reinterpret_cast<float2*>(pb + 256);  // [32 tokens][NG]
+  float2* vab = kab + 32 * NG;                        // [D]
+  static_assert(256 + (32 * NG + D) * sizeof(float2) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
 
   int it = 0;
   for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
@@ -126,6 +131,28 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     const uint8_t* st = ring + (it % stages) * slot_bytes;
     const BodySrc kb = StagedSrc<D>(st, s.k);
     const BodySrc vb = StagedSrc<D>(st + k_tile_bytes, s.v);
+    {  // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
+      float sv[NG], zv[NG];
+      LoadHalves<NG, true>(kb.scales + 2 * lane * NG, sv);
+      if (s.k.has_zeros) {
+        LoadHalves<NG, true>(kb.zeros + 2 * lane * NG, zv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < NG; ++j) zv[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < NG; ++j) kab[lane * NG + j] = GroupAffine(KB, s.k.mode, sv[j], zv[j]);
+      LoadHalves<NG, true>(vb.scales + 2 * lane * NG, sv);
+      if (s.v.has_zeros) {
+        LoadHalves<NG, true>(vb.zeros + 2 * lane * NG, zv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < NG; ++j) zv[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < NG; ++j) vab[lane * NG + j] = GroupAffine(VB, s.v.mode, sv[j], zv[j]);
+    }
+    __syncwarp();
 
     // ---- scores of row t for tokens g, g + 8 (m-tile 0) and 16 + g, 24 + g (m-tile 1)
     float sc[4];
@@ -133,16 +160,6 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     for (int mt = 0; mt < 2; ++mt) {
       float sa[2] = {0.f, 0.f}, sb[2] = {0.f, 0.f};  // tokens tok0 and tok0 + 8
       const int tok0 = mt * 16 + g;
-      float s0[NG], z0[NG], s1[NG], z1[NG];
-      LoadHalves<NG, true>(kb.scales + 2 * tok0 * NG, s0);
-      LoadHalves<NG, true>(kb.scales + 2 * (tok0 + 8) * NG, s1);
-      if (s.k.has_zeros) {
-        LoadHalves<NG, true>(kb.zeros + 2 * tok0 * NG, z0);
-        LoadHalves<NG, true>(kb.zeros + 2 * (tok0 + 8) * NG, z1);
-      } else {
-#pragma unroll
-        for (int gr = 0; gr < NG; ++gr) z0[gr] = z1[gr] = 0.f;
-      }
       const uint32_t* kw = reinterpret_cast<const uint32_t*>(kb.codes);
 #pragma unroll
       for (int gr = 0; gr < NG; ++gr) {
@@ -153,8 +170,8 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
         Imma16832(c, x0, x1, y0, y1, bq[gr][0], bq[gr][1]);
         const float v0 = static_cast<float>(c[0] * 256 + c[1]);
         const float v1 = static_cast<float>(c[2] * 256 + c[3]);
-        const float2 ab0 = GroupAffine(KB, s.k.mode, s0[gr], z0[gr]);
-        const float2 ab1 = GroupAffine(KB, s.k.mode, s1[gr], z1[gr]);
+        const float2 ab0 = kab[tok0 * NG + gr];
+        const float2 ab1 = kab[(tok0 + 8) * NG + gr];
         sa[0] += ab0.x * v0;
         sb[0] += ab0.y * qsum[gr];
         sa[1] += ab1.x * v1;
@@ -213,15 +230,8 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
       Imma16832(c, x0, x1, y0, y1, pb0, pb1);
       const float v0 = static_cast<float>(c[0] * 256 + c[1]) * inv_p;
       const float v1 = static_cast<float>(c[2] * 256 + c[3]) * inv_p;
-      const float s0 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.scales + 2 * c0)));
-      const float s1 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.scales + 2 * c0 + 16)));
-      float z0 = 0.f, z1 = 0.f;
-      if (s.v.has_zeros) {
-        z0 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.zeros + 2 * c0)));
-        z1 = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(vb.zeros + 2 * c0 + 16)));
-      }
-      const float2 ab0 = GroupAffine(VB, s.v.mode, s0, z0);
-      const float2 ab1 = GroupAffine(VB, s.v.mode, s1, z1);
+      const float2 ab0 = vab[c0];
+      const float2 ab1 = vab[c0 + 8];
       acc[mc][0] += ab0.x * v0 + ab0.y * psum;
       acc[mc][1] += ab1.x * v1 + ab1.y * psum;
     }
