@@ -62,7 +62,8 @@ constexpr int kFamAll = kPathKCh | kPathKTok | kPathVTok | kPathVCh;
 static_assert(kPathKCh == kDecodePathKCh && kPathKTok == kDecodePathKTok && kPathVTok == kDecodePathVTok &&
                   kPathVCh == kDecodePathVCh,
               "step_desc.h and decode.cuh agree on the path bits");
-__host__ __device__ constexpr int DecodeFamily(int paths) {
+__host__ __device__ constexpr int DecodeFamily(int path_bits) {
+  const int paths = path_bits & ~kDecodeImmaUnits;
   return paths == 0 ? kFamFull
          : (paths & ~kFamInnerQ) == 0 ? kFamInnerQ
          : (paths & ~kFamKivi) == 0   ? kFamKivi
@@ -678,8 +679,13 @@ namespace cuda {
 template <int R>
 constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
 
-template <int D, DType DT, int R, int PATHS>
-__global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKernel(AttnArgs a) {
+// IMMA: the InnerQ 4-row instance for batches with tensor-core body units, capped at 4 blocks per
+// SM (128 registers; the ring's shared memory allows 4 at two stages): the IMMA path needs fewer
+// registers than the 4-row per-token path, which here serves only the short units around the
+// bodies (ptxas: ~156 bytes of spills). Measured against a 96-register cap: 4 blocks either way,
+// 1-3% faster at 128 (docs/gpu_notes.md).
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
+__global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) DecodeKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
   constexpr int CPL = D / 32;
@@ -738,7 +744,8 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
       __syncthreads();
     }
   }
-  if constexpr (PATHS == kFamInnerQ && R == 4) {
+  if constexpr (IMMA) {
+    static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * a.ring_stages * a.ring_slot_bytes;
       if (s.k.bits == 2) {
@@ -922,40 +929,44 @@ __global__ void __launch_bounds__(kDecThreads, DecodeMinBlocks<R>()) DecodeKerne
 }
 
 // The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first.
-template <int D, DType DT, int R, int PATHS>
+template <int D, DType DT, int R, int PATHS, bool IMMA>
 cudaError_t DecodeRingOptIn(int ring_bytes) {
   static std::atomic<int> opted{0};
   if (ring_bytes <= opted.load(std::memory_order_relaxed)) return cudaSuccess;
-  const cudaError_t e =
-      cudaFuncSetAttribute(DecodeKernel<D, DT, R, PATHS>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+  const cudaError_t e = cudaFuncSetAttribute(DecodeKernel<D, DT, R, PATHS, IMMA>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
   if (e == cudaSuccess) opted.store(ring_bytes, std::memory_order_relaxed);
   return e;
 }
 
-template <int D, DType DT, int R, int PATHS>
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeBlocksPerSmT(int ring_bytes) {
   int n = 0;
-  if (DecodeRingOptIn<D, DT, R, PATHS>(ring_bytes) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS>, kDecThreads, ring_bytes) !=
-          cudaSuccess) {
+  if (DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,
+                                                    ring_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
     return 1;
   }
   return n > 0 ? n : 1;
 }
 
-template <int D, DType DT, int R, int PATHS>
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
   const int ring_bytes = PATHS == kFamFull ? 0 : DecodeRingBytes(args);
-  const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS>(ring_bytes);
+  const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes);
   if (e != cudaSuccess) return e;
-  DecodeKernel<D, DT, R, PATHS><<<num_units, kDecThreads, ring_bytes, stream>>>(args);
+  DecodeKernel<D, DT, R, PATHS, IMMA><<<num_units, kDecThreads, ring_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
 template <int D, DType DT, int R>
 cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cudaStream_t stream) {
+  if constexpr (R == 4) {
+    if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
+      return LaunchDecodeT<D, DT, 4, kFamInnerQ, true>(args, num_units, stream);
+  }
   switch (DecodeFamily(paths)) {
     case kFamFull: return LaunchDecodeT<D, DT, R, kFamFull>(args, num_units, stream);
     case kFamInnerQ: return LaunchDecodeT<D, DT, R, kFamInnerQ>(args, num_units, stream);
@@ -966,6 +977,10 @@ cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cuda
 
 template <int D, DType DT, int R>
 int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
+  if constexpr (R == 4) {
+    if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
+      return DecodeBlocksPerSmT<D, DT, 4, kFamInnerQ, true>(ring_bytes);
+  }
   switch (DecodeFamily(paths)) {
     case kFamFull: return DecodeBlocksPerSmT<D, DT, R, kFamFull>(0);
     case kFamInnerQ: return DecodeBlocksPerSmT<D, DT, R, kFamInnerQ>(ring_bytes);

@@ -381,30 +381,6 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
                                                       cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
   }
-  int ring_stages = 2;
-  int blocks_per_sm = 0;
-  if (decode_path) {
-    auto blocks = [&](int stages) {
-      return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths,
-                                     cuda::kDecRingWarps * stages * ring_slot_bytes);
-    };
-    if (ring_stages_ == 2 || ring_stages_ == 3) {
-      ring_stages = ring_stages_;
-      blocks_per_sm = blocks(ring_stages);
-    } else {
-      blocks_per_sm = blocks(2);
-      const int b3 = blocks(3);
-      if (b3 >= blocks_per_sm) {
-        ring_stages = 3;
-        blocks_per_sm = b3;
-      }
-    }
-  } else {
-    blocks_per_sm = cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
-  }
-  const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
-  // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
-  const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
   // Each item's visible tokens as segments of one unit kind: on the InnerQ decode family with <= 4
   // rows, the tiles inside both bodies go to the tensor-core units (decode_imma.cuh), the sink
   // before them and the rest after them to the per-token units; otherwise one segment.
@@ -433,6 +409,35 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       seg.push_back({0, visible, cuda::kUnitTokens, 0, 0});
     }
   }
+  bool has_imma = false;
+  for (const auto& sg : segments)
+    for (const Segment& x : sg) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
+  // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
+  const int launch_paths = decode_paths | (has_imma ? cuda::kDecodeImmaUnits : 0);
+  int ring_stages = 2;
+  int blocks_per_sm = 0;
+  if (decode_path) {
+    auto blocks = [&](int stages) {
+      return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, launch_paths,
+                                     cuda::kDecRingWarps * stages * ring_slot_bytes);
+    };
+    if (ring_stages_ == 2 || ring_stages_ == 3) {
+      ring_stages = ring_stages_;
+      blocks_per_sm = blocks(ring_stages);
+    } else {
+      blocks_per_sm = blocks(2);
+      const int b3 = blocks(3);
+      if (b3 >= blocks_per_sm) {
+        ring_stages = 3;
+        blocks_per_sm = b3;
+      }
+    }
+  } else {
+    blocks_per_sm = cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
+  }
+  const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
+  // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
+  const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
   auto count_units = [&](int64_t c) {
     int64_t n = 0;
@@ -505,7 +510,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.chunk = static_cast<int>(chunk);
   m.decode_path = decode_path;
   m.max_rows = max_rows;
-  m.decode_paths = decode_paths;
+  m.decode_paths = launch_paths;
   m.ring_slot_bytes = ring_slot_bytes;
   m.ring_stages = ring_stages;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
