@@ -39,31 +39,10 @@ __host__ __device__ __forceinline__ int SlotOf(int bits, int p) {
   return h3 * 16 + 4 * t + e3;
 }
 
-// The two A-fragment registers of thread t (lane % 4) for one 32-code group bitstream `w`
-// (shared memory): 4 codes each, one per byte, slots 4t .. 4t+3 and 16+4t .. 16+4t+3.
+// The two registers (slots 4t .. 4t+3 and 16+4t .. 16+4t+3) of thread t (0..3) for one 32-code
+// group bitstream `w` (registers, or shared memory for the IMMA fragments).
 template <int BITS>
 __device__ __forceinline__ void GroupSlots(const uint32_t* w, int t, uint32_t& r0, uint32_t& r1) {
-  if constexpr (BITS == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(w);
-    r0 = (v.x >> (2 * t)) & 0x03030303u;
-    r1 = (v.y >> (2 * t)) & 0x03030303u;
-  } else if constexpr (BITS == 4) {
-    const int sh = 4 * (t & 1);
-    r0 = (w[t >> 1] >> sh) & 0x0F0F0F0Fu;
-    r1 = (w[2 + (t >> 1)] >> sh) & 0x0F0F0F0Fu;
-  } else {
-    static_assert(BITS == 3, "2, 3 or 4 bits");
-    const int bit = 24 * t;
-    // bits 24..31 of x are never used, so the word after the group may be anything readable
-    const uint32_t x = __funnelshift_r(w[bit >> 5], w[(bit >> 5) + 1], bit & 31);
-    r0 = (x & 0x001C0E07u) | ((x << 18) & 0x07000000u);
-    r1 = ((x >> 3) & 0x001C0E07u) | ((x << 9) & 0x07000000u);
-  }
-}
-
-// Register variant for a group held in registers (T compile-time after unrolling).
-template <int BITS>
-__device__ __forceinline__ void GroupSlotsReg(const uint32_t* w, int t, uint32_t& r0, uint32_t& r1) {
   if constexpr (BITS == 2) {
     r0 = (w[0] >> (2 * t)) & 0x03030303u;
     r1 = (w[1] >> (2 * t)) & 0x03030303u;

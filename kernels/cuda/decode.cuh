@@ -189,6 +189,18 @@ struct BodySrc {
   const uint8_t* zeros;  // unused without zeros
 };
 
+// N consecutive fp16 scales (and zeros: 0 without them) of a body group run starting at group idx.
+template <int N, bool SM>
+__device__ __forceinline__ void LoadScaleZero(const BodySrc& b, const DevTensor& x, int idx, float* s, float* z) {
+  LoadHalves<N, SM>(b.scales + 2 * idx, s);
+  if (x.has_zeros) {
+    LoadHalves<N, SM>(b.zeros + 2 * idx, z);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) z[j] = 0.f;
+  }
+}
+
 // Full-precision key row of one token (lane): sc[r] += q[r] . k.
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, float* sc) {
@@ -222,13 +234,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
   uint32_t w[NW];
   LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
-  LoadHalves<NG, SM>(b.scales + 2 * slot * NG, s);
-  if (x.has_zeros) {
-    LoadHalves<NG, SM>(b.zeros + 2 * slot * NG, z);
-  } else {
-#pragma unroll
-    for (int g = 0; g < NG; ++g) z[g] = 0.f;
-  }
+  LoadScaleZero<NG, SM>(b, x, slot * NG, s, z);
   if constexpr (R == 1) {
     // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
     // 16 dp4a per group, the scale once per group
@@ -236,7 +242,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
     for (int g = 0; g < NG; ++g) {
       uint32_t r0[4], r1[4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) GroupSlotsReg<BITS>(w + g * BITS, t, r0[t], r1[t]);
+      for (int t = 0; t < 4; ++t) GroupSlots<BITS>(w + g * BITS, t, r0[t], r1[t]);
       const uint4 h0 = *reinterpret_cast<const uint4*>(&sm.qbh[g][0]);
       const uint4 h1 = *reinterpret_cast<const uint4*>(&sm.qbh[g][16]);
       const uint4 l0 = *reinterpret_cast<const uint4*>(&sm.qbl[g][0]);
@@ -285,13 +291,7 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
   uint32_t w[NW];
   LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, w);
   float s[CPL], z[CPL];
-  LoadHalves<CPL, SM>(b.scales + 2 * c0, s);
-  if (x.has_zeros) {
-    LoadHalves<CPL, SM>(b.zeros + 2 * c0, z);
-  } else {
-#pragma unroll
-    for (int j = 0; j < CPL; ++j) z[j] = 0.f;
-  }
+  LoadScaleZero<CPL, SM>(b, x, c0, s, z);
 #pragma unroll
   for (int j = 0; j < CPL; ++j)
 #pragma unroll
@@ -360,13 +360,7 @@ __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const De
   constexpr int CPL = D / 32;
   const int c0 = lane * CPL;
   LoadWords<CPL * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
-  LoadHalves<CPL, SM>(b.scales + 2 * c0, raw.s);
-  if (x.has_zeros) {
-    LoadHalves<CPL, SM>(b.zeros + 2 * c0, raw.z);
-  } else {
-#pragma unroll
-    for (int j = 0; j < CPL; ++j) raw.z[j] = 0.f;
-  }
+  LoadScaleZero<CPL, SM>(b, x, c0, raw.s, raw.z);
 }
 
 template <int D, int R, int BITS, typename Smem>
@@ -385,7 +379,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
     for (int j = 0; j < CPL; ++j) {
       uint32_t r0[4], r1[4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) GroupSlotsReg<BITS>(raw.w + j * BITS, t, r0[t], r1[t]);
+      for (int t = 0; t < 4; ++t) GroupSlots<BITS>(raw.w + j * BITS, t, r0[t], r1[t]);
       const int hi = Dp4a8(r0, r1, h0, h1);
       const int lo = Dp4a8(r0, r1, l0, l1);
       const float v = static_cast<float>(hi * 256 + lo) * (1.f / kFixedScale);  // sum_t p_t c_t
@@ -518,13 +512,7 @@ template <int D, int BITS, bool SM>
 __device__ __forceinline__ void VChannelsLoad(const BodySrc& b, const DevTensor& x, int slot, VChRaw<D>& raw) {
   constexpr int NG = D / 32;
   LoadWords<NG * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NG * BITS, raw.w);
-  LoadHalves<NG, SM>(b.scales + 2 * slot * NG, raw.s);
-  if (x.has_zeros) {
-    LoadHalves<NG, SM>(b.zeros + 2 * slot * NG, raw.z);
-  } else {
-#pragma unroll
-    for (int g = 0; g < NG; ++g) raw.z[g] = 0.f;
-  }
+  LoadScaleZero<NG, SM>(b, x, slot * NG, raw.s, raw.z);
 }
 
 template <int D, int BITS, typename Smem>

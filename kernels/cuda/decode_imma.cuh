@@ -39,6 +39,15 @@ __device__ __forceinline__ void Imma16832(int (&c)[4], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N).
+template <int N>
+__device__ __forceinline__ void TileAffine(const BodySrc& b, const DevTensor& x, int bits, int lane, float2* out) {
+  float sv[N], zv[N];
+  LoadScaleZero<N, true>(b, x, lane * N, sv, zv);
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffine(bits, x.mode, sv[j], zv[j]);
+}
+
 template <int D, int R, int KB, int VB, typename Smem>
 __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                              uint8_t* ring, int warp, int lane) {
@@ -131,27 +140,9 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     const uint8_t* st = ring + (it % stages) * slot_bytes;
     const BodySrc kb = StagedSrc<D>(st, s.k);
     const BodySrc vb = StagedSrc<D>(st + k_tile_bytes, s.v);
-    {  // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
-      float sv[NG], zv[NG];
-      LoadHalves<NG, true>(kb.scales + 2 * lane * NG, sv);
-      if (s.k.has_zeros) {
-        LoadHalves<NG, true>(kb.zeros + 2 * lane * NG, zv);
-      } else {
-#pragma unroll
-        for (int j = 0; j < NG; ++j) zv[j] = 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < NG; ++j) kab[lane * NG + j] = GroupAffine(KB, s.k.mode, sv[j], zv[j]);
-      LoadHalves<NG, true>(vb.scales + 2 * lane * NG, sv);
-      if (s.v.has_zeros) {
-        LoadHalves<NG, true>(vb.zeros + 2 * lane * NG, zv);
-      } else {
-#pragma unroll
-        for (int j = 0; j < NG; ++j) zv[j] = 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < NG; ++j) vab[lane * NG + j] = GroupAffine(VB, s.v.mode, sv[j], zv[j]);
-    }
+    // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
+    TileAffine<NG>(kb, s.k, KB, lane, kab);
+    TileAffine<NG>(vb, s.v, VB, lane, vab);
     __syncwarp();
 
     // ---- scores of row t for tokens g, g + 8 (m-tile 0) and 16 + g, 24 + g (m-tile 1)

@@ -7,17 +7,6 @@ namespace {
 
 TensorFormat Full() { return TensorFormat{}; }
 
-TensorFormat Quant(QuantMode mode, int bits, Grouping grouping, int keep, int flush) {
-  TensorFormat f;
-  f.mode = mode;
-  f.bits = bits;
-  f.grouping = grouping;
-  f.group_size = 32;
-  f.keep = keep;
-  f.flush = flush;
-  return f;
-}
-
 bool IsPow2GroupSize(int g) { return g == 32 || g == 64 || g == 128; }
 
 std::string ValidateTensor(const TensorFormat& f, int head_dim, const char* name) {
@@ -50,6 +39,17 @@ std::string ValidateTensor(const TensorFormat& f, int head_dim, const char* name
 
 }  // namespace
 
+TensorFormat QuantFormat32(QuantMode mode, int bits, Grouping grouping, int keep, int flush) {
+  TensorFormat f;
+  f.mode = mode;
+  f.bits = bits;
+  f.grouping = grouping;
+  f.group_size = 32;
+  f.keep = keep;
+  f.flush = flush;
+  return f;
+}
+
 QuantConfig PresetConfig(Preset preset) {
   QuantConfig c;
   switch (preset) {
@@ -60,25 +60,25 @@ QuantConfig PresetConfig(Preset preset) {
     case Preset::kKivi2:
     case Preset::kKivi4: {
       const int b = preset == Preset::kKivi2 ? 2 : 4;
-      c.k = Quant(QuantMode::kAsym, b, Grouping::kAlongTokens, 0, 128);
-      c.v = Quant(QuantMode::kAsym, b, Grouping::kAlongChannels, 128, 1);
+      c.k = QuantFormat32(QuantMode::kAsym, b, Grouping::kAlongTokens, 0, 128);
+      c.v = QuantFormat32(QuantMode::kAsym, b, Grouping::kAlongChannels, 128, 1);
       break;
     }
     case Preset::kInnerQ:
-      c.k = Quant(QuantMode::kSym, 3, Grouping::kAlongChannels, 96, 1);
-      c.v = Quant(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 96, 32);
+      c.k = QuantFormat32(QuantMode::kSym, 3, Grouping::kAlongChannels, 96, 1);
+      c.v = QuantFormat32(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 96, 32);
       c.sink = 32;
       c.key_norm = true;
       break;
     case Preset::kInnerQ2:
-      c.k = Quant(QuantMode::kHybrid, 2, Grouping::kAlongChannels, 96, 1);
-      c.v = Quant(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 96, 32);
+      c.k = QuantFormat32(QuantMode::kHybrid, 2, Grouping::kAlongChannels, 96, 1);
+      c.v = QuantFormat32(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 96, 32);
       c.sink = 32;
       c.key_norm = true;
       break;
     case Preset::kInnerQBase:
-      c.k = Quant(QuantMode::kSym, 3, Grouping::kAlongChannels, 96, 1);
-      c.v = Quant(QuantMode::kSym, 3, Grouping::kAlongTokens, 96, 32);
+      c.k = QuantFormat32(QuantMode::kSym, 3, Grouping::kAlongChannels, 96, 1);
+      c.v = QuantFormat32(QuantMode::kSym, 3, Grouping::kAlongTokens, 96, 32);
       c.sink = 32;
       c.key_norm = true;
       break;

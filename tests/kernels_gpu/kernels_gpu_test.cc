@@ -359,16 +359,7 @@ TEST(KernelsGpu, CustomConfigs) {
 // both ways, full-precision keys with quantized values and the reverse, sinks of 32/64/96 tokens.
 TEST(KernelsGpu, DecodeCustomConfigs) {
   SKIP_WITHOUT_GPU();
-  auto fmt = [](QuantMode m, int bits, Grouping g, int keep, int flush) {
-    TensorFormat f;
-    f.mode = m;
-    f.bits = bits;
-    f.grouping = g;
-    f.group_size = 32;
-    f.keep = keep;
-    f.flush = flush;
-    return f;
-  };
+  const auto fmt = QuantFormat32;
   QuantConfig a;
   a.k = fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 10, 64);
   a.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 7, 3);
@@ -417,16 +408,7 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
 // tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
 TEST(KernelsGpu, ImmaBody) {
   SKIP_WITHOUT_GPU();
-  auto fmt = [](QuantMode m, int bits, Grouping g, int keep, int flush) {
-    TensorFormat f;
-    f.mode = m;
-    f.bits = bits;
-    f.grouping = g;
-    f.group_size = 32;
-    f.keep = keep;
-    f.flush = flush;
-    return f;
-  };
+  const auto fmt = QuantFormat32;
   QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
   a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
   a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);

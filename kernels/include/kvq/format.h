@@ -51,6 +51,9 @@ struct CacheShape {
   QuantConfig config;
 };
 
+// A quantized tensor format with G = 32 (the presets' group size).
+TensorFormat QuantFormat32(QuantMode mode, int bits, Grouping grouping, int keep, int flush);
+
 QuantConfig PresetConfig(Preset preset);
 const char* PresetName(Preset preset);
 // Parses "fp16", "kivi2", ... ; returns false for an unknown name.
