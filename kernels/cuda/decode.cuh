@@ -253,29 +253,29 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
       const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
       sc[0] += ab.x * dot + ab.y * sm.qsum[0][g];
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int g = 0; g < NG; ++g) {
-    float dot[R];
+    for (int g = 0; g < NG; ++g) {
+      float dot[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) dot[r] = 0.f;
+      for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 32; i += 4) {
-      float c[4];
+      for (int i = 0; i < 32; i += 4) {
+        float c[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) c[e] = UnitAt<BITS>(w + g * BITS, i + e);
+        for (int e = 0; e < 4; ++e) c[e] = UnitAt<BITS>(w + g * BITS, i + e);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float4 q = *reinterpret_cast<const float4*>(&sm.qn[r][g * 32 + i]);
+          dot[r] += c[0] * q.x + c[1] * q.y + c[2] * q.z + c[3] * q.w;
+        }
+      }
+      const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float4 q = *reinterpret_cast<const float4*>(&sm.qn[r][g * 32 + i]);
-        dot[r] += c[0] * q.x + c[1] * q.y + c[2] * q.z + c[3] * q.w;
+        const float qs = sm.qsum[r][g];
+        sc[r] += ab.x * ((dot[r] - qs) * UnitScale<BITS>()) + ab.y * qs;  // dot[r] = sum q'_i u_i
       }
-    }
-    const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float qs = sm.qsum[r][g];
-      sc[r] += ab.x * ((dot[r] - qs) * UnitScale<BITS>()) + ab.y * qs;  // dot[r] = sum q'_i u_i
     }
   }
 }
@@ -386,34 +386,34 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
       const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
       acc[0][j] += ab.x * v + ab.y * psum[0];
     }
-    return;
-  }
-  float dot[R][CPL];
+  } else {
+    float dot[R][CPL];
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int j = 0; j < CPL; ++j) dot[r][j] = 0.f;
+      for (int j = 0; j < CPL; ++j) dot[r][j] = 0.f;
 #pragma unroll
-  for (int t = 0; t < 32; t += 4) {
-    float cf[4][CPL];
+    for (int t = 0; t < 32; t += 4) {
+      float cf[4][CPL];
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
+      for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int j = 0; j < CPL; ++j) cf[e][j] = UnitAt<BITS>(raw.w + j * BITS, t + e);
+        for (int j = 0; j < CPL; ++j) cf[e][j] = UnitAt<BITS>(raw.w + j * BITS, t + e);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
+      for (int r = 0; r < R; ++r) {
+        const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
 #pragma unroll
-      for (int j = 0; j < CPL; ++j) dot[r][j] += p.x * cf[0][j] + p.y * cf[1][j] + p.z * cf[2][j] + p.w * cf[3][j];
+        for (int j = 0; j < CPL; ++j) dot[r][j] += p.x * cf[0][j] + p.y * cf[1][j] + p.z * cf[2][j] + p.w * cf[3][j];
+      }
     }
-  }
 #pragma unroll
-  for (int j = 0; j < CPL; ++j) {
-    const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
+    for (int j = 0; j < CPL; ++j) {
+      const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      // dot[r][j] = sum_t p_t u_t = psum + 2^-BITS sum_t p_t c_t
-      acc[r][j] += ab.x * ((dot[r][j] - psum[r]) * UnitScale<BITS>()) + ab.y * psum[r];
+      for (int r = 0; r < R; ++r) {
+        // dot[r][j] = sum_t p_t u_t = psum + 2^-BITS sum_t p_t c_t
+        acc[r][j] += ab.x * ((dot[r][j] - psum[r]) * UnitScale<BITS>()) + ab.y * psum[r];
+      }
     }
   }
 }
