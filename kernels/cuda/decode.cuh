@@ -661,6 +661,94 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
 namespace kvq {
 namespace cuda {
 
+// One row, along_channels (KIVI) value tile of 2 or 4 bits as dp4a products. Per token and group
+// the value is a c + b, so sum_t p_t (a_t c_t + b_t) = sum_t (p_t a_t) c_t + sum_t p_t b_t: lane =
+// token computes p a and p b per group, p a becomes 16-bit fixed point per (tile, group) (bytes in
+// token order, next to the staged words) and sum p b a warp sum; then lane = CPL channels gathers
+// its codes of 4 tokens into one register per channel (shifts + PRMT) and runs 2 dp4a per channel
+// and 4 tokens. unit[g] is group g's fixed-point unit, zsum[g] its sum_t p_t b_t (warp-uniform).
+template <int D, int BITS, typename Smem>
+__device__ __forceinline__ void VChannelsStageDp4a(Smem& sm, int warp, int lane, const DevTensor& x,
+                                                   const VChRaw<D>& raw, float* unit, float* zsum) {
+  constexpr int NG = D / 32;
+  auto& ws = sm.w[warp];
+#pragma unroll
+  for (int i = 0; i < NG * BITS; ++i) ws.u.v.codes[lane][i] = raw.w[i];
+  uint8_t* pab = reinterpret_cast<uint8_t*>(&ws.u.v.ab[0][0]);  // [NG][high, low][32 tokens]
+  const float p = ws.p[0][lane];
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    const float2 ab = GroupAffine(BITS, x.mode, raw.s[g], raw.z[g]);  // a >= 0
+    const float pa = p * ab.x;
+    float mx = pa, sb = p * ab.y;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    const float xs = mx > 0.f ? pa * (kFixedScale / mx) : 0.f;
+    pab[(2 * g) * 32 + lane] = static_cast<uint8_t>(FixedByte(xs, false));
+    pab[(2 * g + 1) * 32 + lane] = static_cast<uint8_t>(FixedByte(xs, true));
+    unit[g] = mx / kFixedScale;
+    zsum[g] = sb;
+  }
+}
+
+template <int D, int BITS, typename Smem>
+__device__ __forceinline__ void VChannelsComputeDp4a(const Smem& sm, int warp, int lane, const float* unit,
+                                                     const float* zsum, float (*acc)[D / 32]) {
+  static_assert(BITS == 2 || BITS == 4, "2 or 4 bits: a lane's codes sit inside one word");
+  constexpr int CPL = D / 32;
+  constexpr int NG = D / 32;
+  const auto& ws = sm.w[warp];
+  const int c0 = lane * CPL;
+  const int g = c0 / 32;
+  const int bit = (c0 % 32) * BITS;
+  const int wi = g * BITS + (bit >> 5);
+  const int sh = bit & 31;
+  const uint8_t* pab = reinterpret_cast<const uint8_t*>(&ws.u.v.ab[0][0]);
+  int hi[CPL], lo[CPL];
+#pragma unroll
+  for (int e = 0; e < CPL; ++e) hi[e] = lo[e] = 0;
+#pragma unroll 4
+  for (int k = 0; k < 32; k += 4) {
+    const uint32_t x0 = ws.u.v.codes[k][wi] >> sh, x1 = ws.u.v.codes[k + 1][wi] >> sh;
+    const uint32_t x2 = ws.u.v.codes[k + 2][wi] >> sh, x3 = ws.u.v.codes[k + 3][wi] >> sh;
+    // byte j of g0 (g1) = byte 0 (1) of token k + j's shifted word
+    const uint32_t g0 = __byte_perm(__byte_perm(x0, x1, 0x0040), __byte_perm(x2, x3, 0x0040), 0x5410);
+    uint32_t q[CPL];
+    if constexpr (BITS == 2) {
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) q[e] = (g0 >> (2 * e)) & 0x03030303u;
+    } else {
+      q[0] = g0 & 0x0F0F0F0Fu;
+      q[1] = (g0 >> 4) & 0x0F0F0F0Fu;
+      if constexpr (CPL == 4) {
+        const uint32_t g1 = __byte_perm(__byte_perm(x0, x1, 0x0051), __byte_perm(x2, x3, 0x0051), 0x5410);
+        q[2] = g1 & 0x0F0F0F0Fu;
+        q[3] = (g1 >> 4) & 0x0F0F0F0Fu;
+      }
+    }
+    const int ph = *reinterpret_cast<const int*>(pab + (2 * g) * 32 + k);
+    const int pl = *reinterpret_cast<const int*>(pab + (2 * g + 1) * 32 + k);
+#pragma unroll
+    for (int e = 0; e < CPL; ++e) {
+      hi[e] = __dp4a(static_cast<int>(q[e]), ph, hi[e]);
+      lo[e] = __dp4a(static_cast<int>(q[e]), pl, lo[e]);
+    }
+  }
+  float u = 0.f, z = 0.f;  // this lane's group (no dynamic indexing of register arrays)
+#pragma unroll
+  for (int gg = 0; gg < NG; ++gg) {
+    if (gg == g) {
+      u = unit[gg];
+      z = zsum[gg];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < CPL; ++e) acc[0][e] += static_cast<float>(hi[e] * 256 + lo[e]) * u + z;
+}
+
 // Register caps (resident blocks per SM): R = 1: 5 (96 registers; ptxas -v: 0-140 bytes of
 // spills depending on the family), R = 4: 3 (168), R = 8: 2. Measured against R = 1: 4 and
 // R = 1: 6 on the H100 (docs/gpu_notes.md): mixed, this is the best for the quantized presets.
@@ -869,7 +957,16 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
       }
     }
     // ---- P.V (lane = CPL channels)
-    if (vc) {
+    // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
+    const bool vc_dp4a = R == 1 && vc && vbits != 3;
+    float vunit[NG], vzsum[NG];
+    if (vc_dp4a) {
+      if (vbits == 2) {
+        VChannelsStageDp4a<D, 2>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
+      } else {
+        VChannelsStageDp4a<D, 4>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
+      }
+    } else if (vc) {
       switch (vbits) {
         case 2: VChannelsStage<D, 2>(sm, warp, lane, s.v, vchraw); break;
         case 3: VChannelsStage<D, 3>(sm, warp, lane, s.v, vchraw); break;
@@ -877,7 +974,13 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
       }
     }
     __syncwarp();
-    if (vc) {
+    if (vc_dp4a) {
+      if (vbits == 2) {
+        VChannelsComputeDp4a<D, 2>(sm, warp, lane, vunit, vzsum, acc);
+      } else {
+        VChannelsComputeDp4a<D, 4>(sm, warp, lane, vunit, vzsum, acc);
+      }
+    } else if (vc) {
       switch (vbits) {
         case 2: VChannelsCompute<D, R, 2>(sm, warp, lane, acc); break;
         case 3: VChannelsCompute<D, R, 3>(sm, warp, lane, acc); break;
