@@ -457,6 +457,41 @@ TEST(KernelsGpu, ImmaBody) {
   }
 }
 
+// One query row per KV head on KIVI-layout values (along channels, 2 and 4 bits): the per-token
+// path's dp4a value products (VChannelsStageDp4a); 3-bit values keep the fp32 path. D 64 and 128,
+// fp16 and bf16, sym / asym / hybrid values, body lengths from one tile to 3000 tokens.
+TEST(KernelsGpu, OneRowKiviValues) {
+  SKIP_WITHOUT_GPU();
+  const auto fmt = QuantFormat32;
+  QuantConfig a;  // 4-bit hybrid values, full-precision keys
+  a.v = fmt(QuantMode::kHybrid, 4, Grouping::kAlongChannels, 7, 1);
+  QuantConfig b;  // 2-bit sym values, 3-bit along-tokens keys, sink 32
+  b.k = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
+  b.v = fmt(QuantMode::kSym, 2, Grouping::kAlongChannels, 16, 1);
+  b.sink = 32;
+  QuantConfig c;  // 3-bit values: the fp32 path in the same batch
+  c.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongTokens, 0, 128);
+  c.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 128, 1);
+  for (const QuantConfig* q : {&a, &b, &c}) ASSERT_EQ(ValidateConfig(*q, 64), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      Case cs;
+      cs.hkv = 3;
+      cs.hq = 3;
+      cs.d = d;
+      cs.dt = dt;
+      cs.seqs = {SeqSpec(Preset::kKivi2, 3000, 1, 1, 33), SeqSpec(Preset::kKivi4, 1200, 1, 1, 100),
+                 SeqSpec(a, 700, 1, 1, 5),  SeqSpec(b, 450, 1, 1, 77),
+                 SeqSpec(c, 1000, 1, 1, 9), SeqSpec(Preset::kKivi2, 160, 1, 1, 0)};  // one body tile
+      cs.seed = 9500 + k++;
+      cs.expect_decode = 1;
+      RunCase(cs);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 TEST(KernelsGpu, RejectsUnsupportedAndBadInput) {
   SKIP_WITHOUT_GPU();
   std::unique_ptr<CudaStepRunner> runner;
