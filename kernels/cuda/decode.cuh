@@ -17,6 +17,10 @@
 //  - full-precision tokens (sink, window) and along_channels body tokens of a tile that crosses
 //    the body's end: token by token, kVBatch tokens' loads in flight.
 // A group's value is a*c + b with (a, b) from GroupAffine (sym / asym / hybrid by the scale's sign).
+// With one query row, InnerQ keys and values and KIVI 2/4-bit values run as dp4a integer products
+// on the codes (code_bytes.cuh: codes as bytes, q' / p a as 16-bit fixed point); InnerQ batches with
+// 2-4 rows send whole body tiles to tensor-core units (decode_imma.cuh). The item's last unit
+// merges the partials (DecodeEpilogue), so the decode path needs no merge launch.
 // The kernel is instantiated per (D, dtype) file for R in {1, 4, 8} and per path family (fp16,
 // InnerQ, KIVI, all): code paths a batch never takes would cost registers and resident warps.
 #pragma once

@@ -71,7 +71,7 @@ struct DevUnit {
 };
 // Unit kinds: any tokens (the per-token / per-tile paths), or only whole 32-token tiles inside both
 // the K and the V body of an InnerQ-layout sequence (K along_channels, V along_tokens, G = 32) with
-// <= 4 rows, on the tensor cores. Bits (K, V) with an IMMA instance: (2, 2), (3, 2), (3, 3).
+// 2 to 4 rows, on the tensor cores. Bits (K, V) with an IMMA instance: (2, 2), (3, 2), (3, 3).
 constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1;
 constexpr int kImmaMaxRows = 4;
 KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
