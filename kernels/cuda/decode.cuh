@@ -108,6 +108,7 @@ struct DecSmem {
   int pos[R];
   float m[kDecWarps][R];
   float l[kDecWarps][R];
+  float wt[kDecWarps][R];  // epilogue: each warp's weight per row
   int merge_last;
 };
 
@@ -141,12 +142,12 @@ __device__ __forceinline__ float UnitAt(const uint32_t* w, int i) {
   return UnitCode<BITS>(lo, hi, sh);
 }
 
-template <int N, bool SM = false>
+template <int N>
 __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   if constexpr (N % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = Ld<SM>(reinterpret_cast<const uint4*>(src) + i);
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
       dst[4 * i] = v.x;
       dst[4 * i + 1] = v.y;
       dst[4 * i + 2] = v.z;
@@ -155,13 +156,13 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   } else if constexpr (N % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = Ld<SM>(reinterpret_cast<const uint2*>(src) + i);
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src) + i);
       dst[2 * i] = v.x;
       dst[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = Ld<SM>(src + i);
+    for (int i = 0; i < N; ++i) dst[i] = __ldg(src + i);
   }
 }
 
@@ -230,15 +231,15 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
 }
 
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
-template <int D, int R, int BITS, bool SM, typename Smem>
+template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b, const DevTensor& x,
                                                int slot, float* sc) {
   constexpr int NG = D / 32;
   constexpr int NW = NG * BITS;
   uint32_t w[NW];
-  LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
+  LoadWords<NW>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
-  LoadScaleZero<NG, SM>(b, x, slot * NG, s, z);
+  LoadScaleZero<NG, false>(b, x, slot * NG, s, z);
   if constexpr (R == 1) {
     // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
     // 16 dp4a per group, the scale once per group
@@ -285,7 +286,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
 }
 
 // along_tokens (G = 32) body keys of a whole 32-token tile (warp-cooperative, see the header).
-template <int D, int R, int BITS, bool SM, typename Smem>
+template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const BodySrc& b,
                                             const DevTensor& x, float* sc) {
   constexpr int CPL = D / 32;
@@ -293,9 +294,9 @@ __device__ __forceinline__ void KTokensTile(Smem& sm, int warp, int lane, const 
   auto& ws = sm.w[warp];
   const int c0 = lane * CPL;
   uint32_t w[NW];
-  LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, w);
+  LoadWords<NW>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, w);
   float s[CPL], z[CPL];
-  LoadScaleZero<CPL, SM>(b, x, c0, s, z);
+  LoadScaleZero<CPL, false>(b, x, c0, s, z);
 #pragma unroll
   for (int j = 0; j < CPL; ++j)
 #pragma unroll
@@ -359,12 +360,12 @@ struct VTokRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS, bool SM>
+template <int D, int BITS>
 __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const DevTensor& x, VTokRaw<D>& raw) {
   constexpr int CPL = D / 32;
   const int c0 = lane * CPL;
-  LoadWords<CPL * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
-  LoadScaleZero<CPL, SM>(b, x, c0, raw.s, raw.z);
+  LoadWords<CPL * BITS>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
+  LoadScaleZero<CPL, false>(b, x, c0, raw.s, raw.z);
 }
 
 template <int D, int R, int BITS, typename Smem>
@@ -512,11 +513,11 @@ struct VChRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS, bool SM>
+template <int D, int BITS>
 __device__ __forceinline__ void VChannelsLoad(const BodySrc& b, const DevTensor& x, int slot, VChRaw<D>& raw) {
   constexpr int NG = D / 32;
-  LoadWords<NG * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NG * BITS, raw.w);
-  LoadScaleZero<NG, SM>(b, x, slot * NG, raw.s, raw.z);
+  LoadWords<NG * BITS>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NG * BITS, raw.w);
+  LoadScaleZero<NG, false>(b, x, slot * NG, raw.s, raw.z);
 }
 
 template <int D, int BITS, typename Smem>
@@ -607,38 +608,33 @@ template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                                int tid) {
   const int part = unit.part;
-  float* po = a.part_o + static_cast<int64_t>(part) * kRowsPerUnit * D;
-  for (int idx = tid; idx < R * D; idx += kDecThreads) {
-    const int r = idx / D;
-    const int c = idx % D;
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][r]);
-    float o = 0.f;
-    if (mm != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kDecWarps; ++w) {
-        const float mw = sm.m[w][r];
-        if (mw != -INFINITY) o += exp2f(mw - mm) * sm.w[w].u.o[r][c];
-      }
-    }
-    po[r * D + c] = o;
-  }
+  // per row: the combined max, each warp's weight 2^(m_w - m) (0 for a warp that saw no token),
+  // and the combined l; then every output element is one weighted sum over the warps
   if (tid < R) {
     float mm = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, sm.m[w][tid]);
     float ll = 0.f;
-    if (mm != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kDecWarps; ++w) {
-        const float mw = sm.m[w][tid];
-        if (mw != -INFINITY) ll += exp2f(mw - mm) * sm.l[w][tid];
-      }
+    for (int w = 0; w < kDecWarps; ++w) {
+      const float mw = sm.m[w][tid];
+      const float wt = mm == -INFINITY || mw == -INFINITY ? 0.f : exp2f(mw - mm);
+      sm.wt[w][tid] = wt;
+      ll += wt * sm.l[w][tid];
     }
     float* pm = a.part_ml + (static_cast<int64_t>(part) * kRowsPerUnit + tid) * 2;
     pm[0] = mm;
     pm[1] = ll;
+  }
+  __syncthreads();
+  float* po = a.part_o + static_cast<int64_t>(part) * kRowsPerUnit * D;
+  for (int idx = tid; idx < R * D; idx += kDecThreads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) o += sm.wt[w][r] * sm.w[w].u.o[r][c];
+    po[r * D + c] = o;
   }
   // Fused merge: the partial is visible device-wide before this unit counts itself; the item's
   // last unit to count (threadFenceReduction pattern) combines every partial of the item.
@@ -882,9 +878,9 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
     if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole
       const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
       switch (s.k.bits) {
-        case 2: KTokensTile<D, R, 2, false>(sm, warp, lane, kb, s.k, sc); break;
-        case 3: KTokensTile<D, R, 3, false>(sm, warp, lane, kb, s.k, sc); break;
-        default: KTokensTile<D, R, 4, false>(sm, warp, lane, kb, s.k, sc); break;
+        case 2: KTokensTile<D, R, 2>(sm, warp, lane, kb, s.k, sc); break;
+        case 3: KTokensTile<D, R, 3>(sm, warp, lane, kb, s.k, sc); break;
+        default: KTokensTile<D, R, 4>(sm, warp, lane, kb, s.k, sc); break;
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
@@ -892,9 +888,9 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
         const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
         const BodySrc kb{head, head + s.k.scales_offset, head + s.k.zeros_offset};
         switch (s.k.bits) {
-          case 2: KChannelsToken<D, R, 2, false>(sm, kb, s.k, kl.slot, sc); break;
-          case 3: KChannelsToken<D, R, 3, false>(sm, kb, s.k, kl.slot, sc); break;
-          default: KChannelsToken<D, R, 4, false>(sm, kb, s.k, kl.slot, sc); break;
+          case 2: KChannelsToken<D, R, 2>(sm, kb, s.k, kl.slot, sc); break;
+          case 3: KChannelsToken<D, R, 3>(sm, kb, s.k, kl.slot, sc); break;
+          default: KChannelsToken<D, R, 4>(sm, kb, s.k, kl.slot, sc); break;
         }
       } else {
         KFullToken<D, DT, R>(sm, a.arena + kl.page + (static_cast<int64_t>(kl.slot) * a.num_kv_heads + h) * D * 2, sc);
@@ -941,15 +937,15 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
       const BodySrc vb = BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0);
       if (vc) {
         switch (vbits) {
-          case 2: VChannelsLoad<D, 2, false>(vb, s.v, lane, vchraw); break;
-          case 3: VChannelsLoad<D, 3, false>(vb, s.v, lane, vchraw); break;
-          default: VChannelsLoad<D, 4, false>(vb, s.v, lane, vchraw); break;
+          case 2: VChannelsLoad<D, 2>(vb, s.v, lane, vchraw); break;
+          case 3: VChannelsLoad<D, 3>(vb, s.v, lane, vchraw); break;
+          default: VChannelsLoad<D, 4>(vb, s.v, lane, vchraw); break;
         }
       } else {
         switch (vbits) {
-          case 2: VTokensLoad<D, 2, false>(lane, vb, s.v, vraw); break;
-          case 3: VTokensLoad<D, 3, false>(lane, vb, s.v, vraw); break;
-          default: VTokensLoad<D, 4, false>(lane, vb, s.v, vraw); break;
+          case 2: VTokensLoad<D, 2>(lane, vb, s.v, vraw); break;
+          case 3: VTokensLoad<D, 3>(lane, vb, s.v, vraw); break;
+          default: VTokensLoad<D, 4>(lane, vb, s.v, vraw); break;
         }
       }
     } else {

@@ -89,7 +89,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
         for (int e = 0; e < 4; ++e) {
           const int k = half * 16 + 4 * t + e;
           const int c = gr * 32 + SlotPhys(KB, k);
-          const float x = r < R ? sm.qn[r < R ? r : 0][c] * qs * (1.f / static_cast<float>(1 << SlotShift(KB, k))) : 0.f;
+          const float x = r < R ? sm.qn[r][c] * qs * (1.f / static_cast<float>(1 << SlotShift(KB, k))) : 0.f;
           word |= FixedByte(x, (g & 1) != 0) << (8 * e);
         }
         bq[gr][half] = word;
@@ -101,7 +101,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   for (int rr = 0; rr < R; ++rr)
     if (rr == t) inv_q = qmax[rr] > 0.f ? qmax[rr] / kFixedScale : 0.f;
 #pragma unroll
-  for (int gr = 0; gr < NG; ++gr) qsum[gr] = t < R ? sm.qsum[t < R ? t : 0][gr] : 0.f;
+  for (int gr = 0; gr < NG; ++gr) qsum[gr] = t < R ? sm.qsum[t][gr] : 0.f;
   // the 4 tokens of this thread's score accumulators (g, g + 8, 16 + g, 24 + g): their value slots
   int pslot[4];
 #pragma unroll
@@ -233,13 +233,13 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   // ---- this warp's state for the block's epilogue (rows t < R)
   if (t < R) {
     if (g == 0) {
-      sm.m[warp][t < R ? t : 0] = m;
-      sm.l[warp][t < R ? t : 0] = l;
+      sm.m[warp][t] = m;
+      sm.l[warp][t] = l;
     }
 #pragma unroll
     for (int mc = 0; mc < MC; ++mc) {
-      ws.u.o[t < R ? t : 0][mc * 16 + g] = acc[mc][0];
-      ws.u.o[t < R ? t : 0][mc * 16 + g + 8] = acc[mc][1];
+      ws.u.o[t][mc * 16 + g] = acc[mc][0];
+      ws.u.o[t][mc * 16 + g + 8] = acc[mc][1];
     }
   }
 }
