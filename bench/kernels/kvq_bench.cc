@@ -67,7 +67,7 @@ struct Row {
 
 bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
-bool g_imma = true;            // --no-imma: InnerQ body tiles on the per-token paths, not the tensor cores
+bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 
 double Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -235,10 +235,11 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->chunk = runners[0]->stats().chunk_tokens;
   {
     const CudaStepStats& st = runners[0]->stats();
-    // decode-s<stages>-b<blocks per SM>[-imma]: the decode path's ring depth, the occupancy the plan
-    // used, and whether InnerQ body tiles ran on the tensor cores
+    // decode-s<stages>-b<blocks per SM>[-imma|-mma]: the decode path's ring depth, the occupancy
+    // the plan used, and whether InnerQ body tiles (-imma) or the fp16 preset's tiles (-mma) ran
+    // on the tensor cores
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
-                                     (st.imma_units > 0 ? "-imma" : "")
+                                     (st.imma_units > 0 ? "-imma" : st.mma_full ? "-mma" : "")
                                : "generic";
   }
   runners.clear();

@@ -657,6 +657,7 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
 }  // namespace kvq
 
 #include "decode_imma.cuh"  // uses the helpers above
+#include "decode_mma.cuh"
 
 namespace kvq {
 namespace cuda {
@@ -760,8 +761,16 @@ constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
 // registers than the 4-row per-token path, which here serves only the short units around the
 // bodies (ptxas: ~156 bytes of spills). Measured against a 96-register cap: 4 blocks either way,
 // 1-3% faster at 128 (docs/gpu_notes.md).
+// IMMA on the fp16 family: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh); the ring
+// (16 KB per warp and stage at D = 128) bounds the block count, not registers.
+template <int PATHS, int R, bool IMMA>
+constexpr int DecodeLaunchMinBlocks() { return IMMA ? (PATHS == kFamFull ? 1 : 4) : DecodeMinBlocks<R>(); }
+
+// (the fp16 tensor-core instance returns before the per-token loop: nvcc's "loop is not
+// reachable" for it is expected)
+#pragma nv_diag_suppress 128
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
-__global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) DecodeKernel(AttnArgs a) {
+__global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
   constexpr int CPL = D / 32;
@@ -820,7 +829,12 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
       __syncthreads();
     }
   }
-  if constexpr (IMMA) {
+  if constexpr (IMMA && PATHS == kFamFull) {
+    MmaFullUnit<D, DT, R>(sm, a, s, unit, dec_ring + warp * a.ring_stages * a.ring_slot_bytes, warp, lane);
+    __syncthreads();
+    DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+    return;
+  } else if constexpr (IMMA) {
     static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * a.ring_stages * a.ring_slot_bytes;
@@ -1019,6 +1033,8 @@ __global__ void __launch_bounds__(kDecThreads, IMMA ? 4 : DecodeMinBlocks<R>()) 
   DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
 }
 
+#pragma nv_diag_default 128
+
 // The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first.
 template <int D, DType DT, int R, int PATHS, bool IMMA>
 cudaError_t DecodeRingOptIn(int ring_bytes) {
@@ -1037,15 +1053,15 @@ int DecodeBlocksPerSmT(int ring_bytes) {
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,
                                                     ring_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 1;
+    return 0;
   }
-  return n > 0 ? n : 1;
+  return n;
 }
 
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
-  const int ring_bytes = PATHS == kFamFull ? 0 : DecodeRingBytes(args);
+  const int ring_bytes = PATHS == kFamFull && !IMMA ? 0 : DecodeRingBytes(args);
   const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes);
   if (e != cudaSuccess) return e;
   DecodeKernel<D, DT, R, PATHS, IMMA><<<num_units, kDecThreads, ring_bytes, stream>>>(args);
@@ -1054,6 +1070,8 @@ cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stre
 
 template <int D, DType DT, int R>
 cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cudaStream_t stream) {
+  if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
+    return LaunchDecodeT<D, DT, R, kFamFull, true>(args, num_units, stream);
   if constexpr (R == 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
       return LaunchDecodeT<D, DT, 4, kFamInnerQ, true>(args, num_units, stream);
@@ -1068,6 +1086,8 @@ cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cuda
 
 template <int D, DType DT, int R>
 int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
+  if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
+    return DecodeBlocksPerSmT<D, DT, R, kFamFull, true>(ring_bytes);
   if constexpr (R == 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
       return DecodeBlocksPerSmT<D, DT, 4, kFamInnerQ, true>(ring_bytes);

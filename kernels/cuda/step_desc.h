@@ -170,14 +170,17 @@ int DecodeBlocksPerSmBF16D64(int rows, int paths, int ring_bytes);
 int DecodeBlocksPerSmBF16D128(int rows, int paths, int ring_bytes);
 // DecodePath bits (decode.cuh): along_channels K, along_tokens K, along_tokens V, along_channels V.
 constexpr int kDecodePathKCh = 1, kDecodePathKTok = 2, kDecodePathVTok = 4, kDecodePathVCh = 8;
-// Not a path: set in the `paths` argument of LaunchDecode / DecodeBlocksPerSm when the batch has
-// tensor-core body units (the InnerQ 4-row kernel instance built for them).
+// Not a path: set in the `paths` argument of LaunchDecode / DecodeBlocksPerSm when the batch runs
+// on the tensor cores: InnerQ body units (the InnerQ 4-row instance built for them) or, on the
+// fp16 family, every unit (decode_mma.cuh).
 constexpr int kDecodeImmaUnits = 16;
 // The batch runs the InnerQ kernel family (every quantized tensor K along_channels / V along_tokens).
 inline bool DecodeFamilyIsInnerQ(int paths) {
   paths &= ~kDecodeImmaUnits;
   return paths != 0 && (paths & ~(kDecodePathKCh | kDecodePathVTok)) == 0;
 }
+// The batch runs the fp16 kernel family (every token of every sequence in full precision).
+inline bool DecodeFamilyIsFull(int paths) { return (paths & ~kDecodeImmaUnits) == 0; }
 cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
                         cudaStream_t stream);
 

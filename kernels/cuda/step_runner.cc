@@ -374,7 +374,10 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
            c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
            cuda::ImmaBits(c.k.bits, c.v.bits);
   };
-  int ring_slot_bytes = 0;
+  // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
+  // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
+  bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
+  int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
   for (int i = 0; i < num_seqs; ++i) {
     const QuantConfig& c = configs[i];
     if (imma_config(c))
@@ -413,7 +416,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   for (const auto& sg : segments)
     for (const Segment& x : sg) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
   // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
-  const int launch_paths = decode_paths | (has_imma ? cuda::kDecodeImmaUnits : 0);
+  int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0);
   int ring_stages = 2;
   int blocks_per_sm = 0;
   if (decode_path) {
@@ -421,17 +424,28 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, launch_paths,
                                      cuda::kDecRingWarps * stages * ring_slot_bytes);
     };
-    if (ring_stages_ == 2 || ring_stages_ == 3) {
-      ring_stages = ring_stages_;
-      blocks_per_sm = blocks(ring_stages);
-    } else {
-      blocks_per_sm = blocks(2);
-      const int b3 = blocks(3);
-      if (b3 >= blocks_per_sm) {
-        ring_stages = 3;
-        blocks_per_sm = b3;
+    auto choose = [&] {
+      if (ring_stages_ == 2 || ring_stages_ == 3) {
+        ring_stages = ring_stages_;
+        blocks_per_sm = blocks(ring_stages);
+      } else {
+        ring_stages = 2;
+        blocks_per_sm = blocks(2);
+        const int b3 = blocks(3);
+        if (b3 > 0 && b3 >= blocks_per_sm) {
+          ring_stages = 3;
+          blocks_per_sm = b3;
+        }
       }
+    };
+    choose();
+    if (blocks_per_sm == 0 && mma_full) {  // the ring does not fit this device: the per-token path
+      mma_full = false;
+      ring_slot_bytes = 0;
+      launch_paths = decode_paths;
+      choose();
     }
+    blocks_per_sm = std::max(blocks_per_sm, 1);  // a launch that cannot run reports its error
   } else {
     blocks_per_sm = cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
   }
@@ -524,6 +538,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.decode_path = decode_path;
   stats_.ring_stages = decode_path ? ring_stages : 0;
   stats_.imma_units = imma_units;
+  stats_.mma_full = mma_full;
   stats_.blocks_per_sm = blocks_per_sm;
   return Result::Ok();
 }

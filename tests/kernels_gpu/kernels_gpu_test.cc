@@ -61,6 +61,7 @@ struct Case {
   uint32_t seed = 1;
   int expect_decode = -1;  // 1: the plan must take the decode fast path, 0: the generic kernel
   int expect_imma = -1;    // 1: body tiles must run on the tensor cores (decode_imma.cuh), 0: must not
+  int expect_mma = -1;     // 1: the fp16 batch must run on the tensor cores (decode_mma.cuh), 0: must not
   bool imma = true;        // CudaStepRunner::set_imma
 };
 
@@ -128,6 +129,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   }
   if (c.expect_imma >= 0 && !first) {  // the first step flushes the initial window: bodies exist from step 2
     EXPECT_EQ(runner.stats().imma_units > 0, c.expect_imma == 1) << "tensor-core body units in the plan";
+  }
+  if (c.expect_mma >= 0) {
+    EXPECT_EQ(runner.stats().mma_full, c.expect_mma == 1) << "fp16 tiles on the tensor cores";
   }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
@@ -452,6 +456,39 @@ TEST(KernelsGpu, ImmaBody) {
           RunCase(cs);
           if (HasFatalFailure()) return;
         }
+      }
+    }
+  }
+}
+
+// fp16-preset batches on the fp16 / bf16 tensor cores (decode_mma.cuh): 1, 3, 4 and 8 rows per
+// KV head (GQA 1/3/4/8, and 2 new tokens at GQA 4: causal rows within the step), lengths from 0 to
+// 5000 with windows that start inside a page (tiles across page boundaries), tails shorter than a
+// tile, D 64 and 128, fp16 and bf16; then the same batch on the per-token path.
+TEST(KernelsGpu, MmaFull) {
+  SKIP_WITHOUT_GPU();
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int gqa : {1, 3, 4, 8}) {
+        const int n = gqa == 4 ? 2 : 1;
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2 * gqa;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kFp16, 5000, n, n, 33), SeqSpec(Preset::kFp16, 0, n, 1, 0),
+                   SeqSpec(Preset::kFp16, 31, 1, n, 127), SeqSpec(Preset::kFp16, 1000, n, n, 64),
+                   SeqSpec(Preset::kFp16, 129, 1, 1, 5),  SeqSpec(Preset::kFp16, 4095, n, 1, 100)};
+        cs.seed = 9700 + k++;
+        cs.expect_decode = 1;
+        cs.expect_mma = 1;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+        cs.imma = false;
+        cs.expect_mma = 0;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
       }
     }
   }

@@ -29,6 +29,7 @@ struct CudaStepStats {
   int ring_stages = 0;       // decode path: body tiles per warp ring (kept in flight: ring_stages - 1)
   int blocks_per_sm = 0;     // resident attention blocks per SM the split plan assumed
   int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
+  bool mma_full = false;     // fp16 batch: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh)
 };
 
 class CudaStepRunner {
@@ -68,8 +69,9 @@ class CudaStepRunner {
   void set_force_generic(bool force) { force_generic_ = force; }
   // Decode path: 2 or 3 ring stages; anything else lets the plan choose (the default).
   void set_ring_stages(int stages) { ring_stages_ = stages; }
-  // Decode path: InnerQ body tiles on the tensor cores where they fit (default on); off, every tile
-  // takes the per-token / per-tile paths (tests and the benchmark compare both).
+  // Decode path: InnerQ body tiles and fp16-preset batches on the tensor cores where they fit
+  // (default on); off, every tile takes the per-token / per-tile paths (tests and the benchmark
+  // compare both).
   void set_imma(bool on) { imma_enabled_ = on; }
 
  private:

@@ -1,0 +1,244 @@
+// Decode fast path, full-precision units on the tensor cores (included by decode.cuh): the fp16
+// preset's batches (every token of K and V in full precision) with 1 to 8 query rows per unit.
+//
+// Flash-decoding with fp16 / bf16 mma.m16n8k16 (fp32 accumulation), the query rows as the M side:
+//   scores  S[16 rows][8 tokens]   = Q[16][16 channels] x K^T[16 channels][8 tokens]
+//   values  O[16 rows][8 channels] = P[16][16 tokens] x V[16 tokens][8 channels]
+// Rows 8-15 of the M side are always zero (<= 8 rows per unit): half of every product is spent on
+// nothing, which the tensor cores can afford; in exchange the score accumulators of a thread are
+// exactly the P fragment of the value product (no shuffles), and each thread's row is groupID.
+// The query fragments stay in registers for the whole unit. P is rounded to the activation dtype
+// (as in FlashAttention); the sums stay fp32.
+//
+// Tiles of 32 tokens come through the warp's cp.async ring (ring_stages slots of the K and the V
+// tile, [32 tokens][D] each, 16-byte chunks XOR-swizzled by token so that ldmatrix reads hit 8
+// different bank groups), ring_stages - 1 tiles ahead; each cp.async instruction of the warp covers
+// whole rows (2 rows of D = 128, 4 of D = 64), and tokens past the unit's end are zero-filled.
+// K fragments come from ldmatrix, V fragments from ldmatrix.trans.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace kvq {
+namespace cuda {
+
+template <DType DT>
+__device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  if constexpr (DT == DType::kF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// 16 bytes from global to shared memory, or 16 zero bytes when !valid (src-size 0: nothing is read).
+__device__ __forceinline__ void CpAsync16Zfill(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(n) : "memory");
+}
+
+// Two floats as one register of two activation-dtype halves (the first in the low half).
+template <DType DT>
+__device__ __forceinline__ uint32_t PackAct2(float lo, float hi) {
+  if constexpr (DT == DType::kF16) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// Byte offset of 16-byte chunk `chunk` of token row `row` in a swizzled [32][D] tile.
+template <int D>
+__device__ __forceinline__ int SwzOffset(int row, int chunk) {
+  return row * (2 * D) + ((chunk ^ (row & 7)) << 4);
+}
+
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
+                                            uint8_t* ring, int warp, int lane) {
+  static_assert(R <= 8, "rows 8-15 of the M side are the zero rows");
+  constexpr int CH = D * 2 / 16;    // 16-byte chunks per token row: 16 (D = 128) or 8 (D = 64)
+  constexpr int RPI = 32 / CH;      // rows per warp-wide cp.async instruction
+  constexpr int KS = D / 16;        // k-steps of the score product
+  constexpr int NT = D / 8;         // n-tiles of the value product
+  constexpr int kTile = 32 * D * 2;  // bytes of one [32][D] tile
+  const int g = lane >> 2;  // groupID: this thread's query row
+  const int t = lane & 3;
+  const int h = unit.kv_head;
+  const int stages = a.ring_stages;
+  const int slot_bytes = a.ring_slot_bytes;
+  auto& ws = sm.w[warp];
+  // the tile's row offsets in the arena (K, V), written by lane = token before each issue
+  int64_t* rowoff = reinterpret_cast<int64_t*>(&ws.u);
+  static_assert(2 * 32 * sizeof(int64_t) <= sizeof(ws.u), "row offsets fit the warp's union");
+
+  // ---- per unit: the query fragments (A side, row g; rows 8-15 zero) and row g's position
+  uint32_t qa[KS][2];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int c = ks * 16 + 2 * t;
+    const bool real = g < R;
+    qa[ks][0] = real ? PackAct2<DT>(sm.q[g < R ? g : 0][c], sm.q[g < R ? g : 0][c + 1]) : 0u;
+    qa[ks][1] = real ? PackAct2<DT>(sm.q[g < R ? g : 0][c + 8], sm.q[g < R ? g : 0][c + 9]) : 0u;
+  }
+  const int pos = g < R ? sm.pos[g < R ? g : 0] : -1;
+
+  float m = -INFINITY, l = 0.f, o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+  const int64_t row_bytes = static_cast<int64_t>(a.num_kv_heads) * D * 2;
+  auto issue = [&](int tile0, int stage) {
+    if (tile0 < unit.tok_end) {
+      const int tok = tile0 + lane;
+      int64_t ko = -1, vo = -1;
+      if (tok < unit.tok_end) {
+        const TokLoc kl = Locate(s, s.k, a.pages, tok);
+        const TokLoc vl = Locate(s, s.v, a.pages, tok);
+        ko = kl.page + kl.slot * row_bytes + static_cast<int64_t>(h) * D * 2;
+        vo = vl.page + vl.slot * row_bytes + static_cast<int64_t>(h) * D * 2;
+      }
+      __syncwarp();  // the previous issue's reads of rowoff are done
+      rowoff[lane] = ko;
+      rowoff[32 + lane] = vo;
+      __syncwarp();
+      uint8_t* dst = ring + stage * slot_bytes;
+      const int chunk = lane % CH;
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int row = j * RPI + lane / CH;
+        const int64_t k_off = rowoff[row];
+        const int64_t v_off = rowoff[32 + row];
+        const int so = SwzOffset<D>(row, chunk);
+        CpAsync16Zfill(dst + so, a.arena + (k_off >= 0 ? k_off + chunk * 16 : 0), k_off >= 0);
+        CpAsync16Zfill(dst + kTile + so, a.arena + (v_off >= 0 ? v_off + chunk * 16 : 0), v_off >= 0);
+      }
+    }
+    CpAsyncCommit();
+  };
+  const int first_tile = unit.tok_begin + warp * 32;
+  for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);
+
+  int it = 0;
+  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
+    issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
+    if (stages == 3) {
+      CpAsyncWait<2>();
+    } else {
+      CpAsyncWait<1>();
+    }
+    __syncwarp();
+    const uint8_t* kt = ring + (it % stages) * slot_bytes;
+    const uint8_t* vt = kt + kTile;
+
+    // ---- scores: n-tile nt = tokens nt * 8 .. + 7; ldmatrix.x4 = 8 tokens x 32 channels
+    float sc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 32; ++kk) {
+        uint32_t b[4];
+        LdMatrixX4(b, kt + SwzOffset<D>(nt * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+        MmaF16<DT>(sc[nt], qa[2 * kk][0], 0u, qa[2 * kk][1], 0u, b[0], b[1]);
+        MmaF16<DT>(sc[nt], qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u, b[2], b[3]);
+      }
+    }
+    // ---- online softmax of row g: this thread holds tokens nt * 8 + 2t, + 1 (sc[nt][0], [1])
+    float x[8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tile0 + nt * 8 + 2 * t + e;
+        const bool valid = tok < unit.tok_end && tok <= pos;
+        x[2 * nt + e] = valid ? sc[nt][e] * a.scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x[2 * nt + e]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
+    float p[8], ps = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      p[i] = m_new == -INFINITY ? 0.f : exp2f(x[i] - m_new);
+      ps += p[i];
+    }
+    l = l * alpha + ps;  // this thread's share; the quad's shares are summed at the end
+    m = m_new;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= alpha;
+      o[n][1] *= alpha;
+    }
+    // P fragments: k-step j = tokens 16 j .. + 15 (a0: tokens 16j + 2t, + 1; a2: + 8)
+    uint32_t pa[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      pa[j][0] = PackAct2<DT>(p[4 * j], p[4 * j + 1]);
+      pa[j][1] = PackAct2<DT>(p[4 * j + 2], p[4 * j + 3]);
+    }
+    // ---- values: ldmatrix.x4.trans = 16 tokens x 16 channels (two n-tiles of one k-step)
+#pragma unroll
+    for (int nc = 0; nc < D / 16; ++nc) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        LdMatrixX4Trans(b, vt + SwzOffset<D>(16 * j + (mi & 1) * 8 + (lane & 7), nc * 2 + (mi >> 1)));
+        MmaF16<DT>(o[2 * nc], pa[j][0], 0u, pa[j][1], 0u, b[0], b[1]);
+        MmaF16<DT>(o[2 * nc + 1], pa[j][0], 0u, pa[j][1], 0u, b[2], b[3]);
+      }
+    }
+    __syncwarp();  // the ring slot is consumed before the next issue overwrites it
+  }
+  CpAsyncWait<0>();
+  __syncwarp();
+
+  // ---- this warp's state for the block's epilogue (rows g < R)
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (g < R) {
+    if (t == 0) {
+      sm.m[warp][g] = m;
+      sm.l[warp][g] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      ws.u.o[g][n * 8 + 2 * t] = o[n][0];
+      ws.u.o[g][n * 8 + 2 * t + 1] = o[n][1];
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq
