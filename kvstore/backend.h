@@ -39,8 +39,18 @@ enum class BackendKind { kAuto, kCpu, kCuda };
 // Parses "auto", "cpu", "cuda".
 bool ParseBackendKind(const std::string& text, BackendKind* out);
 
+// Knobs of the backends that MakeBackend builds (each backend reads its own).
+constexpr int kMaxCudaLanes = 8;
+struct BackendOptions {
+  int threads = 0;     // CPU backend: threads per step (0 = all cores)
+  int cuda_lanes = 2;  // CUDA backend: steps that may run at once, each on its own stream (1..kMaxCudaLanes)
+};
+
 // Makes a backend with an arena of `pool_bytes`. kAuto picks CUDA when it is built and a device is
-// present, else CPU. `threads` bounds the CPU backend's threads (0 = all cores).
+// present, else CPU. INVALID_ARGUMENT for cuda_lanes outside 1..kMaxCudaLanes unless kind is kCpu.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(BackendKind kind, int64_t pool_bytes,
+                                                     const BackendOptions& options);
+// The same with default options but `threads` (the CPU backend's threads, 0 = all cores).
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(BackendKind kind, int64_t pool_bytes, int threads);
 
 }  // namespace kvq::store

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "kvstore/status.h"
 
@@ -26,9 +27,85 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int64_t pool_bytes) {
+// One lane: a stream, a runner and the step's device buffers with their pinned staging. Only the
+// thread that holds the lane (LaneLease) touches it.
+struct CudaBackend::Lane {
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<kvq::CudaStepRunner> runner;
+  int64_t q_cap = 0, kv_cap = 0;
+  uint8_t *d_q = nullptr, *d_k = nullptr, *d_v = nullptr, *d_o = nullptr;
+  uint8_t *h_q = nullptr, *h_k = nullptr, *h_v = nullptr, *h_o = nullptr;
+
+  ~Lane() {
+    if (stream) cudaStreamSynchronize(stream);
+    runner.reset();
+    for (uint8_t* p : {d_q, d_k, d_v, d_o}) cudaFree(p);
+    for (uint8_t* p : {h_q, h_k, h_v, h_o}) cudaFreeHost(p);
+    if (stream) cudaStreamDestroy(stream);
+    (void)cudaGetLastError();
+  }
+
+  // Grows the buffers on demand (the lane's stream is idle: every step ends synchronized or
+  // drained). q and o share q_bytes, k and v share kv_bytes.
+  absl::Status Grow(int64_t q_bytes, int64_t kv_bytes) {
+    KVQ_RETURN_IF_ERROR(GrowPair(q_bytes, &q_cap, &d_q, &d_o, &h_q, &h_o));
+    return GrowPair(kv_bytes, &kv_cap, &d_k, &d_v, &h_k, &h_v);
+  }
+
+  // After a failed step: waits for what was queued (the staging buffers and the pages the step
+  // wrote are free again once this returns), clears the runner's kernel error flag and the
+  // thread's CUDA error, so the lane serves the next step.
+  void Drain() {
+    if (runner) (void)runner->Synchronize(stream);
+    (void)cudaStreamSynchronize(stream);
+    (void)cudaGetLastError();
+  }
+
+ private:
+  static absl::Status GrowPair(int64_t bytes, int64_t* cap, uint8_t** d_a, uint8_t** d_b, uint8_t** h_a,
+                               uint8_t** h_b) {
+    if (bytes <= *cap) return absl::OkStatus();
+    const int64_t n = std::max(bytes, *cap * 2);
+    for (uint8_t** p : {d_a, d_b}) { cudaFree(*p); *p = nullptr; }
+    for (uint8_t** p : {h_a, h_b}) { cudaFreeHost(*p); *p = nullptr; }
+    *cap = 0;
+    KVQ_CUDA_STATUS(cudaMalloc(d_a, n));
+    KVQ_CUDA_STATUS(cudaMalloc(d_b, n));
+    KVQ_CUDA_STATUS(cudaMallocHost(h_a, n));
+    KVQ_CUDA_STATUS(cudaMallocHost(h_b, n));
+    *cap = n;
+    return absl::OkStatus();
+  }
+};
+
+// Holds a lane for one step; gives it back on every path, drained unless the step finished
+// cleanly (Done).
+class CudaBackend::LaneLease {
+ public:
+  explicit LaneLease(CudaBackend* b) : b_(b), lane_(b->AcquireLane()) {}
+  ~LaneLease() {
+    if (!clean_) lane_->Drain();
+    b_->ReleaseLane(lane_);
+  }
+  LaneLease(const LaneLease&) = delete;
+  LaneLease& operator=(const LaneLease&) = delete;
+  Lane& operator*() const { return *lane_; }
+  void Done() { clean_ = true; }
+
+ private:
+  CudaBackend* b_;
+  Lane* lane_;
+  bool clean_ = false;
+};
+
+CudaBackend::CudaBackend(uint8_t* arena, int64_t bytes) : arena_(arena), pool_(bytes) {}
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int64_t pool_bytes, int lanes) {
   if (pool_bytes < PagePool::kAlign)
     return absl::InvalidArgumentError("pool_bytes must be at least 16, got " + std::to_string(pool_bytes));
+  if (lanes < 1 || lanes > kMaxLanes)
+    return absl::InvalidArgumentError("lanes must be in 1.." + std::to_string(kMaxLanes) + ", got " +
+                                      std::to_string(lanes));
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     (void)cudaGetLastError();
@@ -42,44 +119,61 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int64_t pool_by
                                         " bytes: " + cudaGetErrorString(e));
   }
   std::unique_ptr<CudaBackend> b(new CudaBackend(arena, pool_bytes));
-  KVQ_CUDA_STATUS(cudaStreamCreateWithFlags(&b->stream_, cudaStreamNonBlocking));
-  KVQ_RETURN_IF_ERROR(FromResult(kvq::CudaStepRunner::Create(&b->runner_)));
+  for (int i = 0; i < lanes; ++i) {
+    b->lanes_.push_back(std::make_unique<Lane>());
+    Lane& lane = *b->lanes_.back();
+    KVQ_CUDA_STATUS(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking));
+    KVQ_RETURN_IF_ERROR(FromResult(kvq::CudaStepRunner::Create(&lane.runner)));
+  }
+  // Lane 0 on top of the free list: a lone caller always gets the same lane (warm buffers).
+  for (int i = lanes - 1; i >= 0; --i) b->free_.push_back(b->lanes_[i].get());
   return b;
 }
 
 CudaBackend::~CudaBackend() {
-  if (stream_) cudaStreamSynchronize(stream_);
-  runner_.reset();
-  for (uint8_t* p : {d_q_, d_k_, d_v_, d_o_}) cudaFree(p);
-  for (uint8_t* p : {h_q_, h_k_, h_v_, h_o_}) cudaFreeHost(p);
+  {
+    // A caller still inside RunStep holds a lane; wait for it rather than free under it.
+    std::unique_lock<std::mutex> lock(mu_);
+    lane_freed_.wait(lock, [&] { return busy_ == 0; });
+  }
+  for (auto& lane : lanes_)
+    if (lane->stream) cudaStreamSynchronize(lane->stream);
+  lanes_.clear();
   cudaFree(arena_);
-  if (stream_) cudaStreamDestroy(stream_);
+  (void)cudaGetLastError();
 }
 
-absl::Status CudaBackend::Grow(int64_t q_bytes, int64_t kv_bytes) {
-  if (q_bytes > q_cap_) {
-    const int64_t cap = std::max(q_bytes, q_cap_ * 2);
-    for (uint8_t** p : {&d_q_, &d_o_}) { cudaFree(*p); *p = nullptr; }
-    for (uint8_t** p : {&h_q_, &h_o_}) { cudaFreeHost(*p); *p = nullptr; }
-    q_cap_ = 0;
-    KVQ_CUDA_STATUS(cudaMalloc(&d_q_, cap));
-    KVQ_CUDA_STATUS(cudaMalloc(&d_o_, cap));
-    KVQ_CUDA_STATUS(cudaMallocHost(&h_q_, cap));
-    KVQ_CUDA_STATUS(cudaMallocHost(&h_o_, cap));
-    q_cap_ = cap;
-  }
-  if (kv_bytes > kv_cap_) {
-    const int64_t cap = std::max(kv_bytes, kv_cap_ * 2);
-    for (uint8_t** p : {&d_k_, &d_v_}) { cudaFree(*p); *p = nullptr; }
-    for (uint8_t** p : {&h_k_, &h_v_}) { cudaFreeHost(*p); *p = nullptr; }
-    kv_cap_ = 0;
-    KVQ_CUDA_STATUS(cudaMalloc(&d_k_, cap));
-    KVQ_CUDA_STATUS(cudaMalloc(&d_v_, cap));
-    KVQ_CUDA_STATUS(cudaMallocHost(&h_k_, cap));
-    KVQ_CUDA_STATUS(cudaMallocHost(&h_v_, cap));
-    kv_cap_ = cap;
-  }
-  return absl::OkStatus();
+CudaBackend::Lane* CudaBackend::AcquireLane() {
+  std::unique_lock<std::mutex> lock(mu_);
+  lane_freed_.wait(lock, [&] { return !free_.empty(); });
+  Lane* lane = free_.back();
+  free_.pop_back();
+  max_busy_ = std::max(max_busy_, ++busy_);
+  return lane;
+}
+
+void CudaBackend::ReleaseLane(Lane* lane) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.push_back(lane);
+  --busy_;
+  // notify_all: both a waiting RunStep and the destructor (busy_ == 0) may wait on it. Under the
+  // lock, so that the destructor cannot wake, finish and destroy the condition variable first.
+  lane_freed_.notify_all();
+}
+
+int CudaBackend::busy_lanes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return busy_;
+}
+
+int CudaBackend::max_busy_lanes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return max_busy_;
+}
+
+void CudaBackend::ResetMaxBusyLanes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  max_busy_ = busy_;
 }
 
 absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
@@ -98,33 +192,34 @@ absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqW
   }
   const int64_t q_bytes = q_rows * params.num_q_heads * params.head_dim * 2;
   const int64_t kv_bytes = kv_rows * params.num_kv_heads * params.head_dim * 2;
-  std::lock_guard<std::mutex> lock(mu_);
-  KVQ_RETURN_IF_ERROR(Grow(std::max<int64_t>(q_bytes, 16), std::max<int64_t>(kv_bytes, 16)));
-  // The staging buffers are free: the previous step ended with a synchronize.
-  std::memcpy(h_q_, params.q, q_bytes);
-  std::memcpy(h_k_, params.k_new, kv_bytes);
-  std::memcpy(h_v_, params.v_new, kv_bytes);
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(d_q_, h_q_, q_bytes, cudaMemcpyHostToDevice, stream_));
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(d_k_, h_k_, kv_bytes, cudaMemcpyHostToDevice, stream_));
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(d_v_, h_v_, kv_bytes, cudaMemcpyHostToDevice, stream_));
+  // From here on the step owns one lane and nothing else: no backend lock is held while it
+  // copies, launches and waits, so other lanes' steps run beside it.
+  LaneLease lease(this);
+  Lane& lane = *lease;
+  KVQ_RETURN_IF_ERROR(lane.Grow(std::max<int64_t>(q_bytes, 16), std::max<int64_t>(kv_bytes, 16)));
+  // The staging buffers are free: the lane's previous step ended synchronized (or drained).
+  std::memcpy(lane.h_q, params.q, q_bytes);
+  std::memcpy(lane.h_k, params.k_new, kv_bytes);
+  std::memcpy(lane.h_v, params.v_new, kv_bytes);
+  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_q, lane.h_q, q_bytes, cudaMemcpyHostToDevice, lane.stream));
+  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_k, lane.h_k, kv_bytes, cudaMemcpyHostToDevice, lane.stream));
+  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_v, lane.h_v, kv_bytes, cudaMemcpyHostToDevice, lane.stream));
   kvq::StepParams p = params;
-  p.q = d_q_;
-  p.k_new = d_k_;
-  p.v_new = d_v_;
-  p.o = d_o_;
-  kvq::Result r = runner_->RunStep(p, works, configs, num_seqs, arena_, stream_);
-  if (!r.ok()) {
-    (void)runner_->Synchronize(stream_);  // drain what was queued before reporting
-    return FromResult(r);
-  }
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(h_o_, d_o_, q_bytes, cudaMemcpyDeviceToHost, stream_));
-  KVQ_RETURN_IF_ERROR(FromResult(runner_->Synchronize(stream_)));
-  std::memcpy(params.o, h_o_, q_bytes);
+  p.q = lane.d_q;
+  p.k_new = lane.d_k;
+  p.v_new = lane.d_v;
+  p.o = lane.d_o;
+  // On any error return the lease drains what was queued before the lane goes back.
+  KVQ_RETURN_IF_ERROR(FromResult(lane.runner->RunStep(p, works, configs, num_seqs, arena_, lane.stream)));
+  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.h_o, lane.d_o, q_bytes, cudaMemcpyDeviceToHost, lane.stream));
+  KVQ_RETURN_IF_ERROR(FromResult(lane.runner->Synchronize(lane.stream)));
+  std::memcpy(params.o, lane.h_o, q_bytes);
+  lease.Done();
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int64_t pool_bytes) {
-  auto b = CudaBackend::Create(pool_bytes);
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int64_t pool_bytes, int lanes) {
+  auto b = CudaBackend::Create(pool_bytes, lanes);
   if (!b.ok()) return b.status();
   return std::unique_ptr<Backend>(std::move(b).value());
 }

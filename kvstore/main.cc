@@ -24,6 +24,9 @@ ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (CUDA when built 
 ABSL_FLAG(int64_t, pool_bytes, int64_t{1} << 30,
           "Bytes of the KV page pool, allocated once at start-up (host memory for cpu, device memory for cuda)");
 ABSL_FLAG(int, threads, 0, "CPU backend threads per step (0 = all cores)");
+ABSL_FLAG(int, cuda_lanes, 2,
+          "CUDA backend: steps that may run at once (1..8), each on its own stream with its own buffers, so "
+          "concurrent requests for different sessions overlap their copies and kernels");
 ABSL_FLAG(std::string, tenants_file, "",
           "Tenants and quotas. Without it there is one tenant ('default', no quotas) and no token is needed. "
           "Text, one line per token: `<token> <tenant> <max_sessions> <max_tokens> <max_bytes>` "
@@ -70,6 +73,8 @@ int main(int argc, char** argv) {
     return Fail("--backend must be auto, cpu or cuda, got '" + absl::GetFlag(FLAGS_backend) + "'");
   if (absl::GetFlag(FLAGS_max_sessions) < 1) return Fail("--max_sessions must be >= 1");
   if (absl::GetFlag(FLAGS_max_tokens_per_entry) < 1) return Fail("--max_tokens_per_entry must be >= 1");
+  if (absl::GetFlag(FLAGS_cuda_lanes) < 1 || absl::GetFlag(FLAGS_cuda_lanes) > kvq::store::kMaxCudaLanes)
+    return Fail("--cuda_lanes must be in 1.." + std::to_string(kvq::store::kMaxCudaLanes));
 
   kvq::store::TenantRegistry tenants;
   if (!absl::GetFlag(FLAGS_tenants_file).empty()) {
@@ -99,7 +104,10 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  auto backend = kvq::store::MakeBackend(kind, absl::GetFlag(FLAGS_pool_bytes), absl::GetFlag(FLAGS_threads));
+  kvq::store::BackendOptions bo;
+  bo.threads = absl::GetFlag(FLAGS_threads);
+  bo.cuda_lanes = absl::GetFlag(FLAGS_cuda_lanes);
+  auto backend = kvq::store::MakeBackend(kind, absl::GetFlag(FLAGS_pool_bytes), bo);
   if (!backend.ok()) return Fail("backend: " + std::string(backend.status().message()));
   const std::string backend_name = (*backend)->name();
   auto server = kvq::store::StoreServer::Start(so, sto, std::move(backend).value(), std::move(tenants));
