@@ -27,6 +27,7 @@
 
 #include <atomic>
 #include <cfloat>
+#include <mutex>
 
 #include "code_bytes.cuh"
 #include "device_common.cuh"
@@ -1035,14 +1036,19 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 
 #pragma nv_diag_default 128
 
-// The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first.
+// The ring's dynamic shared memory; above the default 48 KB the kernel must opt in first. Runners
+// on several streams (the store's lanes) plan concurrently: the check, the attribute and the
+// recorded size change together under a lock, so the recorded size never exceeds the one set.
 template <int D, DType DT, int R, int PATHS, bool IMMA>
 cudaError_t DecodeRingOptIn(int ring_bytes) {
   static std::atomic<int> opted{0};
+  static std::mutex mu;
+  if (ring_bytes <= opted.load(std::memory_order_acquire)) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mu);
   if (ring_bytes <= opted.load(std::memory_order_relaxed)) return cudaSuccess;
   const cudaError_t e = cudaFuncSetAttribute(DecodeKernel<D, DT, R, PATHS, IMMA>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
-  if (e == cudaSuccess) opted.store(ring_bytes, std::memory_order_relaxed);
+  if (e == cudaSuccess) opted.store(ring_bytes, std::memory_order_release);
   return e;
 }
 
