@@ -235,11 +235,11 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->chunk = runners[0]->stats().chunk_tokens;
   {
     const CudaStepStats& st = runners[0]->stats();
-    // decode-s<stages>-b<blocks per SM>[-imma|-mma]: the decode path's ring depth, the occupancy
-    // the plan used, and whether InnerQ body tiles (-imma) or the fp16 preset's tiles (-mma) ran
-    // on the tensor cores
+    // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-mma]: the decode path's ring depth, the
+    // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma) or
+    // the fp16 preset's tiles (-mma) ran on the tensor cores
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
-                                     (st.imma_units > 0 ? "-imma" : st.mma_full ? "-mma" : "")
+                                     (st.imma_units > 0 ? (st.kivi_mma ? "-kmma" : "-imma") : st.mma_full ? "-mma" : "")
                                : "generic";
   }
   runners.clear();

@@ -763,9 +763,13 @@ constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
 // bodies (ptxas: ~156 bytes of spills). Measured against a 96-register cap: 4 blocks either way,
 // 1-3% faster at 128 (docs/gpu_notes.md).
 // IMMA on the fp16 family: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh); the ring
-// (16 KB per warp and stage at D = 128) bounds the block count, not registers.
+// (16 KB per warp and stage at D = 128) bounds the block count, not registers. On the KIVI family
+// (body units of decode_mma_kivi.cuh, 4 and 8 rows): 2 blocks, so the per-token path that serves
+// the units around the bodies in the same launch does not spill.
 template <int PATHS, int R, bool IMMA>
-constexpr int DecodeLaunchMinBlocks() { return IMMA ? (PATHS == kFamFull ? 1 : 4) : DecodeMinBlocks<R>(); }
+constexpr int DecodeLaunchMinBlocks() {
+  return IMMA ? (PATHS == kFamFull ? 1 : PATHS == kFamKivi ? 2 : 4) : DecodeMinBlocks<R>();
+}
 
 // (the fp16 tensor-core instance returns before the per-token loop: nvcc's "loop is not
 // reachable" for it is expected)
@@ -831,14 +835,26 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     }
   }
   if constexpr (IMMA && PATHS == kFamFull) {
-    MmaFullUnit<D, DT, R>(sm, a, s, unit, dec_ring + warp * a.ring_stages * a.ring_slot_bytes, warp, lane);
+    MmaFullUnit<D, DT, R>(sm, a, s, unit, dec_ring + warp * DecodeWarpRingBytes(a), warp, lane);
     __syncthreads();
     DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
     return;
+  } else if constexpr (IMMA && PATHS == kFamKivi) {
+    if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
+      uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
+      if (s.k.bits == 2) {
+        MmaKiviBodyUnit<D, DT, R, 2, 2>(sm, a, s, unit, ring, warp, lane);
+      } else {
+        MmaKiviBodyUnit<D, DT, R, 4, 4>(sm, a, s, unit, ring, warp, lane);
+      }
+      __syncthreads();
+      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+      return;
+    }
   } else if constexpr (IMMA) {
     static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
-      uint8_t* ring = dec_ring + warp * a.ring_stages * a.ring_slot_bytes;
+      uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
       if (s.k.bits == 2) {
         ImmaBodyUnit<D, R, 2, 2>(sm, a, s, unit, ring, warp, lane);
       } else if (s.v.bits == 2) {
@@ -1054,6 +1070,17 @@ cudaError_t DecodeRingOptIn(int ring_bytes) {
 
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeBlocksPerSmT(int ring_bytes) {
+  // A ring the device cannot give one block is 0 blocks, without asking for it (the plan probes
+  // deeper rings than fit, and a refused opt-in is an API error that tools report).
+  int dev = 0, optin = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (static_cast<int64_t>(fa.sharedSizeBytes) + ring_bytes > optin) return 0;
   int n = 0;
   if (DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,
@@ -1078,6 +1105,10 @@ template <int D, DType DT, int R>
 cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cudaStream_t stream) {
   if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
     return LaunchDecodeT<D, DT, R, kFamFull, true>(args, num_units, stream);
+  if constexpr (R >= 4) {
+    if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
+      return LaunchDecodeT<D, DT, R, kFamKivi, true>(args, num_units, stream);
+  }
   if constexpr (R == 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
       return LaunchDecodeT<D, DT, 4, kFamInnerQ, true>(args, num_units, stream);
@@ -1094,6 +1125,10 @@ template <int D, DType DT, int R>
 int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
   if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
     return DecodeBlocksPerSmT<D, DT, R, kFamFull, true>(ring_bytes);
+  if constexpr (R >= 4) {
+    if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
+      return DecodeBlocksPerSmT<D, DT, R, kFamKivi, true>(ring_bytes);
+  }
   if constexpr (R == 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
       return DecodeBlocksPerSmT<D, DT, 4, kFamInnerQ, true>(ring_bytes);

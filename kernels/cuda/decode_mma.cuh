@@ -79,14 +79,141 @@ __device__ __forceinline__ int SwzOffset(int row, int chunk) {
   return row * (2 * D) + ((chunk ^ (row & 7)) << 4);
 }
 
+// One warp's flash-decoding state on the tensor cores: row g = groupID of the thread (rows >= R are
+// zero), the query fragments (A side of the scores), the online softmax (m; l as this thread's
+// share, summed over the quad at the end) and the output accumulators O[g][n * 8 + 2t, + 1].
+// Tiles are [32 tokens][D] activations in shared memory, swizzled (SwzOffset).
+template <int D, DType DT, int R>
+struct MmaRows {
+  static_assert(R <= 8, "rows 8-15 of the M side are the zero rows");
+  static constexpr int KS = D / 16;  // k-steps of the score product
+  static constexpr int NT = D / 8;   // n-tiles of the value product
+  uint32_t qa[KS][2];
+  float m, l, o[NT][4];
+  int pos;
+
+  // q: [R][D] floats in shared memory (the unit's rows), pos: their positions (-1: no row)
+  __device__ __forceinline__ void Init(const float (*q)[D], const int* rows_pos, int g, int t) {
+    const int gr = g < R ? g : 0;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = ks * 16 + 2 * t;
+      qa[ks][0] = g < R ? PackAct2<DT>(q[gr][c], q[gr][c + 1]) : 0u;
+      qa[ks][1] = g < R ? PackAct2<DT>(q[gr][c + 8], q[gr][c + 9]) : 0u;
+    }
+    pos = g < R ? rows_pos[gr] : -1;
+    m = -INFINITY;
+    l = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  }
+
+  // Scores of row g for tokens nt * 8 + 2t, + 1 (sc[nt][0], [1]); ldmatrix.x4 = 8 tokens x 32 channels.
+  __device__ __forceinline__ void Scores(const uint8_t* kt, int lane, float (&sc)[4][4]) const {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 32; ++kk) {
+        uint32_t b[4];
+        LdMatrixX4(b, kt + SwzOffset<D>(nt * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+        MmaF16<DT>(sc[nt], qa[2 * kk][0], 0u, qa[2 * kk][1], 0u, b[0], b[1]);
+        MmaF16<DT>(sc[nt], qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u, b[2], b[3]);
+      }
+    }
+  }
+
+  // Online softmax of row g over the tile's tokens [tile0, tile0 + 32) (valid below tok_end and
+  // up to pos); the P fragments of the value product: k-step j = tokens 16 j .. + 15.
+  __device__ __forceinline__ void Softmax(const float (&sc)[4][4], int tile0, int tok_end, float scale_log2, int t,
+                                          uint32_t (&pa)[2][2]) {
+    float x[8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tile0 + nt * 8 + 2 * t + e;
+        const bool valid = tok < tok_end && tok <= pos;
+        x[2 * nt + e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x[2 * nt + e]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
+    float p[8], ps = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      p[i] = m_new == -INFINITY ? 0.f : exp2f(x[i] - m_new);
+      ps += p[i];
+    }
+    l = l * alpha + ps;
+    m = m_new;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= alpha;
+      o[n][1] *= alpha;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      pa[j][0] = PackAct2<DT>(p[4 * j], p[4 * j + 1]);
+      pa[j][1] = PackAct2<DT>(p[4 * j + 2], p[4 * j + 3]);
+    }
+  }
+
+  // O += P V; ldmatrix.x4.trans = 16 tokens x 16 channels (two n-tiles of one k-step).
+  __device__ __forceinline__ void Values(const uint8_t* vt, int lane, const uint32_t (&pa)[2][2]) {
+#pragma unroll
+    for (int nc = 0; nc < D / 16; ++nc) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        LdMatrixX4Trans(b, vt + SwzOffset<D>(16 * j + (mi & 1) * 8 + (lane & 7), nc * 2 + (mi >> 1)));
+        MmaF16<DT>(o[2 * nc], pa[j][0], 0u, pa[j][1], 0u, b[0], b[1]);
+        MmaF16<DT>(o[2 * nc + 1], pa[j][0], 0u, pa[j][1], 0u, b[2], b[3]);
+      }
+    }
+  }
+
+  // This warp's state for the block's epilogue (rows g < R).
+  template <typename Smem>
+  __device__ __forceinline__ void Finish(Smem& sm, int warp, int g, int t) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (g < R) {
+      if (t == 0) {
+        sm.m[warp][g] = m;
+        sm.l[warp][g] = l;
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        sm.w[warp].u.o[g][n * 8 + 2 * t] = o[n][0];
+        sm.w[warp].u.o[g][n * 8 + 2 * t + 1] = o[n][1];
+      }
+    }
+  }
+};
+
+// cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
+constexpr int kMaxRingStages = 6;
+__device__ __forceinline__ void CpAsyncWaitRing(int stages) {
+  switch (stages) {
+    case 2: CpAsyncWait<1>(); break;
+    case 3: CpAsyncWait<2>(); break;
+    case 4: CpAsyncWait<3>(); break;
+    case 5: CpAsyncWait<4>(); break;
+    default: CpAsyncWait<5>(); break;
+  }
+}
+
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                             uint8_t* ring, int warp, int lane) {
-  static_assert(R <= 8, "rows 8-15 of the M side are the zero rows");
   constexpr int CH = D * 2 / 16;    // 16-byte chunks per token row: 16 (D = 128) or 8 (D = 64)
   constexpr int RPI = 32 / CH;      // rows per warp-wide cp.async instruction
-  constexpr int KS = D / 16;        // k-steps of the score product
-  constexpr int NT = D / 8;         // n-tiles of the value product
   constexpr int kTile = 32 * D * 2;  // bytes of one [32][D] tile
   const int g = lane >> 2;  // groupID: this thread's query row
   const int t = lane & 3;
@@ -98,20 +225,8 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
   int64_t* rowoff = reinterpret_cast<int64_t*>(&ws.u);
   static_assert(2 * 32 * sizeof(int64_t) <= sizeof(ws.u), "row offsets fit the warp's union");
 
-  // ---- per unit: the query fragments (A side, row g; rows 8-15 zero) and row g's position
-  uint32_t qa[KS][2];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int c = ks * 16 + 2 * t;
-    const bool real = g < R;
-    qa[ks][0] = real ? PackAct2<DT>(sm.q[g < R ? g : 0][c], sm.q[g < R ? g : 0][c + 1]) : 0u;
-    qa[ks][1] = real ? PackAct2<DT>(sm.q[g < R ? g : 0][c + 8], sm.q[g < R ? g : 0][c + 9]) : 0u;
-  }
-  const int pos = g < R ? sm.pos[g < R ? g : 0] : -1;
-
-  float m = -INFINITY, l = 0.f, o[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  MmaRows<D, DT, R> st;
+  st.Init(sm.q, sm.pos, g, t);
 
   const int64_t row_bytes = static_cast<int64_t>(a.num_kv_heads) * D * 2;
   auto issue = [&](int tile0, int stage) {
@@ -143,102 +258,27 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
     CpAsyncCommit();
   };
   const int first_tile = unit.tok_begin + warp * 32;
-  for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);
+  for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kDecWarps * 32, i);
 
   int it = 0;
   for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
     issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
-    if (stages == 3) {
-      CpAsyncWait<2>();
-    } else {
-      CpAsyncWait<1>();
-    }
+    CpAsyncWaitRing(stages);
     __syncwarp();
     const uint8_t* kt = ring + (it % stages) * slot_bytes;
-    const uint8_t* vt = kt + kTile;
-
-    // ---- scores: n-tile nt = tokens nt * 8 .. + 7; ldmatrix.x4 = 8 tokens x 32 channels
     float sc[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk) {
-        uint32_t b[4];
-        LdMatrixX4(b, kt + SwzOffset<D>(nt * 8 + (lane & 7), kk * 4 + (lane >> 3)));
-        MmaF16<DT>(sc[nt], qa[2 * kk][0], 0u, qa[2 * kk][1], 0u, b[0], b[1]);
-        MmaF16<DT>(sc[nt], qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u, b[2], b[3]);
-      }
-    }
-    // ---- online softmax of row g: this thread holds tokens nt * 8 + 2t, + 1 (sc[nt][0], [1])
-    float x[8];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = tile0 + nt * 8 + 2 * t + e;
-        const bool valid = tok < unit.tok_end && tok <= pos;
-        x[2 * nt + e] = valid ? sc[nt][e] * a.scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x[2 * nt + e]);
-      }
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
-    float p[8], ps = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      p[i] = m_new == -INFINITY ? 0.f : exp2f(x[i] - m_new);
-      ps += p[i];
-    }
-    l = l * alpha + ps;  // this thread's share; the quad's shares are summed at the end
-    m = m_new;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      o[n][0] *= alpha;
-      o[n][1] *= alpha;
-    }
-    // P fragments: k-step j = tokens 16 j .. + 15 (a0: tokens 16j + 2t, + 1; a2: + 8)
     uint32_t pa[2][2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      pa[j][0] = PackAct2<DT>(p[4 * j], p[4 * j + 1]);
-      pa[j][1] = PackAct2<DT>(p[4 * j + 2], p[4 * j + 3]);
-    }
-    // ---- values: ldmatrix.x4.trans = 16 tokens x 16 channels (two n-tiles of one k-step)
-#pragma unroll
-    for (int nc = 0; nc < D / 16; ++nc) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        uint32_t b[4];
-        const int mi = lane >> 3;
-        LdMatrixX4Trans(b, vt + SwzOffset<D>(16 * j + (mi & 1) * 8 + (lane & 7), nc * 2 + (mi >> 1)));
-        MmaF16<DT>(o[2 * nc], pa[j][0], 0u, pa[j][1], 0u, b[0], b[1]);
-        MmaF16<DT>(o[2 * nc + 1], pa[j][0], 0u, pa[j][1], 0u, b[2], b[3]);
-      }
-    }
+    st.Scores(kt, lane, sc);
+    st.Softmax(sc, tile0, unit.tok_end, a.scale_log2, t, pa);
+    st.Values(kt + kTile, lane, pa);
     __syncwarp();  // the ring slot is consumed before the next issue overwrites it
   }
   CpAsyncWait<0>();
   __syncwarp();
-
-  // ---- this warp's state for the block's epilogue (rows g < R)
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  if (g < R) {
-    if (t == 0) {
-      sm.m[warp][g] = m;
-      sm.l[warp][g] = l;
-    }
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      ws.u.o[g][n * 8 + 2 * t] = o[n][0];
-      ws.u.o[g][n * 8 + 2 * t + 1] = o[n][1];
-    }
-  }
+  st.Finish(sm, warp, g, t);
 }
 
 }  // namespace cuda
 }  // namespace kvq
+
+#include "decode_mma_kivi.cuh"  // uses MmaRows

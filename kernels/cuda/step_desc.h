@@ -70,13 +70,16 @@ struct DevUnit {
   int32_t item;             // its merge item
 };
 // Unit kinds: any tokens (the per-token / per-tile paths), or only whole 32-token tiles inside both
-// the K and the V body of an InnerQ-layout sequence (K along_channels, V along_tokens, G = 32) with
-// 2 to 4 rows, on the tensor cores. Bits (K, V) with an IMMA instance: (2, 2), (3, 2), (3, 3).
+// the K and the V body, on the tensor cores: of an InnerQ-layout sequence (K along_channels, V
+// along_tokens, G = 32) with 2 to 4 rows, bits (K, V) (2, 2), (3, 2), (3, 3) (decode_imma.cuh); or
+// of a KIVI-layout sequence (K along_tokens, V along_channels, G = 32) with 2 to 8 rows, bits
+// (2, 2) and (4, 4) (decode_mma_kivi.cuh).
 constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1;
 constexpr int kImmaMaxRows = 4;
 KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
   return (k_bits == 2 && v_bits == 2) || (k_bits == 3 && v_bits == 2) || (k_bits == 3 && v_bits == 3);
 }
+KVQ_HD bool KiviMmaBits(int k_bits, int v_bits) { return k_bits == v_bits && (k_bits == 2 || k_bits == 4); }
 
 // One (sequence, KV head, row block): the units [unit0, unit0 + num_units) that the merge combines.
 struct DevMergeItem {
@@ -115,7 +118,10 @@ struct AttnArgs {
   // Decode fast path: each warp's ring of ring_stages shared-memory slots of ring_slot_bytes
   // (a whole body tile of K and of V, BodyTileBytes each) that cp.async fills ahead of the compute.
   int32_t ring_slot_bytes;
-  int32_t ring_stages;      // 2 or 3
+  int32_t ring_stages;      // 2 or 3 (KIVI tensor-core units: up to 6)
+  // KIVI tensor-core units (decode_mma_kivi.cuh): after each warp's ring, a work area of this many
+  // bytes (a dequantized [32][D] tile); 0 otherwise
+  int32_t ring_work_bytes;
   // Decode path, merge fused into the launch: each unit counts itself in merge_count[item] after
   // writing its partial; the item's last unit merges all of them into o and resets the count.
   const DevMergeItem* items;
@@ -129,7 +135,8 @@ KVQ_HD int BodyTileBytes(int head_dim, int bits, bool has_zeros) {
   return 4 * head_dim * bits + 2 * head_dim + (has_zeros ? 2 * head_dim : 0);
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
-KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * a.ring_stages * a.ring_slot_bytes; }
+KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
+KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * DecodeWarpRingBytes(a); }
 
 struct MergeArgs {
   const DevMergeItem* items;
@@ -171,13 +178,19 @@ int DecodeBlocksPerSmBF16D128(int rows, int paths, int ring_bytes);
 // DecodePath bits (decode.cuh): along_channels K, along_tokens K, along_tokens V, along_channels V.
 constexpr int kDecodePathKCh = 1, kDecodePathKTok = 2, kDecodePathVTok = 4, kDecodePathVCh = 8;
 // Not a path: set in the `paths` argument of LaunchDecode / DecodeBlocksPerSm when the batch runs
-// on the tensor cores: InnerQ body units (the InnerQ 4-row instance built for them) or, on the
-// fp16 family, every unit (decode_mma.cuh).
+// on the tensor cores: InnerQ body units (the InnerQ 4-row instance built for them), KIVI body
+// units (decode_mma_kivi.cuh, 4- and 8-row instances) or, on the fp16 family, every unit
+// (decode_mma.cuh).
 constexpr int kDecodeImmaUnits = 16;
 // The batch runs the InnerQ kernel family (every quantized tensor K along_channels / V along_tokens).
 inline bool DecodeFamilyIsInnerQ(int paths) {
   paths &= ~kDecodeImmaUnits;
   return paths != 0 && (paths & ~(kDecodePathKCh | kDecodePathVTok)) == 0;
+}
+// The batch runs the KIVI kernel family (every quantized tensor K along_tokens / V along_channels).
+inline bool DecodeFamilyIsKivi(int paths) {
+  paths &= ~kDecodeImmaUnits;
+  return paths != 0 && (paths & ~(kDecodePathKTok | kDecodePathVCh)) == 0;
 }
 // The batch runs the fp16 kernel family (every token of every sequence in full precision).
 inline bool DecodeFamilyIsFull(int paths) { return (paths & ~kDecodeImmaUnits) == 0; }

@@ -84,6 +84,9 @@ bool DecodeFastPathFits(const StepParams& p, const SeqWork* works, const QuantCo
   return true;
 }
 
+// KIVI tensor-core units: the least tokens per unit (at 2 blocks per SM) that pays for them.
+constexpr int kKiviMmaMinUnitTokens = 1024;
+
 // The decode kernel's code paths the batch needs (kDecodePath* bits of step_desc.h).
 int DecodePaths(const QuantConfig* configs, int num_seqs) {
   int paths = 0;
@@ -126,6 +129,7 @@ struct CudaStepRunner::Impl {
   int max_rows = 0;
   int decode_paths = 0;
   int ring_slot_bytes = 0;
+  int ring_work_bytes = 0;
   int ring_stages = 2;
   const cuda::DevSeq* d_seqs = nullptr;
   const int64_t* d_pages = nullptr;
@@ -377,9 +381,31 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
+  // KIVI-family batches with 2-8 rows: body tiles dequantized into fp16 and multiplied on the
+  // tensor cores (decode_mma_kivi.cuh), for the sequences whose bits are built. fp16 activations
+  // only: rounded to bf16, the dequantized keys and values put the attention error beyond the bf16
+  // bound of the GPU tests (1.1e-2 against 8e-3 measured). And only where a unit gets several
+  // tiles per warp: with one or two the ring cannot hide the dequantization's latency and the
+  // per-token path was faster ((1,9,3,8192): 37 -> 43 us).
+  const bool kivi_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsKivi(decode_paths) && max_rows >= 2 &&
+                           p.dtype == DType::kF16 &&
+                           total_tokens >= int64_t{kivi_min_unit_tokens_ >= 0 ? kivi_min_unit_tokens_
+                                                                             : kKiviMmaMinUnitTokens} *
+                                               m.num_sms * 2;
+  auto kivi_config = [&](const QuantConfig& c) {
+    return kivi_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
+           c.v.grouping == Grouping::kAlongChannels && c.k.group_size == 32 && c.v.group_size == 32 &&
+           cuda::KiviMmaBits(c.k.bits, c.v.bits);
+  };
   int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
+  int ring_work_bytes = 0;
   for (int i = 0; i < num_seqs; ++i) {
     const QuantConfig& c = configs[i];
+    if (kivi_config(c)) {
+      ring_work_bytes = cuda::kTileTokens * p.head_dim * 2;
+      ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
+                                                      cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
+    }
     if (imma_config(c))
       ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
                                                       cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
@@ -399,7 +425,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     const QuantConfig& c = configs[items[k].seq];
     const int64_t visible = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
     max_visible = std::max(max_visible, visible);
-    const bool imma_seq = imma_config(c);
+    const bool imma_seq = imma_config(c) || kivi_config(c);
     const int64_t b0 = d.sink_len + d.to_sink;
     const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / cuda::kTileTokens *
                          cuda::kTileTokens;
@@ -416,18 +442,30 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   for (const auto& sg : segments)
     for (const Segment& x : sg) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
   // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
+  if (!has_imma && !mma_full) ring_slot_bytes = ring_work_bytes = 0;  // no ring: no dynamic shared memory
   int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0);
   int ring_stages = 2;
   int blocks_per_sm = 0;
   if (decode_path) {
     auto blocks = [&](int stages) {
       return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, launch_paths,
-                                     cuda::kDecRingWarps * stages * ring_slot_bytes);
+                                     cuda::kDecRingWarps * (stages * ring_slot_bytes + ring_work_bytes));
     };
+    const bool kivi_units = has_imma && kivi_family;
     auto choose = [&] {
-      if (ring_stages_ == 2 || ring_stages_ == 3) {
+      if (ring_stages_ == 2 || ring_stages_ == 3 || (kivi_units && ring_stages_ >= 2 && ring_stages_ <= 6)) {
         ring_stages = ring_stages_;
         blocks_per_sm = blocks(ring_stages);
+      } else if (kivi_units) {
+        // small packed tiles: the most resident blocks (warps hide the dequantization's latency;
+        // 1 block of 6 stages was slower than 2 of 2 for kivi4), then the deepest ring at that count
+        ring_stages = 2;
+        blocks_per_sm = blocks(2);
+        for (int st = 3; st <= 6; ++st) {
+          const int b = blocks(st);
+          if (b < blocks_per_sm) break;
+          ring_stages = st;
+        }
       } else {
         ring_stages = 2;
         blocks_per_sm = blocks(2);
@@ -526,6 +564,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.max_rows = max_rows;
   m.decode_paths = launch_paths;
   m.ring_slot_bytes = ring_slot_bytes;
+  m.ring_work_bytes = ring_work_bytes;
   m.ring_stages = ring_stages;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
@@ -539,6 +578,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.ring_stages = decode_path ? ring_stages : 0;
   stats_.imma_units = imma_units;
   stats_.mma_full = mma_full;
+  stats_.kivi_mma = imma_units > 0 && kivi_family;
   stats_.blocks_per_sm = blocks_per_sm;
   return Result::Ok();
 }
@@ -586,6 +626,7 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.group = p.num_q_heads / p.num_kv_heads;
   a.scale_log2 = scale * 1.4426950408889634f;
   a.ring_slot_bytes = m.ring_slot_bytes;
+  a.ring_work_bytes = m.ring_work_bytes;
   a.ring_stages = m.ring_stages;
   a.items = m.d_items;
   a.merge_count = m.merge_count;

@@ -63,6 +63,7 @@ struct Case {
   int expect_imma = -1;    // 1: body tiles must run on the tensor cores (decode_imma.cuh), 0: must not
   int expect_mma = -1;     // 1: the fp16 batch must run on the tensor cores (decode_mma.cuh), 0: must not
   bool imma = true;        // CudaStepRunner::set_imma
+  int kivi_min_tokens = -1;  // CudaStepRunner::set_kivi_mma_min_unit_tokens
 };
 
 std::string Describe(const Case& c) {
@@ -190,6 +191,7 @@ void RunCase(const Case& c) {
   Result r = CudaStepRunner::Create(&runner);
   ASSERT_TRUE(r.ok()) << r.message;
   runner->set_imma(c.imma);
+  runner->set_kivi_mma_min_unit_tokens(c.kivi_min_tokens);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -456,6 +458,58 @@ TEST(KernelsGpu, ImmaBody) {
           RunCase(cs);
           if (HasFatalFailure()) return;
         }
+      }
+    }
+  }
+}
+
+// KIVI-layout body tiles dequantized into activations on the fp16 / bf16 tensor cores
+// (decode_mma_kivi.cuh) next to the per-token units of the same items, in one launch: the KIVI
+// presets and explicit configs of every mode ((K, V) bits (2, 2) and (4, 4); sym / asym / hybrid;
+// sinks 0 / 32; key normalization on), a 3-bit config that stays on the per-token path in the same
+// batch, 2 to 8 rows per KV head (GQA 2/4/8, 2 new tokens at GQA 4), body lengths from one tile to
+// 5000 tokens, D 64 and 128, fp16 (bf16 batches must stay on the per-token path: the same cases
+// check that and its results); then the same batch with the tensor cores off. The batch-size
+// threshold of the plan is off here (these batches are small).
+TEST(KernelsGpu, KiviMmaBody) {
+  SKIP_WITHOUT_GPU();
+  const auto fmt = QuantFormat32;
+  QuantConfig a;  // 2-bit sym keys, 2-bit hybrid values, sink 32, key norm
+  a.k = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 0, 64);
+  a.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongChannels, 40, 1);
+  a.sink = 32;
+  a.key_norm = true;
+  QuantConfig b;  // 4-bit hybrid keys, 4-bit sym values
+  b.k = fmt(QuantMode::kHybrid, 4, Grouping::kAlongTokens, 16, 32);
+  b.v = fmt(QuantMode::kSym, 4, Grouping::kAlongChannels, 7, 3);
+  QuantConfig c3;  // 3-bit: no tensor-core instance, per-token path in the same launch
+  c3.k = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
+  c3.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 20, 1);
+  for (const QuantConfig* q : {&a, &b, &c3}) ASSERT_EQ(ValidateConfig(*q, 64), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int gqa : {2, 4, 8}) {
+        const int n = gqa == 4 ? 2 : 1;
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2 * gqa;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kKivi2, 5000, n, n, 33), SeqSpec(Preset::kKivi4, 1200, n, 1, 100),
+                   SeqSpec(a, 2999, 1, n, 5),             SeqSpec(b, 700, n, n, 77),
+                   SeqSpec(c3, 1000, 1, 1, 9),            SeqSpec(Preset::kKivi2, 200, 1, 1, 0),
+                   SeqSpec(Preset::kKivi2, 40, 1, 1, 64)};  // no whole body tile: per-token units only
+        cs.seed = 9900 + k++;
+        cs.expect_decode = 1;
+        cs.expect_imma = dt == DType::kF16 ? 1 : 0;
+        cs.kivi_min_tokens = 0;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+        cs.imma = false;
+        cs.expect_imma = 0;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
       }
     }
   }

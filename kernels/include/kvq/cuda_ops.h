@@ -30,6 +30,8 @@ struct CudaStepStats {
   int blocks_per_sm = 0;     // resident attention blocks per SM the split plan assumed
   int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
   bool mma_full = false;     // fp16 batch: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh)
+  bool kivi_mma = false;     // the imma_units are KIVI body units on the fp16 / bf16 tensor cores
+                             // (decode_mma_kivi.cuh), not InnerQ ones
 };
 
 class CudaStepRunner {
@@ -69,10 +71,13 @@ class CudaStepRunner {
   void set_force_generic(bool force) { force_generic_ = force; }
   // Decode path: 2 or 3 ring stages; anything else lets the plan choose (the default).
   void set_ring_stages(int stages) { ring_stages_ = stages; }
-  // Decode path: InnerQ body tiles and fp16-preset batches on the tensor cores where they fit
+  // Decode path: InnerQ and KIVI body tiles and fp16-preset batches on the tensor cores where they fit
   // (default on); off, every tile takes the per-token / per-tile paths (tests and the benchmark
   // compare both).
   void set_imma(bool on) { imma_enabled_ = on; }
+  // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
+  // size heuristic; -1: the default, 0: whenever they fit, for tests).
+  void set_kivi_mma_min_unit_tokens(int tokens) { kivi_min_unit_tokens_ = tokens; }
 
  private:
   CudaStepRunner() = default;
@@ -82,6 +87,7 @@ class CudaStepRunner {
   bool force_generic_ = false;
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
+  int kivi_min_unit_tokens_ = -1;
 };
 
 }  // namespace kvq
