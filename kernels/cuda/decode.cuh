@@ -603,6 +603,18 @@ __device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, co
     for (int i = lane * 16; i < 2 * D; i += 32 * 16) CpAsync16(dst + cb + 2 * D + i, g.zeros + i);
 }
 
+// The K and V body tiles at body offset u0 into one ring slot (K first, V at k_tile_bytes), or
+// nothing when !valid (past the unit's end); one commit group either way.
+template <int D>
+__device__ __forceinline__ void StageBodyPair(uint8_t* dst, const AttnArgs& a, const DevSeq& s, int h, int u0,
+                                              int k_tile_bytes, bool valid, int lane) {
+  if (valid) {
+    StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0), s.k, lane);
+    StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0), s.v, lane);
+  }
+  CpAsyncCommit();
+}
+
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
 // block barrier) become the unit's unnormalized (o, m, l).
 template <int D, DType DT, int R, typename Smem>

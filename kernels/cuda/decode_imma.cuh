@@ -112,12 +112,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   for (int mc = 0; mc < MC; ++mc) acc[mc][0] = acc[mc][1] = 0.f;
 
   auto issue = [&](int tile0, int stage) {
-    if (tile0 < unit.tok_end) {
-      uint8_t* dst = ring + stage * slot_bytes;
-      StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0), s.k, lane);
-      StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0), s.v, lane);
-    }
-    CpAsyncCommit();
+    StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
   };
   const int first_tile = unit.tok_begin + warp * 32;
   for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);

@@ -146,12 +146,7 @@ __device__ __forceinline__ void MmaKiviBodyUnit(Smem& sm, const AttnArgs& a, con
   st.Init(sm.qn, sm.pos, g, t);  // body keys are compared with q' (key normalization, when on)
 
   auto issue = [&](int tile0, int stage) {
-    if (tile0 < unit.tok_end) {
-      uint8_t* dst = ring + stage * slot_bytes;
-      StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0), s.k, lane);
-      StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, tile0 - b0), s.v, lane);
-    }
-    CpAsyncCommit();
+    StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
   };
   const int first_tile = unit.tok_begin + warp * 32;
   for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kDecWarps * 32, i);

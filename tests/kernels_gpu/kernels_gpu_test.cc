@@ -208,6 +208,17 @@ void RunCase(const Case& c) {
   }
 }
 
+// The case as given (tensor cores on), then again with them off: the plan must then make no
+// tensor-core units.
+void RunOnAndOff(Case c) {
+  RunCase(c);
+  if (::testing::Test::HasFatalFailure()) return;
+  c.imma = false;
+  if (c.expect_imma >= 0) c.expect_imma = 0;
+  if (c.expect_mma >= 0) c.expect_mma = 0;
+  RunCase(c);
+}
+
 const Preset kAllPresets[] = {Preset::kFp16, Preset::kKivi2, Preset::kKivi4,
                               Preset::kInnerQ, Preset::kInnerQ2, Preset::kInnerQBase};
 
@@ -446,15 +457,11 @@ TEST(KernelsGpu, ImmaBody) {
         cs.seed = 9300 + k++;
         cs.expect_decode = 1;
         cs.expect_imma = 1;
-        RunCase(cs);
-        if (HasFatalFailure()) return;
-        cs.imma = false;
-        cs.expect_imma = 0;
-        RunCase(cs);
+        RunOnAndOff(cs);
         if (HasFatalFailure()) return;
         if (gqa == 1) {  // one row per KV head: the per-token path's integer products (no IMMA units)
           for (auto& q : cs.seqs) q.n1 = q.n2 = 1;
-          cs.imma = true;
+          cs.expect_imma = 0;
           RunCase(cs);
           if (HasFatalFailure()) return;
         }
@@ -504,11 +511,7 @@ TEST(KernelsGpu, KiviMmaBody) {
         cs.expect_decode = 1;
         cs.expect_imma = dt == DType::kF16 ? 1 : 0;
         cs.kivi_min_tokens = 0;
-        RunCase(cs);
-        if (HasFatalFailure()) return;
-        cs.imma = false;
-        cs.expect_imma = 0;
-        RunCase(cs);
+        RunOnAndOff(cs);
         if (HasFatalFailure()) return;
       }
     }
@@ -537,11 +540,7 @@ TEST(KernelsGpu, MmaFull) {
         cs.seed = 9700 + k++;
         cs.expect_decode = 1;
         cs.expect_mma = 1;
-        RunCase(cs);
-        if (HasFatalFailure()) return;
-        cs.imma = false;
-        cs.expect_mma = 0;
-        RunCase(cs);
+        RunOnAndOff(cs);
         if (HasFatalFailure()) return;
       }
     }
