@@ -57,6 +57,38 @@ __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
+constexpr int kMaxRingStages = 6;
+__device__ __forceinline__ void CpAsyncWaitRing(int stages) {
+  switch (stages) {
+    case 2: CpAsyncWait<1>(); break;
+    case 3: CpAsyncWait<2>(); break;
+    case 4: CpAsyncWait<3>(); break;
+    case 5: CpAsyncWait<4>(); break;
+    default: CpAsyncWait<5>(); break;
+  }
+}
+
+// A warp's walk over its tiles through its cp.async ring (every tensor-core unit): the tiles
+// first_tile, first_tile + 4 * 32, ... below tok_end; issue(tile0, slot) stages one tile and commits
+// one group (also past the end, so the group count stays fixed); the ring runs stages - 1 tiles
+// ahead; tile(tile0, slot) computes on a staged tile. The slot is free again after tile() returns.
+template <typename Issue, typename Tile>
+__device__ __forceinline__ void WarpRingTiles(int first_tile, int tok_end, int stages, Issue&& issue, Tile&& tile) {
+  constexpr int kStep = kDecRingWarps * 32;
+  for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kStep, i);
+  int it = 0;
+  for (int tile0 = first_tile; tile0 < tok_end; tile0 += kStep, ++it) {
+    issue(tile0 + (stages - 1) * kStep, (it + stages - 1) % stages);
+    CpAsyncWaitRing(stages);
+    __syncwarp();
+    tile(tile0, it % stages);
+    __syncwarp();  // the slot (and any per-tile scratch) is consumed before the next issue reuses it
+  }
+  CpAsyncWait<0>();
+  __syncwarp();
+}
+
 // Code paths a kernel instance contains (the plan picks the smallest family that covers the batch;
 // paths a batch never takes cost registers, hence resident warps, if compiled in).
 enum DecodePath : int { kPathKCh = 1, kPathKTok = 2, kPathVTok = 4, kPathVCh = 8 };
@@ -1084,15 +1116,24 @@ template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeBlocksPerSmT(int ring_bytes) {
   // A ring the device cannot give one block is 0 blocks, without asking for it (the plan probes
   // deeper rings than fit, and a refused opt-in is an API error that tools report).
+  // The kernel's static shared memory is a property of the binary: asked once (the plan probes
+  // up to six ring depths per step).
+  static std::atomic<int64_t> static_smem{-1};
   int dev = 0, optin = 0;
-  cudaFuncAttributes fa{};
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
-  if (static_cast<int64_t>(fa.sharedSizeBytes) + ring_bytes > optin) return 0;
+  if (static_smem.load(std::memory_order_relaxed) < 0) {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    static_smem.store(static_cast<int64_t>(fa.sharedSizeBytes), std::memory_order_relaxed);
+  }
+  if (static_smem.load(std::memory_order_relaxed) + ring_bytes > optin) return 0;
   int n = 0;
   if (DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,

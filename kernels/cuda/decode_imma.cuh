@@ -114,8 +114,6 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   auto issue = [&](int tile0, int stage) {
     StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
   };
-  const int first_tile = unit.tok_begin + warp * 32;
-  for (int st = 0; st + 1 < stages; ++st) issue(first_tile + st * kDecWarps * 32, st);
   // in the warp's union area: p bytes [8 columns][32 slots], then the tile's (a, b) per key
   // (token, group) and per value channel, computed once per tile by the warp (lane = NG entries)
   uint8_t* pb = reinterpret_cast<uint8_t*>(&ws.u);
@@ -123,16 +121,8 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   float2* vab = kab + 32 * NG;                        // [D]
   static_assert(256 + (32 * NG + D) * sizeof(float2) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
 
-  int it = 0;
-  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
-    issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
-    if (stages == 3) {
-      CpAsyncWait<2>();
-    } else {
-      CpAsyncWait<1>();
-    }
-    __syncwarp();
-    const uint8_t* st = ring + (it % stages) * slot_bytes;
+  WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int, int slot) {
+    const uint8_t* st = ring + slot * slot_bytes;
     const BodySrc kb = StagedSrc<D>(st, s.k);
     const BodySrc vb = StagedSrc<D>(st + k_tile_bytes, s.v);
     // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
@@ -221,9 +211,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
       acc[mc][0] += ab0.x * v0 + ab0.y * psum;
       acc[mc][1] += ab1.x * v1 + ab1.y * psum;
     }
-    __syncwarp();  // pb and the ring slot are consumed before the next tile writes them
-  }
-  CpAsyncWait<0>();
+  });  // (WarpRingTiles' closing __syncwarp: pb and the slot are consumed before the next tile)
 
   // ---- this warp's state for the block's epilogue (rows t < R)
   if (t < R) {

@@ -197,18 +197,6 @@ struct MmaRows {
   }
 };
 
-// cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
-constexpr int kMaxRingStages = 6;
-__device__ __forceinline__ void CpAsyncWaitRing(int stages) {
-  switch (stages) {
-    case 2: CpAsyncWait<1>(); break;
-    case 3: CpAsyncWait<2>(); break;
-    case 4: CpAsyncWait<3>(); break;
-    case 5: CpAsyncWait<4>(); break;
-    default: CpAsyncWait<5>(); break;
-  }
-}
-
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                             uint8_t* ring, int warp, int lane) {
@@ -257,24 +245,14 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
     }
     CpAsyncCommit();
   };
-  const int first_tile = unit.tok_begin + warp * 32;
-  for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kDecWarps * 32, i);
-
-  int it = 0;
-  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
-    issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
-    CpAsyncWaitRing(stages);
-    __syncwarp();
-    const uint8_t* kt = ring + (it % stages) * slot_bytes;
+  WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int tile0, int slot) {
+    const uint8_t* kt = ring + slot * slot_bytes;
     float sc[4][4];
     uint32_t pa[2][2];
     st.Scores(kt, lane, sc);
     st.Softmax(sc, tile0, unit.tok_end, a.scale_log2, t, pa);
     st.Values(kt + kTile, lane, pa);
-    __syncwarp();  // the ring slot is consumed before the next issue overwrites it
-  }
-  CpAsyncWait<0>();
-  __syncwarp();
+  });
   st.Finish(sm, warp, g, t);
 }
 

@@ -148,15 +148,8 @@ __device__ __forceinline__ void MmaKiviBodyUnit(Smem& sm, const AttnArgs& a, con
   auto issue = [&](int tile0, int stage) {
     StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
   };
-  const int first_tile = unit.tok_begin + warp * 32;
-  for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kDecWarps * 32, i);
-
-  int it = 0;
-  for (int tile0 = first_tile; tile0 < unit.tok_end; tile0 += kDecWarps * 32, ++it) {
-    issue(tile0 + (stages - 1) * kDecWarps * 32, (it + stages - 1) % stages);
-    CpAsyncWaitRing(stages);
-    __syncwarp();
-    const uint8_t* stg = ring + (it % stages) * slot_bytes;
+  WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int tile0, int slot) {
+    const uint8_t* stg = ring + slot * slot_bytes;
     DequantKTokens<D, DT, KB>(StagedSrc<D>(stg, s.k), s.k, lane, work);
     __syncwarp();
     float sc[4][4];
@@ -167,10 +160,7 @@ __device__ __forceinline__ void MmaKiviBodyUnit(Smem& sm, const AttnArgs& a, con
     st.Softmax(sc, tile0, unit.tok_end, a.scale_log2, t, pa);
     __syncwarp();
     st.Values(work, lane, pa);
-    __syncwarp();  // the work area and the ring slot are consumed before the next tile
-  }
-  CpAsyncWait<0>();
-  __syncwarp();
+  });
   st.Finish(sm, warp, g, t);
 }
 
