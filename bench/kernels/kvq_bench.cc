@@ -1,10 +1,16 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--shape B,Hq,Hkv,T,D]...
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
+//                   [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes:
-// attention (split-KV + merge) and quantize-append (one launch for the batch), with CUDA events,
-// after a warm-up, medians over many runs, rotating over several independent caches so that L2
-// does not serve repeats. Bytes read are counted from the stored layout (codes + scales + zeros +
+// attention (split-KV + merge), quantize-append (one launch for the batch) and the whole step
+// (quantize-append then attention), with CUDA events, after a warm-up, medians over many runs,
+// rotating over several independent caches so that L2 does not serve repeats.
+// Timing (--timing busy, the default): each timed launch is preceded on the same stream by a
+// memset of a buffer of 4x L2, so L2 is cold and the GPU is still busy while the host enqueues the
+// launch: the events bracket the kernels' GPU time alone, not the host's launch latency (which an
+// idle stream adds to a single timed launch: ~5 us, most of a quantize-append). --timing idle
+// times single launches on an idle stream (the method of the results before 2026-12-04). Bytes read are counted from the stored layout (codes + scales + zeros +
 // sink + window + key-norm factors + q + o). The device-to-device copy bandwidth is measured in
 // the same run (bytes read + bytes written) as the ceiling.
 #include <cuda_runtime.h>
@@ -58,7 +64,7 @@ struct Shape {
 struct Row {
   Shape s;
   std::string preset;
-  double attn_us = 0, qa_us = 0;
+  double attn_us = 0, qa_us = 0, step_us = 0;
   double bytes = 0;    // per attention step
   double gbps = 0;
   int sets = 0, units = 0, chunk = 0;
@@ -68,6 +74,9 @@ struct Row {
 bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
+bool g_busy_timing = true;     // --timing busy|idle (header comment)
+void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
+size_t g_flush_bytes = 0;
 
 double Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -204,15 +213,15 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  auto time_it = [&](bool attention, std::vector<float>* ts) -> bool {
+  // what: 0 attention, 1 quantize-append, 2 both (one decode step). Repeating a prepared step is
+  // idempotent: the flush writes the same codes to the same slots, the append the same rows.
+  auto time_it = [&](int what, std::vector<float>* ts) -> bool {
     for (int i = 0; i < iters + 3 * sets; ++i) {
       CudaStepRunner& r = *runners[i % sets];
+      if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, i & 0xff, g_flush_bytes, stream));
       CHECK_CUDA(cudaEventRecord(e0, stream));
-      if (attention) {
-        CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
-      } else {
-        CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
-      }
+      if (what != 0) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+      if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
       CHECK_CUDA(cudaEventRecord(e1, stream));
       CHECK_CUDA(cudaEventSynchronize(e1));
       float ms = 0;
@@ -221,13 +230,14 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     return true;
   };
-  std::vector<float> ta, tq;
-  if (!time_it(true, &ta) || !time_it(false, &tq)) return false;
+  std::vector<float> ta, tq, tstep;
+  if (!time_it(0, &ta) || !time_it(1, &tq) || !time_it(2, &tstep)) return false;
   for (auto& r : runners) CHECK_KVQ(r->Synchronize(stream));
   row->s = sh;
   row->preset = PresetName(preset);
   row->attn_us = Median(ta);
   row->qa_us = Median(tq);
+  row->step_us = Median(tstep);
   row->bytes = bytes;
   row->gbps = bytes / (row->attn_us * 1e-6) / 1e9;
   row->sets = sets;
@@ -256,7 +266,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -287,6 +297,10 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
+    } else if (a == "--timing" && i + 1 < argc) {
+      const std::string m = argv[++i];
+      if (m != "busy" && m != "idle") return Usage();
+      g_busy_timing = m == "busy";
     } else if (a == "--stages" && i + 1 < argc) {
       g_ring_stages = std::atoi(argv[++i]);
     } else if (a == "--iters" && i + 1 < argc) {
@@ -320,6 +334,11 @@ int main(int argc, char** argv) {
   if (!custom.empty()) shapes = custom;
   double copy = 0;
   if (!MeasureCopy(&copy)) return 1;
+  g_flush_bytes = std::max<size_t>(size_t{4} * prop.l2CacheSize, size_t{256} << 20);
+  if (g_busy_timing && cudaMalloc(&g_flush, g_flush_bytes) != cudaSuccess) {
+    std::fprintf(stderr, "kvq-bench: cannot allocate the %zu-byte timing buffer\n", g_flush_bytes);
+    return 1;
+  }
   std::vector<Row> rows;
   for (const Shape& s : shapes)
     for (Preset p : presets) {
@@ -329,25 +348,28 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "  done B=%d Hq=%d Hkv=%d T=%d D=%d %s\n", s.b, s.hq, s.hkv, s.t, s.d, r.preset.c_str());
     }
   if (json) {
-    std::printf("{\"device\": \"%s\", \"copy_gbps\": %.1f, \"rows\": [\n", prop.name, copy);
+    std::printf("{\"device\": \"%s\", \"copy_gbps\": %.1f, \"timing\": \"%s\", \"rows\": [\n", prop.name, copy,
+                g_busy_timing ? "busy" : "idle");
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
-                  "\"qa_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\"}%s\n",
+                  "\"qa_us\": %.2f, \"step_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\"}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
-                  r.gbps / copy, r.qa_us, r.sets, r.units, r.chunk, r.path.c_str(), i + 1 < rows.size() ? "," : "");
+                  r.gbps / copy, r.qa_us, r.step_us, r.sets, r.units, r.chunk, r.path.c_str(), i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
   } else {
     std::printf("device: %s, device-to-device copy bandwidth: %.1f GB/s (read + write)\n", prop.name, copy);
-    std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs\n", iters);
-    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %8s  %s\n", "B", "Hq", "Hkv", "T", "D", "preset",
-                "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa/attn", "kernel");
+    std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs; timing %s\n", iters,
+                g_busy_timing ? "busy (GPU time, cold L2)" : "idle (single launches on an idle stream)");
+    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %8s %9s  %s\n", "B", "Hq", "Hkv", "T", "D",
+                "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa/attn", "step_us", "kernel");
     for (const Row& r : rows)
-      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %7.1f%%  %s\n", r.s.b, r.s.hq,
-                  r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps, 100.0 * r.gbps / copy,
-                  r.qa_us, 100.0 * r.qa_us / r.attn_us, r.path.c_str());
+      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %7.1f%% %9.2f  %s\n", r.s.b,
+                  r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps, 100.0 * r.gbps / copy,
+                  r.qa_us, 100.0 * r.qa_us / r.attn_us, r.step_us, r.path.c_str());
   }
+  if (g_flush) cudaFree(g_flush);
   return 0;
 }

@@ -4,8 +4,11 @@ query token per sequence over a T-token KV cache, on the same shapes, each backe
 fastest kept. Times with CUDA events after a warm-up, medians, rotating over several independent
 caches so that L2 does not serve repeats. With --kvq FILE (the output of `kvq-bench kernels
 --json`) it prints our speedup per preset against the fastest SDPA backend.
+Timing as in kvq-bench (--timing busy, the default): each timed call is preceded by zeroing a
+buffer of 4x L2, so L2 is cold and the events bracket the GPU time alone, not PyTorch's dispatch
+and launch latency; --timing idle times single calls on an idle stream (the earlier method).
 
-usage: python3 bench/kernels/sdpa_baseline.py [--kvq kvq.json] [--json out.json] [--iters N]
+usage: python3 bench/kernels/sdpa_baseline.py [--kvq kvq.json] [--json out.json] [--iters N] [--timing busy|idle]
 """
 import argparse
 import json
@@ -29,7 +32,7 @@ def backends():
     return out
 
 
-def time_one(b, hq, hkv, t, d, iters, backend):
+def time_one(b, hq, hkv, t, d, iters, backend, flush):
     from torch.nn.attention import sdpa_kernel
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     set_bytes = 2 * b * hkv * t * d * 2
@@ -48,6 +51,8 @@ def time_one(b, hq, hkv, t, d, iters, backend):
         torch.cuda.synchronize()
         times = []
         for i in range(iters + 3 * sets):
+            if flush is not None:
+                flush.zero_()
             e0 = torch.cuda.Event(enable_timing=True)
             e1 = torch.cuda.Event(enable_timing=True)
             e0.record()
@@ -67,15 +72,20 @@ def main():
     ap.add_argument("--kvq", help="kvq-bench kernels --json output")
     ap.add_argument("--json", help="write the SDPA results here")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--timing", choices=["busy", "idle"], default="busy")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, timing {args.timing}")
+    flush = None
+    if args.timing == "busy":
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        flush = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
     results = []
     for (b, hq, hkv, t, d) in SHAPES:
         best = None
         per = {}
         for name, be in backends():
             try:
-                us = time_one(b, hq, hkv, t, d, args.iters, be)
+                us = time_one(b, hq, hkv, t, d, args.iters, be, flush)
             except Exception as e:  # backend unsupported for this shape
                 per[name] = None
                 continue
@@ -95,6 +105,8 @@ def main():
     if args.kvq:
         with open(args.kvq) as f:
             kvq = json.load(f)
+        if kvq.get("timing", "idle") != args.timing:
+            print(f"warning: kvq-bench timed '{kvq.get('timing', 'idle')}', this run '{args.timing}': not comparable")
         print(f"\nour decode attention vs PyTorch SDPA fp16 (fastest backend); copy bandwidth {kvq['copy_gbps']:.0f} GB/s")
         print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'kvq_us':>9} {'sdpa_us':>9} {'speedup':>8} {'%copy':>7}")
         for row in kvq["rows"]:
