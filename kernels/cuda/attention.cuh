@@ -40,7 +40,7 @@ __device__ __forceinline__ void LoadTile8(const uint8_t* arena, const DevTensor&
     DequantBody8<D>(arena, x, l.page, h, l.slot, c0, out);
   } else {
     const uint8_t* p = arena + l.page +
-                       (static_cast<int64_t>(l.slot) * num_kv_heads + h) * D * 2 + c0 * 2;
+                       FullTokenOffset(l.slot, h, D) + c0 * 2;
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
     Unpack8<DT>(v, out);
   }
@@ -86,7 +86,7 @@ __device__ __forceinline__ void IssueTileLoads(int cls, const uint8_t* arena, co
       if (t < valid) {
         const TokLoc l = loc[t];
         v = __ldg(reinterpret_cast<const uint4*>(
-            arena + l.page + (static_cast<int64_t>(l.slot) * num_kv_heads + h) * D * 2 + c0 * 2));
+            arena + l.page + FullTokenOffset(l.slot, h, D) + c0 * 2));
       }
       raw.w[4 * p] = v.x;
       raw.w[4 * p + 1] = v.y;

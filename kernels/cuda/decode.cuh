@@ -488,7 +488,7 @@ __device__ __forceinline__ void VPerTokenIssue(const Smem& sm, int warp, int lan
             x.has_zeros ? __ldg(reinterpret_cast<const unsigned short*>(head + x.zeros_offset) + g) : 0u;
         raw1[j] = sb | (zb << 16);
       } else {
-        const uint8_t* row = arena + page + (static_cast<int64_t>(slot) * num_kv_heads + h) * D * 2 + c0 * 2;
+        const uint8_t* row = arena + page + FullTokenOffset(slot, h, D) + c0 * 2;
         if constexpr (CPL == 4) {
           const uint2 v = __ldg(reinterpret_cast<const uint2*>(row));
           raw0[j] = v.x;
@@ -968,7 +968,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
           default: KChannelsToken<D, R, 4>(sm, kb, s.k, kl.slot, sc); break;
         }
       } else {
-        KFullToken<D, DT, R>(sm, a.arena + kl.page + (static_cast<int64_t>(kl.slot) * a.num_kv_heads + h) * D * 2, sc);
+        KFullToken<D, DT, R>(sm, a.arena + kl.page + FullTokenOffset(kl.slot, h, D), sc);
       }
     }
     // ---- online softmax per warp (lane = token)

@@ -216,7 +216,6 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
   MmaRows<D, DT, R> st;
   st.Init(sm.q, sm.pos, g, t);
 
-  const int64_t row_bytes = static_cast<int64_t>(a.num_kv_heads) * D * 2;
   auto issue = [&](int tile0, int stage) {
     if (tile0 < unit.tok_end) {
       const int tok = tile0 + lane;
@@ -224,8 +223,8 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
       if (tok < unit.tok_end) {
         const TokLoc kl = Locate(s, s.k, a.pages, tok);
         const TokLoc vl = Locate(s, s.v, a.pages, tok);
-        ko = kl.page + kl.slot * row_bytes + static_cast<int64_t>(h) * D * 2;
-        vo = vl.page + vl.slot * row_bytes + static_cast<int64_t>(h) * D * 2;
+        ko = kl.page + FullTokenOffset(kl.slot, h, D);
+        vo = vl.page + FullTokenOffset(vl.slot, h, D);
       }
       __syncwarp();  // the previous issue's reads of rowoff are done
       rowoff[lane] = ko;

@@ -17,9 +17,9 @@ namespace {
 constexpr int kMaxGroup = kMaxGroupSize;
 
 __device__ __forceinline__ float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
-                                            int c, int hkv, int d, DType dtype) {
+                                            int c, int d, DType dtype) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(
-      arena + page + ((static_cast<int64_t>(slot) * hkv + h) * d + c) * 2);
+      arena + page + FullTokenOffset(slot, h, d) + c * 2);
   return LoadAct(p, dtype);
 }
 
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
           for (int t = 0; t < x.flush; ++t) {
             const int w = x.win_first + t;
             const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
-                                       w % kPageTokens, h, c, hkv, D, dtype);
+                                       w % kPageTokens, h, c, D, dtype);
             mx = MaxF(mx, AbsF(v));
           }
           f[c] = KeyNormFactor(mx);
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
         const int w = x.win_first + t;
         const int64_t page = a.pages[x.win_pages + w / kPageTokens];
         for (int i = 0; i < G; ++i) {
-          const float v = LoadActDev(a.arena, page, w % kPageTokens, h, c0 + i, hkv, D, dtype);
+          const float v = LoadActDev(a.arena, page, w % kPageTokens, h, c0 + i, D, dtype);
           vals[i] = norm ? DivRn(v, knorm[c0 + i]) : v;
         }
         body_tok = x.body_len + t;
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
         for (int i = 0; i < G; ++i) {
           const int w = x.win_first + tb * G + i;
           const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
-                                     w % kPageTokens, h, c, hkv, D, dtype);
+                                     w % kPageTokens, h, c, D, dtype);
           vals[i] = norm ? DivRn(v, knorm[c]) : v;
         }
         body_tok = x.body_len + tb * G;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
       slot = w % kPageTokens;
     }
     const uint4 v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
-    *reinterpret_cast<uint4*>(a.arena + page + ((static_cast<int64_t>(slot) * hkv + h) * D + c0) * 2) = v;
+    *reinterpret_cast<uint4*>(a.arena + page + FullTokenOffset(slot, h, D) + c0 * 2) = v;
   }
 }
 

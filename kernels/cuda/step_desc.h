@@ -19,7 +19,7 @@ constexpr int kQaThreads = 128;
 
 // One tensor stream (K or V) of one sequence, state at the start of the step plus its format.
 struct DevTensor {
-  int64_t sink_page;        // arena offset of the [kPageTokens][Hkv][D] sink page, -1 if none
+  int64_t sink_page;        // arena offset of the [Hkv][kPageTokens][D] sink page, -1 if none
   int32_t body_len;         // quantized tokens at step start
   int32_t win_first;        // slot of the first window token in win page 0
   int32_t win_len;          // window tokens at step start

@@ -155,11 +155,11 @@ struct Stream {
   int32_t win_base = 0;    // page-array index of the first post-flush window token
 };
 
-inline uint16_t* FpToken(uint8_t* arena, int64_t page, int slot, int h, int hkv, int d) {
-  return reinterpret_cast<uint16_t*>(arena + page + (int64_t(slot) * hkv + h) * d * 2);
+inline uint16_t* FpToken(uint8_t* arena, int64_t page, int slot, int h, int d) {
+  return reinterpret_cast<uint16_t*>(arena + page + FullTokenOffset(slot, h, d));
 }
-inline const uint16_t* FpToken(const uint8_t* arena, int64_t page, int slot, int h, int hkv, int d) {
-  return reinterpret_cast<const uint16_t*>(arena + page + (int64_t(slot) * hkv + h) * d * 2);
+inline const uint16_t* FpToken(const uint8_t* arena, int64_t page, int slot, int h, int d) {
+  return reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d));
 }
 
 // Bytes of the head `h` block of a quantized body page.
@@ -248,8 +248,8 @@ std::string CheckStep(const StepParams& p, const SeqWork* works, const QuantConf
 // Quantize-append.
 
 // Reads window token at page-array index `idx` (flush reads pre-flush indices from win_first).
-inline const uint16_t* WinToken(const uint8_t* arena, const Stream& s, int64_t idx, int h, int hkv, int d) {
-  return FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
+inline const uint16_t* WinToken(const uint8_t* arena, const Stream& s, int64_t idx, int h, int d) {
+  return FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, d);
 }
 
 // Quantizes the flush tokens of stream `s`, head h. `norm` is f[D] or null. Returns false on a
@@ -270,7 +270,7 @@ bool FlushStream(uint8_t* arena, const Stream& s, int h, int hkv, int d, DType d
   if (f.grouping == Grouping::kAlongChannels) {
     const int gpt = d / G;
     for (int32_t j = 0; j < s.flush; ++j) {
-      const uint16_t* tok = WinToken(arena, s, first + j, h, hkv, d);
+      const uint16_t* tok = WinToken(arena, s, first + j, h, d);
       const int64_t bi = int64_t(s.view->body_len) + j;
       const int slot = int(bi % kPageTokens);
       for (int gi = 0; gi < gpt; ++gi) {
@@ -288,7 +288,7 @@ bool FlushStream(uint8_t* arena, const Stream& s, int h, int hkv, int d, DType d
       const int64_t bi = int64_t(s.view->body_len) + b0;
       const int slot = int(bi % kPageTokens);
       const uint16_t* toks[kMaxGroupSize];
-      for (int i = 0; i < G; ++i) toks[i] = WinToken(arena, s, first + b0 + i, h, hkv, d);
+      for (int i = 0; i < G; ++i) toks[i] = WinToken(arena, s, first + b0 + i, h, d);
       for (int c = 0; c < d; ++c) {
         for (int i = 0; i < G; ++i) {
           const float val = LoadAct(toks[i] + c, dt);
@@ -314,7 +314,7 @@ bool FlushItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, ui
     if (w.compute_norm) {
       std::vector<float> mx(size_t(d), 0.f);
       for (int32_t j = 0; j < si.k.flush; ++j) {
-        const uint16_t* tok = WinToken(arena, si.k, int64_t(w.k.win_first) + j, h, hkv, d);
+        const uint16_t* tok = WinToken(arena, si.k, int64_t(w.k.win_first) + j, h, d);
         for (int c = 0; c < d; ++c) mx[size_t(c)] = MaxF(mx[size_t(c)], AbsF(LoadAct(tok + c, p.dtype)));
       }
       for (int c = 0; c < d; ++c) norm[c] = KeyNormFactor(mx[size_t(c)]);
@@ -341,10 +341,10 @@ void AppendItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, u
       const Stream& s = *ss[t];
       uint16_t* dst;
       if (i < si.n_sink) {
-        dst = FpToken(arena, s.view->sink_page, w.sink_len + i, h, hkv, d);
+        dst = FpToken(arena, s.view->sink_page, w.sink_len + i, h, d);
       } else {
         const int64_t idx = int64_t(s.view->win_first) + s.view->win_len + (i - si.n_sink);
-        dst = FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d);
+        dst = FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, d);
       }
       std::memcpy(dst, src[t], size_t(d) * 2);
     }
@@ -459,7 +459,7 @@ KVQ_CPU_CLONES void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stre
               int32_t t0, int cnt, float* out) {
   if (t0 < si.sink_post) {
     for (int j = 0; j < cnt; ++j) {
-      LoadRow(FpToken(arena, s.view->sink_page, t0 + j, h, hkv, d), d, dt, out + j * d);
+      LoadRow(FpToken(arena, s.view->sink_page, t0 + j, h, d), d, dt, out + j * d);
     }
     return;
   }
@@ -473,10 +473,10 @@ KVQ_CPU_CLONES void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stre
       const int64_t ahead = idx + kTile;
       if (ahead < win_end) {
         const uint8_t* pf = reinterpret_cast<const uint8_t*>(
-            FpToken(arena, s.view->win_pages[ahead / kPageTokens], int(ahead % kPageTokens), h, hkv, d));
+            FpToken(arena, s.view->win_pages[ahead / kPageTokens], int(ahead % kPageTokens), h, d));
         for (int b = 0; b < d * 2; b += 64) Prefetch(pf + b);
       }
-      LoadRow(FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, hkv, d), d, dt,
+      LoadRow(FpToken(arena, s.view->win_pages[idx / kPageTokens], int(idx % kPageTokens), h, d), d, dt,
               out + j * d);
     }
     return;

@@ -172,7 +172,7 @@ inline Dequant DequantizeCache(const LayerCache& c, const uint8_t* arena) {
         const uint16_t* fp = nullptr;
         if (t < c.sink_len()) {
           seg[size_t(t)] = 0;
-          fp = reinterpret_cast<const uint16_t*>(arena + s.sink_page + (int64_t(t) * hkv + h) * d * 2);
+          fp = reinterpret_cast<const uint16_t*>(arena + s.sink_page + (int64_t(h) * kPageTokens + t) * d * 2);
         } else if (t - c.sink_len() < s.body_len) {
           seg[size_t(t)] = 1;
           const int bi = t - c.sink_len();
@@ -216,7 +216,7 @@ inline Dequant DequantizeCache(const LayerCache& c, const uint8_t* arena) {
           seg[size_t(t)] = 2;
           const int64_t idx = int64_t(s.win_first) + (t - c.sink_len() - s.body_len);
           fp = reinterpret_cast<const uint16_t*>(arena + s.win_pages[size_t(idx / kPageTokens)] +
-                                                 ((idx % kPageTokens) * hkv + h) * d * 2);
+                                                 (int64_t(h) * kPageTokens + idx % kPageTokens) * d * 2);
         }
         for (int ch = 0; ch < d; ++ch) x[ch] = double(LoadAct(fp + ch, sh.dtype));
       }

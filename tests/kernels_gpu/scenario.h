@@ -124,12 +124,13 @@ inline void FillToken(Arena& a, int64_t page, int slot, int hkv, int d, DType dt
                       float outlier_scale) {
   if (!a.materialized()) return;
   std::normal_distribution<float> nd(0.f, 1.f);
-  uint16_t* p = reinterpret_cast<uint16_t*>(a.bytes().data() + page) + int64_t{slot} * hkv * d;
+  // head-major page: [Hkv][kPageTokens][D]
+  uint16_t* p = reinterpret_cast<uint16_t*>(a.bytes().data() + page) + int64_t{slot} * d;
   for (int h = 0; h < hkv; ++h)
     for (int c = 0; c < d; ++c) {
       // A few outlier channels, as keys have after RoPE.
       const float s = (c % 16 == 3) ? outlier_scale : 1.f;
-      p[h * d + c] = ToAct(nd(rng) * s, dt);
+      p[int64_t{h} * kPageTokens * d + c] = ToAct(nd(rng) * s, dt);
     }
 }
 

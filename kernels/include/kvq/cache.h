@@ -40,7 +40,7 @@ struct StreamView {
   const int64_t* win_pages = nullptr;   // arena offsets; covers win_first + win_len + appended
   int32_t num_body_pages = 0;
   int32_t num_win_pages = 0;
-  int64_t sink_page = -1;          // [kPageTokens][Hkv][D] page, -1 when the config has no sink
+  int64_t sink_page = -1;          // [Hkv][kPageTokens][D] page, -1 when the config has no sink
 };
 
 // One sequence's work in a batched step of one layer. The state is the state at the start of

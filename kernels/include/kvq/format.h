@@ -21,6 +21,14 @@ constexpr int kFormatVersion = 1;
 constexpr int kPageTokens = 128;
 constexpr int kMaxSink = kPageTokens;  // the sink lives in one page
 
+// Byte offset of token `slot` of KV head `h` in a full-precision page (sink or window) of D-wide
+// fp16/bf16 rows. Pages are head-major, [Hkv][kPageTokens][D], so one head's tokens are
+// contiguous: a 32-token tile of one head is one 8 KB run at D = 128 (not 32 rows 256 bytes wide,
+// Hkv x 256 bytes apart), which is how the decode kernels read them.
+KVQ_HD int64_t FullTokenOffset(int slot, int h, int d) {
+  return (static_cast<int64_t>(h) * kPageTokens + slot) * d * 2;
+}
+
 enum class DType : uint8_t { kF16 = 1, kBF16 = 2 };
 enum class QuantMode : uint8_t { kFull = 0, kAsym = 1, kSym = 2, kHybrid = 3 };
 enum class Grouping : uint8_t { kAlongTokens = 1, kAlongChannels = 2 };
@@ -66,7 +74,7 @@ std::string ValidateConfig(const QuantConfig& config, int head_dim);
 std::string ValidateShape(const CacheShape& shape);
 
 // Stored layout of one tensor stream (K or V) of one layer, all KV heads of a page together.
-//   full-precision page (sink, window): [kPageTokens][Hkv][D] activation dtype (2 bytes)
+//   full-precision page (sink, window): [Hkv][kPageTokens][D] activation dtype (2 bytes), FullTokenOffset
 //   quantized body page, for each KV head h in order, at h * head_bytes:
 //     codes  [groups_per_head][words_per_group] uint32  (bitstream of a group: code i at bit i*b,
 //                                                         a code may straddle two words)
