@@ -1,103 +1,140 @@
-// Quantize-append for a whole batch in one launch: block (sequence, KV head, K or V).
+// Quantize-append for a whole batch in one launch (plus, on a step that first quantizes keys
+// with key normalization, one small launch before it for the factors).
 //   1. flush: the oldest `flush` window tokens are quantized and packed into body tokens
-//      [body_len, body_len + flush) (key-norm factors first computed from the flushed keys when
-//      compute_norm; keys divided by them when key_norm), with the CPU reference's own
-//      header-inline quantizer, so codes, scales and zeros are bit-identical;
+//      [body_len, body_len + flush) (keys divided by the key-norm factors when key_norm), one warp
+//      per group, lane = element: the warp computes exactly what the CPU reference's
+//      QuantizeGroupRef computes (same per-element uncontracted arithmetic; min / max reductions
+//      that keep the first element of the extreme value, as the sequential loop does, so even the
+//      sign of a zero matches; the hybrid L1 errors summed in element order from shared memory),
+//      so codes, scales and zeros are bit-identical;
 //   2. append: the new tokens go to the sink first, then after the window's last token.
-// Existing pages are never moved; the flushed window slots are left as they are (the planner
-// frees emptied window pages).
+// Grid (sequence, KV head, 2 x chunks): z even = K, odd = V; the chunks of a tensor split its
+// groups between blocks (a 32-token along_tokens flush at D = 128 is 128 groups per head), and
+// chunk 0 also appends. Existing pages are never moved; the flushed window slots are left as they
+// are (the planner frees emptied window pages).
 #include "device_common.cuh"
 #include "kvq/numeric.h"
 #include "kvq/quant.h"
+#include "warp_quant.cuh"
 
 namespace kvq {
 namespace cuda {
 namespace {
 
-constexpr int kMaxGroup = kMaxGroupSize;
+constexpr int kQaWarps = kQaThreads / 32;
 
 __device__ __forceinline__ float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
                                             int c, int d, DType dtype) {
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(
-      arena + page + FullTokenOffset(slot, h, d) + c * 2);
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
   return LoadAct(p, dtype);
+}
+
+// Flush group gi of tensor x of head h, quantized by the calling warp.
+template <int J>
+__device__ __forceinline__ void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm,
+                                           const float* knorm, float* err, int lane) {
+  constexpr int G = 32 * J;
+  const int D = a.head_dim;
+  const DType dtype = static_cast<DType>(a.dtype);
+  const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
+  float v[J];
+  int body_tok, group;
+  if (along_channels) {
+    const int t = gi / (D / G);
+    const int c0 = (gi % (D / G)) * G;
+    const int w = x.win_first + t;
+    const int64_t page = a.pages[x.win_pages + w / kPageTokens];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = c0 + j * 32 + lane;
+      const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
+      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
+    }
+    body_tok = x.body_len + t;
+    group = (body_tok % kPageTokens) * (D / G) + c0 / G;
+  } else {
+    const int tb = gi / D;
+    const int c = gi % D;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int w = x.win_first + tb * G + j * 32 + lane;
+      const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
+      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
+    }
+    body_tok = x.body_len + tb * G;
+    group = ((body_tok % kPageTokens) / G) * D + c;
+  }
+  uint32_t code[J];
+  uint16_t scale_bits = 0, zero_bits = 0;
+  if (!WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits)) {
+    if (lane == 0) atomicExch(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+    return;
+  }
+  uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] + static_cast<int64_t>(h) * x.head_bytes;
+  WarpPackStore<J>(code, x.bits, lane, reinterpret_cast<uint32_t*>(head) + group * x.words_per_group);
+  if (lane == 0) {
+    reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
+    if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+  }
+}
+
+// Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that
+// quantize keys for the first time this step; block (sequence, KV head), thread = channel.
+__global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
+  const DevSeq& s = a.seqs[blockIdx.x];
+  const DevTensor& x = s.k;
+  if (!s.compute_norm || !s.key_norm || x.flush <= 0 || x.mode == static_cast<int>(QuantMode::kFull)) return;
+  const int h = blockIdx.y;
+  const int D = a.head_dim;
+  const DType dtype = static_cast<DType>(a.dtype);
+  float* f = reinterpret_cast<float*>(a.arena + s.norm_offset) + h * D;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float mx = 0.f;
+    for (int t = 0; t < x.flush; ++t) {
+      const int w = x.win_first + t;
+      mx = MaxF(mx, AbsF(LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype)));
+    }
+    f[c] = KeyNormFactor(mx);
+  }
 }
 
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   const DevSeq& s = a.seqs[blockIdx.x];
   const int h = blockIdx.y;
-  const bool is_k = blockIdx.z == 0;
+  const bool is_k = (blockIdx.z & 1) == 0;
+  const int chunk = blockIdx.z >> 1;
+  const int num_chunks = gridDim.z >> 1;
   const DevTensor& x = is_k ? s.k : s.v;
   const int D = a.head_dim;
   const int hkv = a.num_kv_heads;
-  const DType dtype = static_cast<DType>(a.dtype);
   const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
   __shared__ float knorm[256];
+  __shared__ float err[kQaWarps][2 * kMaxGroupSize];
 
   if (x.flush > 0 && x.mode != static_cast<int>(QuantMode::kFull)) {
-    const bool norm = is_k && s.key_norm;
-    if (norm) {
-      float* f = reinterpret_cast<float*>(a.arena + s.norm_offset) + h * D;
-      for (int c = tid; c < D; c += blockDim.x) {
-        if (s.compute_norm) {
-          float mx = 0.f;
-          for (int t = 0; t < x.flush; ++t) {
-            const int w = x.win_first + t;
-            const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
-                                       w % kPageTokens, h, c, D, dtype);
-            mx = MaxF(mx, AbsF(v));
-          }
-          f[c] = KeyNormFactor(mx);
-        }
-        knorm[c] = f[c];
-      }
-      __syncthreads();
-    }
     const int G = x.group_size;
     const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
     const int num_groups = along_channels ? x.flush * (D / G) : (x.flush / G) * D;
-    const QuantMode mode = static_cast<QuantMode>(x.mode);
-    for (int gi = tid; gi < num_groups; gi += blockDim.x) {
-      float vals[kMaxGroup];
-      uint8_t codes[kMaxGroup];
-      int body_tok, group;
-      if (along_channels) {
-        const int t = gi / (D / G);
-        const int c0 = (gi % (D / G)) * G;
-        const int w = x.win_first + t;
-        const int64_t page = a.pages[x.win_pages + w / kPageTokens];
-        for (int i = 0; i < G; ++i) {
-          const float v = LoadActDev(a.arena, page, w % kPageTokens, h, c0 + i, D, dtype);
-          vals[i] = norm ? DivRn(v, knorm[c0 + i]) : v;
-        }
-        body_tok = x.body_len + t;
-        group = (body_tok % kPageTokens) * (D / G) + c0 / G;
-      } else {
-        const int tb = gi / D;
-        const int c = gi % D;
-        for (int i = 0; i < G; ++i) {
-          const int w = x.win_first + tb * G + i;
-          const float v = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens],
-                                     w % kPageTokens, h, c, D, dtype);
-          vals[i] = norm ? DivRn(v, knorm[c]) : v;
-        }
-        body_tok = x.body_len + tb * G;
-        group = ((body_tok % kPageTokens) / G) * D + c;
+    if (chunk * kQaWarps < num_groups) {  // block-uniform
+      const bool norm = is_k && s.key_norm;
+      if (norm) {  // factors of this step's KeyNormKernel, or of an earlier step
+        const float* f = reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D;
+        for (int c = tid; c < D; c += blockDim.x) knorm[c] = f[c];
+        __syncthreads();
       }
-      uint16_t scale_bits = 0, zero_bits = 0;
-      if (!QuantizeGroupRef(vals, G, x.bits, mode, codes, &scale_bits, &zero_bits)) {
-        atomicExch(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+      for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps) {
+        if (G == 32) {
+          FlushGroup<1>(a, x, h, gi, norm, knorm, err[warp], lane);
+        } else if (G == 64) {
+          FlushGroup<2>(a, x, h, gi, norm, knorm, err[warp], lane);
+        } else {
+          FlushGroup<4>(a, x, h, gi, norm, knorm, err[warp], lane);
+        }
       }
-      uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] +
-                      static_cast<int64_t>(h) * x.head_bytes;
-      uint32_t* words = reinterpret_cast<uint32_t*>(head) + group * x.words_per_group;
-      uint32_t packed[kMaxGroup * 4 / 32];
-      PackCodes(codes, G, x.bits, packed);
-      for (int w = 0; w < x.words_per_group; ++w) words[w] = packed[w];
-      reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
-      if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
     }
   }
+  if (chunk != 0) return;
 
   // Append: 16-byte copies of the new rows of this head.
   const uint16_t* src = is_k ? a.k_new : a.v_new;
@@ -122,9 +159,14 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
 
 }  // namespace
 
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, cudaStream_t stream) {
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
-  const dim3 grid(num_seqs, args.num_kv_heads, 2);
+  if (key_norm) {
+    KeyNormKernel<<<dim3(num_seqs, args.num_kv_heads), kQaThreads, 0, stream>>>(args);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  const dim3 grid(num_seqs, args.num_kv_heads, 2 * chunks);
   QuantizeAppendKernel<<<grid, kQaThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kvq/format.h"
@@ -15,7 +16,7 @@ namespace cuda {
 constexpr int kRowsPerUnit = 8;
 constexpr int kTileTokens = 32;    // tokens per attention tile
 constexpr int kAttnThreads = 128;
-constexpr int kQaThreads = 128;
+constexpr int kQaThreads = 256;  // quantize-append: 8 warps, one group per warp at a time
 
 // One tensor stream (K or V) of one sequence, state at the start of the step plus its format.
 struct DevTensor {
@@ -149,7 +150,14 @@ struct MergeArgs {
 };
 
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, cudaStream_t stream);
+// chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks);
+// key_norm: some sequence computes its key-norm factors this step (one small launch first).
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream);
+// Blocks per (sequence, KV head, tensor) for a flush of at most max_groups groups per head.
+inline int QaChunks(int64_t max_groups) {
+  const int64_t warps = kQaThreads / 32;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>((max_groups + warps - 1) / warps, 1), 64));
+}
 cudaError_t LaunchAttention(const AttnArgs& args, int head_dim, DType dtype, int num_units,
                             cudaStream_t stream);
 cudaError_t LaunchAttentionF16D64(const AttnArgs& args, int num_units, cudaStream_t stream);

@@ -137,6 +137,8 @@ struct CudaStepRunner::Impl {
   const cuda::DevMergeItem* d_items = nullptr;
   bool prepared = false;
   bool attention_ready = false;  // every sequence has n_new >= 1
+  int qa_chunks = 1;             // quantize-append blocks per (sequence, KV head, tensor)
+  bool qa_key_norm = false;      // some sequence computes its key-norm factors this step
 
   ~Impl() {
     if (done) cudaEventSynchronize(done);
@@ -555,6 +557,20 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   m.done_recorded = true;
 
+  int64_t qa_groups = 0;  // most flush groups of one head of one tensor
+  bool qa_key_norm = false;
+  for (const cuda::DevSeq& d : seqs) {
+    for (const cuda::DevTensor* t : {&d.k, &d.v}) {
+      if (t->flush <= 0 || t->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
+      const bool along_channels = t->grouping == static_cast<int32_t>(Grouping::kAlongChannels);
+      qa_groups = std::max<int64_t>(qa_groups, along_channels ? int64_t{t->flush} * (p.head_dim / t->group_size)
+                                                              : int64_t{t->flush / t->group_size} * p.head_dim);
+    }
+    qa_key_norm = qa_key_norm ||
+                  (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
+  }
+  m.qa_chunks = cuda::QaChunks(qa_groups);
+  m.qa_key_norm = qa_key_norm;
   m.params = p;
   m.num_seqs = num_seqs;
   m.num_units = static_cast<int>(units.size());
@@ -599,7 +615,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   a.head_dim = m.params.head_dim;
   a.dtype = static_cast<int32_t>(m.params.dtype);
   a.error_flag = m.error_flag;
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   return Result::Ok();
 }
@@ -683,7 +699,7 @@ Result CudaStepRunner::Synchronize(cudaStream_t stream) {
     KVQ_CUDA_RETURN(cudaMemsetAsync(m.error_flag, 0, sizeof(int32_t), stream));
     KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
     return Result::Error(Code::kInvalidArgument,
-                         flag == 2 ? "a quantization scale or zero is beyond fp16 range"
+                         flag == 2 ? "a flushed value is not finite, or a quantization scale or zero is beyond fp16 range"
                                    : "a kernel saw an invalid page");
   }
   return Result::Ok();

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -71,6 +72,18 @@ std::string Describe(const Case& c) {
   os << "Hq=" << c.hq << " Hkv=" << c.hkv << " D=" << c.d << " " << DTypeName(c.dt) << " seqs:";
   for (const auto& s : c.seqs) os << " " << s.name << "/L0=" << s.L0 << "/n=" << s.n1 << "," << s.n2;
   return os.str();
+}
+
+// A tensor format with every field given.
+TensorFormat Fmt(QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
+  TensorFormat f;
+  f.mode = m;
+  f.bits = bits;
+  f.grouping = g;
+  f.group_size = gs;
+  f.keep = keep;
+  f.flush = flush;
+  return f;
 }
 
 float Threshold(DType dt) { return dt == DType::kF16 ? 2e-3f : 8e-3f; }
@@ -331,27 +344,17 @@ TEST(KernelsGpu, Long32k) {
 // flush values that leave partial pages, hybrid keys along tokens, mixed in one batch.
 TEST(KernelsGpu, CustomConfigs) {
   SKIP_WITHOUT_GPU();
-  auto fmt = [](QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
-    TensorFormat f;
-    f.mode = m;
-    f.bits = bits;
-    f.grouping = g;
-    f.group_size = gs;
-    f.keep = keep;
-    f.flush = flush;
-    return f;
-  };
   QuantConfig a;
-  a.k = fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 64, 10, 64);
-  a.v = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 128, 7, 3);
+  a.k = Fmt(QuantMode::kSym, 3, Grouping::kAlongTokens, 64, 10, 64);
+  a.v = Fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 128, 7, 3);
   a.sink = 5;
   a.key_norm = true;
   QuantConfig b;
-  b.k = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 128, 0, 128);
-  b.v = fmt(QuantMode::kHybrid, 3, Grouping::kAlongTokens, 32, 40, 96);
+  b.k = Fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 128, 0, 128);
+  b.v = Fmt(QuantMode::kHybrid, 3, Grouping::kAlongTokens, 32, 40, 96);
   b.sink = 0;
   QuantConfig c;
-  c.k = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 64, 1, 2);
+  c.k = Fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 64, 1, 2);
   c.v = TensorFormat{};  // full-precision values
   c.sink = 128;
   ASSERT_EQ(ValidateConfig(a, 128), "");
@@ -374,6 +377,132 @@ TEST(KernelsGpu, CustomConfigs) {
 // Explicit G = 32 configs that the decode fast path takes beyond the presets: 3-bit along_tokens
 // keys with key normalization, 3-bit along_channels values (codes crossing words), hybrid 4-bit
 // both ways, full-precision keys with quantized values and the reverse, sinks of 32/64/96 tokens.
+// Values that make the sequential quantizer's choices hard to reproduce in parallel: groups of
+// +0 only, of mixed -0 / +0 (the stored zero keeps the sign of the first minimum), constant
+// groups, repeated minima and maxima, negative groups whose maximum is a signed zero, and
+// hybrid groups where both candidates fit equally well. The window is overwritten with them
+// before the first step's flush; pages must stay byte-identical to the CPU reference.
+float EdgeValue(int t, int h, int c, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const bool neg_zero = ((t + c / 7 + h) & 1) != 0;
+  switch ((t + h) % 7) {
+    case 0: return 0.f;
+    case 1: return neg_zero ? -0.f : 0.f;
+    case 2: return 1.5f;
+    case 3: return (c % 5 == 0) ? (neg_zero ? -0.f : 0.f) : std::fabs(nd(rng)) + 0.25f;
+    case 4: return (c % 9 == 4) ? (neg_zero ? -0.f : 0.f) : -std::fabs(nd(rng)) - 0.25f;
+    case 5: return (c % 2) ? 2.f : -2.f;  // two levels: sym and asym reconstruct it equally
+    default: return nd(rng);
+  }
+}
+
+TEST(KernelsGpu, QuantizeEdgeValues) {
+  SKIP_WITHOUT_GPU();
+  QuantConfig a;  // hybrid both ways, G = 32
+  a.k = Fmt(QuantMode::kHybrid, 2, Grouping::kAlongChannels, 32, 3, 1);
+  a.v = Fmt(QuantMode::kHybrid, 3, Grouping::kAlongTokens, 32, 5, 32);
+  QuantConfig b;  // asym / sym at G = 64 and 128, key normalization on
+  b.k = Fmt(QuantMode::kAsym, 4, Grouping::kAlongTokens, 64, 0, 64);
+  b.v = Fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 128, 2, 1);
+  b.key_norm = true;
+  QuantConfig c;  // hybrid at G = 128 along tokens, asym at G = 64 along channels
+  c.k = Fmt(QuantMode::kHybrid, 4, Grouping::kAlongTokens, 128, 0, 128);
+  c.v = Fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 64, 1, 1);
+  const std::vector<std::pair<std::string, QuantConfig>> configs = {
+      {"innerq", PresetConfig(Preset::kInnerQ)}, {"kivi2", PresetConfig(Preset::kKivi2)},
+      {"innerq2", PresetConfig(Preset::kInnerQ2)}, {"a", a}, {"b", b}, {"c", c}};
+  for (const auto& [name, cfg] : configs) {
+    ASSERT_EQ(ValidateConfig(cfg, 128), "") << name;
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      SCOPED_TRACE(name + " " + DTypeName(dt));
+      Case cs;
+      cs.hkv = 2;
+      cs.hq = 8;
+      cs.dt = dt;
+      cs.seqs = {SeqSpec(cfg, 700, 1, 1, 3)};
+      cs.seed = 7100 + static_cast<int>(dt);
+      std::unique_ptr<CudaStepRunner> runner;
+      Result r = CudaStepRunner::Create(&runner);
+      ASSERT_TRUE(r.ok()) << r.message;
+      std::mt19937 rng(cs.seed);
+      Arena arena;
+      std::vector<TSeq> seqs = {testing::MakeSeq(arena, cfg, cs.hkv, cs.d, dt, 700, 3, rng)};
+      for (const testing::TStream* st : {&seqs[0].k, &seqs[0].v}) {
+        for (int i = 0; i < st->win_len; ++i) {
+          const int idx = st->win_first + i;
+          uint16_t* p = reinterpret_cast<uint16_t*>(arena.bytes().data() + st->win[size_t(idx / kPageTokens)]);
+          for (int h = 0; h < cs.hkv; ++h)
+            for (int ch = 0; ch < cs.d; ++ch)
+              p[(int64_t{h} * kPageTokens + idx % kPageTokens) * cs.d + ch] =
+                  testing::ToAct(EdgeValue(i, h, ch, rng), dt);
+        }
+      }
+      RunAndCompare(cs, arena, &seqs, true, rng, *runner);
+      if (HasFatalFailure()) return;
+      RunAndCompare(cs, arena, &seqs, false, rng, *runner);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// A flushed value that is not finite, or one whose group's scale leaves fp16 range (bf16 keeps
+// such values), fails the step with kInvalidArgument at Synchronize; the runner is usable again.
+TEST(KernelsGpu, QuantizeReportsBadValues) {
+  SKIP_WITHOUT_GPU();
+  struct Bad {
+    DType dt;
+    float v;
+  };
+  const Bad bads[] = {{DType::kF16, std::numeric_limits<float>::infinity()},
+                      {DType::kF16, std::numeric_limits<float>::quiet_NaN()},
+                      {DType::kBF16, 1e9f}};
+  for (const Bad& b : bads) {
+    SCOPED_TRACE(std::string(DTypeName(b.dt)) + " " + std::to_string(b.v));
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    std::mt19937 rng(31);
+    Arena a;
+    const QuantConfig cfg = PresetConfig(Preset::kInnerQ);
+    const int hq = 4, hkv = 2, d = 128;
+    TSeq s = testing::MakeSeq(a, cfg, hkv, d, b.dt, 400, 0, rng);
+    // window token 40 (flushed into the K and the V body by this step), head 1, channel 17
+    for (const testing::TStream* st : {&s.k, &s.v}) {
+      uint16_t* p = reinterpret_cast<uint16_t*>(a.bytes().data() + st->win[0] + FullTokenOffset(40, 1, d));
+      p[17] = testing::ToAct(b.v, b.dt);
+    }
+    TStep st = testing::PlanStep(a, s, hkv, d, 1, 0, 0);
+    st.Point();
+    ASSERT_GT(st.w.flush_k, 40);
+    ASSERT_GT(st.w.flush_v, 40);
+    std::vector<uint8_t>& host = a.bytes();
+    DevBuf<uint8_t> d_arena(host.size());
+    DevBuf<uint16_t> d_q(hq * d), d_k(hkv * d), d_v(hkv * d), d_o(hq * d);
+    ASSERT_TRUE(d_arena.p && d_q.p && d_k.p && d_v.p && d_o.p);
+    CUDA_OK(cudaMemcpy(d_arena.p, host.data(), host.size(), cudaMemcpyHostToDevice));
+    const std::vector<uint16_t> q = testing::RandomActs(hq * d, b.dt, rng, 1.f);
+    const std::vector<uint16_t> kv = testing::RandomActs(hkv * d, b.dt, rng, 1.f);
+    CUDA_OK(cudaMemcpy(d_q.p, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_k.p, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_v.p, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    StepParams p;
+    p.num_q_heads = hq;
+    p.num_kv_heads = hkv;
+    p.head_dim = d;
+    p.dtype = b.dt;
+    p.q = d_q.p;
+    p.k_new = d_k.p;
+    p.v_new = d_v.p;
+    p.o = d_o.p;
+    Result r = runner->RunStep(p, &st.w, &st.next.cfg, 1, d_arena.p, nullptr);
+    ASSERT_TRUE(r.ok()) << r.message;
+    r = runner->Synchronize(nullptr);
+    EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
+    EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
+    r = runner->Synchronize(nullptr);
+    EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
+  }
+}
+
 TEST(KernelsGpu, DecodeCustomConfigs) {
   SKIP_WITHOUT_GPU();
   const auto fmt = QuantFormat32;

@@ -1,0 +1,177 @@
+// The quantizer of one group by a whole warp (lane = element), bit-identical to the CPU
+// reference's QuantizeGroupRef + PackCodes (kvq/quant.h): the same per-element uncontracted
+// arithmetic; min / max reductions that keep the first element of the extreme value, as the
+// sequential loop does, so even the sign of a zero matches; the hybrid L1 errors summed in element
+// order. Elements: element i = j * 32 + lane is x[j] of that lane (G = 32 * J).
+//
+// The warp operations go through warp:: below: the CUDA intrinsics under nvcc; on the host the
+// includer defines them (tests/kernels/warp_quant_test.cc runs this very code on an emulated warp
+// of 32 threads against the reference).
+#pragma once
+
+#include <cstdint>
+
+#include "kvq/format.h"
+#include "kvq/numeric.h"
+#include "kvq/quant.h"
+
+#if defined(__CUDACC__)
+#define KVQ_WARP __device__ __forceinline__
+#define KVQ_UNROLL _Pragma("unroll")
+#else
+#define KVQ_WARP inline
+#define KVQ_UNROLL
+#endif
+
+namespace kvq {
+namespace cuda {
+namespace warp {
+#if defined(__CUDACC__)
+KVQ_WARP float ShflXor(float v, int off) { return __shfl_xor_sync(0xffffffffu, v, off); }
+KVQ_WARP float Shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+KVQ_WARP uint32_t Ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+KVQ_WARP bool All(bool p) { return __all_sync(0xffffffffu, p) != 0; }
+KVQ_WARP uint32_t ReduceOr(uint32_t v) { return __reduce_or_sync(0xffffffffu, v); }
+KVQ_WARP void Sync() { __syncwarp(); }
+KVQ_WARP int FirstLane(uint32_t m) { return __ffs(m) - 1; }
+#else
+float ShflXor(float v, int off);
+float Shfl(float v, int src);
+uint32_t Ballot(bool p);
+bool All(bool p);
+uint32_t ReduceOr(uint32_t v);
+void Sync();
+inline int FirstLane(uint32_t m) {
+  for (int i = 0; i < 32; ++i)
+    if (m & (1u << i)) return i;
+  return -1;
+}
+#endif
+}  // namespace warp
+
+// The first element (in element order i = j * 32 + lane) whose value equals v, as the sequential
+// MinF / MaxF loop leaves it: those keep the earliest of equal values, so -0 and +0 differ here.
+template <int J>
+KVQ_WARP float FirstEqual(const float (&x)[J], float v) {
+KVQ_UNROLL
+  for (int j = 0; j < J; ++j) {
+    const uint32_t m = warp::Ballot(x[j] == v);
+    if (m != 0u) return warp::Shfl(x[j], warp::FirstLane(m));
+  }
+  return v;  // not reached: v is one of the elements
+}
+
+// Sum of e[0..n) in element order, in fp32 (every lane gets the same value).
+KVQ_WARP float SumInOrder(const float* e, int n) {
+  float acc = 0.f;
+  for (int i = 0; i < n; ++i) acc = AddRn(acc, e[i]);
+  return acc;
+}
+
+// One group of G = 32 * J values x (element j * 32 + lane in x[j]) quantized by the whole warp,
+// bit-identical to QuantizeGroupRef (kvq/quant.h). err: this warp's 2 x G floats of shared memory.
+// Returns false (same cases as the reference) on a non-finite input or an out-of-range scale/zero.
+template <int J>
+KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, float* err, int lane,
+                                uint32_t (&code)[J], uint16_t* scale_bits, uint16_t* zero_bits) {
+  constexpr int G = 32 * J;
+  float mn = x[0], mx = x[0], amax = AbsF(x[0]);
+  bool finite = true;
+KVQ_UNROLL
+  for (int j = 0; j < J; ++j) {
+    mn = MinF(mn, x[j]);
+    mx = MaxF(mx, x[j]);
+    amax = MaxF(amax, AbsF(x[j]));
+    finite = finite && IsFiniteF(x[j]);
+  }
+  if (!warp::All(finite)) return false;
+KVQ_UNROLL
+  for (int off = 16; off > 0; off >>= 1) {
+    mn = MinF(mn, warp::ShflXor(mn, off));
+    mx = MaxF(mx, warp::ShflXor(mx, off));
+    amax = MaxF(amax, warp::ShflXor(amax, off));
+  }
+  mn = FirstEqual<J>(x, mn);  // amax is an absolute value: no signed zero to pick
+  mx = FirstEqual<J>(x, mx);
+  const int qmax = AsymMaxCode(bits);
+  const int L = SymLevels(bits);
+  const bool hybrid = mode == QuantMode::kHybrid;
+  const bool try_sym = mode == QuantMode::kSym || hybrid;
+  const bool try_asym = mode == QuantMode::kAsym || hybrid;
+
+  uint16_t ss16 = 0;
+  bool sym_ok = false;
+  float cs[J];
+  if (try_sym) {
+    ss16 = FloatToHalfBits(MaxF(DivRn(amax, float(L)), kMinScale));
+    sym_ok = !HalfBitsIsInf(ss16);
+    const float ss = HalfBitsToFloat(ss16);
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) {
+      cs[j] = MinF(MaxF(Rint(DivRn(x[j], ss)), float(-L)), float(L));
+      if (hybrid) err[j * 32 + lane] = AbsF(SubRn(MulRn(cs[j], ss), x[j]));
+    }
+  }
+  uint16_t sa16 = 0, z16 = 0;
+  bool asym_ok = false;
+  float ca[J];
+  if (try_asym) {
+    sa16 = FloatToHalfBits(MaxF(DivRn(SubRn(mx, mn), float(qmax)), kMinScale));
+    z16 = FloatToHalfBits(mn);
+    asym_ok = IsFiniteF(SubRn(mx, mn)) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
+    const float sa = HalfBitsToFloat(sa16);
+    const float z = HalfBitsToFloat(z16);
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) {
+      ca[j] = MinF(MaxF(Rint(DivRn(SubRn(x[j], z), sa)), 0.f), float(qmax));
+      if (hybrid) err[G + j * 32 + lane] = AbsF(SubRn(AddRn(MulRn(ca[j], sa), z), x[j]));
+    }
+  }
+  bool use_sym = mode == QuantMode::kSym;
+  if (hybrid) {
+    warp::Sync();
+    // The reference sums a candidate's errors only when its scale is in range.
+    const float es = sym_ok ? SumInOrder(err, G) : 0.f;
+    const float ea = asym_ok ? SumInOrder(err + G, G) : 0.f;
+    use_sym = sym_ok && (!asym_ok || es <= ea);
+    warp::Sync();  // err is reused by the warp's next group
+  }
+  if (use_sym) {
+    if (!sym_ok) return false;
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) code[j] = static_cast<uint32_t>(static_cast<int>(cs[j]) + L);
+    *scale_bits = ss16;
+    *zero_bits = 0;
+    return true;
+  }
+  if (!asym_ok) return false;
+KVQ_UNROLL
+  for (int j = 0; j < J; ++j) code[j] = static_cast<uint32_t>(static_cast<int>(ca[j]));
+  *scale_bits = hybrid ? static_cast<uint16_t>(sa16 | 0x8000u) : sa16;
+  *zero_bits = z16;
+  return true;
+}
+
+// PackCodes (kvq/quant.h) across the warp: word w of the group's bitstream is the OR of every
+// lane's bits that land in it; lane w stores it (G * bits / 32 <= 32 words).
+template <int J>
+KVQ_WARP void WarpPackStore(const uint32_t (&code)[J], int bits, int lane, uint32_t* words) {
+  const int nw = 32 * J * bits / 32;
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int w = 0; w < nw; ++w) {
+    uint32_t v = 0;
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const int bit = (j * 32 + lane) * bits;
+      const int lo = bit >> 5, sh = bit & 31;
+      const uint32_t c = code[j] & mask;
+      if (lo == w) v |= c << sh;
+      if (sh + bits > 32 && lo + 1 == w) v |= c >> (32 - sh);
+    }
+    v = warp::ReduceOr(v);
+    if (lane == w) words[w] = v;
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq

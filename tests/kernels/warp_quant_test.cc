@@ -1,0 +1,247 @@
+// The CUDA quantize-append's warp quantizer (kernels/cuda/warp_quant.cuh) run on the CPU: 32
+// threads play the 32 lanes of a warp, the warp operations exchange values through a barrier,
+// and every group must give exactly the codes, packed words, scale and zero of the reference
+// (QuantizeGroupRef + PackCodes), and fail exactly where the reference fails. The same source
+// compiles into the kernel, so this checks its arithmetic and its reductions without a GPU;
+// the GPU suite (QuantizeEdgeValues and every preset test) checks the kernel around it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvq/quant.h"
+
+namespace kvq {
+namespace cuda {
+namespace warp {
+namespace {
+
+// One emulated warp: lanes publish a value, meet at a barrier, read what they need, meet again.
+class Warp {
+ public:
+  void Arrive() {
+    std::unique_lock<std::mutex> lk(mu_);
+    const uint64_t gen = gen_;
+    if (++count_ == 32) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen_ != gen; });
+    }
+  }
+  uint32_t slot[32] = {};
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int count_ = 0;
+  uint64_t gen_ = 0;
+};
+
+Warp* g_warp = nullptr;
+thread_local int t_lane = 0;
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float Float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Publishes v, returns every lane's value (after the second barrier the slots may be reused).
+void Exchange(uint32_t v, uint32_t (&all)[32]) {
+  g_warp->slot[t_lane] = v;
+  g_warp->Arrive();
+  std::memcpy(all, g_warp->slot, sizeof(all));
+  g_warp->Arrive();
+}
+
+}  // namespace
+
+float ShflXor(float v, int off) {
+  uint32_t all[32];
+  Exchange(Bits(v), all);
+  return Float(all[t_lane ^ off]);
+}
+float Shfl(float v, int src) {
+  uint32_t all[32];
+  Exchange(Bits(v), all);
+  return Float(all[src]);
+}
+uint32_t Ballot(bool p) {
+  uint32_t all[32], m = 0;
+  Exchange(p ? 1u : 0u, all);
+  for (int i = 0; i < 32; ++i) m |= all[i] << i;
+  return m;
+}
+bool All(bool p) { return Ballot(p) == 0xffffffffu; }
+uint32_t ReduceOr(uint32_t v) {
+  uint32_t all[32], r = 0;
+  Exchange(v, all);
+  for (int i = 0; i < 32; ++i) r |= all[i];
+  return r;
+}
+void Sync() { g_warp->Arrive(); }
+
+}  // namespace warp
+}  // namespace cuda
+}  // namespace kvq
+
+#include "../../kernels/cuda/warp_quant.cuh"
+
+namespace kvq {
+namespace {
+
+struct Outcome {
+  bool ok = false;
+  std::vector<uint32_t> words;
+  uint16_t scale = 0, zero = 0;
+};
+
+Outcome Reference(const std::vector<float>& x, int bits, QuantMode mode) {
+  Outcome o;
+  const int n = static_cast<int>(x.size());
+  std::vector<uint8_t> codes(n);
+  o.ok = QuantizeGroupRef(x.data(), n, bits, mode, codes.data(), &o.scale, &o.zero);
+  o.words.assign(n * bits / 32, 0u);
+  if (o.ok) PackCodes(codes.data(), n, bits, o.words.data());
+  return o;
+}
+
+template <int J>
+Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
+  Outcome o;
+  o.words.assign(32 * J * bits / 32, 0u);
+  cuda::warp::Warp w;
+  cuda::warp::g_warp = &w;
+  std::vector<float> err(2 * 32 * J, std::numeric_limits<float>::quiet_NaN());
+  bool ok[32];
+  uint16_t sc[32], zr[32];
+  std::vector<std::thread> lanes;
+  for (int lane = 0; lane < 32; ++lane) {
+    lanes.emplace_back([&, lane] {
+      cuda::warp::t_lane = lane;
+      float v[J];
+      for (int j = 0; j < J; ++j) v[j] = x[size_t(j * 32 + lane)];
+      uint32_t code[J];
+      ok[lane] = cuda::WarpQuantizeGroup<J>(v, bits, mode, err.data(), lane, code, &sc[lane], &zr[lane]);
+      if (ok[lane]) cuda::WarpPackStore<J>(code, bits, lane, o.words.data());
+    });
+  }
+  for (auto& t : lanes) t.join();
+  cuda::warp::g_warp = nullptr;
+  for (int lane = 1; lane < 32; ++lane) {
+    EXPECT_EQ(ok[lane], ok[0]) << "lanes disagree on success";
+    if (ok[0] && ok[lane]) {
+      EXPECT_EQ(sc[lane], sc[0]) << "lanes disagree on the scale";
+      EXPECT_EQ(zr[lane], zr[0]) << "lanes disagree on the zero";
+    }
+  }
+  o.ok = ok[0];
+  o.scale = sc[0];
+  o.zero = zr[0];
+  if (!o.ok) o.words.assign(o.words.size(), 0u);
+  return o;
+}
+
+Outcome OnWarpG(const std::vector<float>& x, int bits, QuantMode mode) {
+  switch (x.size()) {
+    case 32: return OnWarp<1>(x, bits, mode);
+    case 64: return OnWarp<2>(x, bits, mode);
+    default: return OnWarp<4>(x, bits, mode);
+  }
+}
+
+std::string Show(const std::vector<float>& x) {
+  std::string s;
+  for (float v : x) s += std::to_string(v) + (std::signbit(v) && v == 0.f ? "(-0) " : " ");
+  return s;
+}
+
+void ExpectSame(const std::vector<float>& x, int bits, QuantMode mode) {
+  const Outcome want = Reference(x, bits, mode);
+  const Outcome got = OnWarpG(x, bits, mode);
+  SCOPED_TRACE("G=" + std::to_string(x.size()) + " bits=" + std::to_string(bits) +
+               " mode=" + std::to_string(static_cast<int>(mode)) + " x: " + Show(x));
+  ASSERT_EQ(got.ok, want.ok);
+  if (!want.ok) return;
+  EXPECT_EQ(got.scale, want.scale);
+  EXPECT_EQ(got.zero, want.zero);
+  EXPECT_EQ(got.words, want.words);
+}
+
+// Groups whose reductions the sequential loop resolves by order: signed zeros, repeated extremes,
+// constants, two-level groups (sym and asym reconstruct them equally: the hybrid tie), non-finite
+// inputs and values beyond fp16 range.
+std::vector<float> EdgeGroup(int kind, int n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    const bool neg = ((i / 3 + kind) & 1) != 0;
+    float v = nd(rng);
+    switch (kind) {
+      case 0: v = 0.f; break;
+      case 1: v = neg ? -0.f : 0.f; break;
+      case 2: v = 1.5f; break;
+      case 3: v = (i % 5 == 0) ? (neg ? -0.f : 0.f) : std::fabs(v) + 0.25f; break;
+      case 4: v = (i % 7 == 2) ? (neg ? -0.f : 0.f) : -std::fabs(v) - 0.25f; break;
+      case 5: v = (i % 2) ? 2.f : -2.f; break;
+      case 6: v = std::round(v * 2.f) / 2.f; break;  // few distinct values, repeated extremes
+      case 7: v = (i == n / 2) ? std::numeric_limits<float>::infinity() : v; break;
+      case 8: v = (i == n - 1) ? std::numeric_limits<float>::quiet_NaN() : v; break;
+      case 9: v = v * 1e5f; break;  // scales beyond fp16 range
+      case 10: v = v * 1e-7f; break;  // below the minimum scale
+      default: break;
+    }
+    x[size_t(i)] = v;
+  }
+  return x;
+}
+
+const QuantMode kModes[] = {QuantMode::kAsym, QuantMode::kSym, QuantMode::kHybrid};
+const int kBits[] = {2, 3, 4, 8};
+const int kGroups[] = {32, 64, 128};
+
+TEST(WarpQuant, EdgeGroupsMatchTheReference) {
+  std::mt19937 rng(20261204);
+  for (int g : kGroups)
+    for (int bits : kBits)
+      for (QuantMode mode : kModes)
+        for (int kind = 0; kind <= 10; ++kind) {
+          ExpectSame(EdgeGroup(kind, g, rng), bits, mode);
+          if (HasFatalFailure()) return;
+        }
+}
+
+TEST(WarpQuant, RandomGroupsMatchTheReference) {
+  std::mt19937 rng(4242);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> scale(-3.f, 3.f);
+  for (int g : kGroups)
+    for (int bits : kBits)
+      for (QuantMode mode : kModes)
+        for (int rep = 0; rep < 6; ++rep) {
+          const float s = std::pow(10.f, scale(rng));
+          const float shift = rep % 2 ? nd(rng) * s : 0.f;
+          std::vector<float> x(static_cast<size_t>(g));
+          for (float& v : x) v = nd(rng) * s + shift;
+          ExpectSame(x, bits, mode);
+          if (HasFatalFailure()) return;
+        }
+}
+
+}  // namespace
+}  // namespace kvq
