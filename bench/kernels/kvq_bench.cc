@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--no-pdl] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes:
@@ -75,6 +75,7 @@ bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
+bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
 void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
 size_t g_flush_bytes = 0;
 
@@ -192,6 +193,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_force_generic(g_force_generic);
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
+    runners[k]->set_pdl(g_pdl);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -266,7 +268,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pdl] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -297,6 +299,8 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
+    } else if (a == "--no-pdl") {
+      g_pdl = false;
     } else if (a == "--timing" && i + 1 < argc) {
       const std::string m = argv[++i];
       if (m != "busy" && m != "idle") return Usage();

@@ -263,6 +263,7 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
   const DevUnit unit = a.units[blockIdx.x];
   __shared__ __align__(16) DevSeq seq_s;
   LoadSeqToShared<kAttnThreads>(a.seqs + unit.seq, &seq_s);
+  GridDependencyWait();  // q, key-norm factors and pages only after the quantize-append
   __syncthreads();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
@@ -418,8 +419,7 @@ int AttentionBlocksPerSmT() {
 template <int D, DType DT>
 cudaError_t LaunchAttentionT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
-  AttentionKernel<D, DT><<<num_units, kAttnThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchAttnKernel(AttentionKernel<D, DT>, num_units, kAttnThreads, 0, stream, args);
 }
 
 }  // namespace cuda

@@ -830,6 +830,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
+  GridDependencyWait();  // q, key-norm factors and pages only after the quantize-append
   __syncthreads();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
@@ -1150,8 +1151,7 @@ cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stre
   const int ring_bytes = PATHS == kFamFull && !IMMA ? 0 : DecodeRingBytes(args);
   const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes);
   if (e != cudaSuccess) return e;
-  DecodeKernel<D, DT, R, PATHS, IMMA><<<num_units, kDecThreads, ring_bytes, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchAttnKernel(DecodeKernel<D, DT, R, PATHS, IMMA>, num_units, kDecThreads, ring_bytes, stream, args);
 }
 
 template <int D, DType DT, int R>

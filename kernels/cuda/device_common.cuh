@@ -148,6 +148,38 @@ __device__ __forceinline__ void DequantBody8(const uint8_t* arena, const DevTens
 
 // Copies a unit's sequence descriptor into shared memory, word by word over the block's threads
 // (its fields are read in every tile; shared reloads cost less than global ones after barriers).
+// Programmatic dependent launch (sm_90). The attention kernels wait here, before their first read
+// of anything but the step's descriptors (copied before the preceding kernel ran), for the
+// preceding kernel in the stream to complete and its writes to be visible; without the launch
+// attribute this returns at once. The quantize-append kernel lets its dependent launch right away
+// (the dependent only launches once every one of its blocks has started, so none is starved).
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDependentsLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Launches an attention kernel (argument AttnArgs), as a programmatic dependent when args.pdl.
+template <typename Kernel>
+cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaStream_t stream, const AttnArgs& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = args.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
 // The caller synchronizes before reading `dst`.
 template <int kThreads>
 __device__ __forceinline__ void LoadSeqToShared(const DevSeq* src, DevSeq* dst) {

@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
 }
 
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
+  GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   const DevSeq& s = a.seqs[blockIdx.x];
   const int h = blockIdx.y;
   const bool is_k = (blockIdx.z & 1) == 0;

@@ -128,6 +128,10 @@ struct AttnArgs {
   const DevMergeItem* items;
   int32_t* merge_count;     // [items], zero between launches
   uint16_t* o;              // [rows, Hq, D]
+  // Host side only: launch the attention kernel as a programmatic dependent of the kernel before
+  // it in the stream (the quantize-append), so its blocks are launched and resident while that
+  // kernel finishes; they wait (GridDependencyWait) before reading anything it writes.
+  int32_t pdl;
 };
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),

@@ -647,6 +647,7 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.items = m.d_items;
   a.merge_count = m.merge_count;
   a.o = static_cast<uint16_t*>(p.o);
+  a.pdl = pdl_enabled_ ? 1 : 0;
   if (m.decode_path) {  // the merge is fused into the decode launch
     KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
     KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));

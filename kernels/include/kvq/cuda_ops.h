@@ -78,6 +78,10 @@ class CudaStepRunner {
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
   void set_kivi_mma_min_unit_tokens(int tokens) { kivi_min_unit_tokens_ = tokens; }
+  // The attention launch as a programmatic dependent of the quantize-append (Hopper): its blocks
+  // are launched while the quantize-append finishes and wait for it on the device (default on;
+  // off for the benchmark's comparison).
+  void set_pdl(bool on) { pdl_enabled_ = on; }
 
  private:
   CudaStepRunner() = default;
@@ -88,6 +92,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
+  bool pdl_enabled_ = true;
 };
 
 }  // namespace kvq
