@@ -15,68 +15,13 @@
 #include "device_common.cuh"
 #include "kvq/numeric.h"
 #include "kvq/quant.h"
-#include "warp_quant.cuh"
+#include "flush_group.cuh"
 
 namespace kvq {
 namespace cuda {
 namespace {
 
 constexpr int kQaWarps = kQaThreads / 32;
-
-__device__ __forceinline__ float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
-                                            int c, int d, DType dtype) {
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
-  return LoadAct(p, dtype);
-}
-
-// Flush group gi of tensor x of head h, quantized by the calling warp.
-template <int J>
-__device__ __forceinline__ void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm,
-                                           const float* knorm, float* err, int lane) {
-  constexpr int G = 32 * J;
-  const int D = a.head_dim;
-  const DType dtype = static_cast<DType>(a.dtype);
-  const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
-  float v[J];
-  int body_tok, group;
-  if (along_channels) {
-    const int t = gi / (D / G);
-    const int c0 = (gi % (D / G)) * G;
-    const int w = x.win_first + t;
-    const int64_t page = a.pages[x.win_pages + w / kPageTokens];
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int c = c0 + j * 32 + lane;
-      const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
-      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
-    }
-    body_tok = x.body_len + t;
-    group = (body_tok % kPageTokens) * (D / G) + c0 / G;
-  } else {
-    const int tb = gi / D;
-    const int c = gi % D;
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int w = x.win_first + tb * G + j * 32 + lane;
-      const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
-      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
-    }
-    body_tok = x.body_len + tb * G;
-    group = ((body_tok % kPageTokens) / G) * D + c;
-  }
-  uint32_t code[J];
-  uint16_t scale_bits = 0, zero_bits = 0;
-  if (!WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits)) {
-    if (lane == 0) atomicExch(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
-    return;
-  }
-  uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] + static_cast<int64_t>(h) * x.head_bytes;
-  WarpPackStore<J>(code, x.bits, lane, reinterpret_cast<uint32_t*>(head) + group * x.words_per_group);
-  if (lane == 0) {
-    reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
-    if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
-  }
-}
 
 // Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that
 // quantize keys for the first time this step; block (sequence, KV head), thread = channel.

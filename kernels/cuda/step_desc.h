@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
+#include "kvq/cache.h"
 #include "kvq/format.h"
 
 namespace kvq {
@@ -152,6 +154,13 @@ struct MergeArgs {
   int32_t num_q_heads;
   int32_t group;
 };
+
+// The batch as the kernels see it: one DevSeq per sequence and the page table they index, with
+// every check on the works (the first half of CudaStepRunner::Prepare; host code, which the CPU
+// emulation of the quantize-append in tests/kernels_gpu uses too). attention_ready: every
+// sequence has n_new >= 1.
+Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                    std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
 // chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks);

@@ -281,26 +281,25 @@ Result FillTensor(const StreamView& sv, const TensorFormat& f, int flush, int ap
 
 }  // namespace
 
-Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
-                               int num_seqs, cudaStream_t stream) {
-  Impl& m = *impl_;
-  m.prepared = false;
-  const std::string sup = CudaSupports(p, configs, num_seqs);
-  if (!sup.empty()) return Result::Error(Code::kInvalidArgument, sup);
-  const int g = p.num_q_heads / p.num_kv_heads;
+namespace cuda {
 
-  std::vector<cuda::DevSeq> seqs(num_seqs);
+Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                    std::vector<DevSeq>* seqs_out, std::vector<int64_t>* pages_out, bool* attention_ready_out) {
+  std::vector<DevSeq>& seqs = *seqs_out;
+  seqs.assign(num_seqs, DevSeq{});
   int64_t num_pages = 0;
   for (int i = 0; i < num_seqs; ++i) num_pages += works[i].k.num_body_pages + works[i].k.num_win_pages +
                                                   works[i].v.num_body_pages + works[i].v.num_win_pages;
-  std::vector<int64_t> pages;
+  std::vector<int64_t>& pages = *pages_out;
+  pages.clear();
   pages.reserve(num_pages);
   int64_t cursor = 0;
-  bool attention_ready = num_seqs > 0;
+  bool& attention_ready = *attention_ready_out;
+  attention_ready = num_seqs > 0;
   for (int i = 0; i < num_seqs; ++i) {
     const SeqWork& w = works[i];
     const QuantConfig& c = configs[i];
-    cuda::DevSeq& d = seqs[i];
+    DevSeq& d = seqs[i];
     std::memset(&d, 0, sizeof(d));
     if (w.n_new < 0) return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": n_new < 0");
     if (w.n_new == 0) attention_ready = false;
@@ -340,6 +339,24 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     if (lk > (int64_t{1} << 30)) return Result::Error(Code::kInvalidArgument, "sequence too long");
     d.length = static_cast<int32_t>(lk);
   }
+
+  return Result::Ok();
+}
+
+}  // namespace cuda
+
+Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
+                               int num_seqs, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.prepared = false;
+  const std::string sup = CudaSupports(p, configs, num_seqs);
+  if (!sup.empty()) return Result::Error(Code::kInvalidArgument, sup);
+  const int g = p.num_q_heads / p.num_kv_heads;
+
+  std::vector<cuda::DevSeq> seqs;
+  std::vector<int64_t> pages;
+  bool attention_ready = false;
+  KVQ_RETURN_IF_ERROR(cuda::FlattenBatch(p, works, configs, num_seqs, &seqs, &pages, &attention_ready));
 
   // Split-KV plan: items = (sequence, KV head, block of <= kRowsPerUnit rows); each item's
   // visible tokens are cut into chunks so that the grid covers the SMs several times.

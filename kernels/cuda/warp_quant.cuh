@@ -5,8 +5,8 @@
 // order. Elements: element i = j * 32 + lane is x[j] of that lane (G = 32 * J).
 //
 // The warp operations go through warp:: below: the CUDA intrinsics under nvcc; on the host the
-// includer defines them (tests/kernels/warp_quant_test.cc runs this very code on an emulated warp
-// of 32 threads against the reference).
+// includer defines them (tests/kernels/warp_emu.h), so tests/kernels/warp_quant_test.cc runs this
+// very code on an emulated warp of 32 threads against the reference.
 #pragma once
 
 #include <cstdint>
@@ -34,13 +34,10 @@ KVQ_WARP bool All(bool p) { return __all_sync(0xffffffffu, p) != 0; }
 KVQ_WARP uint32_t ReduceOr(uint32_t v) { return __reduce_or_sync(0xffffffffu, v); }
 KVQ_WARP void Sync() { __syncwarp(); }
 KVQ_WARP int FirstLane(uint32_t m) { return __ffs(m) - 1; }
+KVQ_WARP void SetFlag(int32_t* flag, int32_t v) { atomicExch(flag, v); }
 #else
-float ShflXor(float v, int off);
-float Shfl(float v, int src);
-uint32_t Ballot(bool p);
-bool All(bool p);
-uint32_t ReduceOr(uint32_t v);
-void Sync();
+// On the host the includer defines ShflXor, Shfl, Ballot, All, ReduceOr, Sync, SetFlag in this
+// namespace first (tests/kernels/warp_emu.h: an emulated warp of 32 threads).
 inline int FirstLane(uint32_t m) {
   for (int i = 0; i < 32; ++i)
     if (m & (1u << i)) return i;

@@ -7,100 +7,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <mutex>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kvq/quant.h"
-
-namespace kvq {
-namespace cuda {
-namespace warp {
-namespace {
-
-// One emulated warp: lanes publish a value, meet at a barrier, read what they need, meet again.
-class Warp {
- public:
-  void Arrive() {
-    std::unique_lock<std::mutex> lk(mu_);
-    const uint64_t gen = gen_;
-    if (++count_ == 32) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lk, [&] { return gen_ != gen; });
-    }
-  }
-  uint32_t slot[32] = {};
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int count_ = 0;
-  uint64_t gen_ = 0;
-};
-
-Warp* g_warp = nullptr;
-thread_local int t_lane = 0;
-
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float Float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Publishes v, returns every lane's value (after the second barrier the slots may be reused).
-void Exchange(uint32_t v, uint32_t (&all)[32]) {
-  g_warp->slot[t_lane] = v;
-  g_warp->Arrive();
-  std::memcpy(all, g_warp->slot, sizeof(all));
-  g_warp->Arrive();
-}
-
-}  // namespace
-
-float ShflXor(float v, int off) {
-  uint32_t all[32];
-  Exchange(Bits(v), all);
-  return Float(all[t_lane ^ off]);
-}
-float Shfl(float v, int src) {
-  uint32_t all[32];
-  Exchange(Bits(v), all);
-  return Float(all[src]);
-}
-uint32_t Ballot(bool p) {
-  uint32_t all[32], m = 0;
-  Exchange(p ? 1u : 0u, all);
-  for (int i = 0; i < 32; ++i) m |= all[i] << i;
-  return m;
-}
-bool All(bool p) { return Ballot(p) == 0xffffffffu; }
-uint32_t ReduceOr(uint32_t v) {
-  uint32_t all[32], r = 0;
-  Exchange(v, all);
-  for (int i = 0; i < 32; ++i) r |= all[i];
-  return r;
-}
-void Sync() { g_warp->Arrive(); }
-
-}  // namespace warp
-}  // namespace cuda
-}  // namespace kvq
-
-#include "../../kernels/cuda/warp_quant.cuh"
+#include "warp_emu.h"
+#include "warp_quant.cuh"
 
 namespace kvq {
 namespace {
@@ -125,24 +40,16 @@ template <int J>
 Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
   Outcome o;
   o.words.assign(32 * J * bits / 32, 0u);
-  cuda::warp::Warp w;
-  cuda::warp::g_warp = &w;
   std::vector<float> err(2 * 32 * J, std::numeric_limits<float>::quiet_NaN());
   bool ok[32];
   uint16_t sc[32], zr[32];
-  std::vector<std::thread> lanes;
-  for (int lane = 0; lane < 32; ++lane) {
-    lanes.emplace_back([&, lane] {
-      cuda::warp::t_lane = lane;
-      float v[J];
-      for (int j = 0; j < J; ++j) v[j] = x[size_t(j * 32 + lane)];
-      uint32_t code[J];
-      ok[lane] = cuda::WarpQuantizeGroup<J>(v, bits, mode, err.data(), lane, code, &sc[lane], &zr[lane]);
-      if (ok[lane]) cuda::WarpPackStore<J>(code, bits, lane, o.words.data());
-    });
-  }
-  for (auto& t : lanes) t.join();
-  cuda::warp::g_warp = nullptr;
+  cuda::warp::RunWarp([&](int lane) {
+    float v[J];
+    for (int j = 0; j < J; ++j) v[j] = x[size_t(j * 32 + lane)];
+    uint32_t code[J];
+    ok[lane] = cuda::WarpQuantizeGroup<J>(v, bits, mode, err.data(), lane, code, &sc[lane], &zr[lane]);
+    if (ok[lane]) cuda::WarpPackStore<J>(code, bits, lane, o.words.data());
+  });
   for (int lane = 1; lane < 32; ++lane) {
     EXPECT_EQ(ok[lane], ok[0]) << "lanes disagree on success";
     if (ok[0] && ok[lane]) {
