@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call that checks and measures the CUDA kernels: the bundle from
+# scripts/device_bundle.sh is unpacked, then, each step bounded so the whole call ends inside the
+# device tool's 10-minute limit, in order of importance:
+#   1. the GPU suite (kernels_gpu_test) and the store's CUDA backend tests;
+#   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
+#      kvq-bench-base on the same shapes (A/B in the same run);
+#   3. the PyTorch SDPA baseline against (2);
+#   4. the launch overlap off (--no-pdl) on the two long shapes;
+#   5. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
+# Outputs land in $OUT (the device tool brings them back): gpu.txt, gpu_tests.txt,
+# store_tests.txt, kvq.json, base.json, sdpa.txt, nopdl.json, memcheck.txt; a summary is printed.
+#
+# usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
+#   --quick: the suite and the two long shapes only (a kernel change's first check)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-/tmp/device_round}
+mkdir -p "$OUT"
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+(cd .device && xz -dc b.txz | tar xf -) || { echo "no bundle in .device (scripts/device_bundle.sh)"; exit 1; }
+t0=$(date +%s)
+exec 3>&1  # step reports on the call's own output, whatever the step's output is redirected to
+step() {  # step NAME SECONDS COMMAND...: runs it bounded, prints its status and the elapsed time
+  local name=$1 secs=$2
+  shift 2
+  timeout "$secs" "$@"
+  local rc=$?
+  echo "[$name] rc=$rc at $(( $(date +%s) - t0 ))s" >&3
+  return $rc
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+step gpu_tests 200 .device/run kernels_gpu_test --gtest_brief=1 > "$OUT/gpu_tests.txt" 2>&1
+tail -3 "$OUT/gpu_tests.txt"
+step store_tests 60 .device/run store_cuda_backend_test --gtest_brief=1 > "$OUT/store_tests.txt" 2>&1
+tail -2 "$OUT/store_tests.txt"
+shapes=()
+[ $quick = 1 ] && shapes=(--shape 1,32,32,32768,128 --shape 16,32,8,32768,128)
+step kvq-bench 140 .device/run kvq-bench kernels --json "${shapes[@]}" > "$OUT/kvq.json" 2> "$OUT/kvq.err"
+if [ -x .device/bin/kvq-bench-base ]; then
+  step kvq-bench-base 120 .device/run kvq-bench-base kernels --json "${shapes[@]}" > "$OUT/base.json" 2> "$OUT/base.err"
+fi
+if [ $quick = 0 ]; then
+  PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
+  step no-pdl 40 .device/run kvq-bench kernels --json --no-pdl --shape 1,32,32,32768,128 \
+    --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
+  LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    .device/bin/kernels_gpu_test --gtest_brief=1 \
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*' > "$OUT/memcheck.txt" 2>&1
+  tail -2 "$OUT/memcheck.txt"
+fi
+if [ ! -s "$OUT/kvq.json" ]; then
+  echo "kvq-bench wrote no table:"; cat "$OUT/kvq.err"
+elif [ -s "$OUT/base.json" ]; then
+  python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/base.json"
+else
+  python3 bench/kernels/render.py "$OUT/kvq.json"
+fi

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Renders `kvq-bench kernels --json` output as the table kvq-bench prints, and with --base FILE
+(another kvq-bench JSON of the same shapes, e.g. an older revision in the same device run) a
+side-by-side of attention, quantize-append and whole-step times.
+
+usage: python3 bench/kernels/render.py kvq.json [--base base.json]
+"""
+import argparse
+import json
+
+
+def key(r):
+    return (r["b"], r["hq"], r["hkv"], r["t"], r["d"], r["preset"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kvq")
+    ap.add_argument("--base")
+    args = ap.parse_args()
+    with open(args.kvq) as f:
+        d = json.load(f)
+    print(f"device: {d['device']}, device-to-device copy bandwidth: {d['copy_gbps']:.1f} GB/s (read + write), "
+          f"timing {d.get('timing', 'idle')}")
+    print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn_us':>9} {'bytes_read':>12} "
+          f"{'GB/s':>8} {'%copy':>6} {'qapp_us':>8} {'qa/attn':>7} {'step_us':>8}  kernel")
+    for r in d["rows"]:
+        print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>9.2f} "
+              f"{r['bytes']:>12.0f} {r['gbps']:>8.1f} {100 * r['copy_frac']:>5.1f}% {r['qa_us']:>8.2f} "
+              f"{100 * r['qa_us'] / r['attn_us']:>6.1f}% {r.get('step_us', 0.0):>8.2f}  {r['kernel']}")
+    if not args.base:
+        return
+    with open(args.base) as f:
+        b = json.load(f)
+    if b.get("timing", "idle") != d.get("timing", "idle"):
+        print(f"warning: base timed '{b.get('timing', 'idle')}', this run '{d.get('timing', 'idle')}': not comparable")
+    base = {key(r): r for r in b["rows"]}
+    print(f"\nagainst the base (same run): times in us, speedup = base / this")
+    print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn':>8} {'base':>8} {'speedup':>8} "
+          f"{'qapp':>7} {'base':>7} {'step':>8} {'base':>8} {'speedup':>8}")
+    for r in d["rows"]:
+        o = base.get(key(r))
+        if o is None:
+            continue
+        sb, sr = o.get("step_us", 0.0), r.get("step_us", 0.0)
+        print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>8.2f} "
+              f"{o['attn_us']:>8.2f} {o['attn_us'] / r['attn_us']:>7.2f}x {r['qa_us']:>7.2f} {o['qa_us']:>7.2f} "
+              f"{sr:>8.2f} {sb:>8.2f} {(sb / sr if sr else 0):>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

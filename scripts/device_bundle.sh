@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the GPU test and benchmark binaries here (Release, sm_90) and packs them, with the shared
+# libraries a GPU machine lacks, into .device/ for one device call (bench/device_round.sh runs
+# them there). With BASE=<git rev>, that revision's kvq-bench is built too and bundled as
+# kvq-bench-base, for an A/B in the same run; pick a revision whose kvq-bench times the same way
+# (busy timing: 9d2e0ab or later).
+#
+# usage: scripts/device_bundle.sh            # BUILD=build by default
+#        BASE=9d2e0ab scripts/device_bundle.sh
+#        STORE_BENCH=1 scripts/device_bundle.sh   # with kvq-bench-store (the bundle must stay
+#                                                 # under the 64 MiB a device call carries)
+# then:  device tool, carry [".device"], command "bash bench/device_round.sh"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+JOBS=${JOBS:-2}
+targets=(kvq-bench kernels_gpu_test store_cuda_backend_test)
+[ -n "${STORE_BENCH:-}" ] && targets+=(kvq-bench-store)  # the store lanes benchmark, when wanted
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
+bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_test"
+      "$BUILD/tests/kernels_gpu/store_cuda_backend_test")
+[ -n "${STORE_BENCH:-}" ] && bins+=("$BUILD/bench/store/kvq-bench-store")
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+if [ -n "${BASE:-}" ]; then
+  git worktree add -f "$tmp/base" "$BASE" >/dev/null
+  cmake -S "$tmp/base" -B "$tmp/base/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$tmp/base/build" -j"$JOBS" --target kvq-bench
+  mkdir -p "$tmp/basebin"
+  cp "$tmp/base/build/bench/kernels/kvq-bench" "$tmp/basebin/kvq-bench-base"
+  bins+=("$tmp/basebin/kvq-bench-base")
+  git worktree remove --force "$tmp/base"
+fi
+../shared/tools/device-bundle.sh "$tmp/bundle" "${bins[@]}"
+strip "$tmp/bundle/bin/"*
+rm -rf .device
+mkdir -p .device
+cp "$tmp/bundle/run" .device/
+# four binaries of ~30 MB each: xz keeps the bundle under the 64 MiB a call carries
+(cd "$tmp/bundle" && tar cf - bin lib | xz -T"$JOBS" -6 > "$OLDPWD/.device/b.txz")
+ls -la .device
+size=$(stat -c %s .device/b.txz)
+if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
+  echo "device_bundle: .device/b.txz is $((size >> 20)) MiB: too close to the 64 MiB a device call carries" >&2
+  exit 1
+fi
