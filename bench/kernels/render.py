@@ -22,12 +22,16 @@ def main():
         d = json.load(f)
     print(f"device: {d['device']}, device-to-device copy bandwidth: {d['copy_gbps']:.1f} GB/s (read + write), "
           f"timing {d.get('timing', 'idle')}")
+    print("qapp_us: quantize-append of the timed step; qa_avg_us: its mean over consecutive decode steps (every "
+          "flush phase); qa/attn = qa_avg_us / attn_us (qapp_us where no mean was taken)")
     print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn_us':>9} {'bytes_read':>12} "
-          f"{'GB/s':>8} {'%copy':>6} {'qapp_us':>8} {'qa/attn':>7} {'step_us':>8}  kernel")
+          f"{'GB/s':>8} {'%copy':>6} {'qapp_us':>8} {'qa_avg_us':>9} {'qa/attn':>7} {'step_us':>8}  kernel")
     for r in d["rows"]:
+        qa = r.get("qa_avg_us", r["qa_us"])
         print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>9.2f} "
               f"{r['bytes']:>12.0f} {r['gbps']:>8.1f} {100 * r['copy_frac']:>5.1f}% {r['qa_us']:>8.2f} "
-              f"{100 * r['qa_us'] / r['attn_us']:>6.1f}% {r.get('step_us', 0.0):>8.2f}  {r['kernel']}")
+              f"{r.get('qa_avg_us', float('nan')):>9.2f} {100 * qa / r['attn_us']:>6.1f}% {r.get('step_us', 0.0):>8.2f}"
+              f"  {r['kernel']}")
     if not args.base:
         return
     with open(args.base) as f:
@@ -35,7 +39,9 @@ def main():
     if b.get("timing", "idle") != d.get("timing", "idle"):
         print(f"warning: base timed '{b.get('timing', 'idle')}', this run '{d.get('timing', 'idle')}': not comparable")
     base = {key(r): r for r in b["rows"]}
-    print(f"\nagainst the base (same run): times in us, speedup = base / this")
+    both_avg = all("qa_avg_us" in r for r in d["rows"] + b["rows"])
+    qa_key = "qa_avg_us" if both_avg else "qa_us"
+    print(f"\nagainst the base (same run): times in us, speedup = base / this; quantize-append: {qa_key}")
     print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn':>8} {'base':>8} {'speedup':>8} "
           f"{'qapp':>7} {'base':>7} {'step':>8} {'base':>8} {'speedup':>8}")
     for r in d["rows"]:
@@ -44,7 +50,7 @@ def main():
             continue
         sb, sr = o.get("step_us", 0.0), r.get("step_us", 0.0)
         print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>8.2f} "
-              f"{o['attn_us']:>8.2f} {o['attn_us'] / r['attn_us']:>7.2f}x {r['qa_us']:>7.2f} {o['qa_us']:>7.2f} "
+              f"{o['attn_us']:>8.2f} {o['attn_us'] / r['attn_us']:>7.2f}x {r[qa_key]:>7.2f} {o[qa_key]:>7.2f} "
               f"{sr:>8.2f} {sb:>8.2f} {(sb / sr if sr else 0):>7.2f}x")
 
 
