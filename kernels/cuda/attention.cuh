@@ -35,12 +35,11 @@ struct AttnSmem {
 
 template <int D, DType DT>
 __device__ __forceinline__ void LoadTile8(const uint8_t* arena, const DevTensor& x, const TokLoc& l,
-                                          int h, int num_kv_heads, int c0, float* out) {
+                                          int h, int c0, float* out) {
   if (l.body) {
     DequantBody8<D>(arena, x, l.page, h, l.slot, c0, out);
   } else {
-    const uint8_t* p = arena + l.page +
-                       FullTokenOffset(l.slot, h, D) + c0 * 2;
+    const uint8_t* p = arena + l.page + FullTokenOffset(l.slot, h, D) + c0 * 2;
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
     Unpack8<DT>(v, out);
   }
@@ -71,7 +70,7 @@ struct TileRaw {
 
 template <int D, DType DT>
 __device__ __forceinline__ void IssueTileLoads(int cls, const uint8_t* arena, const DevTensor& x,
-                                               const TokLoc* loc, int h, int num_kv_heads, int valid,
+                                               const TokLoc* loc, int h, int valid,
                                                TileRaw<D>& raw) {
   constexpr int kChunks = D / 8;
   constexpr int kPasses = TileRaw<D>::kPasses;
@@ -161,7 +160,7 @@ __device__ __forceinline__ void DecodeTok32(const uint32_t* w, float a, float b,
 
 template <int D, DType DT, int STRIDE>
 __device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const DevTensor& x,
-                                           const TokLoc* loc, int h, int num_kv_heads, int valid,
+                                           const TokLoc* loc, int h, int valid,
                                            const TileRaw<D>& raw, const float* knorm,
                                            float (*dst)[STRIDE]) {
   constexpr int kChunks = D / 8;
@@ -203,7 +202,7 @@ __device__ __forceinline__ void DecodeTile(int cls, const uint8_t* arena, const 
     } else {  // kTileGeneric
       if (t < valid) {
         const TokLoc l = loc[t];
-        LoadTile8<D, DT>(arena, x, l, h, num_kv_heads, c0, v);
+        LoadTile8<D, DT>(arena, x, l, h, c0, v);
         if (l.body && knorm) {
 #pragma unroll
           for (int e = 0; e < 8; ++e) v[e] *= knorm[c0 + e];
@@ -316,8 +315,8 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
     const int t1 = min(unit.tok_begin + kTileTokens, unit.tok_end);
     kc = ClassifyTile(s, s.k, unit.tok_begin, t1);
     vc = ClassifyTile(s, s.v, unit.tok_begin, t1);
-    IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[0], h, a.num_kv_heads, t1 - unit.tok_begin, rk);
-    IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[0], h, a.num_kv_heads, t1 - unit.tok_begin, rv);
+    IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[0], h, t1 - unit.tok_begin, rk);
+    IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[0], h, t1 - unit.tok_begin, rv);
   }
   for (int tile0 = unit.tok_begin; tile0 < unit.tok_end; tile0 += kTileTokens) {
     // The next tile's page lookups (one global load per token) go out before this tile is
@@ -328,9 +327,9 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
     if (has_next_loc) next_loc = Locate(s, tid < kTileTokens ? s.k : s.v, a.pages, next + tid % kTileTokens);
     {
       const int valid = min(tile0 + kTileTokens, unit.tok_end) - tile0;
-      DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc[buf], h, a.num_kv_heads, valid,
+      DecodeTile<D, DT, AttnSmem<D, DT>::kKStride>(kc, a.arena, s.k, sm.kloc[buf], h, valid,
                                                   rk, s.key_norm ? sm.knorm : nullptr, sm.k);
-      DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc[buf], h, a.num_kv_heads, valid, rv, nullptr, sm.v);
+      DecodeTile<D, DT, D>(vc, a.arena, s.v, sm.vloc[buf], h, valid, rv, nullptr, sm.v);
     }
     if (has_next_loc) {
       if (tid < kTileTokens) sm.kloc[buf ^ 1][tid] = next_loc;
@@ -341,8 +340,8 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
       const int t1 = min(next + kTileTokens, unit.tok_end);
       kc = ClassifyTile(s, s.k, next, t1);
       vc = ClassifyTile(s, s.v, next, t1);
-      IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[buf ^ 1], h, a.num_kv_heads, t1 - next, rk);
-      IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[buf ^ 1], h, a.num_kv_heads, t1 - next, rv);
+      IssueTileLoads<D, DT>(kc, a.arena, s.k, sm.kloc[buf ^ 1], h, t1 - next, rk);
+      IssueTileLoads<D, DT>(vc, a.arena, s.v, sm.vloc[buf ^ 1], h, t1 - next, rv);
     }
     buf ^= 1;
     // Scores: warp w sums its quarter of the channels for every row (lane = token), so every

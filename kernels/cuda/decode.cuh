@@ -461,7 +461,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
 // activations, or the pre-shifted code word and the group's scale | zero << 16).
 template <int D, bool BODY, typename Smem>
 __device__ __forceinline__ void VPerTokenIssue(const Smem& sm, int warp, int lane, const uint8_t* arena,
-                                               const DevTensor& x, int h, int num_kv_heads, int j0,
+                                               const DevTensor& x, int h, int j0,
                                                int nvalid, uint32_t* raw0, uint32_t* raw1) {
   constexpr int CPL = D / 32;
   const auto& ws = sm.w[warp];
@@ -1072,7 +1072,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       // token by token, kVBatch tokens' loads in flight at a time
 #pragma unroll 1
       for (int j0 = 0; j0 < nvalid; j0 += kVBatch) {
-        VPerTokenIssue<D, (PATHS & kPathVCh) != 0>(sm, warp, lane, a.arena, s.v, h, a.num_kv_heads, j0, min(kVBatch, nvalid - j0), raw0, raw1);
+        VPerTokenIssue<D, (PATHS & kPathVCh) != 0>(sm, warp, lane, a.arena, s.v, h, j0, min(kVBatch, nvalid - j0), raw0, raw1);
         VPerTokenCompute<D, DT, R, (PATHS & kPathVCh) != 0>(sm, warp, s.v, j0, min(kVBatch, nvalid - j0), raw0, raw1, acc);
       }
     }
