@@ -162,6 +162,10 @@ struct MergeArgs {
 Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                     std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
+// The quantize-append grid of a flattened batch: blocks per (sequence, KV head, tensor) and
+// whether KeyNormKernel runs first (some sequence computes its key-norm factors this step).
+void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chunks, bool* key_norm);
+
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
 // chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks);
 // key_norm: some sequence computes its key-norm factors this step (one small launch first).

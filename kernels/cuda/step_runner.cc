@@ -343,6 +343,22 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
+void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chunks, bool* key_norm) {
+  int64_t groups = 0;  // most flush groups of one head of one tensor
+  *key_norm = false;
+  for (const DevSeq& d : seqs) {
+    for (const DevTensor* t : {&d.k, &d.v}) {
+      if (t->flush <= 0 || t->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
+      const bool along_channels = t->grouping == static_cast<int32_t>(Grouping::kAlongChannels);
+      groups = std::max<int64_t>(groups, along_channels ? int64_t{t->flush} * (head_dim / t->group_size)
+                                                        : int64_t{t->flush / t->group_size} * head_dim);
+    }
+    *key_norm = *key_norm ||
+                (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
+  }
+  *chunks = QaChunks(groups);
+}
+
 }  // namespace cuda
 
 Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
@@ -574,20 +590,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   m.done_recorded = true;
 
-  int64_t qa_groups = 0;  // most flush groups of one head of one tensor
-  bool qa_key_norm = false;
-  for (const cuda::DevSeq& d : seqs) {
-    for (const cuda::DevTensor* t : {&d.k, &d.v}) {
-      if (t->flush <= 0 || t->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
-      const bool along_channels = t->grouping == static_cast<int32_t>(Grouping::kAlongChannels);
-      qa_groups = std::max<int64_t>(qa_groups, along_channels ? int64_t{t->flush} * (p.head_dim / t->group_size)
-                                                              : int64_t{t->flush / t->group_size} * p.head_dim);
-    }
-    qa_key_norm = qa_key_norm ||
-                  (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
-  }
-  m.qa_chunks = cuda::QaChunks(qa_groups);
-  m.qa_key_norm = qa_key_norm;
+  cuda::PlanQuantizeAppend(seqs, p.head_dim, &m.qa_chunks, &m.qa_key_norm);
   m.params = p;
   m.num_seqs = num_seqs;
   m.num_units = static_cast<int>(units.size());

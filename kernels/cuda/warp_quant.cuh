@@ -35,9 +35,10 @@ KVQ_WARP uint32_t ReduceOr(uint32_t v) { return __reduce_or_sync(0xffffffffu, v)
 KVQ_WARP void Sync() { __syncwarp(); }
 KVQ_WARP int FirstLane(uint32_t m) { return __ffs(m) - 1; }
 KVQ_WARP void SetFlag(int32_t* flag, int32_t v) { atomicExch(flag, v); }
+KVQ_WARP void BlockSync() { __syncthreads(); }
 #else
-// On the host the includer defines ShflXor, Shfl, Ballot, All, ReduceOr, Sync, SetFlag in this
-// namespace first (tests/kernels/warp_emu.h: an emulated warp of 32 threads).
+// On the host the includer defines ShflXor, Shfl, Ballot, All, ReduceOr, Sync, SetFlag and
+// BlockSync in this namespace first (tests/kernels/warp_emu.h: emulated threads).
 inline int FirstLane(uint32_t m) {
   for (int i = 0; i < 32; ++i)
     if (m & (1u << i)) return i;

@@ -23,6 +23,7 @@ namespace {
 
 using testing::Arena;
 using testing::TSeq;
+using testing::Fmt;
 using testing::TStep;
 
 #define SKIP_WITHOUT_GPU() \
@@ -72,18 +73,6 @@ std::string Describe(const Case& c) {
   os << "Hq=" << c.hq << " Hkv=" << c.hkv << " D=" << c.d << " " << DTypeName(c.dt) << " seqs:";
   for (const auto& s : c.seqs) os << " " << s.name << "/L0=" << s.L0 << "/n=" << s.n1 << "," << s.n2;
   return os.str();
-}
-
-// A tensor format with every field given.
-TensorFormat Fmt(QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
-  TensorFormat f;
-  f.mode = m;
-  f.bits = bits;
-  f.grouping = g;
-  f.group_size = gs;
-  f.keep = keep;
-  f.flush = flush;
-  return f;
 }
 
 float Threshold(DType dt) { return dt == DType::kF16 ? 2e-3f : 8e-3f; }
@@ -377,25 +366,10 @@ TEST(KernelsGpu, CustomConfigs) {
 // Explicit G = 32 configs that the decode fast path takes beyond the presets: 3-bit along_tokens
 // keys with key normalization, 3-bit along_channels values (codes crossing words), hybrid 4-bit
 // both ways, full-precision keys with quantized values and the reverse, sinks of 32/64/96 tokens.
-// Values that make the sequential quantizer's choices hard to reproduce in parallel: groups of
-// +0 only, of mixed -0 / +0 (the stored zero keeps the sign of the first minimum), constant
-// groups, repeated minima and maxima, negative groups whose maximum is a signed zero, and
-// hybrid groups where both candidates fit equally well. The window is overwritten with them
-// before the first step's flush; pages must stay byte-identical to the CPU reference.
-float EdgeValue(int t, int h, int c, std::mt19937& rng) {
-  std::normal_distribution<float> nd(0.f, 1.f);
-  const bool neg_zero = ((t + c / 7 + h) & 1) != 0;
-  switch ((t + h) % 7) {
-    case 0: return 0.f;
-    case 1: return neg_zero ? -0.f : 0.f;
-    case 2: return 1.5f;
-    case 3: return (c % 5 == 0) ? (neg_zero ? -0.f : 0.f) : std::fabs(nd(rng)) + 0.25f;
-    case 4: return (c % 9 == 4) ? (neg_zero ? -0.f : 0.f) : -std::fabs(nd(rng)) - 0.25f;
-    case 5: return (c % 2) ? 2.f : -2.f;  // two levels: sym and asym reconstruct it equally
-    default: return nd(rng);
-  }
-}
-
+// Values that make the sequential quantizer's choices hard to reproduce in parallel
+// (testing::EdgeActivation: signed zeros, constants, repeated extremes, two-level groups) in
+// every third window token, flushed by the first step through the kernel; pages must stay
+// byte-identical to the CPU reference.
 TEST(KernelsGpu, QuantizeEdgeValues) {
   SKIP_WITHOUT_GPU();
   QuantConfig a;  // hybrid both ways, G = 32
@@ -427,16 +401,7 @@ TEST(KernelsGpu, QuantizeEdgeValues) {
       std::mt19937 rng(cs.seed);
       Arena arena;
       std::vector<TSeq> seqs = {testing::MakeSeq(arena, cfg, cs.hkv, cs.d, dt, 700, 3, rng)};
-      for (const testing::TStream* st : {&seqs[0].k, &seqs[0].v}) {
-        for (int i = 0; i < st->win_len; ++i) {
-          const int idx = st->win_first + i;
-          uint16_t* p = reinterpret_cast<uint16_t*>(arena.bytes().data() + st->win[size_t(idx / kPageTokens)]);
-          for (int h = 0; h < cs.hkv; ++h)
-            for (int ch = 0; ch < cs.d; ++ch)
-              p[(int64_t{h} * kPageTokens + idx % kPageTokens) * cs.d + ch] =
-                  testing::ToAct(EdgeValue(i, h, ch, rng), dt);
-        }
-      }
+      testing::FillEdgeWindow(arena, seqs[0], cs.hkv, cs.d, dt, rng);
       RunAndCompare(cs, arena, &seqs, true, rng, *runner);
       if (HasFatalFailure()) return;
       RunAndCompare(cs, arena, &seqs, false, rng, *runner);

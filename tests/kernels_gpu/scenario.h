@@ -216,6 +216,48 @@ inline TStep PlanStep(Arena& a, const TSeq& s, int hkv, int d, int n, int64_t kv
   return st;
 }
 
+// A tensor format with every field given.
+inline TensorFormat Fmt(QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
+  TensorFormat f;
+  f.mode = m;
+  f.bits = bits;
+  f.grouping = g;
+  f.group_size = gs;
+  f.keep = keep;
+  f.flush = flush;
+  return f;
+}
+
+// Window activation t of head h, channel c for the quantize-append tests: every third token holds
+// values whose quantization the sequential reference resolves by element order (signed zeros,
+// constants, repeated extremes, two-level groups that sym and asym reconstruct equally), the rest
+// random with outlier channels.
+inline float EdgeActivation(int t, int h, int c, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  if (t % 3 != 0) return nd(rng) * ((c % 16 == 3) ? 8.f : 1.f);
+  const bool neg_zero = ((t / 3 + c / 5 + h) & 1) != 0;
+  switch ((t / 3) % 6) {
+    case 0: return neg_zero ? -0.f : 0.f;
+    case 1: return 0.75f;
+    case 2: return (c % 4 == 0) ? (neg_zero ? -0.f : 0.f) : std::fabs(nd(rng)) + 0.5f;
+    case 3: return (c % 9 == 4) ? (neg_zero ? -0.f : 0.f) : -std::fabs(nd(rng)) - 0.25f;
+    case 4: return (c % 2) ? 1.f : -1.f;
+    default: return std::round(nd(rng) * 2.f) / 2.f;
+  }
+}
+
+// Overwrites every window token of both streams of s with EdgeActivation values.
+inline void FillEdgeWindow(Arena& a, const TSeq& s, int hkv, int d, DType dt, std::mt19937& rng) {
+  for (const TStream* st : {&s.k, &s.v})
+    for (int i = 0; i < st->win_len; ++i) {
+      const int idx = st->win_first + i;
+      uint16_t* p = reinterpret_cast<uint16_t*>(a.bytes().data() + st->win[size_t(idx / kPageTokens)]);
+      for (int h = 0; h < hkv; ++h)
+        for (int c = 0; c < d; ++c)
+          p[(int64_t{h} * kPageTokens + idx % kPageTokens) * d + c] = ToAct(EdgeActivation(i, h, c, rng), dt);
+    }
+}
+
 inline std::vector<uint16_t> RandomActs(int64_t n, DType dt, std::mt19937& rng, float scale) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<uint16_t> v(n);

@@ -1,0 +1,157 @@
+// The quantize-append kernels' bodies (quantize_append.cu wraps them in __global__ functions):
+// one block of QuantizeAppendKernel (the flush of its share of the groups, one warp per group,
+// then the append) and of KeyNormKernel. Host-compilable like warp_quant.cuh, with the block's
+// indices and shared memory passed in and its barrier behind warp::BlockSync, so
+// tests/kernels_gpu/quantize_append_emu_test.cc runs this very code on the CPU, block by block on
+// emulated threads, against CpuQuantizeAppend.
+#pragma once
+
+#include <cstdint>
+
+#include <vector_types.h>
+
+#include "kvq/format.h"
+#include "kvq/numeric.h"
+#include "step_desc.h"
+#include "warp_quant.cuh"
+
+namespace kvq {
+namespace cuda {
+
+KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
+                                            int c, int d, DType dtype) {
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
+  return LoadAct(p, dtype);
+}
+
+// Flush group gi of tensor x of head h, quantized by the calling warp.
+template <int J>
+KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm,
+                                           const float* knorm, float* err, int lane) {
+  constexpr int G = 32 * J;
+  const int D = a.head_dim;
+  const DType dtype = static_cast<DType>(a.dtype);
+  const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
+  float v[J];
+  int body_tok, group;
+  if (along_channels) {
+    const int t = gi / (D / G);
+    const int c0 = (gi % (D / G)) * G;
+    const int w = x.win_first + t;
+    const int64_t page = a.pages[x.win_pages + w / kPageTokens];
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const int c = c0 + j * 32 + lane;
+      const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
+      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
+    }
+    body_tok = x.body_len + t;
+    group = (body_tok % kPageTokens) * (D / G) + c0 / G;
+  } else {
+    const int tb = gi / D;
+    const int c = gi % D;
+KVQ_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const int w = x.win_first + tb * G + j * 32 + lane;
+      const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
+      v[j] = norm ? DivRn(raw, knorm[c]) : raw;
+    }
+    body_tok = x.body_len + tb * G;
+    group = ((body_tok % kPageTokens) / G) * D + c;
+  }
+  uint32_t code[J];
+  uint16_t scale_bits = 0, zero_bits = 0;
+  if (!WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits)) {
+    if (lane == 0) warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+    return;
+  }
+  uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] + static_cast<int64_t>(h) * x.head_bytes;
+  WarpPackStore<J>(code, x.bits, lane, reinterpret_cast<uint32_t*>(head) + group * x.words_per_group);
+  if (lane == 0) {
+    reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
+    if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+  }
+}
+
+constexpr int kQaWarps = kQaThreads / 32;
+
+// Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that
+// quantize keys for the first time this step; block (sequence, KV head), thread = channel
+// (KeyNormKernel).
+KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthreads) {
+  const DevSeq& s = a.seqs[seq];
+  const DevTensor& x = s.k;
+  if (!s.compute_norm || !s.key_norm || x.flush <= 0 || x.mode == static_cast<int>(QuantMode::kFull)) return;
+  const int D = a.head_dim;
+  const DType dtype = static_cast<DType>(a.dtype);
+  float* f = reinterpret_cast<float*>(a.arena + s.norm_offset) + h * D;
+  for (int c = tid; c < D; c += nthreads) {
+    float mx = 0.f;
+    for (int t = 0; t < x.flush; ++t) {
+      const int w = x.win_first + t;
+      mx = MaxF(mx, AbsF(LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype)));
+    }
+    f[c] = KeyNormFactor(mx);
+  }
+}
+
+// One block (seq, h, z) of QuantizeAppendKernel's grid (z even K, odd V; chunk z / 2 of
+// num_chunks), thread tid of kQaThreads; knorm [256] and err [kQaWarps][2 * kMaxGroupSize] are the
+// block's shared memory.
+KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* knorm,
+                                  float (*err)[2 * kMaxGroupSize]) {
+  const DevSeq& s = a.seqs[seq];
+  const bool is_k = (z & 1) == 0;
+  const int chunk = z >> 1;
+  const DevTensor& x = is_k ? s.k : s.v;
+  const int D = a.head_dim;
+  const int hkv = a.num_kv_heads;
+  const int warp = tid >> 5, lane = tid & 31;
+
+  if (x.flush > 0 && x.mode != static_cast<int>(QuantMode::kFull)) {
+    const int G = x.group_size;
+    const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
+    const int num_groups = along_channels ? x.flush * (D / G) : (x.flush / G) * D;
+    if (chunk * kQaWarps < num_groups) {  // block-uniform
+      const bool norm = is_k && s.key_norm;
+      if (norm) {  // factors of this step's KeyNormKernel, or of an earlier step
+        const float* f = reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D;
+        for (int c = tid; c < D; c += kQaThreads) knorm[c] = f[c];
+        warp::BlockSync();
+      }
+      for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps) {
+        if (G == 32) {
+          FlushGroup<1>(a, x, h, gi, norm, knorm, err[warp], lane);
+        } else if (G == 64) {
+          FlushGroup<2>(a, x, h, gi, norm, knorm, err[warp], lane);
+        } else {
+          FlushGroup<4>(a, x, h, gi, norm, knorm, err[warp], lane);
+        }
+      }
+    }
+  }
+  if (chunk != 0) return;
+
+  // Append: 16-byte copies of the new rows of this head.
+  const uint16_t* src = is_k ? a.k_new : a.v_new;
+  const int chunks = D / 8;
+  for (int idx = tid; idx < s.n_new * chunks; idx += kQaThreads) {
+    const int j = idx / chunks;
+    const int c0 = (idx % chunks) * 8;
+    int64_t page;
+    int slot;
+    if (j < s.to_sink) {
+      page = x.sink_page;
+      slot = s.sink_len + j;
+    } else {
+      const int w = x.win_first + x.win_len + (j - s.to_sink);
+      page = a.pages[x.win_pages + w / kPageTokens];
+      slot = w % kPageTokens;
+    }
+    const uint4 v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
+    *reinterpret_cast<uint4*>(a.arena + page + FullTokenOffset(slot, h, D) + c0 * 2) = v;
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvq

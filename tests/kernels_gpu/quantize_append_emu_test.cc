@@ -1,0 +1,173 @@
+// The CUDA quantize-append run on the CPU: the batch flattened and planned by the runner's own
+// FlattenBatch / PlanQuantizeAppend, then every block of KeyNormKernel and QuantizeAppendKernel
+// (their bodies, kernels/cuda/quantize_append.cuh, the code the kernels run) executed on
+// emulated threads (tests/kernels/warp_emu.h: each block's 256 threads as fibers, warp operations
+// and the block barrier emulated) over a real arena. After each step the whole arena must be
+// byte-identical to CpuQuantizeAppend's on the same input: flushed codes, scales and zeros,
+// key-norm factors, appended sink and window rows, untouched bytes and guard bands. What only a
+// GPU checks: the launch itself and the attention kernels (kernels_gpu_test).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvq/reference.h"
+#include "scenario.h"
+#include "warp_emu.h"
+#include "quantize_append.cuh"
+
+namespace kvq {
+namespace {
+
+using testing::Arena;
+using testing::TSeq;
+using testing::Fmt;
+using testing::TStep;
+
+struct SeqCase {
+  QuantConfig cfg;
+  int L0, win_first;
+  std::vector<int> n_new;  // tokens appended per step
+};
+
+// Runs the steps of a batch through the emulated kernels and the reference; compares the arenas.
+void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Arena a;
+  std::vector<TSeq> seqs;
+  for (const SeqCase& c : cases) {
+    seqs.push_back(testing::MakeSeq(a, c.cfg, hkv, d, dt, c.L0, c.win_first, rng));
+    testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
+  }
+  const size_t num_steps = cases[0].n_new.size();
+  int blocks_run = 0;
+  for (size_t step = 0; step < num_steps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    std::vector<TStep> steps;
+    std::vector<SeqWork> works;
+    std::vector<QuantConfig> cfgs;
+    int64_t rows = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const int n = cases[i].n_new[step];
+      steps.push_back(testing::PlanStep(a, seqs[i], hkv, d, n, rows, rows));
+      rows += n;
+    }
+    for (TStep& st : steps) {
+      st.Point();
+      works.push_back(st.w);
+      cfgs.push_back(st.next.cfg);
+    }
+    const int n = static_cast<int>(seqs.size());
+    const std::vector<uint16_t> kn = testing::RandomActs(rows * hkv * d, dt, rng, 2.f);
+    const std::vector<uint16_t> vn = testing::RandomActs(rows * hkv * d, dt, rng, 1.f);
+    std::vector<uint16_t> q(size_t(rows) * hkv * d + 1, 0), o(size_t(rows) * hkv * d + 1, 0);
+    StepParams p;
+    p.num_q_heads = hkv;
+    p.num_kv_heads = hkv;
+    p.head_dim = d;
+    p.dtype = dt;
+    p.q = q.data();
+    p.o = o.data();
+    p.k_new = kn.data();
+    p.v_new = vn.data();
+
+    std::vector<uint8_t> ref = a.bytes();
+    const Result r = CpuQuantizeAppend(p, works.data(), cfgs.data(), n, ref.data(), 1);
+    ASSERT_TRUE(r.ok()) << r.message;
+
+    std::vector<uint8_t> emu = a.bytes();
+    std::vector<cuda::DevSeq> ds;
+    std::vector<int64_t> pages;
+    bool ready = false;
+    const Result fr = cuda::FlattenBatch(p, works.data(), cfgs.data(), n, &ds, &pages, &ready);
+    ASSERT_TRUE(fr.ok()) << fr.message;
+    int chunks = 0;
+    bool key_norm = false;
+    cuda::PlanQuantizeAppend(ds, d, &chunks, &key_norm);
+    int32_t flag = 0;
+    cuda::QaArgs qa{};
+    qa.arena = emu.data();
+    qa.seqs = ds.data();
+    qa.pages = pages.data();
+    qa.k_new = kn.data();
+    qa.v_new = vn.data();
+    qa.num_kv_heads = hkv;
+    qa.head_dim = d;
+    qa.dtype = static_cast<int32_t>(dt);
+    qa.error_flag = &flag;
+    if (key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
+      for (int s = 0; s < n; ++s)
+        for (int h = 0; h < hkv; ++h)
+          for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
+    for (int s = 0; s < n; ++s)
+      for (int h = 0; h < hkv; ++h)
+        for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
+          std::vector<float> knorm(256, std::nanf(""));
+          std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
+          cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
+            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, knorm.data(),
+                                      reinterpret_cast<float(*)[2 * kMaxGroupSize]>(err.data()));
+          });
+        }
+    EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
+    int64_t diffs = 0, first = -1;
+    for (size_t i = 0; i < emu.size(); ++i)
+      if (emu[i] != ref[i]) {
+        if (first < 0) first = int64_t(i);
+        ++diffs;
+      }
+    ASSERT_EQ(diffs, 0) << "emulated quantize-append differs from the reference in " << diffs
+                        << " bytes, first at " << first << " (" << chunks << " chunks)";
+    a.bytes() = ref;
+    for (size_t i = 0; i < seqs.size(); ++i) seqs[i] = steps[i].next;
+  }
+  EXPECT_GT(blocks_run, 0);
+}
+
+// Presets in one batch (different configs per sequence, as the store batches sessions), fp16 and
+// bf16: the first step flushes the initial windows (large flushes: many chunks; key-norm factors
+// computed), the next steps append 1-2 tokens each and flush at the presets' rates.
+TEST(QuantizeAppendEmulation, PresetBatchesMatchTheReference) {
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dt));
+    std::vector<SeqCase> cases;
+    const std::vector<int> steps = {1, 1, 2, 1};
+    cases.push_back({PresetConfig(Preset::kInnerQ), 300, 5, steps});
+    cases.push_back({PresetConfig(Preset::kKivi2), 260, 0, steps});
+    cases.push_back({PresetConfig(Preset::kInnerQ2), 20, 0, steps});  // sink not full yet
+    cases.push_back({PresetConfig(Preset::kFp16), 40, 100, steps});
+    cases.push_back({PresetConfig(Preset::kInnerQBase), 161, 127, steps});
+    cases.push_back({PresetConfig(Preset::kKivi4), 129, 1, steps});
+    CheckBatch(cases, dt, 2, 64, 31 + static_cast<uint32_t>(dt));
+    if (HasFatalFailure()) return;
+  }
+}
+
+// G = 64 / 128, every mode, odd sinks, key normalization, D = 128; a decode run long enough for
+// along_tokens flushes to come back.
+TEST(QuantizeAppendEmulation, CustomConfigsMatchTheReference) {
+  QuantConfig a;
+  a.k = Fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 64, 3, 1);
+  a.v = Fmt(QuantMode::kAsym, 4, Grouping::kAlongTokens, 128, 5, 128);
+  a.sink = 4;
+  a.key_norm = true;
+  QuantConfig b;
+  b.k = Fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 64, 0, 64);
+  b.v = Fmt(QuantMode::kHybrid, 4, Grouping::kAlongChannels, 128, 2, 3);
+  QuantConfig c;
+  c.k = Fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 32, 1, 32);
+  c.v = Fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 32, 0, 1);
+  c.sink = 7;
+  c.key_norm = true;
+  ASSERT_EQ(ValidateConfig(a, 128), "");
+  ASSERT_EQ(ValidateConfig(b, 128), "");
+  ASSERT_EQ(ValidateConfig(c, 128), "");
+  const std::vector<int> steps(40, 1);
+  CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77);
+}
+
+}  // namespace
+}  // namespace kvq
