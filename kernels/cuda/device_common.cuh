@@ -177,7 +177,15 @@ cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaS
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = args.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, args);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args);
+  if (e != cudaSuccess && cfg.numAttrs > 0) {
+    // A platform that refuses the attribute still gets the plain launch (a launch error that is
+    // not about the attribute comes back again from the plain launch).
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    e = cudaLaunchKernelEx(&cfg, kernel, args);
+  }
+  return e;
 }
 
 // The caller synchronizes before reading `dst`.
