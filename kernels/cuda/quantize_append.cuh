@@ -18,16 +18,16 @@
 namespace kvq {
 namespace cuda {
 
-KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h,
-                                            int c, int d, DType dtype) {
+// Channel c of token `slot`, head h of a full-precision page, as float.
+KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, int c, int d, DType dtype) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
   return LoadAct(p, dtype);
 }
 
 // Flush group gi of tensor x of head h, quantized by the calling warp.
 template <int J>
-KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm,
-                                           const float* knorm, float* err, int lane) {
+KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
+                         float* err, int lane) {
   constexpr int G = 32 * J;
   const int D = a.head_dim;
   const DType dtype = static_cast<DType>(a.dtype);
@@ -39,7 +39,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
     const int c0 = (gi % (D / G)) * G;
     const int w = x.win_first + t;
     const int64_t page = a.pages[x.win_pages + w / kPageTokens];
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int c = c0 + j * 32 + lane;
       const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
@@ -50,7 +50,7 @@ KVQ_UNROLL
   } else {
     const int tb = gi / D;
     const int c = gi % D;
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int w = x.win_first + tb * G + j * 32 + lane;
       const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);

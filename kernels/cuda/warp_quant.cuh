@@ -51,7 +51,7 @@ inline int FirstLane(uint32_t m) {
 // MinF / MaxF loop leaves it: those keep the earliest of equal values, so -0 and +0 differ here.
 template <int J>
 KVQ_WARP float FirstEqual(const float (&x)[J], float v) {
-KVQ_UNROLL
+  KVQ_UNROLL
   for (int j = 0; j < J; ++j) {
     const uint32_t m = warp::Ballot(x[j] == v);
     if (m != 0u) return warp::Shfl(x[j], warp::FirstLane(m));
@@ -75,7 +75,7 @@ KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, f
   constexpr int G = 32 * J;
   float mn = x[0], mx = x[0], amax = AbsF(x[0]);
   bool finite = true;
-KVQ_UNROLL
+  KVQ_UNROLL
   for (int j = 0; j < J; ++j) {
     mn = MinF(mn, x[j]);
     mx = MaxF(mx, x[j]);
@@ -83,7 +83,7 @@ KVQ_UNROLL
     finite = finite && IsFiniteF(x[j]);
   }
   if (!warp::All(finite)) return false;
-KVQ_UNROLL
+  KVQ_UNROLL
   for (int off = 16; off > 0; off >>= 1) {
     mn = MinF(mn, warp::ShflXor(mn, off));
     mx = MaxF(mx, warp::ShflXor(mx, off));
@@ -104,7 +104,7 @@ KVQ_UNROLL
     ss16 = FloatToHalfBits(MaxF(DivRn(amax, float(L)), kMinScale));
     sym_ok = !HalfBitsIsInf(ss16);
     const float ss = HalfBitsToFloat(ss16);
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       cs[j] = MinF(MaxF(Rint(DivRn(x[j], ss)), float(-L)), float(L));
       if (hybrid) err[j * 32 + lane] = AbsF(SubRn(MulRn(cs[j], ss), x[j]));
@@ -119,7 +119,7 @@ KVQ_UNROLL
     asym_ok = IsFiniteF(SubRn(mx, mn)) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
     const float sa = HalfBitsToFloat(sa16);
     const float z = HalfBitsToFloat(z16);
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       ca[j] = MinF(MaxF(Rint(DivRn(SubRn(x[j], z), sa)), 0.f), float(qmax));
       if (hybrid) err[G + j * 32 + lane] = AbsF(SubRn(AddRn(MulRn(ca[j], sa), z), x[j]));
@@ -136,14 +136,14 @@ KVQ_UNROLL
   }
   if (use_sym) {
     if (!sym_ok) return false;
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) code[j] = static_cast<uint32_t>(static_cast<int>(cs[j]) + L);
     *scale_bits = ss16;
     *zero_bits = 0;
     return true;
   }
   if (!asym_ok) return false;
-KVQ_UNROLL
+  KVQ_UNROLL
   for (int j = 0; j < J; ++j) code[j] = static_cast<uint32_t>(static_cast<int>(ca[j]));
   *scale_bits = hybrid ? static_cast<uint16_t>(sa16 | 0x8000u) : sa16;
   *zero_bits = z16;
@@ -158,7 +158,7 @@ KVQ_WARP void WarpPackStore(const uint32_t (&code)[J], int bits, int lane, uint3
   const uint32_t mask = (1u << bits) - 1u;
   for (int w = 0; w < nw; ++w) {
     uint32_t v = 0;
-KVQ_UNROLL
+    KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int bit = (j * 32 + lane) * bits;
       const int lo = bit >> 5, sh = bit & 31;
