@@ -329,6 +329,35 @@ TEST(KernelsGpu, Long32k) {
   }
 }
 
+// Many consecutive decode steps of one batch (every flush phase of innerq and kivi2 comes by:
+// innerq's values flush every 32 steps), each checked against the reference, with the attention
+// launched as a programmatic dependent of the quantize-append (the default) and then without:
+// a misplaced grid-dependency wait would let the attention read pages the flush is still writing.
+TEST(KernelsGpu, DecodeStepsInSequence) {
+  SKIP_WITHOUT_GPU();
+  for (bool pdl : {true, false}) {
+    SCOPED_TRACE(pdl ? "PDL launch" : "plain launch");
+    Case c;
+    c.hkv = 2;
+    c.hq = 8;
+    c.seqs = {{Preset::kInnerQ, 700, 1, 1, 3}, {Preset::kKivi2, 900, 1, 1, 0}, {Preset::kFp16, 300, 1, 1, 64},
+              {Preset::kInnerQ2, 130, 2, 1, 0}};
+    c.seed = 5150;
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    runner->set_pdl(pdl);
+    std::mt19937 rng(c.seed);
+    Arena a;
+    std::vector<TSeq> seqs;
+    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    for (int step = 0; step < 70; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // Explicit configs beyond the presets: group sizes 64 and 128, 3- and 4-bit, an odd sink, keep and
 // flush values that leave partial pages, hybrid keys along tokens, mixed in one batch.
 TEST(KernelsGpu, CustomConfigs) {
