@@ -8,8 +8,10 @@
 #   3. the PyTorch SDPA baseline against (2);
 #   4. the launch overlap off (--no-pdl) on the two long shapes;
 #   5. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
-# Outputs land in $OUT (the device tool brings them back): gpu.txt, gpu_tests.txt,
-# store_tests.txt, kvq.json, base.json, sdpa.txt, nopdl.json, memcheck.txt; a summary is printed.
+# The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
+# ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
+# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, sdpa.txt, nopdl.json, memcheck.txt;
+# a summary is printed.
 #
 # usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
 #   --quick: the suite and the two long shapes only (a kernel change's first check)
@@ -19,12 +21,19 @@ OUT=${OUT:-/tmp/device_round}
 mkdir -p "$OUT"
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
-(cd .device && xz -dc b.txz | tar xf -) || { echo "no bundle in .device (scripts/device_bundle.sh)"; exit 1; }
 t0=$(date +%s)
+(cd .device && xz -dc b.txz | tar xf -) || { echo "no bundle in .device (scripts/device_bundle.sh)"; exit 1; }
 exec 3>&1  # step reports on the call's own output, whatever the step's output is redirected to
-step() {  # step NAME SECONDS COMMAND...: runs it bounded, prints its status and the elapsed time
+BUDGET=${BUDGET:-585}  # seconds for the whole round: the device tool stops a call at 600
+step() {  # step NAME SECONDS COMMAND...: runs it bounded (and within BUDGET), prints its status
   local name=$1 secs=$2
   shift 2
+  local left=$(( BUDGET - ($(date +%s) - t0) ))
+  [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -lt 10 ]; then
+    echo "[$name] skipped: the round's time is spent" >&3
+    return 124
+  fi
   timeout "$secs" "$@"
   local rc=$?
   echo "[$name] rc=$rc at $(( $(date +%s) - t0 ))s" >&3
