@@ -145,9 +145,6 @@ __device__ __forceinline__ void DequantBody8(const uint8_t* arena, const DevTens
   }
 }
 
-
-// Copies a unit's sequence descriptor into shared memory, word by word over the block's threads
-// (its fields are read in every tile; shared reloads cost less than global ones after barriers).
 // Programmatic dependent launch (sm_90). The attention kernels wait here, before their first read
 // of anything but the step's descriptors (copied before the preceding kernel ran), for the
 // preceding kernel in the stream to complete and its writes to be visible; without the launch
@@ -188,6 +185,8 @@ cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaS
   return e;
 }
 
+// Copies a unit's sequence descriptor into shared memory, word by word over the block's threads
+// (its fields are read in every tile; shared reloads cost less than global ones after barriers).
 // The caller synchronizes before reading `dst`.
 template <int kThreads>
 __device__ __forceinline__ void LoadSeqToShared(const DevSeq* src, DevSeq* dst) {
