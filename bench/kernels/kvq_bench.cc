@@ -2,18 +2,22 @@
 //                   [--no-pdl] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
-// Times the CUDA decode step (one query token per sequence) per preset on the shapes:
-// attention (split-KV + merge), quantize-append (one launch for the batch; also its mean over 128
-// consecutive decode steps, so that flushes count at their real rate: kivi2 quantizes its keys
-// every 128 steps, innerq its values every 32) and the whole step (quantize-append then attention), with CUDA events, after a warm-up, medians over many runs,
-// rotating over several independent caches so that L2 does not serve repeats.
+// Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
+// CUDA events, after a warm-up, medians over many runs, rotating over several independent caches
+// so that L2 does not serve repeats:
+//   - attention (split-KV + merge);
+//   - quantize-append (one launch for the batch) of the timed step, and its mean over the 128
+//     decode steps after it, where flushes count at their real rate (kivi2 quantizes its keys
+//     every 128 steps, innerq its values every 32);
+//   - the whole step (quantize-append then attention).
 // Timing (--timing busy, the default): each timed launch is preceded on the same stream by a
 // memset of a buffer of 4x L2, so L2 is cold and the GPU is still busy while the host enqueues the
-// launch: the events bracket the kernels' GPU time alone, not the host's launch latency (which an
-// idle stream adds to a single timed launch: ~5 us, most of a quantize-append). --timing idle
-// times single launches on an idle stream (the method of the results before 2026-12-04). Bytes read are counted from the stored layout (codes + scales + zeros +
-// sink + window + key-norm factors + q + o). The device-to-device copy bandwidth is measured in
-// the same run (bytes read + bytes written) as the ceiling.
+// launch: the events bracket the kernels' GPU time, not the host's launch latency, which an idle
+// stream adds to a single timed launch. --timing idle times single launches on an idle stream (the
+// method of the results recorded before 2026-12-04).
+// Bytes read are counted from the stored layout (codes + scales + zeros + sink + window +
+// key-norm factors + q + o). The device-to-device copy bandwidth is measured in the same run
+// (bytes read + bytes written) as the ceiling.
 #include <cuda_runtime.h>
 
 #include <algorithm>
