@@ -39,11 +39,7 @@ KVQ_WARP void BlockSync() { __syncthreads(); }
 #else
 // On the host the includer defines ShflXor, Shfl, Ballot, All, ReduceOr, Sync, SetFlag and
 // BlockSync in this namespace first (tests/kernels/warp_emu.h: emulated threads).
-inline int FirstLane(uint32_t m) {
-  for (int i = 0; i < 32; ++i)
-    if (m & (1u << i)) return i;
-  return -1;
-}
+inline int FirstLane(uint32_t m) { return m ? __builtin_ctz(m) : -1; }
 #endif
 }  // namespace warp
 

@@ -17,6 +17,8 @@
 #include <memory>
 #include <vector>
 
+#include "kvq/numeric.h"
+
 namespace kvq {
 namespace cuda {
 namespace warp {
@@ -113,27 +115,16 @@ inline EmuBlock*& CurrentBlock() {
   return b;
 }
 
-inline uint32_t EmuBits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float EmuFloat(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline float ShflXor(float v, int off) {
   uint32_t all[32];
   const int lane = CurrentBlock()->lane();
-  CurrentBlock()->Exchange(EmuBits(v), all);
-  return EmuFloat(all[lane ^ off]);
+  CurrentBlock()->Exchange(kvq::FloatAsBits(v), all);
+  return kvq::BitsAsFloat(all[lane ^ off]);
 }
 inline float Shfl(float v, int src) {
   uint32_t all[32];
-  CurrentBlock()->Exchange(EmuBits(v), all);
-  return EmuFloat(all[src]);
+  CurrentBlock()->Exchange(kvq::FloatAsBits(v), all);
+  return kvq::BitsAsFloat(all[src]);
 }
 inline uint32_t Ballot(bool p) {
   uint32_t all[32], m = 0;
