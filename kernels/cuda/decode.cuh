@@ -403,12 +403,13 @@ __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const De
 
 template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const DevTensor& x,
-                                               const VTokRaw<D>& raw, const float* psum,
+                                               const VTokRaw<D>& raw, const float* psum, float punit,
                                                float (*acc)[D / 32]) {
   constexpr int CPL = D / 32;
   const auto& ws = sm.w[warp];
   if constexpr (R == 1) {
-    // one row: integer products of the codes as bytes with p as 16-bit fixed point (ws.pb)
+    // one row: integer products of the codes as bytes with p as 16-bit fixed point (ws.pb) in
+    // units of punit (the tile's largest p is kFixedScale)
     const uint4 h0 = *reinterpret_cast<const uint4*>(&ws.pb[0][0]);
     const uint4 h1 = *reinterpret_cast<const uint4*>(&ws.pb[0][16]);
     const uint4 l0 = *reinterpret_cast<const uint4*>(&ws.pb[1][0]);
@@ -420,7 +421,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
       for (int t = 0; t < 4; ++t) GroupSlots<BITS>(raw.w + j * BITS, t, r0[t], r1[t]);
       const int hi = Dp4a8(r0, r1, h0, h1);
       const int lo = Dp4a8(r0, r1, l0, l1);
-      const float v = static_cast<float>(hi * 256 + lo) * (1.f / kFixedScale);  // sum_t p_t c_t
+      const float v = static_cast<float>(hi * 256 + lo) * punit;  // sum_t p_t c_t
       const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
       acc[0][j] += ab.x * v + ab.y * psum[0];
     }
@@ -973,7 +974,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       }
     }
     // ---- online softmax per warp (lane = token)
-    float psum[R];
+    float psum[R], punit = 0.f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const bool valid = in && t <= pos[r];
@@ -994,9 +995,12 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       psum[r] = sum;
       ws.p[r][lane] = p;
       if constexpr (R == 1 && (PATHS & kPathVTok) != 0) {
-        const float xp = p * (kFixedScale / static_cast<float>(1 << pshift));
+        // fixed point relative to the warp tile's largest p (not the running maximum's 1): the
+        // tile keeps 15 bits however far below the maximum of a long unit its scores lie
+        const float xp = valid ? exp2f(x - mx) * (kFixedScale / static_cast<float>(1 << pshift)) : 0.f;
         ws.pb[0][pslot] = static_cast<uint8_t>(FixedByte(xp, false));
         ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
+        punit = mx == -INFINITY ? 0.f : exp2f(mx - m_new) * (1.f / kFixedScale);
       }
     }
     // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident
@@ -1064,9 +1068,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       }
     } else if (vt) {
       switch (vbits) {
-        case 2: VTokensCompute<D, R, 2>(sm, warp, s.v, vraw, psum, acc); break;
-        case 3: VTokensCompute<D, R, 3>(sm, warp, s.v, vraw, psum, acc); break;
-        default: VTokensCompute<D, R, 4>(sm, warp, s.v, vraw, psum, acc); break;
+        case 2: VTokensCompute<D, R, 2>(sm, warp, s.v, vraw, psum, punit, acc); break;
+        case 3: VTokensCompute<D, R, 3>(sm, warp, s.v, vraw, psum, punit, acc); break;
+        default: VTokensCompute<D, R, 4>(sm, warp, s.v, vraw, psum, punit, acc); break;
       }
     } else {
       // token by token, kVBatch tokens' loads in flight at a time

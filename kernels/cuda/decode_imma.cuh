@@ -166,11 +166,14 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     const float m_new = fmaxf(m, mx);
-    float p[4], psum = 0.f;
+    // p relative to the tile's maximum (pt, for the fixed-point operand: the tile keeps 15 bits
+    // however far below the running maximum of a long unit it lies) and to the running one
+    const float beta = exp2f(mx - m_new);
+    float pt[4], psum = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      p[i] = exp2f(sc[i] - m_new);
-      psum += p[i];
+      pt[i] = exp2f(sc[i] - mx);
+      psum += pt[i] * beta;
     }
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
@@ -186,7 +189,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int k = pslot[i];
-      const float x = p[i] * (kFixedScale / static_cast<float>(1 << SlotShift(VB, k)));
+      const float x = pt[i] * (kFixedScale / static_cast<float>(1 << SlotShift(VB, k)));
       pb[(2 * t) * 32 + k] = static_cast<uint8_t>(FixedByte(x, false));
       pb[(2 * t + 1) * 32 + k] = static_cast<uint8_t>(FixedByte(x, true));
     }
@@ -195,7 +198,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(pb + g * 32 + 16 + 4 * t);
     // ---- P.V: channels mc * 16 + g and + 8 of row t
     const uint32_t* vw = reinterpret_cast<const uint32_t*>(vb.codes);
-    const float inv_p = 1.f / kFixedScale;
+    const float inv_p = beta * (1.f / kFixedScale);
 #pragma unroll
     for (int mc = 0; mc < MC; ++mc) {
       const int c0 = mc * 16 + g;

@@ -522,7 +522,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   } else {
     blocks_per_sm = cuda::AttentionBlocksPerSm(p.head_dim, p.dtype);
   }
-  const int64_t capacity = std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
+  const int64_t capacity =
+      split_blocks_ > 0 ? int64_t{split_blocks_} : std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
   // The decode kernel's 4 warps take 32-token tiles in turn: its units are multiples of 128.
   const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };

@@ -66,6 +66,7 @@ struct Case {
   int expect_mma = -1;     // 1: the fp16 batch must run on the tensor cores (decode_mma.cuh), 0: must not
   bool imma = true;        // CudaStepRunner::set_imma
   int kivi_min_tokens = -1;  // CudaStepRunner::set_kivi_mma_min_unit_tokens
+  int split_blocks = 0;      // CudaStepRunner::set_split_blocks
 };
 
 std::string Describe(const Case& c) {
@@ -194,6 +195,7 @@ void RunCase(const Case& c) {
   ASSERT_TRUE(r.ok()) << r.message;
   runner->set_imma(c.imma);
   runner->set_kivi_mma_min_unit_tokens(c.kivi_min_tokens);
+  runner->set_split_blocks(c.split_blocks);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -326,6 +328,29 @@ TEST(KernelsGpu, Long32k) {
     c.expect_decode = 1;
     RunCase(c);
     if (HasFatalFailure()) return;
+  }
+}
+
+// Units of thousands of tokens (the split-KV plan told to fill 2 blocks), as a device with few SMs
+// or a large batch makes them: the integer paths' 16-bit fixed-point p must keep its precision
+// far below the running maximum of a long unit. Every decode path: fp16 on the tensor cores,
+// InnerQ on IMMA units (4 rows) and on the one-row dp4a path, KIVI on the fp16 tensor cores
+// (4 rows) and on the one-row dp4a values.
+TEST(KernelsGpu, LongUnits) {
+  SKIP_WITHOUT_GPU();
+  for (Preset p : {Preset::kFp16, Preset::kInnerQ, Preset::kKivi2}) {
+    for (int gqa : {1, 4}) {
+      Case c;
+      c.hkv = 2;
+      c.hq = 2 * gqa;
+      c.seqs = {{p, 12000, 1, 1, 3}};
+      c.seed = 4343 + gqa;
+      c.expect_decode = 1;
+      c.split_blocks = 2;
+      c.kivi_min_tokens = 0;
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 

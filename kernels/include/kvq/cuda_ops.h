@@ -82,6 +82,10 @@ class CudaStepRunner {
   // are launched while the quantize-append finishes and wait for it on the device (default on;
   // off for the benchmark's comparison).
   void set_pdl(bool on) { pdl_enabled_ = on; }
+  // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
+  // A small number makes few long units, as on a device with few SMs or under a large batch
+  // (tests of the kernels' precision over long units).
+  void set_split_blocks(int blocks) { split_blocks_ = blocks; }
 
  private:
   CudaStepRunner() = default;
@@ -93,6 +97,7 @@ class CudaStepRunner {
   bool imma_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
   bool pdl_enabled_ = true;
+  int split_blocks_ = 0;
 };
 
 }  // namespace kvq
