@@ -49,13 +49,30 @@ __device__ __forceinline__ T Ld(const T* p) {
   }
 }
 
+// cp.async and its groups; KVQ_CUDA_EMU host builds: tests/emu/cuda_emu.h's deferred copies.
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::CpAsync(smem, gmem, 16);
+#else
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#endif
 }
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::CpAsyncCommit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::CpAsyncWait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 // cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
 constexpr int kMaxRingStages = 6;
@@ -827,7 +844,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   constexpr int NG = D / 32;
   __shared__ __align__(16) DecSmem<D, R> sm;
   __shared__ __align__(16) DevSeq seq_s;
+#if defined(KVQ_CUDA_EMU)
+  uint8_t* const dec_ring = kvq_emu::DynamicShared();
+#else
   extern __shared__ __align__(16) uint8_t dec_ring[];  // [warp][stage][ring_slot_bytes]
+#endif
 
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);

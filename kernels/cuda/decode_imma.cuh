@@ -33,10 +33,14 @@ namespace cuda {
 
 __device__ __forceinline__ void Imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::ImmaM16N8K32(c, a0, a1, a2, a3, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N).

@@ -23,9 +23,13 @@
 namespace kvq {
 namespace cuda {
 
+// The warp-wide instructions; KVQ_CUDA_EMU host builds: tests/emu/cuda_emu.h's emulation.
 template <DType DT>
 __device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::MmaM16N8K16(c, a0, a1, a2, a3, b0, b1, DT == DType::kBF16);
+#else
   if constexpr (DT == DType::kF16) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -39,26 +43,39 @@ __device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::LdMatrixX4(r, smem, false);
+#else
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
+#endif
 }
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::LdMatrixX4(r, smem, true);
+#else
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
+#endif
 }
 
 // 16 bytes from global to shared memory, or 16 zero bytes when !valid (src-size 0: nothing is read).
 __device__ __forceinline__ void CpAsync16Zfill(void* smem, const void* gmem, bool valid) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::CpAsync(smem, gmem, valid ? 16 : 0);
+#else
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(n) : "memory");
+#endif
 }
 
 // Two floats as one register of two activation-dtype halves (the first in the low half).

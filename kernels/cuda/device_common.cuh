@@ -161,19 +161,26 @@ __device__ __forceinline__ void GridDependentsLaunch() {
 #endif
 }
 
-// Launches an attention kernel (argument AttnArgs), as a programmatic dependent when args.pdl.
-template <typename Kernel>
-cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaStream_t stream, const AttnArgs& args) {
+// Launches a kernel of one by-value argument, as a programmatic dependent of the preceding kernel
+// in the stream when pdl. Host builds with KVQ_CUDA_EMU (tests/emu/cuda_emu.h) run the grid on
+// emulated threads instead.
+template <typename Args>
+cudaError_t LaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, int smem, cudaStream_t stream,
+                         const Args& args, bool pdl) {
+#if defined(KVQ_CUDA_EMU)
+  (void)pdl;
+  return kvq_emu::RunGrid(grid, block, static_cast<size_t>(smem), stream, [&] { kernel(args); });
+#else
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(block);
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = args.pdl ? 1 : 0;
+  cfg.numAttrs = pdl ? 1 : 0;
   cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args);
   if (e != cudaSuccess && cfg.numAttrs > 0) {
     // A platform that refuses the attribute still gets the plain launch (a launch error that is
@@ -183,6 +190,13 @@ cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaS
     e = cudaLaunchKernelEx(&cfg, kernel, args);
   }
   return e;
+#endif
+}
+
+// Launches an attention kernel (argument AttnArgs), as a programmatic dependent when args.pdl.
+template <typename Kernel>
+cudaError_t LaunchAttnKernel(Kernel kernel, int grid, int block, int smem, cudaStream_t stream, const AttnArgs& args) {
+  return LaunchKernel(kernel, dim3(grid), dim3(block), smem, stream, args, args.pdl != 0);
 }
 
 // Copies a unit's sequence descriptor into shared memory, word by word over the block's threads

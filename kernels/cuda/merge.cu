@@ -16,8 +16,7 @@ __global__ void __launch_bounds__(128) MergeKernel(MergeArgs a) {
 template <int D, DType DT>
 cudaError_t Launch(const MergeArgs& args, int num_items, cudaStream_t stream) {
   if (num_items <= 0) return cudaSuccess;
-  MergeKernel<D, DT><<<num_items, 128, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchKernel(MergeKernel<D, DT>, dim3(num_items), dim3(128), 0, stream, args, false);
 }
 
 }  // namespace

@@ -37,13 +37,12 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   if (key_norm) {
-    KeyNormKernel<<<dim3(num_seqs, args.num_kv_heads), kQaThreads, 0, stream>>>(args);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e =
+        LaunchKernel(KeyNormKernel, dim3(num_seqs, args.num_kv_heads), dim3(kQaThreads), 0, stream, args, false);
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(num_seqs, args.num_kv_heads, 2 * chunks);
-  QuantizeAppendKernel<<<grid, kQaThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchKernel(QuantizeAppendKernel, grid, dim3(kQaThreads), 0, stream, args, false);
 }
 
 }  // namespace cuda

@@ -1,10 +1,10 @@
 // Emulated CUDA threads for host tests of device code written against kvq::cuda::warp
 // (kernels/cuda/warp_quant.cuh): the threads of one block (32 = one warp, up to 1024) are fibers
-// (ucontext) run in turn on the calling thread. A warp operation publishes the thread's value in
-// its warp's buffer and yields; by the time its turn comes back every other thread has run once,
-// so every lane of its warp has published, and it reads what it needs. Values alternate between
-// two buffers per warp, so a lane's next write never meets a slower lane's read. BlockSync waits
-// (yielding) until every thread of the block has arrived. As on the GPU, every lane of a warp must
+// (their own stack switch on x86-64, ucontext elsewhere) run in turn on the calling thread. A warp
+// operation publishes the thread's value in its warp's buffer and yields; by the time its turn
+// comes back every other thread has run once, so every lane of its warp has published, and it
+// reads what it needs. Values alternate between two buffers per warp, so a lane's next write never
+// meets a slower lane's read. BlockSync waits (yielding) until every thread of the block has arrived. As on the GPU, every lane of a warp must
 // reach the same warp operations in the same order, and every thread the same barriers.
 // Include this before the device header; run code with RunWarp or RunBlock.
 #pragma once
@@ -19,17 +19,115 @@
 
 #include "kvq/numeric.h"
 
+// Fiber switch without system calls on x86-64 (swapcontext saves the signal mask with a system
+// call per switch, which dominated the emulated kernels' run time): saves the callee-saved
+// registers, MXCSR and the x87 control word on the old stack, switches stacks, restores.
+#if defined(__x86_64__) && defined(__linux__)
+#define KVQ_EMU_FAST_SWITCH 1
+extern "C" void kvq_emu_switch(void** save_sp, void* load_sp);
+extern "C" void kvq_emu_fiber_start();
+asm(R"(
+  .text
+  .weak kvq_emu_switch
+  .type kvq_emu_switch,@function
+kvq_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size kvq_emu_switch,.-kvq_emu_switch
+  .weak kvq_emu_fiber_start
+  .type kvq_emu_fiber_start,@function
+kvq_emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size kvq_emu_fiber_start,.-kvq_emu_fiber_start
+)");
+#endif
+
 namespace kvq {
 namespace cuda {
 namespace warp {
 
+// One execution context: a fiber's, or the caller's while fibers run.
+struct FiberCtx {
+#if defined(KVQ_EMU_FAST_SWITCH)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+inline void FiberSwitch(FiberCtx* from, FiberCtx* to) {
+#if defined(KVQ_EMU_FAST_SWITCH)
+  kvq_emu_switch(&from->sp, to->sp);
+#else
+  swapcontext(&from->uc, &to->uc);
+#endif
+}
+
+#if !defined(KVQ_EMU_FAST_SWITCH)
+inline void UcEntry(int f0, int f1, int a0, int a1) {
+  auto fn = reinterpret_cast<void (*)(void*)>(uint64_t(uint32_t(f0)) | (uint64_t(uint32_t(f1)) << 32));
+  fn(reinterpret_cast<void*>(uint64_t(uint32_t(a0)) | (uint64_t(uint32_t(a1)) << 32)));
+}
+#endif
+
+// Prepares c to run fn(arg) on [stack, stack + size) at its first switch; fn never returns.
+inline void FiberMake(FiberCtx* c, uint8_t* stack, size_t size, void (*fn)(void*), void* arg) {
+#if defined(KVQ_EMU_FAST_SWITCH)
+  // Frame popped by kvq_emu_switch: [mxcsr, x87 cw][r15][r14][r13 = fn][r12 = arg][rbx][rbp][return
+  // = kvq_emu_fiber_start]; the return slot sits at 8 mod 16 so that the call in
+  // kvq_emu_fiber_start is made with the ABI's 16-byte alignment.
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t{15};
+  uint64_t* ret = reinterpret_cast<uint64_t*>(top - 24);
+  ret[0] = reinterpret_cast<uint64_t>(&kvq_emu_fiber_start);
+  ret[-1] = 0;                                   // rbp
+  ret[-2] = 0;                                   // rbx
+  ret[-3] = reinterpret_cast<uint64_t>(arg);     // r12
+  ret[-4] = reinterpret_cast<uint64_t>(fn);      // r13
+  ret[-5] = 0;                                   // r14
+  ret[-6] = 0;                                   // r15
+  ret[-7] = uint64_t{0x1F80} | (uint64_t{0x037F} << 32);  // default MXCSR, x87 control word
+  c->sp = &ret[-7];
+#else
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  // makecontext passes ints: the pointers in two halves each
+  const uint64_t f = reinterpret_cast<uint64_t>(fn), a = reinterpret_cast<uint64_t>(arg);
+  makecontext(&c->uc, reinterpret_cast<void (*)()>(&UcEntry), 4, int(uint32_t(f)), int(uint32_t(f >> 32)),
+              int(uint32_t(a)), int(uint32_t(a >> 32)));
+#endif
+}
+
 class EmuBlock {
  public:
-  static constexpr size_t kStack = 64 * 1024;
+  static constexpr size_t kStack = 128 * 1024;
+  static constexpr int kMaxWords = 16;
 
   EmuBlock(int threads, const std::function<void(int)>& body)
-      : n_(threads), body_(body), ctx_(threads), slots_(size_t((threads + 31) / 32) * 64, 0u),
-        parity_(threads, 0) {}
+      : n_(threads), body_(body), ctx_(size_t(threads)), starts_(size_t(threads)),
+        slots_(size_t((threads + 31) / 32) * 2 * kMaxWords * 32, 0u), parity_(size_t(threads), 0) {}
 
   void Run() {
     static thread_local std::unique_ptr<uint8_t[]> stacks;  // reused: no per-block allocation
@@ -38,31 +136,28 @@ class EmuBlock {
       stacks.reset(new uint8_t[size_t(n_) * kStack]);
       stacks_for = n_;
     }
-    const uintptr_t self = reinterpret_cast<uintptr_t>(this);
     for (int t = 0; t < n_; ++t) {
-      getcontext(&ctx_[t]);
-      ctx_[t].uc_stack.ss_sp = stacks.get() + size_t(t) * kStack;
-      ctx_[t].uc_stack.ss_size = kStack;
-      ctx_[t].uc_link = nullptr;
-      // makecontext passes ints: the object's address in two halves
-      makecontext(&ctx_[t], reinterpret_cast<void (*)()>(&EmuBlock::Entry), 3, t, int(uint32_t(self)),
-                  int(uint32_t(uint64_t(self) >> 32)));
+      starts_[size_t(t)] = {this, t};
+      FiberMake(&ctx_[size_t(t)], stacks.get() + size_t(t) * kStack, kStack, &EmuBlock::Entry, &starts_[size_t(t)]);
     }
     cur_ = 0;
-    swapcontext(&main_, &ctx_[0]);
+    FiberSwitch(&main_, &ctx_[0]);
   }
 
   int thread() const { return cur_; }
   int lane() const { return cur_ & 31; }
 
   // Publishes v for this lane; all[] gets every lane's value of its warp.
-  void Exchange(uint32_t v, uint32_t (&all)[32]) {
+  void Exchange(uint32_t v, uint32_t (&all)[32]) { ExchangeN(&v, 1, all); }
+  // Publishes n <= kMaxWords words; all[i * 32 + l] gets lane l's word i (warp-wide instructions
+  // with several operand registers: mma, ldmatrix addresses).
+  void ExchangeN(const uint32_t* v, int n, uint32_t* all) {
     const int t = cur_;
-    uint32_t* buf = &slots_[size_t(t / 32) * 64 + size_t(parity_[t]) * 32];
+    uint32_t* buf = &slots_[(size_t(t / 32) * 2 + size_t(parity_[t])) * kMaxWords * 32];
     parity_[t] ^= 1;
-    buf[t & 31] = v;
+    for (int i = 0; i < n; ++i) buf[i * 32 + (t & 31)] = v[i];
     Yield();
-    std::memcpy(all, buf, sizeof(all));
+    std::memcpy(all, buf, size_t(n) * 32 * sizeof(uint32_t));
   }
   void Barrier() {
     const uint64_t gen = gen_;
@@ -80,28 +175,38 @@ class EmuBlock {
       next = (next + 1) % n_;
     } while (finished_[size_t(next)] && next != me);
     cur_ = next;
-    if (next != me) swapcontext(&ctx_[size_t(me)], &ctx_[size_t(next)]);
+    if (next != me) FiberSwitch(&ctx_[size_t(me)], &ctx_[size_t(next)]);
   }
 
  private:
-  static void Entry(int t, int lo, int hi) {
-    EmuBlock* b = reinterpret_cast<EmuBlock*>(uintptr_t(uint32_t(lo)) | (uintptr_t(uint32_t(hi)) << 32));
+  struct Start {
+    EmuBlock* block;
+    int thread;
+  };
+  static void Entry(void* arg) {
+    const Start st = *static_cast<Start*>(arg);
+    EmuBlock* b = st.block;
+    const int t = st.thread;
     b->body_(t);
     b->finished_[size_t(t)] = true;
-    if (++b->done_ == b->n_) setcontext(&b->main_);  // the last thread to finish
+    FiberCtx dead;  // this fiber is never resumed
+    if (++b->done_ == b->n_) {
+      FiberSwitch(&dead, &b->main_);  // the last thread to finish
+    }
     int next = t;
     do {
       next = (next + 1) % b->n_;
     } while (b->finished_[size_t(next)]);
     b->cur_ = next;
-    setcontext(&b->ctx_[size_t(next)]);
+    FiberSwitch(&dead, &b->ctx_[size_t(next)]);
   }
 
   const int n_;
   const std::function<void(int)>& body_;
-  ucontext_t main_;
-  std::vector<ucontext_t> ctx_;
-  std::vector<uint32_t> slots_;  // [warp][2][32]
+  FiberCtx main_;
+  std::vector<FiberCtx> ctx_;
+  std::vector<Start> starts_;
+  std::vector<uint32_t> slots_;  // [warp][2][kMaxWords][32]
   std::vector<int> parity_;
   std::vector<bool> finished_ = std::vector<bool>(size_t(n_), false);
   int cur_ = 0;

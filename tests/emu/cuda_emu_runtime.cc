@@ -1,0 +1,368 @@
+// The CUDA runtime API for kernels run on the CPU (cuda_emu.h): one emulated device with
+// KVQ_EMU_SMS multiprocessors (default 4) and H100 limits; device memory is host memory filled
+// with 0xFF on allocation (NaN as fp16 / fp32, as uninitialized device memory may be); streams
+// and events are synchronous (every operation completes before its call returns). Only the calls
+// the project makes are here; anything else fails to link rather than pretending.
+#include "cuda_emu.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <vector>
+
+namespace kvq_emu {
+namespace {
+
+constexpr int kMaxSmemOptin = 232448;  // 227 KB, sm_90
+constexpr int kMaxThreads = 1024;
+
+struct Pending {
+  void* dst;
+  uint8_t bytes[16];
+};
+
+struct ThreadAsync {
+  std::vector<Pending> open;                // issued since the last commit
+  std::deque<std::vector<Pending>> groups;  // committed, not yet landed, oldest first
+};
+
+struct GridState {
+  dim3 grid, block;
+  uint3 block_idx;
+  std::vector<uint8_t> dynamic_smem;
+  std::vector<ThreadAsync> async;  // per thread of the running block
+};
+
+GridState* g_grid = nullptr;
+std::mutex g_launch_mu;  // one grid at a time, process-wide (static __shared__ variables)
+
+std::mutex g_mem_mu;
+std::set<void*> g_device_allocs;
+std::set<void*> g_host_allocs;
+thread_local cudaError_t t_last_error = cudaSuccess;
+
+cudaError_t Fail(cudaError_t e) {
+  t_last_error = e;
+  return e;
+}
+
+int CurrentThread() { return kvq::cuda::warp::CurrentBlock()->thread(); }
+
+void Land(const Pending& p) { std::memcpy(p.dst, p.bytes, 16); }
+
+}  // namespace
+
+uint3 ThreadIdx() {
+  const int t = CurrentThread();
+  const dim3 b = g_grid->block;
+  return make_uint3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
+}
+uint3 BlockIdx() { return g_grid->block_idx; }
+dim3 BlockDim() { return g_grid->block; }
+dim3 GridDim() { return g_grid->grid; }
+uint8_t* DynamicShared() { return g_grid->dynamic_smem.data(); }
+
+cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const std::function<void()>& body) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535)
+    return Fail(cudaErrorInvalidConfiguration);
+  if (dynamic_smem > size_t{kMaxSmemOptin}) return Fail(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> lock(g_launch_mu);
+  GridState st;
+  st.grid = grid;
+  st.block = block;
+  g_grid = &st;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        st.block_idx = make_uint3(x, y, z);
+        st.dynamic_smem.assign(dynamic_smem + 16, 0xFF);
+        st.async.assign(threads, ThreadAsync{});
+        kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); });
+      }
+  g_grid = nullptr;
+  return cudaSuccess;
+}
+
+void CpAsync(void* dst, const void* src, int n) {
+  Pending p;
+  p.dst = dst;
+  std::memset(p.bytes, 0, sizeof(p.bytes));
+  if (n > 0) std::memcpy(p.bytes, src, size_t(n));
+  g_grid->async[size_t(CurrentThread())].open.push_back(p);
+}
+void CpAsyncCommit() {
+  ThreadAsync& a = g_grid->async[size_t(CurrentThread())];
+  a.groups.push_back(std::move(a.open));
+  a.open.clear();
+}
+// wait_group N: every committed group but the N most recent has landed (copies issued after the
+// last commit belong to no group and are not waited for).
+void CpAsyncWait(int pending_groups) {
+  ThreadAsync& a = g_grid->async[size_t(CurrentThread())];
+  while (a.groups.size() > size_t(pending_groups)) {
+    for (const Pending& p : a.groups.front()) Land(p);
+    a.groups.pop_front();
+  }
+}
+
+namespace {
+
+float HalfLo(uint32_t r, bool bf16) {
+  const uint16_t h = static_cast<uint16_t>(r & 0xffffu);
+  return bf16 ? BitsTo<float>(uint32_t{h} << 16) : __half2float(__ushort_as_half(h));
+}
+float HalfHi(uint32_t r, bool bf16) { return HalfLo(r >> 16, bf16); }
+
+}  // namespace
+
+// m16n8k16, A row-major 16x16, B 16x8 ("col"), C/D 16x8 fp32 (PTX ISA, mma.m16n8k16 fragments):
+// lane = 4 * g + t; a0/a1: A[g][2t..2t+1], a2/a3 A[g+8][..], a4/a5 A[g][2t+8..], a6/a7 A[g+8][2t+8..];
+// b0/b1: B[2t..2t+1][g], b2/b3 B[2t+8..][g]; c0/c1: C[g][2t..2t+1], c2/c3: C[g+8][2t..2t+1].
+void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
+                 bool bf16) {
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  uint32_t all[6 * 32];
+  kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 6, all);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const uint32_t* a = all;  // a[i * 32 + l]
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + ((i & 1) ? 8 : 0);
+      const int col = 2 * t + ((i & 2) ? 8 : 0);
+      A[row][col] = HalfLo(a[i * 32 + l], bf16);
+      A[row][col + 1] = HalfHi(a[i * 32 + l], bf16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int row = 2 * t + (i ? 8 : 0);
+      B[row][g] = HalfLo(all[(4 + i) * 32 + l], bf16);
+      B[row + 1][g] = HalfHi(all[(4 + i) * 32 + l], bf16);
+    }
+  }
+  const int lane = kvq::cuda::warp::CurrentBlock()->lane();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];  // products exact in fp32
+    c[i] = acc;
+  }
+}
+
+// m16n8k32, A u8 16x32 row-major, B s8 32x8, C/D s32 16x8: a0: A[g][4t..4t+3], a1: A[g+8][4t..],
+// a2: A[g][16+4t..], a3: A[g+8][16+4t..]; b0: B[4t..4t+3][g], b1: B[16+4t..][g]; C as above.
+void ImmaM16N8K32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  uint32_t all[6 * 32];
+  kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 6, all);
+  int A[16][32], B[32][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + ((i & 1) ? 8 : 0);
+      const int col = 4 * t + ((i & 2) ? 16 : 0);
+      for (int e = 0; e < 4; ++e) A[row][col + e] = int((all[i * 32 + l] >> (8 * e)) & 0xffu);
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int e = 0; e < 4; ++e) B[4 * t + (i ? 16 : 0) + e][g] = int(int8_t(all[(4 + i) * 32 + l] >> (8 * e)));
+  }
+  const int lane = kvq::cuda::warp::CurrentBlock()->lane();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    int acc = c[i];
+    for (int k = 0; k < 32; ++k) acc += A[row][k] * B[k][col];
+    c[i] = acc;
+  }
+}
+
+// ldmatrix .m8n8.x4 .b16: lanes 8j..8j+7 give the row addresses of matrix j; lane l receives
+// M_j[l / 4][2 (l % 4) .. +1] (with .trans: M_j[2 (l % 4)][l / 4] and M_j[2 (l % 4) + 1][l / 4]).
+void LdMatrixX4(uint32_t (&r)[4], const void* row_address, bool trans) {
+  const uint64_t p = reinterpret_cast<uintptr_t>(row_address);
+  const uint32_t mine[2] = {static_cast<uint32_t>(p), static_cast<uint32_t>(p >> 32)};
+  uint32_t all[2 * 32];
+  kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 2, all);
+  auto row = [&](int lane) {
+    return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(all[lane] | (uint64_t{all[32 + lane]} << 32)));
+  };
+  const int lane = kvq::cuda::warp::CurrentBlock()->lane();
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!trans) {
+      std::memcpy(&lo, row(8 * j + lane / 4) + 4 * (lane % 4), 2);
+      std::memcpy(&hi, row(8 * j + lane / 4) + 4 * (lane % 4) + 2, 2);
+    } else {
+      std::memcpy(&lo, row(8 * j + 2 * (lane % 4)) + 2 * (lane / 4), 2);
+      std::memcpy(&hi, row(8 * j + 2 * (lane % 4) + 1) + 2 * (lane / 4), 2);
+    }
+    r[j] = uint32_t{lo} | (uint32_t{hi} << 16);
+  }
+}
+
+}  // namespace kvq_emu
+
+// ---------------------------------------------------------------------------------------------
+// Runtime API
+using kvq_emu::Fail;
+
+namespace {
+
+int NumSms() {
+  const char* e = std::getenv("KVQ_EMU_SMS");
+  const int n = e ? std::atoi(e) : 4;
+  return n > 0 ? n : 4;
+}
+
+void* AlignedAlloc(size_t n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<size_t>(n, 1)) != 0) return nullptr;
+  return p;
+}
+
+struct EmuStream {};
+struct EmuEvent {};
+
+}  // namespace
+
+cudaError_t cudaMalloc(void** p, size_t n) {
+  if (!p) return Fail(cudaErrorInvalidValue);
+  *p = AlignedAlloc(n);
+  if (!*p) return Fail(cudaErrorMemoryAllocation);
+  std::memset(*p, 0xFF, n);
+  std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
+  kvq_emu::g_device_allocs.insert(*p);
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
+  if (kvq_emu::g_device_allocs.erase(p) == 0) return Fail(cudaErrorInvalidValue);
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMallocHost(void** p, size_t n) {
+  if (!p) return Fail(cudaErrorInvalidValue);
+  *p = AlignedAlloc(n);
+  if (!*p) return Fail(cudaErrorMemoryAllocation);
+  std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
+  kvq_emu::g_host_allocs.insert(*p);
+  return cudaSuccess;
+}
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMallocHost(p, n); }
+cudaError_t cudaFreeHost(void* p) {
+  if (!p) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
+  if (kvq_emu::g_host_allocs.erase(p) == 0) return Fail(cudaErrorInvalidValue);
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+  if (n > 0 && (!dst || !src)) return Fail(cudaErrorInvalidValue);
+  if (n > 0) std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, n, kind);
+}
+cudaError_t cudaMemset(void* p, int v, size_t n) {
+  if (n > 0 && !p) return Fail(cudaErrorInvalidValue);
+  if (n > 0) std::memset(p, v, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = kvq_emu::t_last_error;
+  kvq_emu::t_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return kvq_emu::t_last_error; }
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return "emulated CUDA error";
+  }
+}
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    default: return "cudaErrorUnknown";
+  }
+}
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice); }
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = NumSms(); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = kvq_emu::kMaxSmemOptin; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *v = kvq_emu::kMaxThreads; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
+    default: return Fail(cudaErrorInvalidValue);
+  }
+}
+// Static shared memory is not known on the host (0); registers neither.
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* func) {
+  if (!a || !func) return Fail(cudaErrorInvalidDeviceFunction);
+  std::memset(a, 0, sizeof(*a));
+  a->maxThreadsPerBlock = kvq_emu::kMaxThreads;
+  a->maxDynamicSharedSizeBytes = kvq_emu::kMaxSmemOptin;
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (!func) return Fail(cudaErrorInvalidDeviceFunction);
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || value > kvq_emu::kMaxSmemOptin))
+    return Fail(cudaErrorInvalidValue);
+  return cudaSuccess;
+}
+// Up to 4 blocks per SM, fewer when the dynamic shared memory (plus 32 KB taken for the static
+// part) does not fit 228 KB four times.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void* func, int block, size_t smem,
+                                                                  unsigned) {
+  if (!n || !func || block <= 0 || block > kvq_emu::kMaxThreads) return Fail(cudaErrorInvalidValue);
+  const size_t per_block = smem + 32 * 1024;
+  *n = static_cast<int>(std::min<size_t>(4, (228 * 1024) / per_block));
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  *s = reinterpret_cast<cudaStream_t>(new EmuStream);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete reinterpret_cast<EmuStream*>(s);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  *e = reinterpret_cast<cudaEvent_t>(new EmuEvent);
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete reinterpret_cast<EmuEvent*>(e);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
