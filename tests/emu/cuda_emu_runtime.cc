@@ -1,5 +1,7 @@
 // The CUDA runtime API for kernels run on the CPU (cuda_emu.h): one emulated device with
-// KVQ_EMU_SMS multiprocessors (default 4) and H100 limits; device memory is host memory filled
+// KVQ_EMU_SMS multiprocessors (default 4) and H100 limits; the threads of a block take their turns
+// in an order that differs between blocks (warps shuffled, lanes descending in half of them;
+// KVQ_EMU_IN_ORDER=1: thread order everywhere); device memory is host memory filled
 // with 0xFF on allocation (NaN as fp16 / fp32, as uninitialized device memory may be); streams
 // and events are synchronous (every operation completes before its call returns). Only the calls
 // the project makes are here; anything else fails to link rather than pretending.
@@ -71,6 +73,7 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
     return Fail(cudaErrorInvalidConfiguration);
   if (dynamic_smem > size_t{kMaxSmemOptin}) return Fail(cudaErrorInvalidValue);
   std::lock_guard<std::mutex> lock(g_launch_mu);
+  static const bool in_order = std::getenv("KVQ_EMU_IN_ORDER") != nullptr;
   GridState st;
   st.grid = grid;
   st.block = block;
@@ -81,7 +84,9 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
         st.block_idx = make_uint3(x, y, z);
         st.dynamic_smem.assign(dynamic_smem + 16, 0xFF);
         st.async.assign(threads, ThreadAsync{});
-        kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); });
+        // every block takes its turns in another order (seeded by its place in the grid)
+        const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
+        kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
       }
   g_grid = nullptr;
   return cudaSuccess;

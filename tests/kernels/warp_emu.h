@@ -11,7 +11,10 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -125,9 +128,32 @@ class EmuBlock {
   static constexpr size_t kStack = 128 * 1024;
   static constexpr int kMaxWords = 16;
 
-  EmuBlock(int threads, const std::function<void(int)>& body)
+  // seed != 0: the threads take their turns in another order than thread order (the same for a
+  // seed): the warps in a pseudo-random order, the lanes of every warp descending for odd seeds,
+  // so that code reading another thread's shared-memory write without a barrier between them sees
+  // the stale value under some order. (Lanes stay in runs: a fully random order of the fibers'
+  // stacks made the suite 2.6x slower.)
+  EmuBlock(int threads, const std::function<void(int)>& body, uint32_t seed = 0)
       : n_(threads), body_(body), ctx_(size_t(threads)), starts_(size_t(threads)),
-        slots_(size_t((threads + 31) / 32) * 2 * kMaxWords * 32, 0u), parity_(size_t(threads), 0) {}
+        slots_(size_t((threads + 31) / 32) * 2 * kMaxWords * 32, 0u), parity_(size_t(threads), 0),
+        order_(size_t(threads)), pos_(size_t(threads)) {
+    const int warps = (n_ + 31) / 32;
+    std::vector<int> worder(static_cast<size_t>(warps));
+    for (int w = 0; w < warps; ++w) worder[size_t(w)] = w;
+    uint32_t x = seed;
+    for (int i = warps - 1; seed != 0 && i > 0; --i) {  // Fisher-Yates with xorshift32
+      x ^= x << 13;
+      x ^= x >> 17;
+      x ^= x << 5;
+      std::swap(worder[size_t(i)], worder[x % uint32_t(i + 1)]);
+    }
+    int k = 0;
+    for (int w : worder) {
+      const int lanes = std::min(32, n_ - 32 * w);
+      for (int l = 0; l < lanes; ++l) order_[size_t(k++)] = 32 * w + ((seed & 1u) ? lanes - 1 - l : l);
+    }
+    for (int i = 0; i < n_; ++i) pos_[size_t(order_[size_t(i)])] = i;
+  }
 
   void Run() {
     static thread_local std::unique_ptr<uint8_t[]> stacks;  // reused: no per-block allocation
@@ -140,8 +166,8 @@ class EmuBlock {
       starts_[size_t(t)] = {this, t};
       FiberMake(&ctx_[size_t(t)], stacks.get() + size_t(t) * kStack, kStack, &EmuBlock::Entry, &starts_[size_t(t)]);
     }
-    cur_ = 0;
-    FiberSwitch(&main_, &ctx_[0]);
+    cur_ = order_[0];
+    FiberSwitch(&main_, &ctx_[size_t(cur_)]);
   }
 
   int thread() const { return cur_; }
@@ -156,12 +182,19 @@ class EmuBlock {
     uint32_t* buf = &slots_[(size_t(t / 32) * 2 + size_t(parity_[t])) * kMaxWords * 32];
     parity_[t] ^= 1;
     for (int i = 0; i < n; ++i) buf[i * 32 + (t & 31)] = v[i];
+    // A lane that has exited by now never reaches this instruction (lanes that reached it may
+    // exit before this one reads): undefined on the GPU.
+    if (exited_[size_t(t / 32)] != 0) {
+      std::fprintf(stderr, "emulated warp instruction by thread %d after a lane of its warp exited\n", t);
+      std::abort();
+    }
     Yield();
     std::memcpy(all, buf, size_t(n) * 32 * sizeof(uint32_t));
   }
+  // Exited threads count as arrived (as on sm_70 and later).
   void Barrier() {
     const uint64_t gen = gen_;
-    if (++arrived_ == n_) {
+    if (++arrived_ + done_ == n_) {
       arrived_ = 0;
       ++gen_;
       return;
@@ -170,10 +203,7 @@ class EmuBlock {
   }
   void Yield() {
     const int me = cur_;
-    int next = me;
-    do {
-      next = (next + 1) % n_;
-    } while (finished_[size_t(next)] && next != me);
+    const int next = NextLive(me);
     cur_ = next;
     if (next != me) FiberSwitch(&ctx_[size_t(me)], &ctx_[size_t(next)]);
   }
@@ -188,17 +218,29 @@ class EmuBlock {
     EmuBlock* b = st.block;
     const int t = st.thread;
     b->body_(t);
-    b->finished_[size_t(t)] = true;
+    b->finished_[size_t(t)] = 1;
+    ++b->exited_[size_t(t / 32)];
     FiberCtx dead;  // this fiber is never resumed
     if (++b->done_ == b->n_) {
       FiberSwitch(&dead, &b->main_);  // the last thread to finish
     }
-    int next = t;
-    do {
-      next = (next + 1) % b->n_;
-    } while (b->finished_[size_t(next)]);
+    if (b->arrived_ > 0 && b->arrived_ + b->done_ == b->n_) {  // the others wait at a barrier
+      b->arrived_ = 0;
+      ++b->gen_;
+    }
+    const int next = b->NextLive(t);
     b->cur_ = next;
     FiberSwitch(&dead, &b->ctx_[size_t(next)]);
+  }
+  // The next thread after t in the turn order that has not finished (t itself if none).
+  int NextLive(int t) const {
+    int i = pos_[size_t(t)];
+    for (int k = 0; k < n_; ++k) {
+      if (++i == n_) i = 0;
+      const int u = order_[size_t(i)];
+      if (!finished_[size_t(u)]) return u;
+    }
+    return t;
   }
 
   const int n_;
@@ -208,7 +250,9 @@ class EmuBlock {
   std::vector<Start> starts_;
   std::vector<uint32_t> slots_;  // [warp][2][kMaxWords][32]
   std::vector<int> parity_;
-  std::vector<bool> finished_ = std::vector<bool>(size_t(n_), false);
+  std::vector<int> order_, pos_;  // turn order of the threads, and each thread's place in it
+  std::vector<int> exited_ = std::vector<int>(size_t((n_ + 31) / 32), 0);  // per warp
+  std::vector<uint8_t> finished_ = std::vector<uint8_t>(size_t(n_), 0);
   int cur_ = 0;
   int done_ = 0;
   int arrived_ = 0;
@@ -250,8 +294,8 @@ inline void BlockSync() { CurrentBlock()->Barrier(); }
 inline void SetFlag(int32_t* flag, int32_t v) { *flag = v; }
 
 // Runs body(thread) for the threads of one block (fibers on the calling thread).
-inline void RunBlock(int threads, const std::function<void(int)>& body) {
-  EmuBlock b(threads, body);
+inline void RunBlock(int threads, const std::function<void(int)>& body, uint32_t seed = 0) {
+  EmuBlock b(threads, body, seed);
   CurrentBlock() = &b;
   b.Run();
   CurrentBlock() = nullptr;
