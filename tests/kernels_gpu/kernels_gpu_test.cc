@@ -67,6 +67,7 @@ struct Case {
   bool imma = true;        // CudaStepRunner::set_imma
   int kivi_min_tokens = -1;  // CudaStepRunner::set_kivi_mma_min_unit_tokens
   int split_blocks = 0;      // CudaStepRunner::set_split_blocks
+  float q_scale = 1.f;       // query magnitude: large values make the softmax nearly one-hot
 };
 
 std::string Describe(const Case& c) {
@@ -98,7 +99,7 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
     cfgs.push_back(s.next.cfg);
   }
   const int64_t qn = rows * c.hq * c.d, kvn = rows * c.hkv * c.d;
-  const std::vector<uint16_t> q = testing::RandomActs(qn, c.dt, rng, 1.f);
+  const std::vector<uint16_t> q = testing::RandomActs(qn, c.dt, rng, c.q_scale);
   const std::vector<uint16_t> kn = testing::RandomActs(kvn, c.dt, rng, 2.f);
   const std::vector<uint16_t> vn = testing::RandomActs(kvn, c.dt, rng, 1.f);
   constexpr int64_t kOutGuard = 256;  // uint16 sentinel elements after the output
@@ -316,18 +317,42 @@ INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest,
                                   DTypeName(std::get<1>(info.param));
                          });
 
-// One long sequence (32768 tokens) per quantized preset, GQA 4.
+// One long sequence (32768 tokens) per preset; fp16 and bf16 and GQA 1 / 4 / 8 across them.
 TEST(KernelsGpu, Long32k) {
   SKIP_WITHOUT_GPU();
-  for (Preset p : {Preset::kFp16, Preset::kKivi2, Preset::kInnerQ}) {
+  int k = 0;
+  for (Preset p : kAllPresets) {
     Case c;
     c.hkv = 2;
-    c.hq = 8;
+    c.hq = 2 * (k % 3 == 0 ? 4 : k % 3 == 1 ? 1 : 8);
+    c.dt = k % 2 == 0 ? DType::kF16 : DType::kBF16;
     c.seqs = {{p, 32768, 1, 1, 3}};
-    c.seed = 4242;
+    c.seed = 4242 + k++;
     c.expect_decode = 1;
     RunCase(c);
     if (HasFatalFailure()) return;
+  }
+}
+
+// Queries 8x larger than elsewhere: scores spread over tens of units, so the softmax is nearly
+// one-hot and the exp2 / fixed-point paths see their extreme ratios. Every preset, one row and
+// 4 rows per KV head; the first step carries a 9-token prefill chunk (the batch takes the generic
+// kernel), the second is a decode step (the decode paths).
+TEST(KernelsGpu, SharpScores) {
+  SKIP_WITHOUT_GPU();
+  int k = 0;
+  for (Preset p : kAllPresets) {
+    for (int gqa : {1, 4}) {
+      Case c;
+      c.hkv = 2;
+      c.hq = 2 * gqa;
+      c.q_scale = 8.f;
+      c.seqs = {{p, 3000, 1, 1, 3}, {p, 700, 1, 1, 40}, {p, 200, 9, 1, 0}};
+      c.seed = 7700 + k++;
+      c.kivi_min_tokens = 0;
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 
