@@ -2,7 +2,8 @@
 // KVQ_EMU_SMS multiprocessors (default 4) and H100 limits; the threads of a block take their turns
 // in an order that differs between blocks (warps shuffled, lanes descending in half of them;
 // KVQ_EMU_IN_ORDER=1: thread order everywhere); device memory is host memory filled
-// with 0xFF on allocation (NaN as fp16 / fp32, as uninitialized device memory may be); streams
+// with 0xFF on allocation (NaN as fp16 / fp32, as uninitialized device memory may be) between
+// guard bands that every launch checks (and every block its dynamic shared memory's); streams
 // and events are synchronous (every operation completes before its call returns). Only the calls
 // the project makes are here; anything else fails to link rather than pretending.
 #include "cuda_emu.h"
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -40,14 +42,26 @@ struct GridState {
 GridState* g_grid = nullptr;
 std::mutex g_launch_mu;  // one grid at a time, process-wide (static __shared__ variables)
 
+// Guard bands: kGuard bytes of kGuardByte before and after every device allocation and around a
+// block's dynamic shared memory, checked after every block (shared) and every launch (device
+// memory): a write past either end fails the launch, as compute-sanitizer's memcheck would.
+constexpr size_t kGuard = 256;  // keeps the 256-byte alignment of cudaMalloc
+constexpr uint8_t kGuardByte = 0xA5;
+
 std::mutex g_mem_mu;
-std::set<void*> g_device_allocs;
+std::map<void*, size_t> g_device_allocs;  // user pointer -> size
 std::set<void*> g_host_allocs;
 thread_local cudaError_t t_last_error = cudaSuccess;
 
 cudaError_t Fail(cudaError_t e) {
   t_last_error = e;
   return e;
+}
+
+bool GuardIntact(const uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (p[i] != kGuardByte) return false;
+  return true;
 }
 
 int CurrentThread() { return kvq::cuda::warp::CurrentBlock()->thread(); }
@@ -64,7 +78,7 @@ uint3 ThreadIdx() {
 uint3 BlockIdx() { return g_grid->block_idx; }
 dim3 BlockDim() { return g_grid->block; }
 dim3 GridDim() { return g_grid->grid; }
-uint8_t* DynamicShared() { return g_grid->dynamic_smem.data(); }
+uint8_t* DynamicShared() { return g_grid->dynamic_smem.data() + kGuard; }
 
 cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const std::function<void()>& body) {
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
@@ -82,13 +96,30 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         st.block_idx = make_uint3(x, y, z);
-        st.dynamic_smem.assign(dynamic_smem + 16, 0xFF);
+        st.dynamic_smem.assign(dynamic_smem + 2 * kGuard, 0xFF);
+        std::memset(st.dynamic_smem.data(), kGuardByte, kGuard);
+        std::memset(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuardByte, kGuard);
         st.async.assign(threads, ThreadAsync{});
         // every block takes its turns in another order (seeded by its place in the grid)
         const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
         kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
+        if (!GuardIntact(st.dynamic_smem.data(), kGuard) ||
+            !GuardIntact(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuard)) {
+          std::fprintf(stderr, "emulated launch: block (%u, %u, %u) wrote outside its %zu bytes of dynamic shared memory\n",
+                       x, y, z, dynamic_smem);
+          g_grid = nullptr;
+          return Fail(cudaErrorLaunchFailure);
+        }
       }
   g_grid = nullptr;
+  std::lock_guard<std::mutex> mem_lock(g_mem_mu);
+  for (const auto& [ptr, size] : g_device_allocs) {
+    const uint8_t* u = static_cast<const uint8_t*>(ptr);
+    if (!GuardIntact(u - kGuard, kGuard) || !GuardIntact(u + size, kGuard)) {
+      std::fprintf(stderr, "emulated launch: a write outside the device allocation of %zu bytes at %p\n", size, ptr);
+      return Fail(cudaErrorLaunchFailure);
+    }
+  }
   return cudaSuccess;
 }
 
@@ -235,19 +266,23 @@ struct EmuEvent {};
 }  // namespace
 
 cudaError_t cudaMalloc(void** p, size_t n) {
+  using kvq_emu::kGuard;
   if (!p) return Fail(cudaErrorInvalidValue);
-  *p = AlignedAlloc(n);
-  if (!*p) return Fail(cudaErrorMemoryAllocation);
-  std::memset(*p, 0xFF, n);
+  uint8_t* base = static_cast<uint8_t*>(AlignedAlloc(n + 2 * kGuard));
+  if (!base) return Fail(cudaErrorMemoryAllocation);
+  std::memset(base, kvq_emu::kGuardByte, kGuard);
+  std::memset(base + kGuard, 0xFF, n);
+  std::memset(base + kGuard + n, kvq_emu::kGuardByte, kGuard);
+  *p = base + kGuard;
   std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
-  kvq_emu::g_device_allocs.insert(*p);
+  kvq_emu::g_device_allocs[*p] = n;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
   std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
   if (kvq_emu::g_device_allocs.erase(p) == 0) return Fail(cudaErrorInvalidValue);
-  std::free(p);
+  std::free(static_cast<uint8_t*>(p) - kvq_emu::kGuard);
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) {
@@ -292,6 +327,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: a guard band was overwritten)";
     default: return "emulated CUDA error";
   }
 }
@@ -301,6 +337,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     default: return "cudaErrorUnknown";
   }
 }
