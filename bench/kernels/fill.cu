@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "device_common.cuh"  // LaunchKernel (also on the emulated device, tests/emu)
+
 namespace kvq {
 namespace bench {
 namespace {
@@ -19,7 +21,18 @@ __device__ __forceinline__ uint32_t Hash(uint64_t x) {
   return static_cast<uint32_t>(x);
 }
 
-__global__ void FillKernel(uint16_t* p, int64_t n, uint64_t seed, int bf16, int outlier_every) {
+struct FillArgs {
+  uint16_t* p;
+  int64_t n;
+  uint64_t seed;
+  int bf16, outlier_every;
+};
+
+__global__ void FillKernel(FillArgs a) {
+  uint16_t* p = a.p;
+  const int64_t n = a.n;
+  const uint64_t seed = a.seed;
+  const int bf16 = a.bf16, outlier_every = a.outlier_every;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const uint32_t h1 = Hash(seed * 0x9E3779B97F4A7C15ull + 2 * i);
     const uint32_t h2 = Hash(seed * 0x9E3779B97F4A7C15ull + 2 * i + 1);
@@ -35,8 +48,8 @@ __global__ void FillKernel(uint16_t* p, int64_t n, uint64_t seed, int bf16, int 
 cudaError_t FillRandomActs(void* p, int64_t n, uint64_t seed, bool bf16, int outlier_every,
                            cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  FillKernel<<<1024, 256, 0, stream>>>(static_cast<uint16_t*>(p), n, seed, bf16 ? 1 : 0, outlier_every);
-  return cudaGetLastError();
+  const FillArgs a{static_cast<uint16_t*>(p), n, seed, bf16 ? 1 : 0, outlier_every};
+  return cuda::LaunchKernel(FillKernel, dim3(1024), dim3(256), 0, stream, a, false);
 }
 
 }  // namespace bench

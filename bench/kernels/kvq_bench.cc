@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--no-pdl] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -15,6 +15,9 @@
 // launch: the events bracket the kernels' GPU time, not the host's launch latency, which an idle
 // stream adds to a single timed launch. --timing idle times single launches on an idle stream (the
 // method of the results recorded before 2026-12-04).
+// Each row also checks the decode step's output: sequence 0 of the last cache set against the CPU
+// reference (CpuAttention on a host copy of the arena), as the normalized error `err` (the GPU
+// suite's bound is 2e-3 for fp16); a row above it is marked in the table. --no-check skips it.
 // Bytes read are counted from the stored layout (codes + scales + zeros + sink + window +
 // key-norm factors + q + o). The device-to-device copy bandwidth is measured in the same run
 // (bytes read + bytes written) as the ceiling.
@@ -31,6 +34,7 @@
 #include <vector>
 
 #include "kvq/cuda_ops.h"
+#include "kvq/reference.h"
 #include "scenario.h"
 
 namespace kvq {
@@ -75,6 +79,7 @@ struct Row {
   double gbps = 0;
   int sets = 0, units = 0, chunk = 0;
   std::string path;  // attention kernel the plan chose: decode (fast path) or generic
+  double err = -1;   // normalized error of sequence 0 against the CPU reference (-1: not checked)
 };
 
 bool g_force_generic = false;  // --generic
@@ -83,6 +88,8 @@ bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
+bool g_check = true;           // --no-check: no comparison with the CPU reference
+constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
 void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
 size_t g_flush_bytes = 0;
 
@@ -217,7 +224,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     CHECK_KVQ(runners[k]->LaunchPreparedAttention(d_arena, stream));
     CHECK_KVQ(runners[k]->Synchronize(stream));
   }
-  {  // Sanity: the decode step's output is finite (the GPU test checks it against the reference).
+  {  // The decode step's output is finite; sequence 0 of the last set (its step wrote o last)
+     // against the CPU reference on a host copy of the arena.
     std::vector<uint16_t> o(qn);
     CHECK_CUDA(cudaMemcpy(o.data(), d_o, qn * 2, cudaMemcpyDeviceToHost));
     for (int64_t i = 0; i < qn; ++i)
@@ -225,6 +233,25 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
         std::fprintf(stderr, "kvq-bench: non-finite output at %lld\n", static_cast<long long>(i));
         return false;
       }
+    if (g_check) {
+      const int64_t rows0 = int64_t{sh.hq} * sh.d;  // sequence 0: one query token
+      std::vector<uint8_t> host(arena.size());
+      std::vector<uint16_t> q0(rows0), ref(rows0, 0);
+      CHECK_CUDA(cudaMemcpy(host.data(), d_arena, host.size(), cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(q0.data(), d_q, rows0 * 2, cudaMemcpyDeviceToHost));
+      StepParams hp = p;
+      hp.q = q0.data();
+      hp.o = ref.data();
+      hp.k_new = hp.v_new = nullptr;
+      CpuAttention(hp, &w2[sets - 1][0], cfgs.data(), 1, host.data(), 0);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < rows0; ++i) {
+        const double g = testing::FromAct(o[i], dt), r = testing::FromAct(ref[i], dt);
+        num += (g - r) * (g - r);
+        den += r * r;
+      }
+      row->err = std::sqrt(num / std::max(den, 1e-30));
+    }
   }
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
@@ -303,7 +330,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pdl] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -336,6 +363,8 @@ int main(int argc, char** argv) {
       g_imma = false;
     } else if (a == "--no-pdl") {
       g_pdl = false;
+    } else if (a == "--no-check") {
+      g_check = false;
     } else if (a == "--timing" && i + 1 < argc) {
       const std::string m = argv[++i];
       if (m != "busy" && m != "idle") return Usage();
@@ -393,9 +422,11 @@ int main(int argc, char** argv) {
       const Row& r = rows[i];
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
-                  "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\"}%s\n",
+                  "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
+                  "\"err\": %.3g}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
-                  r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.sets, r.units, r.chunk, r.path.c_str(), i + 1 < rows.size() ? "," : "");
+                  r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
+                  i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
   } else {
@@ -405,13 +436,16 @@ int main(int argc, char** argv) {
     std::printf("qapp_us: quantize-append of the timed step; qa_avg_us: its mean over %d consecutive decode steps\n"
                 "(every flush phase), qa/attn = qa_avg_us / attn_us; step_us: quantize-append + attention\n",
                 kQaSteps);
-    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s  %s\n", "B", "Hq", "Hkv", "T", "D",
-                "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa_avg_us", "qa/attn", "step_us",
-                "kernel");
+    std::printf("err: normalized error of sequence 0 against the CPU reference (* above the GPU suite's %.0e)\n",
+                kErrBound);
+    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s %9s  %s\n", "B", "Hq", "Hkv", "T",
+                "D", "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa_avg_us", "qa/attn", "step_us",
+                "err", "kernel");
     for (const Row& r : rows)
-      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %9.2f %7.1f%% %9.2f  %s\n", r.s.b,
-                  r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps, 100.0 * r.gbps / copy,
-                  r.qa_us, r.qa_avg_us, 100.0 * r.qa_avg_us / r.attn_us, r.step_us, r.path.c_str());
+      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %9.2f %7.1f%% %9.2f %8.1e%s  %s\n",
+                  r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
+                  100.0 * r.gbps / copy, r.qa_us, r.qa_avg_us, 100.0 * r.qa_avg_us / r.attn_us, r.step_us, r.err,
+                  r.err > kErrBound ? "*" : " ", r.path.c_str());
   }
   if (g_flush) cudaFree(g_flush);
   return 0;

@@ -9,6 +9,8 @@
 #include "cuda_emu.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <map>
@@ -261,7 +263,9 @@ void* AlignedAlloc(size_t n) {
 }
 
 struct EmuStream {};
-struct EmuEvent {};
+struct EmuEvent {
+  std::chrono::steady_clock::time_point at;  // host time of the last record (work is synchronous)
+};
 
 }  // namespace
 
@@ -405,6 +409,29 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete reinterpret_cast<EmuEvent*>(e);
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+  reinterpret_cast<EmuEvent*>(e)->at = std::chrono::steady_clock::now();
+  return cudaSuccess;
+}
+// Host time between the records: the emulator's, not a GPU's.
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  *ms = std::chrono::duration<float, std::milli>(reinterpret_cast<EmuEvent*>(b)->at - reinterpret_cast<EmuEvent*>(a)->at)
+            .count();
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  std::memset(prop, 0, sizeof(*prop));
+  std::snprintf(prop->name, sizeof(prop->name), "kvq emulated device (CPU)");
+  prop->major = 9;
+  prop->minor = 0;
+  prop->multiProcessorCount = NumSms();
+  prop->l2CacheSize = 4 << 20;
+  prop->sharedMemPerBlockOptin = kvq_emu::kMaxSmemOptin;
+  prop->maxThreadsPerBlock = kvq_emu::kMaxThreads;
+  prop->warpSize = 32;
+  prop->totalGlobalMem = size_t{8} << 30;
+  return cudaSuccess;
+}
 cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
