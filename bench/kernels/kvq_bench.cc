@@ -140,6 +140,27 @@ bool MeasureCopy(double* gbps) {
   return true;
 }
 
+// Copies the arena regions one sequence reads in attention (sink, body and window pages of K and
+// V, key-norm factors) from the device to the same offsets of a host image of the arena.
+bool CopySeqPages(const uint8_t* d_arena, uint8_t* host, const kvq::SeqWork& w, const kvq::QuantConfig& cfg,
+                  int hkv, int d) {
+  auto copy = [&](int64_t off, int64_t bytes) -> bool {
+    if (off < 0 || bytes <= 0) return true;
+    CHECK_CUDA(cudaMemcpy(host + off, d_arena + off, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost));
+    return true;
+  };
+  for (int t = 0; t < 2; ++t) {
+    const kvq::StreamView& sv = t == 0 ? w.k : w.v;
+    const kvq::StreamLayout L = kvq::MakeStreamLayout(t == 0 ? cfg.k : cfg.v, hkv, d);
+    if (!copy(sv.sink_page, L.fp_page_bytes)) return false;
+    for (int i = 0; i < sv.num_body_pages; ++i)
+      if (!copy(sv.body_pages[i], L.quant_page_bytes)) return false;
+    for (int i = 0; i < sv.num_win_pages; ++i)
+      if (!copy(sv.win_pages[i], L.fp_page_bytes)) return false;
+  }
+  return copy(w.norm_offset, int64_t{hkv} * d * 4);
+}
+
 bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* row) {
   using namespace kvq;
   const QuantConfig cfg = PresetConfig(preset);
@@ -235,15 +256,16 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
       }
     if (g_check) {
       const int64_t rows0 = int64_t{sh.hq} * sh.d;  // sequence 0: one query token
-      std::vector<uint8_t> host(arena.size());
+      // only sequence 0's pages are copied into the (otherwise untouched) host image of the arena
+      std::unique_ptr<uint8_t[]> host(new uint8_t[arena.size()]);
       std::vector<uint16_t> q0(rows0), ref(rows0, 0);
-      CHECK_CUDA(cudaMemcpy(host.data(), d_arena, host.size(), cudaMemcpyDeviceToHost));
+      if (!CopySeqPages(d_arena, host.get(), w2[sets - 1][0], cfg, sh.hkv, sh.d)) return false;
       CHECK_CUDA(cudaMemcpy(q0.data(), d_q, rows0 * 2, cudaMemcpyDeviceToHost));
       StepParams hp = p;
       hp.q = q0.data();
       hp.o = ref.data();
       hp.k_new = hp.v_new = nullptr;
-      CpuAttention(hp, &w2[sets - 1][0], cfgs.data(), 1, host.data(), 0);
+      CpuAttention(hp, &w2[sets - 1][0], cfgs.data(), 1, host.get(), 0);
       double num = 0, den = 0;
       for (int64_t i = 0; i < rows0; ++i) {
         const double g = testing::FromAct(o[i], dt), r = testing::FromAct(ref[i], dt);
