@@ -68,6 +68,7 @@ struct Case {
   int kivi_min_tokens = -1;  // CudaStepRunner::set_kivi_mma_min_unit_tokens
   int split_blocks = 0;      // CudaStepRunner::set_split_blocks
   float q_scale = 1.f;       // query magnitude: large values make the softmax nearly one-hot
+  int ring_stages = 0;       // CudaStepRunner::set_ring_stages (0: the plan's choice); checked from step 2
 };
 
 std::string Describe(const Case& c) {
@@ -138,6 +139,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   if (c.expect_mma >= 0) {
     EXPECT_EQ(runner.stats().mma_full, c.expect_mma == 1) << "fp16 tiles on the tensor cores";
   }
+  if (c.ring_stages > 0 && !first) {
+    EXPECT_EQ(runner.stats().ring_stages, c.ring_stages) << "ring depth of the tensor-core units";
+  }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
   CUDA_OK(cudaStreamDestroy(stream));
@@ -197,6 +201,7 @@ void RunCase(const Case& c) {
   runner->set_imma(c.imma);
   runner->set_kivi_mma_min_unit_tokens(c.kivi_min_tokens);
   runner->set_split_blocks(c.split_blocks);
+  runner->set_ring_stages(c.ring_stages);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -373,6 +378,37 @@ TEST(KernelsGpu, LongUnits) {
       c.expect_decode = 1;
       c.split_blocks = 2;
       c.kivi_min_tokens = 0;
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// Every ring depth the tensor-core units take (cp.async.wait_group with 1 to 5 groups in flight):
+// the KIVI units 2 to 6 stages, the InnerQ IMMA units and the fp16 units 2 and 3; 4 rows per KV
+// head, bodies of one tile to 3000 tokens.
+TEST(KernelsGpu, RingDepths) {
+  SKIP_WITHOUT_GPU();
+  struct Depths {
+    Preset p;
+    int max_stages;
+  };
+  int k = 0;
+  for (const Depths& dp : {Depths{Preset::kKivi2, 6}, Depths{Preset::kKivi4, 6}, Depths{Preset::kInnerQ, 3},
+                           Depths{Preset::kFp16, 3}}) {
+    for (int stages = 2; stages <= dp.max_stages; ++stages) {
+      SCOPED_TRACE(std::string(PresetName(dp.p)) + " stages " + std::to_string(stages));
+      Case c;
+      c.hkv = 2;
+      c.hq = 8;
+      c.d = k % 2 == 0 ? 128 : 64;
+      c.seqs = {{dp.p, 3000, 1, 1, 33}, {dp.p, 600, 1, 1, 5}, {dp.p, 170, 1, 1, 0}};
+      c.seed = 8100 + k++;
+      c.expect_decode = 1;
+      c.expect_imma = dp.p == Preset::kFp16 ? -1 : 1;
+      c.expect_mma = dp.p == Preset::kFp16 ? 1 : -1;
+      c.kivi_min_tokens = 0;
+      c.ring_stages = stages;
       RunCase(c);
       if (HasFatalFailure()) return;
     }
