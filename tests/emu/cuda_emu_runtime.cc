@@ -160,33 +160,24 @@ float HalfHi(uint32_t r, bool bf16) { return HalfLo(r >> 16, bf16); }
 // m16n8k16, A row-major 16x16, B 16x8 ("col"), C/D 16x8 fp32 (PTX ISA, mma.m16n8k16 fragments):
 // lane = 4 * g + t; a0/a1: A[g][2t..2t+1], a2/a3 A[g+8][..], a4/a5 A[g][2t+8..], a6/a7 A[g+8][2t+8..];
 // b0/b1: B[2t..2t+1][g], b2/b3 B[2t+8..][g]; c0/c1: C[g][2t..2t+1], c2/c3: C[g+8][2t..2t+1].
+// Each lane reads only the elements of its own outputs from the exchanged registers.
 void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
                  bool bf16) {
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
-  uint32_t all[6 * 32];
+  uint32_t all[6 * 32];  // all[reg * 32 + lane]
   kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 6, all);
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    const int g = l >> 2, t = l & 3;
-    const uint32_t* a = all;  // a[i * 32 + l]
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + ((i & 1) ? 8 : 0);
-      const int col = 2 * t + ((i & 2) ? 8 : 0);
-      A[row][col] = HalfLo(a[i * 32 + l], bf16);
-      A[row][col + 1] = HalfHi(a[i * 32 + l], bf16);
-    }
-    for (int i = 0; i < 2; ++i) {
-      const int row = 2 * t + (i ? 8 : 0);
-      B[row][g] = HalfLo(all[(4 + i) * 32 + l], bf16);
-      B[row + 1][g] = HalfHi(all[(4 + i) * 32 + l], bf16);
-    }
-  }
+  auto half = [&](int reg, int lane, int k) {
+    const uint32_t r = all[reg * 32 + lane];
+    return (k & 1) ? HalfHi(r, bf16) : HalfLo(r, bf16);
+  };
+  auto A = [&](int row, int k) { return half((row >> 3) + 2 * (k >> 3), 4 * (row & 7) + ((k & 7) >> 1), k); };
+  auto B = [&](int k, int col) { return half(4 + (k >> 3), 4 * col + ((k & 7) >> 1), k); };
   const int lane = kvq::cuda::warp::CurrentBlock()->lane();
   const int g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
     float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];  // products exact in fp32
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);  // products exact in fp32
     c[i] = acc;
   }
 }
@@ -195,25 +186,17 @@ void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
 // a2: A[g][16+4t..], a3: A[g+8][16+4t..]; b0: B[4t..4t+3][g], b1: B[16+4t..][g]; C as above.
 void ImmaM16N8K32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
-  uint32_t all[6 * 32];
+  uint32_t all[6 * 32];  // all[reg * 32 + lane]
   kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 6, all);
-  int A[16][32], B[32][8];
-  for (int l = 0; l < 32; ++l) {
-    const int g = l >> 2, t = l & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + ((i & 1) ? 8 : 0);
-      const int col = 4 * t + ((i & 2) ? 16 : 0);
-      for (int e = 0; e < 4; ++e) A[row][col + e] = int((all[i * 32 + l] >> (8 * e)) & 0xffu);
-    }
-    for (int i = 0; i < 2; ++i)
-      for (int e = 0; e < 4; ++e) B[4 * t + (i ? 16 : 0) + e][g] = int(int8_t(all[(4 + i) * 32 + l] >> (8 * e)));
-  }
+  auto byte = [&](int reg, int lane, int k) { return (all[reg * 32 + lane] >> (8 * (k & 3))) & 0xffu; };
+  auto A = [&](int row, int k) { return int(byte((row >> 3) + 2 * (k >> 4), 4 * (row & 7) + ((k & 15) >> 2), k)); };
+  auto B = [&](int k, int col) { return int(int8_t(byte(4 + (k >> 4), 4 * col + ((k & 15) >> 2), k))); };
   const int lane = kvq::cuda::warp::CurrentBlock()->lane();
   const int g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
     int acc = c[i];
-    for (int k = 0; k < 32; ++k) acc += A[row][k] * B[k][col];
+    for (int k = 0; k < 32; ++k) acc += A(row, k) * B(k, col);
     c[i] = acc;
   }
 }
