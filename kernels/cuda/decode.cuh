@@ -94,13 +94,14 @@ template <typename Issue, typename Tile>
 __device__ __forceinline__ void WarpRingTiles(int first_tile, int tok_end, int stages, Issue&& issue, Tile&& tile) {
   constexpr int kStep = kDecRingWarps * 32;
   for (int i = 0; i + 1 < stages; ++i) issue(first_tile + i * kStep, i);
-  int it = 0;
-  for (int tile0 = first_tile; tile0 < tok_end; tile0 += kStep, ++it) {
-    issue(tile0 + (stages - 1) * kStep, (it + stages - 1) % stages);
+  int slot = 0;  // it % stages for the it-th tile, kept without a division
+  for (int tile0 = first_tile; tile0 < tok_end; tile0 += kStep) {
+    issue(tile0 + (stages - 1) * kStep, slot == 0 ? stages - 1 : slot - 1);  // (it + stages - 1) % stages
     CpAsyncWaitRing(stages);
     __syncwarp();
-    tile(tile0, it % stages);
+    tile(tile0, slot);
     __syncwarp();  // the slot (and any per-tile scratch) is consumed before the next issue reuses it
+    slot = slot + 1 == stages ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
   __syncwarp();
@@ -113,11 +114,14 @@ constexpr int kFamFull = 0;                        // fp16 preset: full-precisio
 constexpr int kFamInnerQ = kPathKCh | kPathVTok;   // InnerQ presets
 constexpr int kFamKivi = kPathKTok | kPathVCh;     // KIVI presets
 constexpr int kFamAll = kPathKCh | kPathKTok | kPathVTok | kPathVCh;
+// Instance marker (not a family of DecodeFamily): the KIVI family whose tensor-core body units
+// multiply the packed codes (decode_kivi_codes.cuh); its per-token path is the KIVI family's.
+constexpr int kFamKiviCodes = kFamKivi | 32;
 static_assert(kPathKCh == kDecodePathKCh && kPathKTok == kDecodePathKTok && kPathVTok == kDecodePathVTok &&
                   kPathVCh == kDecodePathVCh,
               "step_desc.h and decode.cuh agree on the path bits");
 __host__ __device__ constexpr int DecodeFamily(int path_bits) {
-  const int paths = path_bits & ~kDecodeImmaUnits;
+  const int paths = path_bits & ~kDecodeUnitBits;
   return paths == 0 ? kFamFull
          : (paths & ~kFamInnerQ) == 0 ? kFamInnerQ
          : (paths & ~kFamKivi) == 0   ? kFamKivi
@@ -828,9 +832,16 @@ constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
 // (16 KB per warp and stage at D = 128) bounds the block count, not registers. On the KIVI family
 // (body units of decode_mma_kivi.cuh, 4 and 8 rows): 2 blocks, so the per-token path that serves
 // the units around the bodies in the same launch does not spill.
+// The KIVI code units (decode_kivi_codes.cuh) keep no tile in registers or a work area: 5 / 4 / 3
+// blocks at 1 / 4 / 8 rows, as the per-token instances (the ring, ~3 KB per stage and warp at
+// D = 128 and 2 bits, fits).
 template <int PATHS, int R, bool IMMA>
 constexpr int DecodeLaunchMinBlocks() {
-  return IMMA ? (PATHS == kFamFull ? 1 : PATHS == kFamKivi ? 2 : 4) : DecodeMinBlocks<R>();
+  return IMMA ? (PATHS == kFamFull              ? 1
+                 : PATHS == kFamKivi            ? 2
+                 : PATHS == kFamKiviCodes       ? (R <= 4 ? 4 : 3)
+                                                : 4)
+              : DecodeMinBlocks<R>();
 }
 
 // (the fp16 tensor-core instance returns before the per-token loop: nvcc's "loop is not
@@ -913,6 +924,18 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         MmaKiviBodyUnit<D, DT, R, 2, 2>(sm, a, s, unit, ring, warp, lane);
       } else {
         MmaKiviBodyUnit<D, DT, R, 4, 4>(sm, a, s, unit, ring, warp, lane);
+      }
+      __syncthreads();
+      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+      return;
+    }
+  } else if constexpr (IMMA && PATHS == kFamKiviCodes) {
+    if (unit.kind == kUnitImmaBody) {  // the plan made it only for 2- or 4-bit asym K and V
+      uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
+      if (s.k.bits == 2) {
+        KiviCodesBodyUnit<D, R, 2>(sm, a, s, unit, ring, warp, lane);
+      } else {
+        KiviCodesBodyUnit<D, R, 4>(sm, a, s, unit, ring, warp, lane);
       }
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
@@ -1183,6 +1206,8 @@ template <int D, DType DT, int R>
 cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cudaStream_t stream) {
   if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
     return LaunchDecodeT<D, DT, R, kFamFull, true>(args, num_units, stream);
+  if ((paths & kDecodeImmaUnits) && (paths & kDecodeKiviCodeUnits) && DecodeFamily(paths) == kFamKivi)
+    return LaunchDecodeT<D, DT, R, kFamKiviCodes, true>(args, num_units, stream);
   if constexpr (R >= 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
       return LaunchDecodeT<D, DT, R, kFamKivi, true>(args, num_units, stream);
@@ -1203,6 +1228,8 @@ template <int D, DType DT, int R>
 int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
   if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamFull)
     return DecodeBlocksPerSmT<D, DT, R, kFamFull, true>(ring_bytes);
+  if ((paths & kDecodeImmaUnits) && (paths & kDecodeKiviCodeUnits) && DecodeFamily(paths) == kFamKivi)
+    return DecodeBlocksPerSmT<D, DT, R, kFamKiviCodes, true>(ring_bytes);
   if constexpr (R >= 4) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
       return DecodeBlocksPerSmT<D, DT, R, kFamKivi, true>(ring_bytes);

@@ -276,3 +276,4 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
 }  // namespace kvq
 
 #include "decode_mma_kivi.cuh"  // uses MmaRows
+#include "decode_kivi_codes.cuh"  // uses MmaF16, PackAct2

@@ -141,6 +141,12 @@ struct AttnArgs {
 KVQ_HD int BodyTileBytes(int head_dim, int bits, bool has_zeros) {
   return 4 * head_dim * bits + 2 * head_dim + (has_zeros ? 2 * head_dim : 0);
 }
+// The KIVI code units (decode_kivi_codes.cuh): a ring slot holds the K body tile as stored (codes,
+// scales, zeros) and the V body tile with its codes padded by 16 bytes per 128 (KiviCodesPad).
+KVQ_HD int KiviCodesPad(int code_bytes) { return code_bytes + code_bytes / 128 * 16; }
+KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
+  return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
+}
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
 KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * DecodeWarpRingBytes(a); }
@@ -207,18 +213,23 @@ constexpr int kDecodePathKCh = 1, kDecodePathKTok = 2, kDecodePathVTok = 4, kDec
 // units (decode_mma_kivi.cuh, 4- and 8-row instances) or, on the fp16 family, every unit
 // (decode_mma.cuh).
 constexpr int kDecodeImmaUnits = 16;
+// Not a path either: with kDecodeImmaUnits on the KIVI family, the body units multiply the packed
+// codes on the tensor cores (decode_kivi_codes.cuh; 1-, 4- and 8-row instances) instead of
+// dequantizing each tile (decode_mma_kivi.cuh).
+constexpr int kDecodeKiviCodeUnits = 32;
+constexpr int kDecodeUnitBits = kDecodeImmaUnits | kDecodeKiviCodeUnits;
 // The batch runs the InnerQ kernel family (every quantized tensor K along_channels / V along_tokens).
 inline bool DecodeFamilyIsInnerQ(int paths) {
-  paths &= ~kDecodeImmaUnits;
+  paths &= ~kDecodeUnitBits;
   return paths != 0 && (paths & ~(kDecodePathKCh | kDecodePathVTok)) == 0;
 }
 // The batch runs the KIVI kernel family (every quantized tensor K along_tokens / V along_channels).
 inline bool DecodeFamilyIsKivi(int paths) {
-  paths &= ~kDecodeImmaUnits;
+  paths &= ~kDecodeUnitBits;
   return paths != 0 && (paths & ~(kDecodePathKTok | kDecodePathVCh)) == 0;
 }
 // The batch runs the fp16 kernel family (every token of every sequence in full precision).
-inline bool DecodeFamilyIsFull(int paths) { return (paths & ~kDecodeImmaUnits) == 0; }
+inline bool DecodeFamilyIsFull(int paths) { return (paths & ~kDecodeUnitBits) == 0; }
 cudaError_t LaunchMerge(const MergeArgs& args, int head_dim, DType dtype, int num_items,
                         cudaStream_t stream);
 

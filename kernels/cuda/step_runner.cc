@@ -416,27 +416,36 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
-  // KIVI-family batches with 2-8 rows: body tiles dequantized into fp16 and multiplied on the
-  // tensor cores (decode_mma_kivi.cuh), for the sequences whose bits are built. fp16 activations
-  // only: rounded to bf16, the dequantized keys and values put the attention error beyond the bf16
-  // bound of the GPU tests (1.1e-2 against 8e-3 measured). And only where a unit gets several
-  // tiles per warp: with one or two the ring cannot hide the dequantization's latency and the
-  // per-token path was faster ((1,9,3,8192): 37 -> 43 us).
-  const bool kivi_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsKivi(decode_paths) && max_rows >= 2 &&
-                           p.dtype == DType::kF16 &&
-                           total_tokens >= int64_t{kivi_min_unit_tokens_ >= 0 ? kivi_min_unit_tokens_
-                                                                             : kKiviMmaMinUnitTokens} *
-                                               m.num_sms * 2;
-  auto kivi_config = [&](const QuantConfig& c) {
-    return kivi_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
+  // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.
+  // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; set_kivi_codes, asym K
+  // and V, any rows and dtype), or each tile dequantized into fp16 in shared memory
+  // (decode_mma_kivi.cuh; 2-8 rows, fp16 activations only: rounded to bf16, the dequantized keys
+  // and values put the attention error beyond the bf16 bound of the GPU tests, 1.1e-2 against 8e-3
+  // measured). A batch takes one kind for all its KIVI sequences. Either only where a unit gets
+  // several tiles per warp: with one or two the ring cannot hide the latency and the per-token path
+  // was faster ((1,9,3,8192): 37 -> 43 us, dequantizing units).
+  auto kivi_shape = [&](const QuantConfig& c) {
+    return c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
            c.v.grouping == Grouping::kAlongChannels && c.k.group_size == 32 && c.v.group_size == 32 &&
            cuda::KiviMmaBits(c.k.bits, c.v.bits);
   };
+  const bool kivi_batch = decode_path && imma_enabled_ && cuda::DecodeFamilyIsKivi(decode_paths) &&
+                          total_tokens >= int64_t{kivi_min_unit_tokens_ >= 0 ? kivi_min_unit_tokens_
+                                                                            : kKiviMmaMinUnitTokens} *
+                                              m.num_sms * 2;
+  bool kivi_codes = kivi_codes_ && kivi_batch;
+  for (int i = 0; i < num_seqs && kivi_codes; ++i)
+    if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym))
+      kivi_codes = false;
+  const bool kivi_family = kivi_batch && (kivi_codes || (max_rows >= 2 && p.dtype == DType::kF16));
+  auto kivi_config = [&](const QuantConfig& c) { return kivi_family && kivi_shape(c); };
   int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
   int ring_work_bytes = 0;
   for (int i = 0; i < num_seqs; ++i) {
     const QuantConfig& c = configs[i];
-    if (kivi_config(c)) {
+    if (kivi_config(c) && kivi_codes) {
+      ring_slot_bytes = std::max(ring_slot_bytes, cuda::KiviCodesSlotBytes(p.head_dim, c.k.bits, c.v.bits));
+    } else if (kivi_config(c)) {
       ring_work_bytes = cuda::kTileTokens * p.head_dim * 2;
       ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
                                                       cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
@@ -478,7 +487,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     for (const Segment& x : sg) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
   // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
   if (!has_imma && !mma_full) ring_slot_bytes = ring_work_bytes = 0;  // no ring: no dynamic shared memory
-  int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0);
+  int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0) |
+                     (has_imma && kivi_codes ? cuda::kDecodeKiviCodeUnits : 0);
   int ring_stages = 2;
   int blocks_per_sm = 0;
   if (decode_path) {
@@ -616,6 +626,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.imma_units = imma_units;
   stats_.mma_full = mma_full;
   stats_.kivi_mma = imma_units > 0 && kivi_family;
+  stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;
   stats_.blocks_per_sm = blocks_per_sm;
   return Result::Ok();
 }

@@ -6,7 +6,7 @@
 //   - shuffles, ballots, __syncwarp, __syncthreads, atomics (blocks never run concurrently);
 //   - mma.sync m16n8k16 (f16 / bf16 -> f32) and m16n8k32 (u8 x s8 -> s32) with the fragment layouts
 //     of the PTX ISA, the products exact, the sums in fp32 / int32;
-//   - ldmatrix .x4 (and .trans) from every lane's row address;
+//   - ldmatrix .x4 (and .trans) from every lane's row address; movmatrix .m8n8 .trans;
 //   - cp.async as deferred copies per thread: a copy lands only when a cp.async.wait_group covers
 //     its group, so a tile read before its wait reads the slot's previous bytes, as it may on the GPU;
 //   - __shared__ variables are static (one block at a time), dynamic shared memory is filled with
@@ -60,6 +60,7 @@ void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
                  bool bf16);
 void ImmaM16N8K32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
 void LdMatrixX4(uint32_t (&r)[4], const void* row_address, bool trans);
+uint32_t MovMatrixTrans(uint32_t x);
 
 template <typename T>
 inline T BitsTo(uint32_t u) {

@@ -225,6 +225,17 @@ void LdMatrixX4(uint32_t (&r)[4], const void* row_address, bool trans) {
   }
 }
 
+// movmatrix .m8n8 .trans .b16: lane l holds M[l / 4][2 (l % 4) .. +1] and receives
+// M[2 (l % 4)][l / 4] (low half) and M[2 (l % 4) + 1][l / 4] (high half).
+uint32_t MovMatrixTrans(uint32_t x) {
+  uint32_t all[32];
+  kvq::cuda::warp::CurrentBlock()->Exchange(x, all);
+  const int lane = kvq::cuda::warp::CurrentBlock()->lane();
+  const int g = lane >> 2, t = lane & 3;
+  auto elem = [&](int row, int col) { return (all[4 * row + col / 2] >> (16 * (col & 1))) & 0xffffu; };
+  return elem(2 * t, g) | (elem(2 * t + 1, g) << 16);
+}
+
 }  // namespace kvq_emu
 
 // ---------------------------------------------------------------------------------------------

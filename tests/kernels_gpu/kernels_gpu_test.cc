@@ -69,6 +69,8 @@ struct Case {
   int split_blocks = 0;      // CudaStepRunner::set_split_blocks
   float q_scale = 1.f;       // query magnitude: large values make the softmax nearly one-hot
   int ring_stages = 0;       // CudaStepRunner::set_ring_stages (0: the plan's choice); checked from step 2
+  bool kivi_codes = false;   // CudaStepRunner::set_kivi_codes
+  int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
 };
 
 std::string Describe(const Case& c) {
@@ -139,6 +141,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   if (c.expect_mma >= 0) {
     EXPECT_EQ(runner.stats().mma_full, c.expect_mma == 1) << "fp16 tiles on the tensor cores";
   }
+  if (c.expect_kivi_codes >= 0 && !first) {
+    EXPECT_EQ(runner.stats().kivi_codes, c.expect_kivi_codes == 1) << "KIVI body units on the codes";
+  }
   if (c.ring_stages > 0 && !first) {
     EXPECT_EQ(runner.stats().ring_stages, c.ring_stages) << "ring depth of the tensor-core units";
   }
@@ -202,6 +207,7 @@ void RunCase(const Case& c) {
   runner->set_kivi_mma_min_unit_tokens(c.kivi_min_tokens);
   runner->set_split_blocks(c.split_blocks);
   runner->set_ring_stages(c.ring_stages);
+  runner->set_kivi_codes(c.kivi_codes);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -226,6 +232,7 @@ void RunOnAndOff(Case c) {
   c.imma = false;
   if (c.expect_imma >= 0) c.expect_imma = 0;
   if (c.expect_mma >= 0) c.expect_mma = 0;
+  if (c.expect_kivi_codes >= 0) c.expect_kivi_codes = 0;
   RunCase(c);
 }
 
@@ -723,6 +730,145 @@ TEST(KernelsGpu, KiviMmaBody) {
         RunOnAndOff(cs);
         if (HasFatalFailure()) return;
       }
+    }
+  }
+}
+
+// KIVI body units that multiply the packed codes (decode_kivi_codes.cuh), next to the per-token
+// units of the same items in one launch: the KIVI presets and asym configs with a sink of 32 and
+// key normalization, a 3-bit asym config that stays on the per-token path in the same batch, 1 to 8
+// rows per KV head (GQA 1/2/4/8, 2 new tokens at GQA 4: causal rows within the step), bodies from
+// one tile to 5000 tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores
+// off. A batch with a sym KIVI config keeps the dequantizing units (or, at one row or bf16, the
+// per-token path) for all its sequences.
+TEST(KernelsGpu, KiviCodesBody) {
+  SKIP_WITHOUT_GPU();
+  const auto fmt = QuantFormat32;
+  QuantConfig a;  // 2-bit asym, sink 32, key norm
+  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongTokens, 0, 64);
+  a.v = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 40, 1);
+  a.sink = 32;
+  a.key_norm = true;
+  QuantConfig b;  // 4-bit asym, other windows
+  b.k = fmt(QuantMode::kAsym, 4, Grouping::kAlongTokens, 16, 32);
+  b.v = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 7, 3);
+  QuantConfig c3;  // 3-bit: no tensor-core units, per-token path in the same launch
+  c3.k = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
+  c3.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 20, 1);
+  QuantConfig sym;  // sym keys: the batch keeps the dequantizing units
+  sym.k = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 0, 64);
+  sym.v = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 40, 1);
+  for (const QuantConfig* q : {&a, &b, &c3, &sym}) ASSERT_EQ(ValidateConfig(*q, 64), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int gqa : {1, 2, 4, 8}) {
+        const int n = gqa == 4 ? 2 : 1;
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2 * gqa;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kKivi2, 5000, n, n, 33), SeqSpec(Preset::kKivi4, 1200, n, 1, 100),
+                   SeqSpec(a, 2999, 1, n, 5),             SeqSpec(b, 700, n, n, 77),
+                   SeqSpec(c3, 1000, 1, 1, 9),            SeqSpec(Preset::kKivi2, 200, 1, 1, 0),
+                   SeqSpec(Preset::kKivi2, 40, 1, 1, 64)};  // no whole body tile: per-token units only
+        cs.seed = 9950 + k++;
+        cs.expect_decode = 1;
+        cs.expect_imma = 1;
+        cs.expect_kivi_codes = 1;
+        cs.kivi_codes = true;
+        cs.kivi_min_tokens = 0;
+        RunOnAndOff(cs);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    Case cs;
+    cs.hkv = 2;
+    cs.hq = 8;
+    cs.dt = dt;
+    cs.seqs = {SeqSpec(Preset::kKivi2, 3000, 1, 1, 33), SeqSpec(sym, 2000, 1, 1, 5)};
+    cs.seed = 9990 + static_cast<int>(dt);
+    cs.expect_decode = 1;
+    cs.expect_imma = dt == DType::kF16 ? 1 : 0;
+    cs.expect_kivi_codes = 0;
+    cs.kivi_codes = true;
+    cs.kivi_min_tokens = 0;
+    RunCase(cs);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// The KIVI code units where their precision is tested hardest: 32768 tokens (kivi2 and kivi4,
+// fp16 and bf16, 1 / 4 / 8 rows), units of ~6k tokens (split over 2 blocks), queries 8x larger
+// (a nearly one-hot softmax), and every ring depth from 2 to 6 stages.
+TEST(KernelsGpu, KiviCodesPrecision) {
+  SKIP_WITHOUT_GPU();
+  int k = 0;
+  for (Preset p : {Preset::kKivi2, Preset::kKivi4}) {
+    for (int gqa : {1, 4, 8}) {
+      SCOPED_TRACE(std::string("32k ") + PresetName(p) + " gqa " + std::to_string(gqa));
+      Case c;
+      c.hkv = 2;
+      c.hq = 2 * gqa;
+      c.dt = k % 2 == 0 ? DType::kF16 : DType::kBF16;
+      c.seqs = {{p, 32768, 1, 1, 3}};
+      c.seed = 5151 + k++;
+      c.expect_decode = 1;
+      c.expect_kivi_codes = 1;
+      c.kivi_codes = true;
+      c.kivi_min_tokens = 0;
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
+  }
+  for (int gqa : {1, 4}) {
+    SCOPED_TRACE("long units, gqa " + std::to_string(gqa));
+    Case c;
+    c.hkv = 2;
+    c.hq = 2 * gqa;
+    c.seqs = {{Preset::kKivi2, 12000, 1, 1, 3}};
+    c.seed = 5252 + gqa;
+    c.expect_kivi_codes = 1;
+    c.kivi_codes = true;
+    c.split_blocks = 2;
+    c.kivi_min_tokens = 0;
+    RunCase(c);
+    if (HasFatalFailure()) return;
+  }
+  for (Preset p : {Preset::kKivi2, Preset::kKivi4}) {
+    for (int gqa : {1, 4}) {
+      SCOPED_TRACE(std::string("sharp scores ") + PresetName(p) + " gqa " + std::to_string(gqa));
+      Case c;
+      c.hkv = 2;
+      c.hq = 2 * gqa;
+      c.q_scale = 8.f;
+      c.seqs = {{p, 3000, 1, 1, 3}, {p, 700, 1, 1, 40}};
+      c.seed = 5353 + k++;
+      c.expect_kivi_codes = 1;
+      c.kivi_codes = true;
+      c.kivi_min_tokens = 0;
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
+  }
+  for (Preset p : {Preset::kKivi2, Preset::kKivi4}) {
+    for (int stages = 2; stages <= 6; ++stages) {
+      SCOPED_TRACE(std::string("ring ") + PresetName(p) + " stages " + std::to_string(stages));
+      Case c;
+      c.hkv = 2;
+      c.hq = 8;
+      c.d = k % 2 == 0 ? 128 : 64;
+      c.seqs = {{p, 3000, 1, 1, 33}, {p, 600, 1, 1, 5}, {p, 170, 1, 1, 0}};
+      c.seed = 5454 + k++;
+      c.expect_kivi_codes = 1;
+      c.kivi_codes = true;
+      c.kivi_min_tokens = 0;
+      c.ring_stages = stages;
+      RunCase(c);
+      if (HasFatalFailure()) return;
     }
   }
 }

@@ -31,7 +31,8 @@ struct CudaStepStats {
   int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
   bool mma_full = false;     // fp16 batch: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh)
   bool kivi_mma = false;     // the imma_units are KIVI body units on the fp16 / bf16 tensor cores
-                             // (decode_mma_kivi.cuh), not InnerQ ones
+                             // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
+  bool kivi_codes = false;   // those KIVI units multiply the packed codes (decode_kivi_codes.cuh)
 };
 
 class CudaStepRunner {
@@ -78,6 +79,11 @@ class CudaStepRunner {
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
   void set_kivi_mma_min_unit_tokens(int tokens) { kivi_min_unit_tokens_ = tokens; }
+  // KIVI body units multiply the packed codes on the tensor cores (decode_kivi_codes.cuh: 1 to 8
+  // rows, fp16 and bf16, asym K and V) instead of dequantizing each tile to fp16 in shared memory
+  // (decode_mma_kivi.cuh: 2 to 8 rows, fp16). Off by default until the GPU benchmark has compared
+  // the two; tests and the benchmark turn it on.
+  void set_kivi_codes(bool on) { kivi_codes_ = on; }
   // The attention launch as a programmatic dependent of the quantize-append (Hopper): its blocks
   // are launched while the quantize-append finishes and wait for it on the device (default on;
   // off for the benchmark's comparison).
@@ -96,6 +102,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
+  bool kivi_codes_ = false;
   bool pdl_enabled_ = true;
   int split_blocks_ = 0;
 };
