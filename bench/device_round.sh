@@ -5,12 +5,15 @@
 #   1. the GPU suite (kernels_gpu_test) and the store's CUDA backend tests;
 #   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
 #      kvq-bench-base on the same shapes (A/B in the same run);
-#   3. the PyTorch SDPA baseline against (2);
-#   4. the launch overlap off (--no-pdl) on the two long shapes;
-#   5. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
+#   3. the KIVI presets again with --kivi-codes (the code units against the dequantizing units of
+#      (2), same binary, same run);
+#   4. the PyTorch SDPA baseline against (2);
+#   5. the launch overlap off (--no-pdl) on the two long shapes;
+#   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
-# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, sdpa.txt, nopdl.json, memcheck.txt;
+# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kcodes.json, sdpa.txt, nopdl.json,
+# memcheck.txt;
 # a summary is printed.
 #
 # usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
@@ -51,13 +54,15 @@ step kvq-bench 140 .device/run kvq-bench kernels --json "${shapes[@]}" > "$OUT/k
 if [ -x .device/bin/kvq-bench-base ]; then
   step kvq-bench-base 120 .device/run kvq-bench-base kernels --json "${shapes[@]}" > "$OUT/base.json" 2> "$OUT/base.err"
 fi
+step kivi-codes 70 .device/run kvq-bench kernels --json --kivi-codes --presets kivi2,kivi4 "${shapes[@]}" \
+  > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
 if [ $quick = 0 ]; then
   PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
   step no-pdl 40 .device/run kvq-bench kernels --json --no-pdl --shape 1,32,32,32768,128 \
     --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
-    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*' > "$OUT/memcheck.txt" 2>&1
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*' > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
 fi
 if [ ! -s "$OUT/kvq.json" ]; then
@@ -66,4 +71,8 @@ elif [ -s "$OUT/base.json" ]; then
   python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/base.json"
 else
   python3 bench/kernels/render.py "$OUT/kvq.json"
+fi
+if [ -s "$OUT/kcodes.json" ] && [ -s "$OUT/kvq.json" ]; then
+  echo "KIVI code units (kcodes.json) against the dequantizing units (kvq.json):"
+  python3 bench/kernels/render.py "$OUT/kcodes.json" --base "$OUT/kvq.json"
 fi

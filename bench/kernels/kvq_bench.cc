@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-codes] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -87,6 +87,7 @@ int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's ch
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
+bool g_kivi_codes = false;     // --kivi-codes: KIVI body units on the codes (decode_kivi_codes.cuh)
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
@@ -236,6 +237,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
     runners[k]->set_pdl(g_pdl);
+    runners[k]->set_kivi_codes(g_kivi_codes);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -331,11 +333,13 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->chunk = runners[0]->stats().chunk_tokens;
   {
     const CudaStepStats& st = runners[0]->stats();
-    // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-mma]: the decode path's ring depth, the
-    // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma) or
+    // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma]: the decode path's ring depth, the
+    // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
+    // dequantized, -kcodes on the codes) or
     // the fp16 preset's tiles (-mma) ran on the tensor cores
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
-                                     (st.imma_units > 0 ? (st.kivi_mma ? "-kmma" : "-imma") : st.mma_full ? "-mma" : "")
+                                     (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
+                                                       : st.mma_full ? "-mma" : "")
                                : "generic";
   }
   runners.clear();
@@ -352,7 +356,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-codes] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -383,6 +387,8 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
+    } else if (a == "--kivi-codes") {
+      g_kivi_codes = true;
     } else if (a == "--no-pdl") {
       g_pdl = false;
     } else if (a == "--no-check") {
