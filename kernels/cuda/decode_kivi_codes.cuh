@@ -323,19 +323,23 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
       l[i] = l[i] * alpha[i] + ps;
       m[i] = m_new;
     }
+    // the accumulators change scale only when a row's maximum grew (alpha != 1): late in a long
+    // unit most tiles leave every row's maximum where it was, and the warp skips the 48 multiplies
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int mc = 0; mc < MC; ++mc) {
-      o[mc][0] *= alpha[0];
-      o[mc][1] *= alpha[1];
-      o[mc][2] *= alpha[0];
-      o[mc][3] *= alpha[1];
-    }
+      for (int mc = 0; mc < MC; ++mc) {
+        o[mc][0] *= alpha[0];
+        o[mc][1] *= alpha[1];
+        o[mc][2] *= alpha[0];
+        o[mc][3] *= alpha[1];
+      }
 #pragma unroll
-    for (int gg = 0; gg < NG; ++gg) {
-      oz[gg][0] *= alpha[0];
-      oz[gg][1] *= alpha[1];
-      oz[gg][2] *= alpha[0];
-      oz[gg][3] *= alpha[1];
+      for (int gg = 0; gg < NG; ++gg) {
+        oz[gg][0] *= alpha[0];
+        oz[gg][1] *= alpha[1];
+        oz[gg][2] *= alpha[0];
+        oz[gg][3] *= alpha[1];
+      }
     }
     // P^T fragments: k-step mt = tokens 16 mt .. + 15; reg hh = tokens 16 mt + 8 hh + 2t, + 1 of row g
     uint32_t pt[2][2];

@@ -108,6 +108,7 @@ inline T __shfl_sync(unsigned, T v, int src) {
   kvq::cuda::warp::CurrentBlock()->Exchange(kvq_emu::ToBits(v), all);
   return kvq_emu::BitsTo<T>(all[src & 31]);
 }
+inline int __any_sync(unsigned, int p) { return kvq::cuda::warp::Ballot(p != 0) != 0u ? 1 : 0; }
 inline int atomicAdd(int* p, int v) {
   const int old = *p;
   *p = old + v;
