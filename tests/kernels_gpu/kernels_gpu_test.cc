@@ -686,6 +686,19 @@ TEST(KernelsGpu, ImmaBody) {
   }
 }
 
+// The KIVI batches of the tensor-core unit tests: both presets and two explicit configs a, b with
+// bodies from one tile to 5000 tokens, n new tokens in some, a 3-bit config (no tensor-core units:
+// the per-token path in the same launch) and two short sequences (one body tile; none).
+std::vector<SeqSpec> KiviMixedBatch(const QuantConfig& a, const QuantConfig& b, int n) {
+  QuantConfig c3;
+  c3.k = QuantFormat32(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
+  c3.v = QuantFormat32(QuantMode::kAsym, 3, Grouping::kAlongChannels, 20, 1);
+  return {SeqSpec(Preset::kKivi2, 5000, n, n, 33), SeqSpec(Preset::kKivi4, 1200, n, 1, 100),
+          SeqSpec(a, 2999, 1, n, 5),             SeqSpec(b, 700, n, n, 77),
+          SeqSpec(c3, 1000, 1, 1, 9),            SeqSpec(Preset::kKivi2, 200, 1, 1, 0),
+          SeqSpec(Preset::kKivi2, 40, 1, 1, 64)};
+}
+
 // KIVI-layout body tiles dequantized into activations on the fp16 / bf16 tensor cores
 // (decode_mma_kivi.cuh) next to the per-token units of the same items, in one launch: the KIVI
 // presets and explicit configs of every mode ((K, V) bits (2, 2) and (4, 4); sym / asym / hybrid;
@@ -705,10 +718,7 @@ TEST(KernelsGpu, KiviMmaBody) {
   QuantConfig b;  // 4-bit hybrid keys, 4-bit sym values
   b.k = fmt(QuantMode::kHybrid, 4, Grouping::kAlongTokens, 16, 32);
   b.v = fmt(QuantMode::kSym, 4, Grouping::kAlongChannels, 7, 3);
-  QuantConfig c3;  // 3-bit: no tensor-core instance, per-token path in the same launch
-  c3.k = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
-  c3.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 20, 1);
-  for (const QuantConfig* q : {&a, &b, &c3}) ASSERT_EQ(ValidateConfig(*q, 64), "");
+  for (const QuantConfig* q : {&a, &b}) ASSERT_EQ(ValidateConfig(*q, 64), "");
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -719,10 +729,7 @@ TEST(KernelsGpu, KiviMmaBody) {
         cs.hq = 2 * gqa;
         cs.d = d;
         cs.dt = dt;
-        cs.seqs = {SeqSpec(Preset::kKivi2, 5000, n, n, 33), SeqSpec(Preset::kKivi4, 1200, n, 1, 100),
-                   SeqSpec(a, 2999, 1, n, 5),             SeqSpec(b, 700, n, n, 77),
-                   SeqSpec(c3, 1000, 1, 1, 9),            SeqSpec(Preset::kKivi2, 200, 1, 1, 0),
-                   SeqSpec(Preset::kKivi2, 40, 1, 1, 64)};  // no whole body tile: per-token units only
+        cs.seqs = KiviMixedBatch(a, b, n);
         cs.seed = 9900 + k++;
         cs.expect_decode = 1;
         cs.expect_imma = dt == DType::kF16 ? 1 : 0;
@@ -752,13 +759,10 @@ TEST(KernelsGpu, KiviCodesBody) {
   QuantConfig b;  // 4-bit asym, other windows
   b.k = fmt(QuantMode::kAsym, 4, Grouping::kAlongTokens, 16, 32);
   b.v = fmt(QuantMode::kAsym, 4, Grouping::kAlongChannels, 7, 3);
-  QuantConfig c3;  // 3-bit: no tensor-core units, per-token path in the same launch
-  c3.k = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 0, 32);
-  c3.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongChannels, 20, 1);
   QuantConfig sym;  // sym keys: the batch keeps the dequantizing units
   sym.k = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 0, 64);
   sym.v = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 40, 1);
-  for (const QuantConfig* q : {&a, &b, &c3, &sym}) ASSERT_EQ(ValidateConfig(*q, 64), "");
+  for (const QuantConfig* q : {&a, &b, &sym}) ASSERT_EQ(ValidateConfig(*q, 64), "");
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -769,10 +773,7 @@ TEST(KernelsGpu, KiviCodesBody) {
         cs.hq = 2 * gqa;
         cs.d = d;
         cs.dt = dt;
-        cs.seqs = {SeqSpec(Preset::kKivi2, 5000, n, n, 33), SeqSpec(Preset::kKivi4, 1200, n, 1, 100),
-                   SeqSpec(a, 2999, 1, n, 5),             SeqSpec(b, 700, n, n, 77),
-                   SeqSpec(c3, 1000, 1, 1, 9),            SeqSpec(Preset::kKivi2, 200, 1, 1, 0),
-                   SeqSpec(Preset::kKivi2, 40, 1, 1, 64)};  // no whole body tile: per-token units only
+        cs.seqs = KiviMixedBatch(a, b, n);
         cs.seed = 9950 + k++;
         cs.expect_decode = 1;
         cs.expect_imma = 1;
