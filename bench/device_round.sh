@@ -5,15 +5,16 @@
 #   1. the GPU suite (kernels_gpu_test) and the store's CUDA backend tests;
 #   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
 #      kvq-bench-base on the same shapes (A/B in the same run);
-#   3. the KIVI presets again with --kivi-codes (the code units against the dequantizing units of
-#      (2), same binary, same run);
+#   3. the KIVI presets again with --kivi-units dequant (the dequantizing KIVI units against the
+#      code units, the default, of (2): same binary, same run);
 #   4. the PyTorch SDPA baseline against (2);
 #   5. the launch overlap off (--no-pdl) on the two long shapes;
 #   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
-# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kcodes.json, sdpa.txt, nopdl.json,
-# memcheck.txt;
+# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, sdpa.txt, nopdl.json,
+# memcheck.txt, packed at the end into $OUT/round.tgz alone (the device tool brings back a limited
+# number of files);
 # a summary is printed.
 #
 # usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
@@ -34,12 +35,12 @@ step() {  # step NAME SECONDS COMMAND...: runs it bounded (and within BUDGET), p
   local left=$(( BUDGET - ($(date +%s) - t0) ))
   [ "$secs" -gt "$left" ] && secs=$left
   if [ "$secs" -lt 10 ]; then
-    echo "[$name] skipped: the round's time is spent" >&3
+    echo "[$name] skipped: the round's time is spent" | tee -a "$OUT/steps.txt" >&3
     return 124
   fi
   timeout "$secs" "$@"
   local rc=$?
-  echo "[$name] rc=$rc at $(( $(date +%s) - t0 ))s" >&3
+  echo "[$name] rc=$rc at $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt" >&3
   return $rc
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/gpu.txt" 2>&1
@@ -54,15 +55,15 @@ step kvq-bench 140 .device/run kvq-bench kernels --json "${shapes[@]}" > "$OUT/k
 if [ -x .device/bin/kvq-bench-base ]; then
   step kvq-bench-base 120 .device/run kvq-bench-base kernels --json "${shapes[@]}" > "$OUT/base.json" 2> "$OUT/base.err"
 fi
-step kivi-codes 70 .device/run kvq-bench kernels --json --kivi-codes --presets kivi2,kivi4 "${shapes[@]}" \
-  > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
+step kivi-dequant 70 .device/run kvq-bench kernels --json --kivi-units dequant --presets kivi2,kivi4 \
+  "${shapes[@]}" > "$OUT/kdequant.json" 2> "$OUT/kdequant.err"
 if [ $quick = 0 ]; then
   PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
   step no-pdl 40 .device/run kvq-bench kernels --json --no-pdl --shape 1,32,32,32768,128 \
     --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
-    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*' > "$OUT/memcheck.txt" 2>&1
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*' > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
 fi
 if [ ! -s "$OUT/kvq.json" ]; then
@@ -72,7 +73,10 @@ elif [ -s "$OUT/base.json" ]; then
 else
   python3 bench/kernels/render.py "$OUT/kvq.json"
 fi
-if [ -s "$OUT/kcodes.json" ] && [ -s "$OUT/kvq.json" ]; then
-  echo "KIVI code units (kcodes.json) against the dequantizing units (kvq.json):"
-  python3 bench/kernels/render.py "$OUT/kcodes.json" --base "$OUT/kvq.json"
+if [ -s "$OUT/kdequant.json" ] && [ -s "$OUT/kvq.json" ]; then
+  echo "KIVI presets, the default code units (kvq.json) against the dequantizing units (kdequant.json):"
+  python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/kdequant.json" | sed -n '/against the base/,$p'
 fi
+# everything in one archive: the device tool brings back only a few files per call
+(cd "$OUT" && tar czf /tmp/round.tgz ./* && rm -rf ./* && mv /tmp/round.tgz .)
+echo "steps (all outputs in round.tgz):"; tar xzf "$OUT/round.tgz" -O ./steps.txt

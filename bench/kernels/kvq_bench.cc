@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-codes] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -87,7 +87,9 @@ int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's ch
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
-bool g_kivi_codes = false;     // --kivi-codes: KIVI body units on the codes (decode_kivi_codes.cuh)
+int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on the codes
+                               // (decode_kivi_codes.cuh) or dequantizing (decode_mma_kivi.cuh);
+                               // -1: the runner's default
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
@@ -237,7 +239,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
     runners[k]->set_pdl(g_pdl);
-    runners[k]->set_kivi_codes(g_kivi_codes);
+    if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -356,7 +358,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-codes] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -387,8 +389,10 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
-    } else if (a == "--kivi-codes") {
-      g_kivi_codes = true;
+    } else if (a == "--kivi-units" && i + 1 < argc) {
+      const std::string u = argv[++i];
+      if (u != "codes" && u != "dequant") return Usage();
+      g_kivi_codes = u == "codes" ? 1 : 0;
     } else if (a == "--no-pdl") {
       g_pdl = false;
     } else if (a == "--no-check") {

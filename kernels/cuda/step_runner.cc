@@ -417,7 +417,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
   // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.
-  // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; set_kivi_codes, asym K
+  // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; the default, asym K
   // and V, any rows and dtype), or each tile dequantized into fp16 in shared memory
   // (decode_mma_kivi.cuh; 2-8 rows, fp16 activations only: rounded to bf16, the dequantized keys
   // and values put the attention error beyond the bf16 bound of the GPU tests, 1.1e-2 against 8e-3
@@ -438,7 +438,10 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym))
       kivi_codes = false;
   const bool kivi_family = kivi_batch && (kivi_codes || (max_rows >= 2 && p.dtype == DType::kF16));
-  auto kivi_config = [&](const QuantConfig& c) { return kivi_family && kivi_shape(c); };
+  // (one row, 4-bit: the per-token path measured as fast or faster than the code units, 0.93-1.0x)
+  auto kivi_config = [&](const QuantConfig& c) {
+    return kivi_family && kivi_shape(c) && (!kivi_codes || max_rows >= 2 || c.k.bits == 2);
+  };
   int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
   int ring_work_bytes = 0;
   for (int i = 0; i < num_seqs; ++i) {
