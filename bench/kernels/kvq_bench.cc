@@ -337,8 +337,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     const CudaStepStats& st = runners[0]->stats();
     // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma]: the decode path's ring depth, the
     // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
-    // dequantized, -kcodes on the codes) or
-    // the fp16 preset's tiles (-mma) ran on the tensor cores
+    // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : "")
