@@ -196,13 +196,12 @@ __device__ __forceinline__ float UnitAt(const uint32_t* w, int i) {
   return UnitCode<BITS>(lo, hi, sh);
 }
 
-// N consecutive words from global memory (read-only path) or, SM, from shared memory (a staged tile).
-template <int N, bool SM = false>
+template <int N>
 __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   if constexpr (N % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = Ld<SM>(reinterpret_cast<const uint4*>(src) + i);
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
       dst[4 * i] = v.x;
       dst[4 * i + 1] = v.y;
       dst[4 * i + 2] = v.z;
@@ -211,13 +210,13 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   } else if constexpr (N % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = Ld<SM>(reinterpret_cast<const uint2*>(src) + i);
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src) + i);
       dst[2 * i] = v.x;
       dst[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = Ld<SM>(src + i);
+    for (int i = 0; i < N; ++i) dst[i] = __ldg(src + i);
   }
 }
 

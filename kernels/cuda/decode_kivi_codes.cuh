@@ -168,6 +168,23 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
 #endif
 }
 
+// Words w of B-bit codes starting at p: B / 2 words per 16 codes, N of them.
+template <int N>
+__device__ __forceinline__ void LoadSharedWords(const uint8_t* p, uint32_t* w) {
+  if constexpr (N == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else {
+    static_assert(N == 2, "2 or 4 words");
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  }
+}
+
 template <int D, int R, int B, typename Smem>
 __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                                   uint8_t* ring, int warp, int lane) {
@@ -183,7 +200,8 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
   const int stages = a.ring_stages;
   const int slot_bytes = a.ring_slot_bytes;
   const int b0 = s.sink_len + s.to_sink;
-  constexpr int kCodes = 4 * D * B;  // code bytes of a K or a V tile
+  constexpr int kKCodes = 4 * D * B;
+  constexpr int kVCodes = 4 * D * B;
   const CodePair<B> cp(g);
 
   auto& ws = sm.w[warp];
@@ -222,10 +240,10 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
   };
   WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int tile0, int slot) {
     const uint8_t* kt = ring + slot * slot_bytes;
-    const uint8_t* ksc = kt + kCodes;
+    const uint8_t* ksc = kt + kKCodes;
     const uint8_t* kz = ksc + 2 * D;
     const uint8_t* vt = kz + 2 * D;
-    const uint8_t* vsc = vt + KiviCodesPad(kCodes);
+    const uint8_t* vsc = vt + KiviCodesPad(kVCodes);
     const uint8_t* vz = vsc + 2 * D;
     const uint8_t* vsc_t = vsc + 2 * NG * 2 * t;  // token 2t's group scales
     const uint8_t* vz_t = vz + 2 * NG * 2 * t;
@@ -250,8 +268,14 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
         const uint32_t r0 = HFmaResidual2(qv[2 * j], a0, b0), r1 = HFmaResidual2(qv[2 * j + 1], a1, b1);
         // the zero term with the zeros as the A side (every token row alike): exact products
         MmaF16<DType::kF16>(zc, z01.x, z01.x, z01.y, z01.y, qv[2 * j], qv[2 * j + 1]);
-          uint32_t w[4 * WPC];  // channels 16 kc + 4t + i, i < 4: all their words (channel i at i * WPC)
-        LoadWords<4 * WPC, true>(reinterpret_cast<const uint32_t*>(kt) + WPC * (kc * 16 + 4 * t), w);
+        uint32_t w[4 * WPC];  // channels 16 kc + 4t + i, i < 4: all their words (channel i at i * WPC)
+        const uint8_t* src = kt + 4 * WPC * (kc * 16 + 4 * t);
+        LoadSharedWords<4>(src, w);
+        LoadSharedWords<4>(src + 16, w + 4);
+        if constexpr (WPC == 4) {
+          LoadSharedWords<4>(src + 32, w + 8);
+          LoadSharedWords<4>(src + 48, w + 12);
+        }
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           const int wa = mt * B / 2, wb = wa + CodePair<B>::kWordB;
@@ -358,8 +382,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
         for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            LoadWords<B, true>(
-                reinterpret_cast<const uint32_t*>(vrow[e] + VRowOffset(16 * mt + 8 * hh) + gg * 4 * B), w[hh][e]);
+            LoadSharedWords<B>(vrow[e] + VRowOffset(16 * mt + 8 * hh) + gg * 4 * B, w[hh][e]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {  // m-tile 2 gg + r: channels 32 gg + 16 r + (g, g + 8)
           const int wa = r * B / 2, wb = wa + CodePair<B>::kWordB;

@@ -145,7 +145,7 @@ KVQ_HD int BodyTileBytes(int head_dim, int bits, bool has_zeros) {
 // scales, zeros) and the V body tile with its codes padded by 16 bytes per 128 (KiviCodesPad).
 KVQ_HD int KiviCodesPad(int code_bytes) { return code_bytes + code_bytes / 128 * 16; }
 KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
-  return BodyTileBytes(head_dim, k_bits, true) + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
+  return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
