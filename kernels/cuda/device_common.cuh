@@ -222,38 +222,78 @@ __device__ __forceinline__ float UnitQuery(const uint16_t* q, int num_q_heads, i
 }
 
 // Combines the units' unnormalized (o, m, l) of one merge item into the final output rows, with
-// the threads of a block. A unit whose tokens are all masked for a row has m = -inf and l = 0 and
-// gets weight 0; a row always sees at least itself, so the combined l is > 0. L2 loads (__ldcg):
-// the partials may have been written by other blocks of the same launch (fused merge).
+// the threads of a block: one warp per row. The lanes first read the units' (m, l) pairs 32 at a
+// time (the row's maximum, then each unit's weight 2^(m_u - m)); then a unit's partial row is one
+// 16-byte load per lane (D / 4 lanes per unit, so two units per step at D = 64) and eight units'
+// loads are in flight together, each weighted by its unit's weight taken from the lane that read
+// it. The merge runs after the last unit of an item, on one SM while the others may be idle, so
+// its latency chain is what counts: a loop over elements with a loop over units inside (every
+// element re-reading every unit's m and l) took ~15 us for 64 units (ncu, (1,9,3,8192)).
+// A unit whose tokens are all masked for a row has m = -inf and l = 0 and gets weight 0; a row
+// always sees at least itself, so the combined l is > 0. L2 loads (__ldcg): the partials may have
+// been written by other blocks of the same launch (fused merge).
 template <int D, DType DT>
 __device__ __forceinline__ void MergeItemRows(const DevMergeItem& it, const DevSeq& s, const float* part_o,
                                               const float* part_ml, uint16_t* o, int num_q_heads, int group,
                                               int tid, int threads) {
-  for (int idx = tid; idx < it.num_rows * D; idx += threads) {
-    const int r = idx / D;
-    const int c = idx % D;
-    const float* ml = part_ml + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * 2;
-    const float* po = part_o + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * D + c;
-    constexpr int kStride = kRowsPerUnit * 2;
+  static_assert(D % 4 == 0 && D <= 128, "a unit's row is at most one float4 per lane");
+  constexpr int kLanesPerUnit = D / 4;
+  constexpr int kUnitsPerStep = 32 / kLanesPerUnit;
+  const int lane = tid & 31;
+  const int sub = lane / kLanesPerUnit;  // which unit of a step this lane reads
+  const int c = (lane % kLanesPerUnit) * 4;
+  const int n = it.num_units;
+  for (int r = tid >> 5; r < it.num_rows; r += threads >> 5) {
+    const float2* ml = reinterpret_cast<const float2*>(part_ml) + static_cast<int64_t>(it.unit0) * kRowsPerUnit + r;
     float m = -INFINITY;
-    // Unrolled, branch-free loops: the loads of several units are in flight together.
+    for (int u = lane; u < n; u += 32) m = fmaxf(m, __ldcg(ml + static_cast<int64_t>(u) * kRowsPerUnit).x);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float l = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (m != -INFINITY) {  // warp-uniform
+      for (int u0 = 0; u0 < n; u0 += 32) {
+        const int cnt = min(32, n - u0);
+        float w = 0.f;  // unit u0 + lane's weight; 0 past the item's units
+        if (lane < cnt) {
+          const float2 x = __ldcg(ml + static_cast<int64_t>(u0 + lane) * kRowsPerUnit);
+          w = x.x == -INFINITY ? 0.f : exp2f(x.x - m);
+          l += w * x.y;
+        }
+        const float* po = part_o + (static_cast<int64_t>(it.unit0 + u0) * kRowsPerUnit + r) * D + c;
 #pragma unroll 8
-    for (int u = 0; u < it.num_units; ++u) m = fmaxf(m, __ldcg(ml + u * kStride));
-    float l = 0.f, acc = 0.f;
-    if (m != -INFINITY) {
-#pragma unroll 8
-      for (int u = 0; u < it.num_units; ++u) {
-        const float mu = __ldcg(ml + u * kStride);
-        const float w = mu == -INFINITY ? 0.f : exp2f(mu - m);
-        l += w * __ldcg(ml + u * kStride + 1);
-        acc += w * __ldcg(po + static_cast<int64_t>(u) * kRowsPerUnit * D);
+        for (int j = 0; j < cnt; j += kUnitsPerStep) {
+          // (j + sub <= 31; past cnt the weight is 0 and the load repeats the last unit)
+          const float wj = __shfl_sync(0xffffffffu, w, j + sub);
+          const int ju = min(j + sub, cnt - 1);
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(po + static_cast<int64_t>(ju) * kRowsPerUnit * D));
+          acc.x += wj * v.x;
+          acc.y += wj * v.y;
+          acc.z += wj * v.z;
+          acc.w += wj * v.w;
+        }
       }
     }
-    const float out = l > 0.f ? acc / l : 0.f;
-    const int row = it.row0 + r;
-    const int i = row / group;
-    const int hq = it.kv_head * group + row % group;
-    o[((s.q_row + i) * num_q_heads + hq) * D + c] = FloatToAct<DT>(out);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+#pragma unroll
+    for (int off = kLanesPerUnit; off < 32; off <<= 1) {
+      acc.x += __shfl_xor_sync(0xffffffffu, acc.x, off);
+      acc.y += __shfl_xor_sync(0xffffffffu, acc.y, off);
+      acc.z += __shfl_xor_sync(0xffffffffu, acc.z, off);
+      acc.w += __shfl_xor_sync(0xffffffffu, acc.w, off);
+    }
+    if (sub == 0) {
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = it.row0 + r;
+      const int i = row / group;
+      const int hq = it.kv_head * group + row % group;
+      uint16_t* out = o + ((s.q_row + i) * num_q_heads + hq) * D + c;
+      out[0] = FloatToAct<DT>(acc.x * inv);
+      out[1] = FloatToAct<DT>(acc.y * inv);
+      out[2] = FloatToAct<DT>(acc.z * inv);
+      out[3] = FloatToAct<DT>(acc.w * inv);
+    }
   }
 }
 
