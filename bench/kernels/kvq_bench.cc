@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -88,6 +88,8 @@ bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
 int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on the codes
+int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
+int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
                                // (decode_kivi_codes.cuh) or dequantizing (decode_mma_kivi.cuh);
                                // -1: the runner's default
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
@@ -240,6 +242,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_imma(g_imma);
     runners[k]->set_pdl(g_pdl);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
+    if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
+    if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -357,7 +361,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -392,6 +396,10 @@ int main(int argc, char** argv) {
       const std::string u = argv[++i];
       if (u != "codes" && u != "dequant") return Usage();
       g_kivi_codes = u == "codes" ? 1 : 0;
+    } else if (a == "--kivi-min-tokens" && i + 1 < argc) {
+      g_kivi_min_tokens = std::max(0, std::atoi(argv[++i]));
+    } else if (a == "--split-blocks" && i + 1 < argc) {
+      g_split_blocks = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--no-pdl") {
       g_pdl = false;
     } else if (a == "--no-check") {

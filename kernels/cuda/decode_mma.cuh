@@ -233,30 +233,55 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
   MmaRows<D, DT, R> st;
   st.Init(sm.q, sm.pos, g, t);
 
+  // This lane's token of the next tile to issue, located one issue ahead: its page-table loads
+  // have a whole tile's compute to arrive. (ncu, (1,32,32,32768), one warp per scheduler: the
+  // issue waited on them for ~8% of the warps' samples when it located its own tile.)
+  TokLoc nk{-1, 0, 0}, nv{-1, 0, 0};
+  auto locate = [&](int tile0) {
+    const int tok = tile0 + lane;
+    nk.page = nv.page = -1;
+    if (tok < unit.tok_end) {
+      nk = Locate(s, s.k, a.pages, tok);
+      nv = Locate(s, s.v, a.pages, tok);
+    }
+  };
+  locate(unit.tok_begin + warp * 32);
   auto issue = [&](int tile0, int stage) {
     if (tile0 < unit.tok_end) {
-      const int tok = tile0 + lane;
-      int64_t ko = -1, vo = -1;
-      if (tok < unit.tok_end) {
-        const TokLoc kl = Locate(s, s.k, a.pages, tok);
-        const TokLoc vl = Locate(s, s.v, a.pages, tok);
-        ko = kl.page + FullTokenOffset(kl.slot, h, D);
-        vo = vl.page + FullTokenOffset(vl.slot, h, D);
-      }
-      __syncwarp();  // the previous issue's reads of rowoff are done
-      rowoff[lane] = ko;
-      rowoff[32 + lane] = vo;
-      __syncwarp();
+      const int64_t ko = nk.page >= 0 ? nk.page + FullTokenOffset(nk.slot, h, D) : -1;
+      const int64_t vo = nv.page >= 0 ? nv.page + FullTokenOffset(nv.slot, h, D) : -1;
+      locate(tile0 + kDecRingWarps * 32);  // the tile the next issue stages
       uint8_t* dst = ring + stage * slot_bytes;
       const int chunk = lane % CH;
+      // A tile inside one page and segment is one run of 32 rows per tensor (head-major pages):
+      // its row addresses follow from lane 0's; otherwise (segment or page borders, the unit's
+      // end) each row's offset goes through shared memory.
+      const int64_t k0 = __shfl_sync(0xffffffffu, ko, 0);
+      const int64_t v0 = __shfl_sync(0xffffffffu, vo, 0);
+      if (__all_sync(0xffffffffu, ko >= 0 && vo >= 0 && ko == k0 + lane * (2 * D) && vo == v0 + lane * (2 * D))) {
+        const uint8_t* ksrc = a.arena + k0 + chunk * 16;
+        const uint8_t* vsrc = a.arena + v0 + chunk * 16;
 #pragma unroll
-      for (int j = 0; j < CH; ++j) {
-        const int row = j * RPI + lane / CH;
-        const int64_t k_off = rowoff[row];
-        const int64_t v_off = rowoff[32 + row];
-        const int so = SwzOffset<D>(row, chunk);
-        CpAsync16Zfill(dst + so, a.arena + (k_off >= 0 ? k_off + chunk * 16 : 0), k_off >= 0);
-        CpAsync16Zfill(dst + kTile + so, a.arena + (v_off >= 0 ? v_off + chunk * 16 : 0), v_off >= 0);
+        for (int j = 0; j < CH; ++j) {
+          const int row = j * RPI + lane / CH;
+          const int so = SwzOffset<D>(row, chunk);
+          CpAsync16(dst + so, ksrc + row * (2 * D));
+          CpAsync16(dst + kTile + so, vsrc + row * (2 * D));
+        }
+      } else {
+        __syncwarp();  // the previous issue's reads of rowoff are done
+        rowoff[lane] = ko;
+        rowoff[32 + lane] = vo;
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          const int row = j * RPI + lane / CH;
+          const int64_t k_off = rowoff[row];
+          const int64_t v_off = rowoff[32 + row];
+          const int so = SwzOffset<D>(row, chunk);
+          CpAsync16Zfill(dst + so, a.arena + (k_off >= 0 ? k_off + chunk * 16 : 0), k_off >= 0);
+          CpAsync16Zfill(dst + kTile + so, a.arena + (v_off >= 0 ? v_off + chunk * 16 : 0), v_off >= 0);
+        }
       }
     }
     CpAsyncCommit();

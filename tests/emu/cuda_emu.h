@@ -103,12 +103,24 @@ inline T __shfl_xor_sync(unsigned, T v, int off) {
   return kvq_emu::BitsTo<T>(all[(kvq::cuda::warp::CurrentBlock()->lane() ^ off) & 31]);
 }
 template <typename T>
-inline T __shfl_sync(unsigned, T v, int src) {
-  uint32_t all[32];
-  kvq::cuda::warp::CurrentBlock()->Exchange(kvq_emu::ToBits(v), all);
-  return kvq_emu::BitsTo<T>(all[src & 31]);
+inline T __shfl_sync(unsigned mask, T v, int src) {
+  if constexpr (sizeof(T) == 8) {  // 64-bit values as two exchanges, as the device does
+    uint64_t u;
+    std::memcpy(&u, &v, 8);
+    const uint64_t lo = __shfl_sync(mask, static_cast<uint32_t>(u), src);
+    const uint64_t hi = __shfl_sync(mask, static_cast<uint32_t>(u >> 32), src);
+    u = lo | (hi << 32);
+    T r;
+    std::memcpy(&r, &u, 8);
+    return r;
+  } else {
+    uint32_t all[32];
+    kvq::cuda::warp::CurrentBlock()->Exchange(kvq_emu::ToBits(v), all);
+    return kvq_emu::BitsTo<T>(all[src & 31]);
+  }
 }
 inline int __any_sync(unsigned, int p) { return kvq::cuda::warp::Ballot(p != 0) != 0u ? 1 : 0; }
+inline int __all_sync(unsigned, int p) { return kvq::cuda::warp::Ballot(p == 0) == 0u ? 1 : 0; }
 inline int atomicAdd(int* p, int v) {
   const int old = *p;
   *p = old + v;
