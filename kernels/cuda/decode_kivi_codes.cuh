@@ -13,14 +13,15 @@
 // alike): sum_c b_c q'_c for every token, sum_t b_(t,g) p_t for every channel of group g; their
 // products are exact and they accumulate apart from the code products.
 //
-// Codes as fp16 operands without arithmetic: a code c in the low bits of a half is the subnormal
-// c * 2^-24, exact, and the tensor cores multiply subnormal fp16 inputs exactly; the code products'
-// accumulators are 2^-24 times their value and the factor 2^24 is applied once, when they meet the
-// zero products (per tile for the scores, at the end of the unit for the values).
+// Codes as fp16 operands without arithmetic: a code c in bits p..p+B-1 of a half (p + B <= 10) is
+// the subnormal c * 2^(p-24), exact, and the tensor cores multiply subnormal fp16 inputs exactly.
 // A fragment register holds two codes of neighbouring k (two channels of one token for the keys,
-// two tokens of one channel for the values) while a packed word runs along m: PRMT pairs the
-// half-words of the two streams, one shift by the lane's position and one mask leave both codes
-// (CodePair::At): 1.5 instructions per code, no conversion.
+// two tokens of one channel for the values) while a packed word runs along m: PRMT takes the byte
+// of each stream that holds the lane's element and one mask leaves both codes where they are in
+// their bytes (CodePair::At: 1 instruction per code, no conversion). p is the same for every code
+// of a lane's rows, so the code products' accumulators are 2^(p-24) times their value and the
+// factor is undone once, when they meet the zero products (per tile for the scores, at the end of
+// the unit for the values).
 //
 // Precision. q' is normalized per row (|q'| <= 1) and rounded to fp16 once per unit; q' a goes in
 // as two fp16 operands, the rounded product and its exact residual (HFMA2), so the keys add no
@@ -65,26 +66,39 @@ __device__ __forceinline__ uint32_t HFmaResidual2(uint32_t x, uint32_t y, uint32
 }
 
 // Where elements g and g + 8 of a 16-element run of B-bit codes lie for lane groupID g: the run's
-// words (B / 2 of them), the half-word PRMT takes from each stream, the shift within it.
+// words (B / 2 of them); PRMT moves the byte holding the element, from each stream, into bytes 0
+// and 2 (a per-lane selector), and one mask keeps the element's bits there. The code is left at its
+// position p within the byte (2 (g % 4) for 2 bits, 4 (g % 2) for 4), i.e. the half is the
+// subnormal c 2^(p - 24), still exact (p + B <= 8 < 10 mantissa bits); every code this lane places
+// in a row of A has the same p (elements g and g + 8 share it), so the products' accumulators of
+// the lane's rows g and g + 8 are 2^(p - 24) times their value and `unscale` = 2^(24 - p) undoes
+// it where they meet the zero products. (One PRMT and one LOP3 per register of two codes; a shift
+// to bit 0 would add a third.)
 template <int B>
 struct CodePair {
   static_assert(B == 2 || B == 4, "2- or 4-bit codes");
   static constexpr int kWordB = B == 2 ? 0 : 1;  // word of element g + 8 (element g: word 0)
-  uint32_t sel_a, sel_b;                         // PRMT selectors: low (0x5410) or high (0x7632) halves
-  uint32_t shift;
+  uint32_t sel_a, sel_b;                         // PRMT selectors of elements g and g + 8
+  uint32_t mask;                                 // the element's bits in bytes 0 and 2
+  float unscale;                                 // 2^(24 - p)
   __device__ __forceinline__ explicit CodePair(int g) {
+    // output bytes 0, 1 from byte b of the first stream, 2, 3 from byte b of the second
+    auto sel = [](uint32_t b) { return b | (b << 4) | ((4u + b) << 8) | ((4u + b) << 12); };
+    uint32_t pos;
     if constexpr (B == 2) {  // g at bit 2g, g + 8 at bit 2g + 16 of the one word
-      sel_a = 0x5410u;
-      sel_b = 0x7632u;
-      shift = 2u * g;
+      sel_a = sel(static_cast<uint32_t>(g) >> 2);
+      sel_b = sel(2u + (static_cast<uint32_t>(g) >> 2));
+      pos = 2u * (g & 3);
     } else {  // g at bit 4g of word 0, g + 8 at bit 4g of word 1
-      sel_a = sel_b = g < 4 ? 0x5410u : 0x7632u;
-      shift = 4u * (g & 3);
+      sel_a = sel_b = sel(static_cast<uint32_t>(g) >> 1);
+      pos = 4u * (g & 1);
     }
+    mask = (((1u << B) - 1u) * 0x00010001u) << pos;
+    unscale = 16777216.f / static_cast<float>(1u << pos);
   }
-  // Two codes as fp16 subnormals: (x's, y's) code at the position the selector and shift name.
+  // Two codes as fp16 subnormals: (x's, y's) element at the position the selector names.
   __device__ __forceinline__ uint32_t At(uint32_t x, uint32_t y, uint32_t sel) const {
-    return (__byte_perm(x, y, sel) >> shift) & (((1u << B) - 1u) * 0x00010001u);
+    return __byte_perm(x, y, sel) & mask;
   }
 };
 
@@ -305,7 +319,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
         for (int hh = 0; hh < 2; ++hh) {
           const int tok = tile0 + 16 * mt + 8 * hh + g;
           const bool valid = whole || (tok < unit.tok_end && tok <= pos[i]);
-          x[2 * mt + hh] = valid ? fmaf(sc[mt][2 * hh + i], 16777216.f, zc[2 * hh + i]) * fac[i] : -INFINITY;
+          x[2 * mt + hh] = valid ? fmaf(sc[mt][2 * hh + i], cp.unscale, zc[2 * hh + i]) * fac[i] : -INFINITY;
           mx = fmaxf(mx, x[2 * mt + hh]);
         }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
@@ -413,8 +427,8 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
       }
 #pragma unroll
       for (int mc = 0; mc < MC; ++mc) {
-        ws.u.o[row][16 * mc + g] = fmaf(o[mc][i], 16777216.f, oz[mc / 2][i]);
-        ws.u.o[row][16 * mc + g + 8] = fmaf(o[mc][2 + i], 16777216.f, oz[mc / 2][2 + i]);
+        ws.u.o[row][16 * mc + g] = fmaf(o[mc][i], cp.unscale, oz[mc / 2][i]);
+        ws.u.o[row][16 * mc + g + 8] = fmaf(o[mc][2 + i], cp.unscale, oz[mc / 2][2 + i]);
       }
     }
   }
