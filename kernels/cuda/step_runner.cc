@@ -546,6 +546,25 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       for (const Segment& sg : seg) n += sg.skip_end > sg.skip_begin ? 0 : (sg.end - sg.begin + c - 1) / c;
     return n;
   };
+  // Few items (small batches, the real model's few KV heads): the sink and the window around a
+  // tensor-core body become per-token units of their own, split like any other, so that no warp
+  // walks two of their tiles one after the other. Their per-token tiles are a chain of dependent
+  // loads each (page table, K rows, V rows in batches), so a unit's second tile per warp was the
+  // critical path of the whole launch where the body units have one or two tiles per warp.
+  if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
+    for (size_t k = 0; k < items.size(); ++k) {
+      std::vector<Segment> split;
+      for (const Segment& sg : segments[k]) {
+        if (sg.skip_end > sg.skip_begin) {
+          if (sg.skip_begin > sg.begin) split.push_back({sg.begin, sg.skip_begin, cuda::kUnitTokens, 0, 0});
+          if (sg.end > sg.skip_end) split.push_back({sg.skip_end, sg.end, cuda::kUnitTokens, 0, 0});
+        } else {
+          split.push_back(sg);
+        }
+      }
+      segments[k] = std::move(split);
+    }
+  }
   // The per-token units around tensor-core bodies are short (sink + window): they take capacity
   // from the split only when they are few; otherwise they run first and the body units after them.
   int64_t num_around = 0;

@@ -675,6 +675,14 @@ TEST(KernelsGpu, ImmaBody) {
         cs.expect_imma = 1;
         RunOnAndOff(cs);
         if (HasFatalFailure()) return;
+        if (gqa == 2 && dt == DType::kF16) {
+          // a large split: few items per unit of capacity, so sinks and windows get per-token units
+          // of their own (and items many units: the merge reads more than 32 partials per row)
+          Case big = cs;
+          big.split_blocks = 1024;
+          RunCase(big);
+          if (HasFatalFailure()) return;
+        }
         if (gqa == 1) {  // one row per KV head: the per-token path's integer products (no IMMA units)
           for (auto& q : cs.seqs) q.n1 = q.n2 = 1;
           cs.expect_imma = 0;
@@ -736,6 +744,12 @@ TEST(KernelsGpu, KiviMmaBody) {
         cs.kivi_min_tokens = 0;
         RunOnAndOff(cs);
         if (HasFatalFailure()) return;
+        if (gqa == 4 && dt == DType::kBF16) {  // own units for sinks and windows (as in ImmaBody)
+          Case big = cs;
+          big.split_blocks = 1024;
+          RunCase(big);
+          if (HasFatalFailure()) return;
+        }
       }
     }
   }
@@ -782,6 +796,12 @@ TEST(KernelsGpu, KiviCodesBody) {
         cs.kivi_min_tokens = 0;
         RunOnAndOff(cs);
         if (HasFatalFailure()) return;
+        if (gqa == 4 && dt == DType::kBF16) {  // own units for sinks and windows (as in ImmaBody)
+          Case big = cs;
+          big.split_blocks = 1024;
+          RunCase(big);
+          if (HasFatalFailure()) return;
+        }
       }
     }
   }
