@@ -575,6 +575,31 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       std::max<int64_t>(std::max<int64_t>(64, quantum), round_up((total_tokens + split_capacity - 1) / split_capacity));
   while (chunk < max_visible && count_units(chunk) > split_capacity)
     chunk += std::max<int64_t>(quantum, round_up(chunk / 16));
+  // More units than resident blocks even with whole segments (more items than blocks): the units
+  // run in waves, and a nearly empty last wave costs as much as a full one (kivi4 at
+  // (64,32,8,8192): 512 whole bodies over 396 blocks, two waves for 1.3 waves of work). Then the
+  // chunk with the smallest estimate of waves x (longest unit + a unit's fixed cost) wins; the
+  // whole segments stay unless another chunk is at least 3% better.
+  if (count_units(chunk) > split_capacity) {
+    int64_t longest = 0;
+    for (const auto& seg : segments)
+      for (const Segment& sg : seg)
+        if (sg.skip_end <= sg.skip_begin) longest = std::max(longest, sg.end - sg.begin);
+    constexpr int64_t kUnitFixedTokens = 256;  // prologue, epilogue and merge, as tokens of work (estimate)
+    auto makespan = [&](int64_t c) {
+      const int64_t waves = (count_units(c) + split_capacity - 1) / split_capacity;
+      return waves * (std::min(c, longest) + kUnitFixedTokens);
+    };
+    int64_t best = chunk, best_cost = makespan(chunk);
+    for (int64_t c = 2 * quantum; c < chunk; c += std::max<int64_t>(quantum, round_up(c / 4))) {
+      const int64_t x = makespan(c);
+      if (x * 100 < best_cost * 97) {
+        best = c;
+        best_cost = x;
+      }
+    }
+    chunk = best;
+  }
   std::vector<cuda::DevUnit> units;
   int imma_units = 0;
   for (size_t k = 0; k < items.size(); ++k) {
