@@ -88,10 +88,10 @@ bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
 int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on the codes
-int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
-int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
                                // (decode_kivi_codes.cuh) or dequantizing (decode_mma_kivi.cuh);
                                // -1: the runner's default
+int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
+int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
