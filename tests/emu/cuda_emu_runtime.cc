@@ -6,16 +6,28 @@
 // guard bands that every launch checks (and every block its dynamic shared memory's); streams
 // and events are synchronous (every operation completes before its call returns). Only the calls
 // the project makes are here; anything else fails to link rather than pretending.
+// cp.async and ldmatrix operands the GPU would fault on fail the launch after the block that used
+// them (plain loads and stores have only the guard bands): the first one is printed and returned
+// as cudaErrorMisalignedAddress or cudaErrorIllegalAddress, the bad copy or row itself skipped.
+//   - cp.async: the destination 16-byte aligned, its 16 bytes inside the block's dynamic shared
+//     memory (no kernel copies into static __shared__ variables, which are host statics here);
+//     unless src-size is 0 (zero fill, nothing read), the source 16-byte aligned and its bytes
+//     inside one device allocation (pinned host memory, readable on the GPU, is not a source any
+//     kernel uses: it fails here as a pointer mix-up);
+//   - ldmatrix: every row address 16-byte aligned and, near the dynamic shared memory (inside it
+//     or its guard bands), its 16 bytes inside it (static __shared__ rows: alignment only).
 #include "cuda_emu.h"
 
 #include <algorithm>
 #include <chrono>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <vector>
 
 namespace kvq_emu {
@@ -34,11 +46,29 @@ struct ThreadAsync {
   std::deque<std::vector<Pending>> groups;  // committed, not yet landed, oldest first
 };
 
+// A device allocation as a launch saw it when it started.
+struct Alloc {
+  uintptr_t begin;
+  size_t size;
+};
+
+// The dynamic shared memory's alignment is its std::vector's (kGuard keeps it), which the checks
+// below take as the GPU's.
+static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "dynamic shared memory 16-byte aligned");
+
 struct GridState {
   dim3 grid, block;
   uint3 block_idx;
-  std::vector<uint8_t> dynamic_smem;
+  std::vector<uint8_t> dynamic_smem;  // guard band, smem_bytes, guard band
+  size_t smem_bytes = 0;
   std::vector<ThreadAsync> async;  // per thread of the running block
+  // The device allocations at the launch's start, by address: cp.async sources are looked up here
+  // without a lock. Other host threads may allocate and free meanwhile (the store's lanes grow
+  // their own buffers), but not what this launch reads: its lane's buffers and the arena.
+  std::vector<Alloc> allocs;
+  size_t last_alloc = 0;  // where the last cp.async source was (the next one nearly always is)
+  cudaError_t error = cudaSuccess;  // the launch's first bad access, and what it was
+  std::string error_message;
 };
 
 GridState* g_grid = nullptr;
@@ -70,6 +100,82 @@ int CurrentThread() { return kvq::cuda::warp::CurrentBlock()->thread(); }
 
 void Land(const Pending& p) { std::memcpy(p.dst, p.bytes, 16); }
 
+uintptr_t Addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+
+// Records the launch's first bad access (RunGrid fails the launch with e after the block) and
+// returns false: the caller skips the access, so the block runs on without touching memory it
+// must not.
+__attribute__((format(printf, 2, 3))) bool Bad(cudaError_t e, const char* fmt, ...) {
+  GridState& st = *g_grid;
+  if (st.error != cudaSuccess) return false;
+  char what[256];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(what, sizeof(what), fmt, ap);
+  va_end(ap);
+  char where[96];
+  std::snprintf(where, sizeof(where), "block (%u, %u, %u) thread %d: ", st.block_idx.x, st.block_idx.y,
+                st.block_idx.z, CurrentThread());
+  st.error = e;
+  st.error_message = std::string(where) + what;
+  return false;
+}
+
+// An address's offset from the start of the block's dynamic shared memory (negative before it).
+long long SmemOffset(uintptr_t p) { return static_cast<long long>(p - Addr(DynamicShared())); }
+
+// [p, p + n) inside the block's dynamic shared memory.
+bool InDynamicShared(uintptr_t p, size_t n) {
+  const long long off = SmemOffset(p);
+  return off >= 0 && size_t(off) + n <= g_grid->smem_bytes;
+}
+
+// The launch's device allocation at or below p (the last one found, tried first), or nullptr.
+const Alloc* AllocBelow(uintptr_t p) {
+  GridState& st = *g_grid;
+  if (st.last_alloc < st.allocs.size()) {
+    const Alloc& a = st.allocs[st.last_alloc];
+    if (p >= a.begin && p - a.begin < a.size) return &a;
+  }
+  const auto it = std::upper_bound(st.allocs.begin(), st.allocs.end(), p,
+                                   [](uintptr_t v, const Alloc& a) { return v < a.begin; });
+  if (it == st.allocs.begin()) return nullptr;
+  st.last_alloc = size_t(it - st.allocs.begin()) - 1;
+  return &st.allocs[st.last_alloc];
+}
+
+// cp.async's operands as the GPU requires them (see the header comment).
+bool CpAsyncOk(uintptr_t dst, uintptr_t src, int n) {
+  if (dst % 16 != 0)
+    return Bad(cudaErrorMisalignedAddress, "cp.async destination %#zx not 16-byte aligned (%lld bytes from the start "
+               "of dynamic shared memory)", size_t(dst), SmemOffset(dst));
+  if (!InDynamicShared(dst, 16))
+    return Bad(cudaErrorIllegalAddress, "cp.async destination %#zx: its 16 bytes at offset %lld not inside the %zu "
+               "bytes of dynamic shared memory", size_t(dst), SmemOffset(dst), g_grid->smem_bytes);
+  if (n == 0) return true;  // zero fill: the source is not read
+  if (src % 16 != 0) return Bad(cudaErrorMisalignedAddress, "cp.async source %#zx not 16-byte aligned", size_t(src));
+  const Alloc* a = AllocBelow(src);
+  if (!a)
+    return Bad(cudaErrorIllegalAddress, "cp.async source %#zx: its %d bytes in no device allocation", size_t(src), n);
+  if (src - a->begin + size_t(n) > a->size)
+    return Bad(cudaErrorIllegalAddress, "cp.async source %#zx: its %d bytes at offset %zu not inside the device "
+               "allocation of %zu bytes at %#zx", size_t(src), n, size_t(src - a->begin), a->size, size_t(a->begin));
+  return true;
+}
+
+// An ldmatrix row address as the GPU requires it (see the header comment).
+bool LdMatrixRowOk(uintptr_t row) {
+  const long long off = SmemOffset(row);
+  if (row % 16 != 0)
+    return Bad(cudaErrorMisalignedAddress, "ldmatrix row address %#zx not 16-byte aligned (%lld bytes from the start "
+               "of dynamic shared memory)", size_t(row), off);
+  const long long guard = static_cast<long long>(kGuard);
+  if (off >= -guard && off < static_cast<long long>(g_grid->smem_bytes) + guard && !InDynamicShared(row, 16))
+    return Bad(cudaErrorIllegalAddress, "ldmatrix row address %#zx: its 16 bytes at offset %lld not inside the %zu "
+               "bytes of dynamic shared memory", size_t(row), off, g_grid->smem_bytes);
+  return true;
+}
+
 }  // namespace
 
 uint3 ThreadIdx() {
@@ -93,6 +199,12 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
   GridState st;
   st.grid = grid;
   st.block = block;
+  st.smem_bytes = dynamic_smem;
+  {
+    std::lock_guard<std::mutex> mem_lock(g_mem_mu);
+    st.allocs.reserve(g_device_allocs.size());
+    for (const auto& [ptr, size] : g_device_allocs) st.allocs.push_back({Addr(ptr), size});
+  }
   g_grid = &st;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -105,6 +217,11 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
         // every block takes its turns in another order (seeded by its place in the grid)
         const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
         kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
+        if (st.error != cudaSuccess) {
+          std::fprintf(stderr, "emulated launch: %s\n", st.error_message.c_str());
+          g_grid = nullptr;
+          return Fail(st.error);
+        }
         if (!GuardIntact(st.dynamic_smem.data(), kGuard) ||
             !GuardIntact(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuard)) {
           std::fprintf(stderr, "emulated launch: block (%u, %u, %u) wrote outside its %zu bytes of dynamic shared memory\n",
@@ -126,6 +243,7 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
 }
 
 void CpAsync(void* dst, const void* src, int n) {
+  if (!CpAsyncOk(Addr(dst), Addr(src), n)) return;
   Pending p;
   p.dst = dst;
   std::memset(p.bytes, 0, sizeof(p.bytes));
@@ -203,25 +321,25 @@ void ImmaM16N8K32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a
 
 // ldmatrix .m8n8.x4 .b16: lanes 8j..8j+7 give the row addresses of matrix j; lane l receives
 // M_j[l / 4][2 (l % 4) .. +1] (with .trans: M_j[2 (l % 4)][l / 4] and M_j[2 (l % 4) + 1][l / 4]).
+// Every lane checks its own row address; a bad one goes out as kBadRow, whose row reads as zeros.
 void LdMatrixX4(uint32_t (&r)[4], const void* row_address, bool trans) {
-  const uint64_t p = reinterpret_cast<uintptr_t>(row_address);
+  constexpr uint64_t kBadRow = 1;  // never a good row address: not aligned
+  const uint64_t p = LdMatrixRowOk(Addr(row_address)) ? Addr(row_address) : kBadRow;
   const uint32_t mine[2] = {static_cast<uint32_t>(p), static_cast<uint32_t>(p >> 32)};
   uint32_t all[2 * 32];
   kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 2, all);
-  auto row = [&](int lane) {
-    return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(all[lane] | (uint64_t{all[32 + lane]} << 32)));
+  auto half = [&](int lane, int byte) {
+    const uint64_t a = all[lane] | (uint64_t{all[32 + lane]} << 32);
+    uint16_t h = 0;
+    if (a != kBadRow) std::memcpy(&h, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(a)) + byte, 2);
+    return uint32_t{h};
   };
   const int lane = kvq::cuda::warp::CurrentBlock()->lane();
   for (int j = 0; j < 4; ++j) {
-    uint16_t lo, hi;
-    if (!trans) {
-      std::memcpy(&lo, row(8 * j + lane / 4) + 4 * (lane % 4), 2);
-      std::memcpy(&hi, row(8 * j + lane / 4) + 4 * (lane % 4) + 2, 2);
-    } else {
-      std::memcpy(&lo, row(8 * j + 2 * (lane % 4)) + 2 * (lane / 4), 2);
-      std::memcpy(&hi, row(8 * j + 2 * (lane % 4) + 1) + 2 * (lane / 4), 2);
-    }
-    r[j] = uint32_t{lo} | (uint32_t{hi} << 16);
+    if (!trans)
+      r[j] = half(8 * j + lane / 4, 4 * (lane % 4)) | (half(8 * j + lane / 4, 4 * (lane % 4) + 2) << 16);
+    else
+      r[j] = half(8 * j + 2 * (lane % 4), 2 * (lane / 4)) | (half(8 * j + 2 * (lane % 4) + 1, 2 * (lane / 4)) << 16);
   }
 }
 
@@ -326,6 +444,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: a guard band was overwritten)";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     default: return "emulated CUDA error";
   }
 }
@@ -336,6 +456,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     default: return "cudaErrorUnknown";
   }
 }
