@@ -898,9 +898,15 @@ TEST(KernelsGpu, KiviCodesPrecision) {
 // fp16-preset batches on the fp16 / bf16 tensor cores (decode_mma.cuh): 1, 3, 4 and 8 rows per
 // KV head (GQA 1/3/4/8, and 2 new tokens at GQA 4: causal rows within the step), lengths from 0 to
 // 5000 with windows that start inside a page (tiles across page boundaries), tails shorter than a
-// tile, D 64 and 128, fp16 and bf16; then the same batch on the per-token path.
+// tile, a 32-token sink (tiles across the sink / window border), D 64 and 128, fp16 and bf16; then
+// the same batch on the per-token path.
 TEST(KernelsGpu, MmaFull) {
   SKIP_WITHOUT_GPU();
+  // full precision with a sink: tokens in the sink page, then in the window (a prefill shorter
+  // than the sink leaves it partly empty for the steps to fill)
+  QuantConfig sink32 = PresetConfig(Preset::kFp16);
+  sink32.sink = 32;
+  ASSERT_EQ(ValidateConfig(sink32, 128), "");
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -913,7 +919,8 @@ TEST(KernelsGpu, MmaFull) {
         cs.dt = dt;
         cs.seqs = {SeqSpec(Preset::kFp16, 5000, n, n, 33), SeqSpec(Preset::kFp16, 0, n, 1, 0),
                    SeqSpec(Preset::kFp16, 31, 1, n, 127), SeqSpec(Preset::kFp16, 1000, n, n, 64),
-                   SeqSpec(Preset::kFp16, 129, 1, 1, 5),  SeqSpec(Preset::kFp16, 4095, n, 1, 100)};
+                   SeqSpec(Preset::kFp16, 129, 1, 1, 5),  SeqSpec(Preset::kFp16, 4095, n, 1, 100),
+                   SeqSpec(sink32, 1500, n, n, 40),       SeqSpec(sink32, 31, n, 1, 0)};
         cs.seed = 9700 + k++;
         cs.expect_decode = 1;
         cs.expect_mma = 1;
