@@ -11,6 +11,7 @@
 #
 # usage: scripts/sass_tile_loops.sh [FILE.cu] [FILTER]
 #   scripts/sass_tile_loops.sh kernels/cuda/decode_f16_d128.cu 'ILi4ELi42ELb1'   # KIVI code units, 4 rows
+#   TOP=30 scripts/sass_tile_loops.sh ...   # the 30 most frequent opcodes per loop (8 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-kernels/cuda/decode_f16_d128.cu}
@@ -32,7 +33,7 @@ trap 'rm -rf "$tmp"' EXIT
   -Ikernels/include -Ikernels -Ikernels/cuda -Xptxas -v -c "$src" -o "$tmp/k.o" 2> "$tmp/ptxas.txt"
 "$cuobjdump" -sass "$tmp/k.o" > "$tmp/k.sass"
 python3 - "$tmp/ptxas.txt" "$tmp/k.sass" "$filter" <<'EOF'
-import collections, re, sys
+import collections, os, re, sys
 
 ptxas_txt, sass_txt, filt = sys.argv[1], sys.argv[2], sys.argv[3]
 stats, cur = {}, None
@@ -83,7 +84,7 @@ for n, ins in funcs.items():
             continue
         if c["ENDCOLLECTIVE"]:  # the compiler's copy for a diverged warp (BRA.DIV), not run normally
             continue
-        top = ", ".join(f"{k} {v}" for k, v in c.most_common(8))
+        top = ", ".join(f"{k} {v}" for k, v in c.most_common(int(os.environ.get("TOP", "8"))))
         print(f"  loop {m.group(1)}..{a:x}: {len(body)} instructions, {tc} HMMA/IMMA, "
               f"{c['LDL'] + c['STL']} LDL/STL, {c['STS']} STS, {c['LDSM']} LDSM; {top}")
 EOF
