@@ -7,6 +7,9 @@
 #   stages_N fp16 at (1,32,32,32768) and (16,32,8,32768) with --stages N;
 #   small_*  (1,9,3,8192) D=64: kivi2 / kivi4 on the code units (--kivi-min-tokens 0), innerq with
 #            --split-blocks 132 / 264 / 396;
+#   nopdl    the whole default table with --no-pdl (the launch overlap off), against pdl, the same
+#            table with it on, in the same call: the two recorded rounds saw PDL add 20-30 us to the
+#            whole step at (16,32,8,32768) for every quantized preset and save ~2 us at one row;
 #   ncu      Nsight Compute (bench/ncu_stalls.sh) of fp16 at (1,32,32,32768) and (16,32,8,32768).
 # Every kvq-bench run writes $OUT/NAME.json; all outputs are packed into $OUT/probe.tgz and a
 # summary (attention time and bandwidth per row) is printed.
@@ -41,13 +44,15 @@ except Exception as e:
     print(f"[{name}] no table ({e})"); sys.exit(0)
 for r in d["rows"]:
     print(f"[{name}] {r['b']},{r['hq']},{r['hkv']},{r['t']},{r['d']} {r['preset']:<8} attn {r['attn_us']:8.2f} us "
-          f"{r['gbps']:7.1f} GB/s {100 * r['copy_frac']:5.1f}% copy qa {r['qa_avg_us']:6.2f} units {r['units']} "
+          f"{r['gbps']:7.1f} GB/s {100 * r['copy_frac']:5.1f}% copy qa {r['qa_us']:5.2f}/{r['qa_avg_us']:5.2f} step {r['step_us']:8.2f} units {r['units']} "
           f"chunk {r['chunk']} err {r['err']:.1e} {r['kernel']}")
 EOF
 }
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 one=(--shape 1,32,32,32768,128)
 gqa=(--shape 16,32,8,32768,128)
+bench pdl 60
+bench nopdl 60 --no-pdl
 bench geo 60 --presets fp16 "${one[@]}" --shape 4,32,32,8192,128 --shape 4,8,8,32768,128 \
   --shape 1,8,8,131072,128 "${gqa[@]}"
 for n in 128 132 264 396 528; do bench "split_$n" 25 --presets fp16 --split-blocks $n "${one[@]}"; done
