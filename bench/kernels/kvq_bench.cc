@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -91,6 +91,7 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
                                // (decode_kivi_codes.cuh) or dequantizing (decode_mma_kivi.cuh);
                                // -1: the runner's default
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
+bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
 bool g_check = true;           // --no-check: no comparison with the CPU reference
@@ -244,6 +245,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
+    runners[k]->set_spread_blocks(g_spread_blocks);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -361,7 +363,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -400,6 +402,8 @@ int main(int argc, char** argv) {
       g_kivi_min_tokens = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--split-blocks" && i + 1 < argc) {
       g_split_blocks = std::max(0, std::atoi(argv[++i]));
+    } else if (a == "--spread-blocks") {
+      g_spread_blocks = true;
     } else if (a == "--no-pdl") {
       g_pdl = false;
     } else if (a == "--no-check") {

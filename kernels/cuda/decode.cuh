@@ -1193,10 +1193,36 @@ int DecodeBlocksPerSmT(int ring_bytes) {
   return n;
 }
 
+// Dynamic shared memory for a launch whose blocks no SM may hold more than `cap` of: ring_bytes,
+// padded so that cap + 1 blocks exceed the SM's shared memory (cap blocks still fit). ring_bytes
+// unchanged where the padding would not fit a block or the attributes cannot be read.
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
+int DecodeCappedDynamicSmem(int ring_bytes, int cap) {
+  int dev = 0, sm_bytes = 0, reserved = 0, optin = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return ring_bytes;
+  }
+  const int64_t per_block = sm_bytes / (cap + 1) + 1;  // cap + 1 of these exceed the SM
+  const int64_t dyn = per_block - static_cast<int64_t>(fa.sharedSizeBytes) - reserved;
+  if (dyn <= ring_bytes || dyn + static_cast<int64_t>(fa.sharedSizeBytes) > optin ||
+      static_cast<int64_t>(cap) * per_block > sm_bytes)
+    return ring_bytes;
+  return static_cast<int>(dyn);
+}
+
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 cudaError_t LaunchDecodeT(const AttnArgs& args, int num_units, cudaStream_t stream) {
   if (num_units <= 0) return cudaSuccess;
-  const int ring_bytes = PATHS == kFamFull && !IMMA ? 0 : DecodeRingBytes(args);
+  int ring_bytes = PATHS == kFamFull && !IMMA ? 0 : DecodeRingBytes(args);
+#if !defined(KVQ_CUDA_EMU)
+  if (args.sm_block_cap > 0) ring_bytes = DecodeCappedDynamicSmem<D, DT, R, PATHS, IMMA>(ring_bytes, args.sm_block_cap);
+#endif
   const cudaError_t e = DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes);
   if (e != cudaSuccess) return e;
   return LaunchAttnKernel(DecodeKernel<D, DT, R, PATHS, IMMA>, num_units, kDecThreads, ring_bytes, stream, args);

@@ -134,6 +134,9 @@ struct AttnArgs {
   // it in the stream (the quantize-append), so its blocks are launched and resident while that
   // kernel finishes; they wait (GridDependencyWait) before reading anything it writes.
   int32_t pdl;
+  // Host side only, decode path: when > 0, the launch asks for enough (unused) dynamic shared
+  // memory that no SM can hold more than this many of its blocks (CudaStepRunner::set_spread_blocks).
+  int32_t sm_block_cap;
 };
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),

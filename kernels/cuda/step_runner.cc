@@ -105,6 +105,7 @@ int DecodePaths(const QuantConfig* configs, int num_seqs) {
 struct CudaStepRunner::Impl {
   int device = 0;
   int num_sms = 0;
+  int blocks_per_sm = 0;  // the prepared decode launch's resident blocks per SM (plan)
   // Pinned staging and its device copy (grown on demand, after the previous use finished).
   uint8_t* staging = nullptr;
   uint8_t* meta = nullptr;
@@ -666,6 +667,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.ring_slot_bytes = ring_slot_bytes;
   m.ring_work_bytes = ring_work_bytes;
   m.ring_stages = ring_stages;
+  m.blocks_per_sm = blocks_per_sm;
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
@@ -733,6 +735,11 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.merge_count = m.merge_count;
   a.o = static_cast<uint16_t*>(p.o);
   a.pdl = pdl_enabled_ ? 1 : 0;
+  a.sm_block_cap = 0;
+  if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
+    const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
+    if (cap < m.blocks_per_sm) a.sm_block_cap = cap;
+  }
   if (m.decode_path) {  // the merge is fused into the decode launch
     KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
     KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));

@@ -424,12 +424,15 @@ TEST(KernelsGpu, RingDepths) {
 
 // Many consecutive decode steps of one batch (every flush phase of innerq and kivi2 comes by:
 // innerq's values flush every 32 steps), each checked against the reference, with the attention
-// launched as a programmatic dependent of the quantize-append (the default) and then without:
-// a misplaced grid-dependency wait would let the attention read pages the flush is still writing.
+// launched as a programmatic dependent of the quantize-append (the default), then without, then
+// with PDL and the blocks spread by padded shared memory (set_spread_blocks: at most one block per
+// SM for this small batch): a misplaced grid-dependency wait would let the attention read pages
+// the flush is still writing.
 TEST(KernelsGpu, DecodeStepsInSequence) {
   SKIP_WITHOUT_GPU();
-  for (bool pdl : {true, false}) {
-    SCOPED_TRACE(pdl ? "PDL launch" : "plain launch");
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool pdl = variant != 1, spread = variant == 2;
+    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : "PDL launch, blocks spread");
     Case c;
     c.hkv = 2;
     c.hq = 8;
@@ -439,6 +442,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     runner->set_pdl(pdl);
+    runner->set_spread_blocks(spread);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;

@@ -92,6 +92,11 @@ class CudaStepRunner {
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
   void set_split_blocks(int blocks) { split_blocks_ = blocks; }
+  // Decode path, one-wave launches: no SM holds more than ceil(units / SMs) of the launch's blocks
+  // (unused dynamic shared memory keeps the rest out), so that blocks launched while the
+  // quantize-append retires (PDL) cannot pile up on the SMs it frees first. Off by default (an
+  // experiment: docs/gpu_notes.md, "PDL costs the batched shapes").
+  void set_spread_blocks(bool on) { spread_blocks_ = on; }
 
  private:
   CudaStepRunner() = default;
@@ -105,6 +110,7 @@ class CudaStepRunner {
   bool kivi_codes_ = true;
   bool pdl_enabled_ = true;
   int split_blocks_ = 0;
+  bool spread_blocks_ = false;
 };
 
 }  // namespace kvq
