@@ -10,6 +10,8 @@
 #   nopdl    the whole default table with --no-pdl (the launch overlap off), against pdl, the same
 #            table with it on, in the same call: the two recorded rounds saw PDL add 20-30 us to the
 #            whole step at (16,32,8,32768) for every quantized preset and save ~2 us at one row;
+#   spread   the whole table with PDL and --spread-blocks (at most ceil(units / SMs) blocks per
+#            SM in a one-wave launch);
 #   ncu      Nsight Compute (bench/ncu_stalls.sh) of fp16 at (1,32,32,32768) and (16,32,8,32768).
 # Every kvq-bench run writes $OUT/NAME.json; all outputs are packed into $OUT/probe.tgz and a
 # summary (attention time and bandwidth per row) is printed.
@@ -53,6 +55,7 @@ one=(--shape 1,32,32,32768,128)
 gqa=(--shape 16,32,8,32768,128)
 bench pdl 60
 bench nopdl 60 --no-pdl
+bench spread 60 --spread-blocks
 bench geo 60 --presets fp16 "${one[@]}" --shape 4,32,32,8192,128 --shape 4,8,8,32768,128 \
   --shape 1,8,8,131072,128 "${gqa[@]}"
 for n in 128 132 264 396 528; do bench "split_$n" 25 --presets fp16 --split-blocks $n "${one[@]}"; done
