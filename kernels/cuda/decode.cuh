@@ -647,24 +647,34 @@ __device__ __forceinline__ BodySrc StagedSrc(const uint8_t* base, const DevTenso
   return BodySrc{base, base + cb, base + cb + 2 * D};
 }
 
-// Warp-wide copy of one body tile into shared memory (16-byte cp.async, L2 only); the caller commits.
-template <int D>
-__device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, const DevTensor& x, int lane) {
-  const int cb = 4 * D * x.bits;
-  for (int i = lane * 16; i < cb; i += 32 * 16) CpAsync16(dst + i, g.codes + i);
-  for (int i = lane * 16; i < 2 * D; i += 32 * 16) CpAsync16(dst + cb + i, g.scales + i);
-  if (x.has_zeros)
-    for (int i = lane * 16; i < 2 * D; i += 32 * 16) CpAsync16(dst + cb + 2 * D + i, g.zeros + i);
+// Warp-wide copy of one BITS-bit body tile into shared memory (16-byte cp.async, L2 only), every
+// size known at compile time: the codes in whole or predicated warp-wide steps, then the scales
+// and the zeros (contiguous when staged) as one step of 2 x 2D / 16 lanes; the caller commits.
+template <int D, int BITS>
+__device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, bool has_zeros, int lane) {
+  constexpr int kCodes = 4 * D * BITS;
+  constexpr int kSz = 2 * D / 16;  // 16-byte chunks of the scales (and of the zeros)
+  static_assert(2 * kSz <= 32, "scales and zeros in one warp-wide step");
+#pragma unroll
+  for (int it = 0; it < (kCodes + 511) / 512; ++it) {
+    const int i = it * 512 + lane * 16;
+    if (kCodes % 512 == 0 || i < kCodes) CpAsync16(dst + i, g.codes + i);
+  }
+  if (lane < kSz || (has_zeros && lane < 2 * kSz)) {
+    const uint8_t* src = lane < kSz ? g.scales + lane * 16 : g.zeros + (lane - kSz) * 16;
+    CpAsync16(dst + kCodes + lane * 16, src);
+  }
 }
 
 // The K and V body tiles at body offset u0 into one ring slot (K first, V at k_tile_bytes), or
 // nothing when !valid (past the unit's end); one commit group either way.
-template <int D>
+template <int D, int KB, int VB>
 __device__ __forceinline__ void StageBodyPair(uint8_t* dst, const AttnArgs& a, const DevSeq& s, int h, int u0,
                                               int k_tile_bytes, bool valid, int lane) {
   if (valid) {
-    StageBodyTile<D>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0), s.k, lane);
-    StageBodyTile<D>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0), s.v, lane);
+    StageBodyTile<D, KB>(dst, BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0), s.k.has_zeros != 0, lane);
+    StageBodyTile<D, VB>(dst + k_tile_bytes, BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0), s.v.has_zeros != 0,
+                         lane);
   }
   CpAsyncCommit();
 }

@@ -116,7 +116,8 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   for (int mc = 0; mc < MC; ++mc) acc[mc][0] = acc[mc][1] = 0.f;
 
   auto issue = [&](int tile0, int stage) {
-    StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
+    StageBodyPair<D, KB, VB>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end,
+                             lane);
   };
   // in the warp's union area: p bytes [8 columns][32 slots], then the tile's (a, b) per key
   // (token, group) and per value channel, computed once per tile by the warp (lane = NG entries)

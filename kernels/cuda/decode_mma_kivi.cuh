@@ -146,7 +146,8 @@ __device__ __forceinline__ void MmaKiviBodyUnit(Smem& sm, const AttnArgs& a, con
   st.Init(sm.qn, sm.pos, g, t);  // body keys are compared with q' (key normalization, when on)
 
   auto issue = [&](int tile0, int stage) {
-    StageBodyPair<D>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end, lane);
+    StageBodyPair<D, KB, VB>(ring + stage * slot_bytes, a, s, h, tile0 - b0, k_tile_bytes, tile0 < unit.tok_end,
+                             lane);
   };
   WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int tile0, int slot) {
     const uint8_t* stg = ring + slot * slot_bytes;
