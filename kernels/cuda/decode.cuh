@@ -1037,11 +1037,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float m_new = fmaxf(m[r], mx);
-      const float p = m_new == -INFINITY ? 0.f : exp2f(x - m_new);
+      const float p = m_new == -INFINITY ? 0.f : Exp2Ftz(x - m_new);
       float sum = p;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      const float alpha = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
+      const float alpha = m[r] == -INFINITY ? 0.f : Exp2Ftz(m[r] - m_new);
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
 #pragma unroll
@@ -1051,10 +1051,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       if constexpr (R == 1 && (PATHS & kPathVTok) != 0) {
         // fixed point relative to the warp tile's largest p (not the running maximum's 1): the
         // tile keeps 15 bits however far below the maximum of a long unit its scores lie
-        const float xp = valid ? exp2f(x - mx) * (kFixedScale / static_cast<float>(1 << pshift)) : 0.f;
+        const float xp = valid ? Exp2Ftz(x - mx) * (kFixedScale / static_cast<float>(1 << pshift)) : 0.f;
         ws.pb[0][pslot] = static_cast<uint8_t>(FixedByte(xp, false));
         ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
-        punit = mx == -INFINITY ? 0.f : exp2f(mx - m_new) * (1.f / kFixedScale);
+        punit = mx == -INFINITY ? 0.f : Exp2Ftz(mx - m_new) * (1.f / kFixedScale);
       }
     }
     // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident

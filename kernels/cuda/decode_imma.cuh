@@ -173,22 +173,24 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     const float m_new = fmaxf(m, mx);
     // p relative to the tile's maximum (pt, for the fixed-point operand: the tile keeps 15 bits
     // however far below the running maximum of a long unit it lies) and to the running one
-    const float beta = exp2f(mx - m_new);
+    const float beta = Exp2Ftz(mx - m_new);
     float pt[4], psum = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      pt[i] = exp2f(sc[i] - mx);
+      pt[i] = Exp2Ftz(sc[i] - mx);
       psum += pt[i] * beta;
     }
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-    const float alpha = exp2f(m - m_new);  // m = -inf on the first tile: alpha = 0
+    const float alpha = Exp2Ftz(m - m_new);  // m = -inf on the first tile: alpha = 0
     l = l * alpha + psum;
     m = m_new;
+    if (__any_sync(0xffffffffu, alpha != 1.f)) {  // a row's maximum grew (as in MmaRows::Softmax)
 #pragma unroll
-    for (int mc = 0; mc < MC; ++mc) {
-      acc[mc][0] *= alpha;
-      acc[mc][1] *= alpha;
+      for (int mc = 0; mc < MC; ++mc) {
+        acc[mc][0] *= alpha;
+        acc[mc][1] *= alpha;
+      }
     }
     // ---- p as (high, low) bytes in the value fragment's slot order: pb[column][slot]
 #pragma unroll

@@ -169,19 +169,6 @@ __device__ __forceinline__ void KiviCodesStage(uint8_t* dst, const AttnArgs& a, 
   CpAsyncCommit();
 }
 
-// 2^x by the MUFU alone (ex2.approx.ftz: what exp2f computes, less its handling of results below
-// 2^-126, which are 0 here); KVQ_CUDA_EMU host builds: exp2f.
-__device__ __forceinline__ float Exp2Ftz(float x) {
-#if defined(KVQ_CUDA_EMU)
-  const float r = exp2f(x);
-  return r < 1.17549435e-38f ? 0.f : r;
-#else
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#endif
-}
-
 // Words w of B-bit codes starting at p: B / 2 words per 16 codes, N of them.
 template <int N>
 __device__ __forceinline__ void LoadSharedWords(const uint8_t* p, uint32_t* w) {
@@ -318,8 +305,11 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int tok = tile0 + 16 * mt + 8 * hh + g;
-          const bool valid = whole || (tok < unit.tok_end && tok <= pos[i]);
-          x[2 * mt + hh] = valid ? fmaf(sc[mt][2 * hh + i], cp.unscale, zc[2 * hh + i]) * fac[i] : -INFINITY;
+          // computed unconditionally, then selected: with a short-circuit test around it the compiler
+          // branched around every score (a convergence barrier and a branch each, ~9 instructions)
+          const bool valid = whole | ((tok < unit.tok_end) & (tok <= pos[i]));
+          const float xs = fmaf(sc[mt][2 * hh + i], cp.unscale, zc[2 * hh + i]) * fac[i];
+          x[2 * mt + hh] = valid ? xs : -INFINITY;
           mx = fmaxf(mx, x[2 * mt + hh]);
         }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));

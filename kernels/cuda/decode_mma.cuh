@@ -159,19 +159,23 @@ struct MmaRows {
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m, mx);
-    const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
+    const float alpha = m == -INFINITY ? 0.f : Exp2Ftz(m - m_new);
     float p[8], ps = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      p[i] = m_new == -INFINITY ? 0.f : exp2f(x[i] - m_new);
+      p[i] = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i] - m_new);
       ps += p[i];
     }
     l = l * alpha + ps;
     m = m_new;
+    // the accumulators change scale only when a row's maximum grew: late in a long unit most
+    // tiles leave every row's maximum where it was, and the warp skips the 2 NT multiplies
+    if (__any_sync(0xffffffffu, alpha != 1.f)) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      o[n][0] *= alpha;
-      o[n][1] *= alpha;
+      for (int n = 0; n < NT; ++n) {
+        o[n][0] *= alpha;
+        o[n][1] *= alpha;
+      }
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {

@@ -31,6 +31,20 @@ __device__ __forceinline__ uint16_t FloatToAct(float f) {
   }
 }
 
+// 2^x by the MUFU alone (ex2.approx.ftz: what exp2f computes, less its handling of results below
+// 2^-126, which the online softmaxes of the decode units can treat as 0: such a p or rescale factor
+// is below 2^-126 of the running maximum's term); KVQ_CUDA_EMU host builds: exp2f, flushed alike.
+__device__ __forceinline__ float Exp2Ftz(float x) {
+#if defined(KVQ_CUDA_EMU)
+  const float r = exp2f(x);
+  return r < 1.17549435e-38f ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 // Unpacks 8 activation values from a 16-byte vector.
 template <DType DT>
 __device__ __forceinline__ void Unpack8(const uint4& v, float* out) {
