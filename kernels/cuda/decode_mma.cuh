@@ -218,6 +218,22 @@ struct MmaRows {
   }
 };
 
+// Where token t of a full-precision tensor lives (what Locate computes, for tensors without a body:
+// the fp16 family's, every token in the sink or the window), from registers.
+struct FullLoc {
+  int64_t sink_page;
+  int win_pages;
+  int base;  // window position of token t >= sink_post: t + base
+  __device__ __forceinline__ static FullLoc Of(const DevTensor& x, int sink_post) {
+    return FullLoc{x.sink_page, x.win_pages, x.win_first + x.flush - (x.body_len + x.flush) - sink_post};
+  }
+  __device__ __forceinline__ TokLoc At(const int64_t* pages, int t, int sink_post) const {
+    if (t < sink_post) return TokLoc{sink_page, t, 0};
+    const int w = t + base;
+    return TokLoc{pages[win_pages + w / kPageTokens], w % kPageTokens, 0};
+  }
+};
+
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                             uint8_t* ring, int warp, int lane) {
@@ -240,13 +256,18 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
   // This lane's token of the next tile to issue, located one issue ahead: its page-table loads
   // have a whole tile's compute to arrive. (ncu, (1,32,32,32768), one warp per scheduler: the
   // issue waited on them for ~8% of the warps' samples when it located its own tile.)
+  // The segment bounds come from registers (FullLoc), not from the DevSeq in shared memory: the
+  // ring's cp.async statements clobber memory, so fields read through `s` were loaded again on
+  // every tile.
   TokLoc nk{-1, 0, 0}, nv{-1, 0, 0};
+  const int sink_post = s.sink_len + s.to_sink;
+  const FullLoc lk = FullLoc::Of(s.k, sink_post), lv = FullLoc::Of(s.v, sink_post);
   auto locate = [&](int tile0) {
     const int tok = tile0 + lane;
     nk.page = nv.page = -1;
     if (tok < unit.tok_end) {
-      nk = Locate(s, s.k, a.pages, tok);
-      nv = Locate(s, s.v, a.pages, tok);
+      nk = lk.At(a.pages, tok, sink_post);
+      nv = lv.At(a.pages, tok, sink_post);
     }
   };
   locate(unit.tok_begin + warp * 32);
