@@ -169,8 +169,9 @@ struct MmaRows {
     l = l * alpha + ps;
     m = m_new;
     // the accumulators change scale only when a row's maximum grew: late in a long unit most
-    // tiles leave every row's maximum where it was, and the warp skips the 2 NT multiplies
-    if (__any_sync(0xffffffffu, alpha != 1.f)) {
+    // tiles leave every row's maximum where it was, and the warp skips the 2 NT multiplies (rows
+    // >= R, pos -1, keep m = -inf and alpha 0 on every tile; their accumulators stay 0 unscaled)
+    if (__any_sync(0xffffffffu, alpha != 1.f && pos >= 0)) {
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         o[n][0] *= alpha;
