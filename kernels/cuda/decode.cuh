@@ -655,10 +655,11 @@ __device__ __forceinline__ void StageBodyTile(uint8_t* dst, const BodySrc& g, bo
   constexpr int kCodes = 4 * D * BITS;
   constexpr int kSz = 2 * D / 16;  // 16-byte chunks of the scales (and of the zeros)
   static_assert(2 * kSz <= 32, "scales and zeros in one warp-wide step");
+  const uint8_t* src = g.codes + lane * 16;  // per-lane pointers, compile-time steps (immediates)
+  uint8_t* d = dst + lane * 16;
 #pragma unroll
   for (int it = 0; it < (kCodes + 511) / 512; ++it) {
-    const int i = it * 512 + lane * 16;
-    if (kCodes % 512 == 0 || i < kCodes) CpAsync16(dst + i, g.codes + i);
+    if (kCodes % 512 == 0 || it * 512 + lane * 16 < kCodes) CpAsync16(d + it * 512, src + it * 512);
   }
   if (lane < kSz || (has_zeros && lane < 2 * kSz)) {
     const uint8_t* src = lane < kSz ? g.scales + lane * 16 : g.zeros + (lane - kSz) * 16;

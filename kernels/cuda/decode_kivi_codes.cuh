@@ -152,11 +152,17 @@ __device__ __forceinline__ void KiviCodesStage(uint8_t* dst, const AttnArgs& a, 
     const BodySrc ks = BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0);
     const BodySrc vs = BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0);
     uint8_t* v = dst + kCodes + 4 * D;
+    // step `it` copies bytes i = 512 it + 16 lane; the V codes land at i + (i / 128) 16 =
+    // (16 lane + (lane / 8) 16) + 576 it. Per-lane pointers plus compile-time offsets: the copies
+    // take the offsets as immediates instead of a 64-bit address computed per copy.
+    const uint8_t* kc = ks.codes + lane * 16;
+    const uint8_t* vc = vs.codes + lane * 16;
+    uint8_t* kd = dst + lane * 16;
+    uint8_t* vd = v + lane * 16 + (lane >> 3) * 16;
 #pragma unroll
     for (int it = 0; it < kCodes / 512; ++it) {
-      const int i = it * 512 + lane * 16;
-      CpAsync16(dst + i, ks.codes + i);
-      CpAsync16(v + i + (i >> 7) * 16, vs.codes + i);
+      CpAsync16(kd + it * 512, kc + it * 512);
+      CpAsync16(vd + it * 576, vc + it * 512);
     }
     if (lane * 16 < 2 * D) {
       uint8_t* vsz = v + KiviCodesPad(kCodes);

@@ -285,14 +285,16 @@ __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const D
       const int64_t k0 = __shfl_sync(0xffffffffu, ko, 0);
       const int64_t v0 = __shfl_sync(0xffffffffu, vo, 0);
       if (__all_sync(0xffffffffu, ko >= 0 && vo >= 0 && ko == k0 + lane * (2 * D) && vo == v0 + lane * (2 * D))) {
-        const uint8_t* ksrc = a.arena + k0 + chunk * 16;
-        const uint8_t* vsrc = a.arena + v0 + chunk * 16;
+        // this lane's row in the first step; step j adds a compile-time offset of j * RPI rows
+        const int64_t lane_off = chunk * 16 + (lane / CH) * (2 * D);
+        const uint8_t* ksrc = a.arena + (k0 + lane_off);
+        const uint8_t* vsrc = a.arena + (v0 + lane_off);
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
           const int row = j * RPI + lane / CH;
           const int so = SwzOffset<D>(row, chunk);
-          CpAsync16(dst + so, ksrc + row * (2 * D));
-          CpAsync16(dst + kTile + so, vsrc + row * (2 * D));
+          CpAsync16(dst + so, ksrc + j * RPI * (2 * D));
+          CpAsync16(dst + kTile + so, vsrc + j * RPI * (2 * D));
         }
       } else {
         __syncwarp();  // the previous issue's reads of rowoff are done
