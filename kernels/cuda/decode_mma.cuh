@@ -226,7 +226,7 @@ struct FullLoc {
   int win_pages;
   int base;  // window position of token t >= sink_post: t + base
   __device__ __forceinline__ static FullLoc Of(const DevTensor& x, int sink_post) {
-    return FullLoc{x.sink_page, x.win_pages, x.win_first + x.flush - (x.body_len + x.flush) - sink_post};
+    return FullLoc{x.sink_page, x.win_pages, x.win_first - x.body_len - sink_post};  // Locate's window term
   }
   __device__ __forceinline__ TokLoc At(const int64_t* pages, int t, int sink_post) const {
     if (t < sink_post) return TokLoc{sink_page, t, 0};
