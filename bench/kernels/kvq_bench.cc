@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -93,7 +93,7 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
-bool g_pdl = true;             // --no-pdl: the attention launched plainly, not as a programmatic dependent
+int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
 void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
@@ -241,7 +241,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_force_generic(g_force_generic);
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
-    runners[k]->set_pdl(g_pdl);
+    if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
@@ -343,11 +343,13 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     const CudaStepStats& st = runners[0]->stats();
     // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma]: the decode path's ring depth, the
     // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
-    // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores
+    // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores;
+    // +pdl: the attention launched as a programmatic dependent
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : "")
                                : "generic";
+    if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
   }
   runners.clear();
   cudaEventDestroy(e0);
@@ -363,7 +365,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -405,7 +407,9 @@ int main(int argc, char** argv) {
     } else if (a == "--spread-blocks") {
       g_spread_blocks = true;
     } else if (a == "--no-pdl") {
-      g_pdl = false;
+      g_pdl = 0;
+    } else if (a == "--pdl") {
+      g_pdl = 1;
     } else if (a == "--no-check") {
       g_check = false;
     } else if (a == "--timing" && i + 1 < argc) {

@@ -455,6 +455,43 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
   }
 }
 
+// The plan's PDL choice (set_pdl_auto, the default) on real steps, each checked against the
+// reference: one sequence of one KV head (a quantize-append grid of 2 blocks, never more than the
+// SMs) launches as a programmatic dependent; a batch whose quantize-append grid covers more than
+// one block per SM, followed by under 1.5 waves of attention units, launches plainly; set_pdl
+// overrides the plan either way.
+TEST(KernelsGpu, PdlPolicy) {
+  SKIP_WITHOUT_GPU();
+  int dev = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  struct Want {
+    int num_seqs;
+    int forced;  // -1 the plan, 0 off, 1 on
+    bool pdl;
+  };
+  const int many = sms + 1;  // x 1 KV head x 2 tensors > the SMs
+  for (const Want& w : {Want{1, -1, true}, Want{many, -1, false}, Want{many, 1, true}, Want{1, 0, false}}) {
+    SCOPED_TRACE("seqs " + std::to_string(w.num_seqs) + " forced " + std::to_string(w.forced));
+    Case c;
+    c.hkv = 1;
+    c.hq = 4;
+    c.d = 64;
+    for (int i = 0; i < w.num_seqs; ++i) c.seqs.push_back({i % 2 ? Preset::kKivi2 : Preset::kInnerQ, 40 + i % 7, 1, 1, 0});
+    c.seed = 6200 + w.num_seqs + w.forced;
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    if (w.forced >= 0) runner->set_pdl(w.forced == 1);
+    std::mt19937 rng(c.seed);
+    Arena a;
+    std::vector<TSeq> seqs;
+    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    RunAndCompare(c, a, &seqs, true, rng, *runner);
+    if (HasFatalFailure()) return;
+    EXPECT_EQ(runner->stats().pdl, w.pdl);
+  }
+}
+
 // Explicit configs beyond the presets: group sizes 64 and 128, 3- and 4-bit, an odd sink, keep and
 // flush values that leave partial pages, hybrid keys along tokens, mixed in one batch.
 TEST(KernelsGpu, CustomConfigs) {

@@ -33,6 +33,7 @@ struct CudaStepStats {
   bool kivi_mma = false;     // the imma_units are KIVI body units on the fp16 / bf16 tensor cores
                              // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
   bool kivi_codes = false;   // those KIVI units multiply the packed codes (decode_kivi_codes.cuh)
+  bool pdl = false;          // the attention launches as a programmatic dependent (set_pdl)
 };
 
 class CudaStepRunner {
@@ -85,9 +86,13 @@ class CudaStepRunner {
   // code units 1.5-1.7x faster at the GQA shapes; tests and the benchmark compare both.
   void set_kivi_codes(bool on) { kivi_codes_ = on; }
   // The attention launch as a programmatic dependent of the quantize-append (Hopper): its blocks
-  // are launched while the quantize-append finishes and wait for it on the device (default on;
-  // off for the benchmark's comparison).
-  void set_pdl(bool on) { pdl_enabled_ = on; }
+  // are launched while the quantize-append finishes and wait for it on the device. set_pdl forces
+  // it on or off; by default (set_pdl_auto) the plan decides per step: on, except where the
+  // quantize-append's grid covers more than one block per SM and the attention's units fill less
+  // than 1.5 waves of resident blocks. There the H200 measured PDL 5-30 us slower per step
+  // ((16,32,32,4096), (16,32,8,32768); docs/gpu_notes.md), elsewhere 1-3 us faster.
+  void set_pdl(bool on) { pdl_mode_ = on ? 1 : 0; }
+  void set_pdl_auto() { pdl_mode_ = -1; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -108,7 +113,7 @@ class CudaStepRunner {
   bool imma_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
   bool kivi_codes_ = true;
-  bool pdl_enabled_ = true;
+  int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
 };
