@@ -541,11 +541,13 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   const int64_t quantum = decode_path ? 4 * cuda::kTileTokens : cuda::kTileTokens;
   int64_t capacity =
       split_blocks_ > 0 ? int64_t{split_blocks_} : std::max<int64_t>(1, int64_t{m.num_sms} * blocks_per_sm);
-  // fp16 tensor-core units with several blocks per SM (D = 64) where every resident block would get
-  // at most one tile per warp: one block per SM instead, so that each warp's ring has a second tile
-  // to load while it computes the first. (1,9,3,8192) on an H200: 15.4 us at 2 blocks per SM, 13.9
-  // at one (--split-blocks 132), SDPA 13.5.
-  if (mma_full && split_blocks_ == 0 && blocks_per_sm > 1 && total_tokens <= capacity * quantum)
+  // fp16 tensor-core units, and InnerQ IMMA units, with several blocks per SM where every resident
+  // block would get at most one tile per warp: one block's worth of units per SM instead, so that
+  // each warp's ring has a second tile to load while it computes the first. (1,9,3,8192) on an
+  // H200: fp16 15.4 us at 2 blocks per SM, 13.9 at one (--split-blocks 132), SDPA 13.5; innerq
+  // 18.7-18.8 us at 264 / 396 / 528 units' capacity, 17.0 at 132 (2026-12-05, fourth session).
+  const bool innerq_units = has_imma && !kivi_family;  // the body units are InnerQ IMMA units
+  if ((mma_full || innerq_units) && split_blocks_ == 0 && blocks_per_sm > 1 && total_tokens <= capacity * quantum)
     capacity = std::max<int64_t>(1, m.num_sms);
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
   auto count_units = [&](int64_t c) {
