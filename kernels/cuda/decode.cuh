@@ -1172,28 +1172,34 @@ cudaError_t DecodeRingOptIn(int ring_bytes) {
   return e;
 }
 
+// The kernel's static shared memory, a property of the binary: asked once (the plan probes up to
+// six ring depths per step, and a spread launch pads against it); -1 where it cannot be read.
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
+int64_t DecodeStaticSmem() {
+  static std::atomic<int64_t> static_smem{-1};
+  if (static_smem.load(std::memory_order_relaxed) < 0) {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return -1;
+    }
+    static_smem.store(static_cast<int64_t>(fa.sharedSizeBytes), std::memory_order_relaxed);
+  }
+  return static_smem.load(std::memory_order_relaxed);
+}
+
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeBlocksPerSmT(int ring_bytes) {
   // A ring the device cannot give one block is 0 blocks, without asking for it (the plan probes
   // deeper rings than fit, and a refused opt-in is an API error that tools report).
-  // The kernel's static shared memory is a property of the binary: asked once (the plan probes
-  // up to six ring depths per step).
-  static std::atomic<int64_t> static_smem{-1};
   int dev = 0, optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
-  if (static_smem.load(std::memory_order_relaxed) < 0) {
-    cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    static_smem.store(static_cast<int64_t>(fa.sharedSizeBytes), std::memory_order_relaxed);
-  }
-  if (static_smem.load(std::memory_order_relaxed) + ring_bytes > optin) return 0;
+  const int64_t static_smem = DecodeStaticSmem<D, DT, R, PATHS, IMMA>();
+  if (static_smem < 0 || static_smem + ring_bytes > optin) return 0;
   int n = 0;
   if (DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,
@@ -1210,19 +1216,17 @@ int DecodeBlocksPerSmT(int ring_bytes) {
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeCappedDynamicSmem(int ring_bytes, int cap) {
   int dev = 0, sm_bytes = 0, reserved = 0, optin = 0;
-  cudaFuncAttributes fa{};
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaFuncGetAttributes(&fa, DecodeKernel<D, DT, R, PATHS, IMMA>) != cudaSuccess) {
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return ring_bytes;
   }
+  const int64_t static_smem = DecodeStaticSmem<D, DT, R, PATHS, IMMA>();
   const int64_t per_block = sm_bytes / (cap + 1) + 1;  // cap + 1 of these exceed the SM
-  const int64_t dyn = per_block - static_cast<int64_t>(fa.sharedSizeBytes) - reserved;
-  if (dyn <= ring_bytes || dyn + static_cast<int64_t>(fa.sharedSizeBytes) > optin ||
-      static_cast<int64_t>(cap) * per_block > sm_bytes)
+  const int64_t dyn = per_block - static_smem - reserved;
+  if (static_smem < 0 || dyn <= ring_bytes || dyn + static_smem > optin || static_cast<int64_t>(cap) * per_block > sm_bytes)
     return ring_bytes;
   return static_cast<int>(dyn);
 }

@@ -41,7 +41,7 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, b
         LaunchKernel(KeyNormKernel, dim3(num_seqs, args.num_kv_heads), dim3(kQaThreads), 0, stream, args, false);
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid(num_seqs, args.num_kv_heads, 2 * chunks);
+  const dim3 grid = QaGrid(num_seqs, args.num_kv_heads, chunks);
   return LaunchKernel(QuantizeAppendKernel, grid, dim3(kQaThreads), 0, stream, args, false);
 }
 

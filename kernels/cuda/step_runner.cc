@@ -106,7 +106,7 @@ struct CudaStepRunner::Impl {
   int device = 0;
   int num_sms = 0;
   int blocks_per_sm = 0;  // the prepared decode launch's resident blocks per SM (plan)
-  bool pdl_auto = true;   // the plan's choice of a programmatic dependent launch (set_pdl_auto)
+  bool pdl = true;        // the prepared attention launches as a programmatic dependent (set_pdl)
   // Pinned staging and its device copy (grown on demand, after the previous use finished).
   uint8_t* staging = nullptr;
   uint8_t* meta = nullptr;
@@ -673,9 +673,11 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.blocks_per_sm = blocks_per_sm;
   {  // PDL off where it measured slower: a quantize-append grid over more than one block per SM
      // followed by less than 1.5 waves of attention units (cuda_ops.h, set_pdl)
-    const int64_t qa_blocks = int64_t{num_seqs} * p.num_kv_heads * 2 * m.qa_chunks;
+    const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, m.qa_chunks);
+    const int64_t qa_blocks = int64_t{qa.x} * qa.y * qa.z;
     const int64_t resident = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
-    m.pdl_auto = !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident);
+    const bool pdl_auto = !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident);
+    m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
   }
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
@@ -692,7 +694,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.kivi_mma = imma_units > 0 && kivi_family;
   stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;
   stats_.blocks_per_sm = blocks_per_sm;
-  stats_.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : m.pdl_auto;
+  stats_.pdl = m.pdl;
   return Result::Ok();
 }
 
@@ -744,7 +746,7 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.items = m.d_items;
   a.merge_count = m.merge_count;
   a.o = static_cast<uint16_t*>(p.o);
-  a.pdl = pdl_mode_ >= 0 ? pdl_mode_ : m.pdl_auto ? 1 : 0;
+  a.pdl = m.pdl ? 1 : 0;
   a.sm_block_cap = 0;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
     const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;

@@ -90,7 +90,8 @@ class CudaStepRunner {
   // it on or off; by default (set_pdl_auto) the plan decides per step: on, except where the
   // quantize-append's grid covers more than one block per SM and the attention's units fill less
   // than 1.5 waves of resident blocks. There the H200 measured PDL 5-30 us slower per step
-  // ((16,32,32,4096), (16,32,8,32768); docs/gpu_notes.md), elsewhere 1-3 us faster.
+  // ((16,32,32,4096), (16,32,8,32768); docs/gpu_notes.md), elsewhere 1-3 us faster. Either call
+  // applies from the next Prepare.
   void set_pdl(bool on) { pdl_mode_ = on ? 1 : 0; }
   void set_pdl_auto() { pdl_mode_ = -1; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
