@@ -1287,9 +1287,6 @@ int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
   }
 }
 
-// Rows per unit rounded up to the instantiated classes.
-__host__ __device__ constexpr int DecodeRowClass(int rows) { return rows <= 1 ? 1 : rows <= 4 ? 4 : kRowsPerUnit; }
-
 #define KVQ_DECODE_INSTANTIATE(SUFFIX, D, DT)                                              \
   cudaError_t LaunchDecode##SUFFIX(const AttnArgs& args, int rows, int paths, int num_units, \
                                    cudaStream_t stream) {                                  \

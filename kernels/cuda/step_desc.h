@@ -16,6 +16,8 @@ namespace cuda {
 
 // Query rows per attention unit (rows = (query token, query head of the KV head's group)).
 constexpr int kRowsPerUnit = 8;
+// Rows per unit rounded up to the decode kernel's instantiated classes (decode.cuh).
+__host__ __device__ constexpr int DecodeRowClass(int rows) { return rows <= 1 ? 1 : rows <= 4 ? 4 : kRowsPerUnit; }
 constexpr int kTileTokens = 32;    // tokens per attention tile
 constexpr int kAttnThreads = 128;
 constexpr int kQaThreads = 256;  // quantize-append: 8 warps, one group per warp at a time

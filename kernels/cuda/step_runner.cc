@@ -400,7 +400,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // Units are sized so that they fit in one wave of resident blocks (a second, partial wave
   // would double the time): chunk grows until the unit count is at most the capacity.
   const bool decode_path = attention_ready && !force_generic_ && DecodeFastPathFits(p, works, configs, num_seqs);
-  int max_rows = 1;
+  int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
   const int decode_paths = DecodePaths(configs, num_seqs);
   // Tensor-core body units (decode_imma.cuh): InnerQ-family batches with <= 4 rows per unit, for
@@ -695,6 +695,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;
   stats_.blocks_per_sm = blocks_per_sm;
   stats_.pdl = m.pdl;
+  stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   return Result::Ok();
 }
 

@@ -71,6 +71,7 @@ struct Case {
   int ring_stages = 0;       // CudaStepRunner::set_ring_stages (0: the plan's choice); checked from step 2
   bool kivi_codes = false;   // CudaStepRunner::set_kivi_codes (off: the dequantizing KIVI units)
   int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
+  int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
 };
 
 std::string Describe(const Case& c) {
@@ -144,6 +145,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   if (c.expect_kivi_codes >= 0 && !first) {
     EXPECT_EQ(runner.stats().kivi_codes, c.expect_kivi_codes == 1) << "KIVI body units on the codes";
   }
+  if (c.min_row_class > 1) {
+    EXPECT_EQ(runner.stats().row_class, c.min_row_class) << "kernel instance's rows";
+  }
   if (c.ring_stages > 0 && !first) {
     EXPECT_EQ(runner.stats().ring_stages, c.ring_stages) << "ring depth of the tensor-core units";
   }
@@ -208,6 +212,7 @@ void RunCase(const Case& c) {
   runner->set_split_blocks(c.split_blocks);
   runner->set_ring_stages(c.ring_stages);
   runner->set_kivi_codes(c.kivi_codes);
+  runner->set_min_row_class(c.min_row_class);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1003,6 +1008,35 @@ TEST(KernelsGpu, OneRowKiviValues) {
       cs.expect_decode = 1;
       RunCase(cs);
       if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units
+// carry empty rows, and the plan takes the unit kinds of those instances (InnerQ on the IMMA units
+// at 4 rows, KIVI on the code units, fp16 on the tensor cores).
+TEST(KernelsGpu, RowClassOneRow) {
+  SKIP_WITHOUT_GPU();
+  int k = 0;
+  for (int rc : {4, 8}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (Preset p : {Preset::kFp16, Preset::kKivi2, Preset::kKivi4, Preset::kInnerQ}) {
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(p, 3000, 1, 1, 33), SeqSpec(p, 700, 1, 1, 5), SeqSpec(p, 33, 1, 1, 0)};
+        cs.seed = 9900 + k++;
+        cs.min_row_class = rc;
+        cs.expect_decode = 1;
+        cs.kivi_min_tokens = 0;
+        cs.kivi_codes = true;
+        if (p == Preset::kFp16) cs.expect_mma = 1;
+        if (p == Preset::kKivi2 || p == Preset::kKivi4) cs.expect_kivi_codes = 1;
+        if (p == Preset::kInnerQ) cs.expect_imma = rc == 4 ? 1 : 0;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }

@@ -34,6 +34,7 @@ struct CudaStepStats {
                              // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
   bool kivi_codes = false;   // those KIVI units multiply the packed codes (decode_kivi_codes.cuh)
   bool pdl = false;          // the attention launches as a programmatic dependent (set_pdl)
+  int row_class = 0;         // decode path: query rows of the kernel instance (1, 4 or 8)
 };
 
 class CudaStepRunner {
@@ -103,6 +104,10 @@ class CudaStepRunner {
   // quantize-append retires (PDL) cannot pile up on the SMs it frees first. Off by default (an
   // experiment: docs/gpu_notes.md, "PDL costs the batched shapes").
   void set_spread_blocks(bool on) { spread_blocks_ = on; }
+  // Decode path: the kernel instance for at least this many query rows per unit (1, 4 or 8; 1 the
+  // default: the instance the batch's rows need). An experiment on the one-row shapes: the 4-row
+  // instance runs one-row units with empty rows (other unit kinds, other issue timing).
+  void set_min_row_class(int rows) { min_row_class_ = rows; }
 
  private:
   CudaStepRunner() = default;
@@ -117,6 +122,7 @@ class CudaStepRunner {
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
+  int min_row_class_ = 1;
 };
 
 }  // namespace kvq
