@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -92,6 +92,7 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
                                // -1: the runner's default
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
+int g_ring_offset = 0;        // --ring-offset N: CudaStepRunner::set_ring_offset
 int g_min_row_class = 1;      // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
@@ -248,6 +249,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_min_row_class(g_min_row_class);
+    runners[k]->set_ring_offset(g_ring_offset);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -346,13 +348,14 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma]: the decode path's ring depth, the
     // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
     // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores;
-    // +pdl: the attention launched as a programmatic dependent; -rN: --row-class N
+    // +pdl: the attention launched as a programmatic dependent; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : "")
                                : "generic";
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
+    if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
   }
   runners.clear();
   cudaEventDestroy(e0);
@@ -368,7 +371,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -407,6 +410,8 @@ int main(int argc, char** argv) {
       g_kivi_min_tokens = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--split-blocks" && i + 1 < argc) {
       g_split_blocks = std::max(0, std::atoi(argv[++i]));
+    } else if (a == "--ring-offset" && i + 1 < argc) {
+      g_ring_offset = std::atoi(argv[++i]);
     } else if (a == "--row-class" && i + 1 < argc) {
       g_min_row_class = std::atoi(argv[++i]);
     } else if (a == "--spread-blocks") {

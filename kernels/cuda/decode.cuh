@@ -867,9 +867,12 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   __shared__ __align__(16) DecSmem<D, R> sm;
   __shared__ __align__(16) DevSeq seq_s;
 #if defined(KVQ_CUDA_EMU)
-  uint8_t* const dec_ring = kvq_emu::DynamicShared();
+  uint8_t* const dec_ring = kvq_emu::DynamicShared() + a.ring_offset;
 #else
-  extern __shared__ __align__(16) uint8_t dec_ring[];  // [warp][stage][ring_slot_bytes]
+  // [warp][stage][ring_slot_bytes]; 128-byte aligned: with 16 (the static shared memory's end), the
+  // one-row instance's rings started 16 bytes off a 32-byte sector
+  extern __shared__ __align__(128) uint8_t dec_ring_base[];
+  uint8_t* const dec_ring = dec_ring_base + a.ring_offset;
 #endif
 
   const DevUnit unit = a.units[blockIdx.x];

@@ -139,6 +139,9 @@ struct AttnArgs {
   // Host side only, decode path: when > 0, the launch asks for enough (unused) dynamic shared
   // memory that no SM can hold more than this many of its blocks (CudaStepRunner::set_spread_blocks).
   int32_t sm_block_cap;
+  // Decode path: the rings start this many bytes past the (128-byte aligned) dynamic shared memory;
+  // 0 but for the alignment experiment (CudaStepRunner::set_ring_offset)
+  int32_t ring_offset;
 };
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),
@@ -154,7 +157,7 @@ KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
-KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * DecodeWarpRingBytes(a); }
+KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * DecodeWarpRingBytes(a) + a.ring_offset; }
 
 struct MergeArgs {
   const DevMergeItem* items;

@@ -499,7 +499,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   if (decode_path) {
     auto blocks = [&](int stages) {
       return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, launch_paths,
-                                     cuda::kDecRingWarps * (stages * ring_slot_bytes + ring_work_bytes));
+                                     cuda::kDecRingWarps * (stages * ring_slot_bytes + ring_work_bytes) + ring_offset_);
     };
     const bool kivi_units = has_imma && kivi_family;
     auto choose = [&] {
@@ -749,6 +749,7 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
   a.o = static_cast<uint16_t*>(p.o);
   a.pdl = m.pdl ? 1 : 0;
   a.sm_block_cap = 0;
+  a.ring_offset = ring_offset_;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
     const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
     if (cap < m.blocks_per_sm) a.sm_block_cap = cap;

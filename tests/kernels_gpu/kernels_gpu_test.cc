@@ -72,6 +72,7 @@ struct Case {
   bool kivi_codes = false;   // CudaStepRunner::set_kivi_codes (off: the dequantizing KIVI units)
   int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
+  int ring_offset = 0;         // CudaStepRunner::set_ring_offset
 };
 
 std::string Describe(const Case& c) {
@@ -213,6 +214,7 @@ void RunCase(const Case& c) {
   runner->set_ring_stages(c.ring_stages);
   runner->set_kivi_codes(c.kivi_codes);
   runner->set_min_row_class(c.min_row_class);
+  runner->set_ring_offset(c.ring_offset);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1014,11 +1016,13 @@ TEST(KernelsGpu, OneRowKiviValues) {
 
 // One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units
 // carry empty rows, and the plan takes the unit kinds of those instances (InnerQ on the IMMA units
-// at 4 rows, KIVI on the code units, fp16 on the tensor cores).
+// at 4 rows, KIVI on the code units, fp16 on the tensor cores). Then on the one-row instance with
+// the rings 48 bytes past the aligned dynamic shared memory (set_ring_offset, the experiment that
+// times the old placement).
 TEST(KernelsGpu, RowClassOneRow) {
   SKIP_WITHOUT_GPU();
   int k = 0;
-  for (int rc : {4, 8}) {
+  for (int rc : {4, 8, 1}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
       for (Preset p : {Preset::kFp16, Preset::kKivi2, Preset::kKivi4, Preset::kInnerQ}) {
         Case cs;
@@ -1028,12 +1032,14 @@ TEST(KernelsGpu, RowClassOneRow) {
         cs.seqs = {SeqSpec(p, 3000, 1, 1, 33), SeqSpec(p, 700, 1, 1, 5), SeqSpec(p, 33, 1, 1, 0)};
         cs.seed = 9900 + k++;
         cs.min_row_class = rc;
+        cs.ring_offset = rc == 1 ? 48 : 0;
         cs.expect_decode = 1;
         cs.kivi_min_tokens = 0;
         cs.kivi_codes = true;
         if (p == Preset::kFp16) cs.expect_mma = 1;
         if (p == Preset::kKivi2 || p == Preset::kKivi4) cs.expect_kivi_codes = 1;
         if (p == Preset::kInnerQ) cs.expect_imma = rc == 4 ? 1 : 0;
+        if (p == Preset::kKivi4 && rc == 1) cs.expect_kivi_codes = -1;  // one row, 4 bits: the per-token path
         RunCase(cs);
         if (HasFatalFailure()) return;
       }

@@ -108,6 +108,10 @@ class CudaStepRunner {
   // default: the instance the batch's rows need). An experiment on the one-row shapes: the 4-row
   // instance runs one-row units with empty rows (other unit kinds, other issue timing).
   void set_min_row_class(int rows) { min_row_class_ = rows; }
+  // Decode path: the warps' rings start this many bytes (a multiple of 16, below 128) past the
+  // 128-byte aligned dynamic shared memory (0, the default). An experiment: the one-row instance's
+  // rings started 48 bytes past a 128-byte line before the alignment was declared.
+  void set_ring_offset(int bytes) { ring_offset_ = bytes >= 0 && bytes < 128 ? bytes / 16 * 16 : 0; }
 
  private:
   CudaStepRunner() = default;
@@ -123,6 +127,7 @@ class CudaStepRunner {
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
   int min_row_class_ = 1;
+  int ring_offset_ = 0;
 };
 
 }  // namespace kvq
