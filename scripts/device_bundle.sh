@@ -23,7 +23,11 @@ bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_tes
 [ -n "${STORE_BENCH:-}" ] && bins+=("$BUILD/bench/store/kvq-bench-store")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if [ -n "${BASE:-}" ]; then
+if [ -n "${BASE_BIN:-}" ]; then  # a kvq-bench built before (e.g. taken from an earlier bundle)
+  mkdir -p "$tmp/basebin"
+  cp "$BASE_BIN" "$tmp/basebin/kvq-bench-base"
+  bins+=("$tmp/basebin/kvq-bench-base")
+elif [ -n "${BASE:-}" ]; then
   git worktree add -f "$tmp/base" "$BASE" >/dev/null
   cmake -S "$tmp/base" -B "$tmp/base/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
   cmake --build "$tmp/base/build" -j"$JOBS" --target kvq-bench

@@ -435,14 +435,15 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
                           total_tokens >= int64_t{kivi_min_unit_tokens_ >= 0 ? kivi_min_unit_tokens_
                                                                             : kKiviMmaMinUnitTokens} *
                                               m.num_sms * 2;
-  bool kivi_codes = kivi_codes_ && kivi_batch;
+  bool kivi_codes = kivi_codes_mode_ != 0 && kivi_batch;
   for (int i = 0; i < num_seqs && kivi_codes; ++i)
     if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym))
       kivi_codes = false;
   const bool kivi_family = kivi_batch && (kivi_codes || (max_rows >= 2 && p.dtype == DType::kF16));
-  // (one row, 4-bit: the per-token path measured as fast or faster than the code units, 0.93-1.0x)
+  // (one row, 4-bit: the per-token path measured as fast or faster than the code units, 0.93-1.0x,
+  // before the rings were aligned; set_kivi_codes(true) puts them on the code units)
   auto kivi_config = [&](const QuantConfig& c) {
-    return kivi_family && kivi_shape(c) && (!kivi_codes || max_rows >= 2 || c.k.bits == 2);
+    return kivi_family && kivi_shape(c) && (!kivi_codes || max_rows >= 2 || c.k.bits == 2 || kivi_codes_mode_ == 1);
   };
   int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
   int ring_work_bytes = 0;
