@@ -871,7 +871,7 @@ TEST(KernelsGpu, KiviCodesBody) {
 }
 
 // The KIVI code units where their precision is tested hardest: 32768 tokens (kivi2 and kivi4,
-// fp16 and bf16, 1 / 4 / 8 rows; one-row kivi4 takes the per-token path), units of ~6k tokens
+// fp16 and bf16, 1 / 4 / 8 rows; forced on, one-row kivi4 included), units of ~6k tokens
 // (split over 2 blocks), queries 8x larger (a nearly one-hot softmax), and every ring depth from
 // 2 to 6 stages.
 TEST(KernelsGpu, KiviCodesPrecision) {
@@ -887,7 +887,7 @@ TEST(KernelsGpu, KiviCodesPrecision) {
       c.seqs = {{p, 32768, 1, 1, 3}};
       c.seed = 5151 + k++;
       c.expect_decode = 1;
-      c.expect_kivi_codes = p == Preset::kKivi4 && gqa == 1 ? 0 : 1;  // one row, 4 bits: per-token path
+      c.expect_kivi_codes = 1;  // forced on: one-row kivi4 too
       c.kivi_codes = true;
       c.kivi_min_tokens = 0;
       RunCase(c);
@@ -917,7 +917,7 @@ TEST(KernelsGpu, KiviCodesPrecision) {
       c.q_scale = 8.f;
       c.seqs = {{p, 3000, 1, 1, 3}, {p, 700, 1, 1, 40}};
       c.seed = 5353 + k++;
-      c.expect_kivi_codes = p == Preset::kKivi4 && gqa == 1 ? 0 : 1;
+      c.expect_kivi_codes = 1;
       c.kivi_codes = true;
       c.kivi_min_tokens = 0;
       RunCase(c);
