@@ -3,7 +3,7 @@
 # the old placement (--ring-offset 48: 48 bytes past a 128-byte line, as the one-row instance had
 # them before the dynamic shared memory was declared 128-byte aligned) on the one-row shapes and
 # (16,32,8,32768); the one-row shapes on the 4- and 8-row kernel instances (--row-class); all
-# against device_round's kvq.json; and Nsight Compute's memory counters (bench/ncu_mem.sh) of fp16
+# against device_round's kvq.json; and Nsight Compute's memory counters (bench/ncu_stalls.sh --mem) of fp16
 # at (1,32,32,32768) aligned and at the old offset, and at (16,32,8,32768). Outputs in
 # $OUT/rowclass.tgz.
 #
@@ -32,7 +32,7 @@ if command -v ncu > /dev/null; then
     name=$1 shape=$2
     shift 2
     [ "$(left)" -lt 20 ] && { echo "[ncu $name] skipped"; continue; }
-    OUT=$W timeout $(( $(left) / 2 )) bash bench/ncu_mem.sh "$name" "$shape" fp16 "$@"
+    OUT=$W timeout $(( $(left) / 2 )) bash bench/ncu_stalls.sh --mem "$name" "$shape" fp16 "$@"
   done
 fi
 (cd "$W" && tar czf "$OUT/rowclass.tgz" ./*)
