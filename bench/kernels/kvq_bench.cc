@@ -92,8 +92,8 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
                                // -1: the runner's default
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
-int g_ring_offset = 0;        // --ring-offset N: CudaStepRunner::set_ring_offset
-int g_min_row_class = 1;      // --row-class N: CudaStepRunner::set_min_row_class
+int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
+int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference

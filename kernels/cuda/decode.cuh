@@ -869,8 +869,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 #if defined(KVQ_CUDA_EMU)
   uint8_t* const dec_ring = kvq_emu::DynamicShared() + a.ring_offset;
 #else
-  // [warp][stage][ring_slot_bytes]; 128-byte aligned: with 16 (the static shared memory's end), the
-  // one-row instance's rings started 16 bytes off a 32-byte sector
+  // [warp][stage][ring_slot_bytes], 128-byte aligned: at 16 the rings began where the static memory
+  // ended, 16 bytes off a 32-byte unit in the one-row instance, and a global sector whose halves land
+  // in two units is fetched from L2 twice (one-row fp16 0.88x on an H100, docs/gpu_notes.md)
   extern __shared__ __align__(128) uint8_t dec_ring_base[];
   uint8_t* const dec_ring = dec_ring_base + a.ring_offset;
 #endif
