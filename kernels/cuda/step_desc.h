@@ -157,7 +157,14 @@ KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
-KVQ_HD int DecodeRingBytes(const AttnArgs& a) { return kDecRingWarps * DecodeWarpRingBytes(a) + a.ring_offset; }
+// A decode launch's dynamic shared memory: the warps' rings after ring_offset bytes. The plan sizes
+// its occupancy probes and the launch its allocation with this one formula.
+inline int DecodeRingBytes(int stages, int slot_bytes, int work_bytes, int ring_offset) {
+  return kDecRingWarps * (stages * slot_bytes + work_bytes) + ring_offset;
+}
+inline int DecodeRingBytes(const AttnArgs& a) {
+  return DecodeRingBytes(a.ring_stages, a.ring_slot_bytes, a.ring_work_bytes, a.ring_offset);
+}
 
 struct MergeArgs {
   const DevMergeItem* items;

@@ -500,7 +500,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   if (decode_path) {
     auto blocks = [&](int stages) {
       return cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, launch_paths,
-                                     cuda::kDecRingWarps * (stages * ring_slot_bytes + ring_work_bytes) + ring_offset_);
+                                     cuda::DecodeRingBytes(stages, ring_slot_bytes, ring_work_bytes, ring_offset_));
     };
     const bool kivi_units = has_imma && kivi_family;
     auto choose = [&] {
