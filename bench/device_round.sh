@@ -6,15 +6,17 @@
 #   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
 #      kvq-bench-base on the same shapes (A/B in the same run);
 #   3. the KIVI presets again with --kivi-units dequant (the dequantizing KIVI units against the
-#      code units, the default, of (2): same binary, same run);
+#      code units, the default, of (2): same binary, same run), and kivi4 at the one-row shapes
+#      with --kivi-units codes (the code units against its default per-token path);
 #   4. the PyTorch SDPA baseline against (2);
 #   5. the launch overlap off (--no-pdl) on the two long shapes;
-#   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests.
+#   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests;
+#   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
-# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, sdpa.txt, nopdl.json,
-# memcheck.txt, packed at the end into $OUT/round.tgz alone (the device tool brings back a limited
-# number of files);
+# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, kcodes.json,
+# sdpa.txt, nopdl.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
+# device tool brings back a limited number of files);
 # a summary is printed.
 #
 # usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
@@ -57,6 +59,10 @@ if [ -x .device/bin/kvq-bench-base ]; then
 fi
 step kivi-dequant 70 .device/run kvq-bench kernels --json --kivi-units dequant --presets kivi2,kivi4 \
   "${shapes[@]}" > "$OUT/kdequant.json" 2> "$OUT/kdequant.err"
+# one-row 4-bit KIVI on the code units (set_kivi_codes(true)) against its default per-token path
+step kivi4-codes 40 .device/run kvq-bench kernels --json --kivi-units codes --presets kivi4 \
+  --shape 1,32,32,4096,128 --shape 1,32,32,32768,128 --shape 16,32,32,4096,128 \
+  > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
 if [ $quick = 0 ]; then
   PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
   step no-pdl 40 .device/run kvq-bench kernels --json --no-pdl --shape 1,32,32,32768,128 \
@@ -76,6 +82,15 @@ fi
 if [ -s "$OUT/kdequant.json" ] && [ -s "$OUT/kvq.json" ]; then
   echo "KIVI presets, the default code units (kvq.json) against the dequantizing units (kdequant.json):"
   python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/kdequant.json" | sed -n '/against the base/,$p'
+fi
+if [ -s "$OUT/kcodes.json" ] && [ -s "$OUT/kvq.json" ]; then
+  echo "kivi4 at one row, the code units (kcodes.json) against the default (kvq.json):"
+  python3 bench/kernels/render.py "$OUT/kcodes.json" --base "$OUT/kvq.json" | sed -n '/against the base/,$p'
+fi
+if [ -n "${NCU_MEM:-}" ]; then  # NCU_MEM="NAME B,Hq,Hkv,T,D PRESET": the memory counters of one launch
+  # shellcheck disable=SC2086
+  OUT=$OUT step ncu-mem 90 bash bench/ncu_stalls.sh --mem $NCU_MEM > "$OUT/ncu_mem.txt" 2>&1
+  tail -25 "$OUT/ncu_mem.txt"
 fi
 # everything in one archive: the device tool brings back only a few files per call
 (cd "$OUT" && tar czf /tmp/round.tgz ./* && rm -rf ./* && mv /tmp/round.tgz .)
