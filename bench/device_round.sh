@@ -11,7 +11,8 @@
 #   4. the PyTorch SDPA baseline against (2);
 #   5. the launch overlap off (--no-pdl) on the two long shapes;
 #   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests;
-#   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch.
+#   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch, and with
+#      NCU_STALLS (same form) bench/ncu_stalls.sh's full sections and stall samples.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
 # gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, kcodes.json,
@@ -91,6 +92,11 @@ if [ -n "${NCU_MEM:-}" ]; then  # NCU_MEM="NAME B,Hq,Hkv,T,D PRESET": the memory
   # shellcheck disable=SC2086
   OUT=$OUT step ncu-mem 90 bash bench/ncu_stalls.sh --mem $NCU_MEM > "$OUT/ncu_mem.txt" 2>&1
   tail -25 "$OUT/ncu_mem.txt"
+fi
+if [ -n "${NCU_STALLS:-}" ]; then  # NCU_STALLS="NAME B,Hq,Hkv,T,D PRESET": the full sections and stalls of one launch
+  # shellcheck disable=SC2086
+  OUT=$OUT step ncu-stalls 150 bash bench/ncu_stalls.sh $NCU_STALLS > "$OUT/ncu_stalls.txt" 2>&1
+  tail -10 "$OUT/ncu_stalls.txt"
 fi
 # everything in one archive: the device tool brings back only a few files per call
 (cd "$OUT" && tar czf /tmp/round.tgz ./* && rm -rf ./* && mv /tmp/round.tgz .)
