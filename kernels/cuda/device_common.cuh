@@ -159,18 +159,26 @@ __device__ __forceinline__ void DequantBody8(const uint8_t* arena, const DevTens
   }
 }
 
-// Programmatic dependent launch (sm_90). The attention kernels wait here, before their first read
-// of anything but the step's descriptors (copied before the preceding kernel ran), for the
-// preceding kernel in the stream to complete and its writes to be visible; without the launch
-// attribute this returns at once. The quantize-append kernel lets its dependent launch right away
+// Programmatic dependent launch (sm_90). The attention kernels wait here for the preceding kernel
+// in the stream (the quantize-append) to complete and its writes to be visible, before their first
+// read of anything it writes; without the launch attribute this returns at once. What was written
+// before the quantize-append started (the step's descriptors, q, the key-norm factors, the older
+// tokens) is complete by the time a dependent runs: a dependent launches only once every block of
+// its primary has started, and the primary started after all earlier work in the stream. The
+// generic attention kernel waits at its start; a decode unit only when its tiles meet the step's
+// writes (UnitWaitsForQuantizeAppend). The quantize-append kernel lets its dependent launch right away
 // (the dependent only launches once every one of its blocks has started, so none is starved).
 __device__ __forceinline__ void GridDependencyWait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::GridDependencyWait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void GridDependentsLaunch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::GridDependentsLaunch();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
@@ -182,8 +190,7 @@ template <typename Args>
 cudaError_t LaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, int smem, cudaStream_t stream,
                          const Args& args, bool pdl) {
 #if defined(KVQ_CUDA_EMU)
-  (void)pdl;
-  return kvq_emu::RunGrid(grid, block, static_cast<size_t>(smem), stream, [&] { kernel(args); });
+  return kvq_emu::RunGrid(grid, block, static_cast<size_t>(smem), stream, [&] { kernel(args); }, pdl);
 #else
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;

@@ -49,7 +49,14 @@ dim3 GridDim();
 uint8_t* DynamicShared();
 
 // Runs a grid: blocks in order, each block's threads as fibers; launches are serialized process-wide.
-cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream, const std::function<void()>& body);
+// pdl: launched as a programmatic dependent of the grid before it in the stream (the runtime's
+// comment on PdlWindow: its blocks that do not call GridDependencyWait run before that grid's writes).
+cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream, const std::function<void()>& body,
+                    bool pdl = false);
+// griddepcontrol.launch_dependents / .wait (device_common.cuh): the first must come before the
+// grid's first write, the second block-uniformly.
+void GridDependentsLaunch();
+void GridDependencyWait();
 
 // cp.async: n (0 or 16) bytes from src, the rest of 16 zero-filled, when a wait covers the group.
 void CpAsync(void* dst, const void* src, int n);

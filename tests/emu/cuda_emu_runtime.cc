@@ -19,6 +19,7 @@
 #include "cuda_emu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -69,9 +70,35 @@ struct GridState {
   size_t last_alloc = 0;  // where the last cp.async source was (the next one nearly always is)
   cudaError_t error = cudaSuccess;  // the launch's first bad access, and what it was
   std::string error_message;
+  bool pdl_model = false;  // programmatic dependent launch emulated (one stream at most in the process)
+  bool pre_phase = false;  // a dependent's blocks before its primary grid completed (GridDependencyWait sets aside)
+  bool snapshot = false;   // this grid called GridDependentsLaunch: g_pdl.before is its start
 };
 
 GridState* g_grid = nullptr;
+
+// Programmatic dependent launch, adversarially: a grid that calls GridDependentsLaunch keeps an
+// image of device memory as it started (before its first write); when the next operation in the
+// process is a launch with the attribute on the same stream, that launch's blocks run first on
+// that image, as if all of them ran before the primary grid wrote anything: a block that calls
+// GridDependencyWait is set aside (its threads end there) and runs after the primary's writes are
+// back. So a block that skips the wait and reads what the primary writes reads the old bytes, and
+// a byte written by both grids fails the launch. Any other memory operation or launch in between
+// ends the window (as on the GPU, where it would serialize them). Only while at most one stream
+// exists: the store's lanes (several streams on several host threads) launch plainly here.
+struct PdlImage {
+  uint8_t* p;
+  std::vector<uint8_t> bytes;
+};
+struct PdlWindow {
+  bool armed = false;
+  cudaStream_t stream = nullptr;
+  uint64_t epoch = 0;            // g_mem_epoch when the image was taken
+  std::vector<PdlImage> before;  // every device allocation as the primary grid started
+};
+PdlWindow g_pdl;                         // under g_launch_mu
+std::atomic<uint64_t> g_mem_epoch{0};    // bumped by every host-side allocation, free, copy or set
+std::atomic<int> g_live_streams{0};
 std::mutex g_launch_mu;  // one grid at a time, process-wide (static __shared__ variables)
 
 // Guard bands: kGuard bytes of kGuardByte before and after every device allocation and around a
@@ -188,7 +215,8 @@ dim3 BlockDim() { return g_grid->block; }
 dim3 GridDim() { return g_grid->grid; }
 uint8_t* DynamicShared() { return g_grid->dynamic_smem.data() + kGuard; }
 
-cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, const std::function<void()>& body) {
+cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream, const std::function<void()>& body,
+                    bool pdl) {
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
       grid.z > 65535)
@@ -200,37 +228,104 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
   st.grid = grid;
   st.block = block;
   st.smem_bytes = dynamic_smem;
+  st.pdl_model = g_live_streams.load() <= 1;
   {
     std::lock_guard<std::mutex> mem_lock(g_mem_mu);
     st.allocs.reserve(g_device_allocs.size());
     for (const auto& [ptr, size] : g_device_allocs) st.allocs.push_back({Addr(ptr), size});
   }
+  // A programmatic dependent of the grid before it in the stream, nothing else in between: its
+  // blocks first run on device memory as it was when that grid started, those that reach
+  // GridDependencyWait are set aside, the others complete (see PdlWindow).
+  const bool early = pdl && g_pdl.armed && g_pdl.stream == stream && g_pdl.epoch == g_mem_epoch.load() && st.pdl_model;
+  g_pdl.armed = false;
+  if (!early) g_pdl.before.clear();
+  std::vector<std::vector<uint8_t>> after;  // device memory after the primary grid
+  if (early) {
+    after.reserve(g_pdl.before.size());
+    for (const PdlImage& im : g_pdl.before) {
+      after.emplace_back(im.p, im.p + im.bytes.size());
+      std::memcpy(im.p, im.bytes.data(), im.bytes.size());
+    }
+    st.pre_phase = true;
+  }
   g_grid = &st;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        st.block_idx = make_uint3(x, y, z);
-        st.dynamic_smem.assign(dynamic_smem + 2 * kGuard, 0xFF);
-        std::memset(st.dynamic_smem.data(), kGuardByte, kGuard);
-        std::memset(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuardByte, kGuard);
-        st.async.assign(threads, ThreadAsync{});
-        // every block takes its turns in another order (seeded by its place in the grid)
-        const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
-        kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
-        if (st.error != cudaSuccess) {
-          std::fprintf(stderr, "emulated launch: %s\n", st.error_message.c_str());
-          g_grid = nullptr;
-          return Fail(st.error);
-        }
-        if (!GuardIntact(st.dynamic_smem.data(), kGuard) ||
-            !GuardIntact(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuard)) {
-          std::fprintf(stderr, "emulated launch: block (%u, %u, %u) wrote outside its %zu bytes of dynamic shared memory\n",
-                       x, y, z, dynamic_smem);
-          g_grid = nullptr;
-          return Fail(cudaErrorLaunchFailure);
+  auto run_block = [&](uint3 idx, int* abandoned) -> cudaError_t {
+    const unsigned x = idx.x, y = idx.y, z = idx.z;
+    st.block_idx = idx;
+    st.dynamic_smem.assign(dynamic_smem + 2 * kGuard, 0xFF);
+    std::memset(st.dynamic_smem.data(), kGuardByte, kGuard);
+    std::memset(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuardByte, kGuard);
+    st.async.assign(threads, ThreadAsync{});
+    // every block takes its turns in another order (seeded by its place in the grid)
+    const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
+    *abandoned = kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
+    if (*abandoned != 0 && uint64_t(*abandoned) != threads && st.error == cudaSuccess) {
+      st.error = cudaErrorLaunchFailure;
+      st.error_message = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
+                         "): GridDependencyWait reached by " + std::to_string(*abandoned) + " of its " +
+                         std::to_string(threads) + " threads (the emulation needs it block-uniform)";
+    }
+    if (st.error != cudaSuccess) {
+      std::fprintf(stderr, "emulated launch: %s\n", st.error_message.c_str());
+      return st.error;
+    }
+    if (!GuardIntact(st.dynamic_smem.data(), kGuard) ||
+        !GuardIntact(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuard)) {
+      std::fprintf(stderr, "emulated launch: block (%u, %u, %u) wrote outside its %zu bytes of dynamic shared memory\n",
+                   x, y, z, dynamic_smem);
+      return cudaErrorLaunchFailure;
+    }
+    return cudaSuccess;
+  };
+  // After the early blocks: every byte they changed stays, every other byte takes the primary
+  // grid's value; a byte both changed (differently) is a race between the two grids.
+  auto join_primary = [&]() -> bool {
+    bool ok = true;
+    for (size_t i = 0; i < g_pdl.before.size(); ++i) {
+      uint8_t* cur = g_pdl.before[i].p;
+      const uint8_t* was = g_pdl.before[i].bytes.data();
+      const uint8_t* prim = after[i].data();
+      for (size_t j = 0; j < after[i].size(); ++j) {
+        if (cur[j] == was[j]) {
+          cur[j] = prim[j];
+        } else if (prim[j] != was[j] && prim[j] != cur[j] && ok) {
+          std::fprintf(stderr, "emulated launch: byte %zu of the device allocation at %p written by both a "
+                       "programmatic dependent's block that did not wait and the grid it depends on\n", j,
+                       static_cast<void*>(cur));
+          ok = false;
         }
       }
+    }
+    g_pdl.before.clear();
+    return ok;
+  };
+  cudaError_t result = cudaSuccess;
+  std::vector<uint3> waited;
+  for (unsigned z = 0; z < grid.z && result == cudaSuccess; ++z)
+    for (unsigned y = 0; y < grid.y && result == cudaSuccess; ++y)
+      for (unsigned x = 0; x < grid.x && result == cudaSuccess; ++x) {
+        int abandoned = 0;
+        result = run_block(make_uint3(x, y, z), &abandoned);
+        if (abandoned > 0) waited.push_back(make_uint3(x, y, z));
+      }
+  if (early) {
+    st.pre_phase = false;
+    if (!join_primary() && result == cudaSuccess) result = cudaErrorLaunchFailure;
+    for (size_t i = 0; i < waited.size() && result == cudaSuccess; ++i) {
+      int abandoned = 0;
+      result = run_block(waited[i], &abandoned);
+    }
+  }
   g_grid = nullptr;
+  if (result != cudaSuccess) {
+    g_pdl.before.clear();
+    return Fail(result);
+  }
+  if (st.snapshot) {  // this grid let its dependents launch: the next launch in the stream may be one
+    g_pdl.armed = true;
+    g_pdl.stream = stream;
+  }
   std::lock_guard<std::mutex> mem_lock(g_mem_mu);
   for (const auto& [ptr, size] : g_device_allocs) {
     const uint8_t* u = static_cast<const uint8_t*>(ptr);
@@ -240,6 +335,24 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, co
     }
   }
   return cudaSuccess;
+}
+
+// The grid's first call (before any of its writes: the kernel's first statement) keeps an image of
+// device memory for a programmatic dependent.
+void GridDependentsLaunch() {
+  GridState& st = *g_grid;
+  if (st.snapshot || !st.pdl_model) return;
+  st.snapshot = true;
+  g_pdl.before.clear();
+  std::lock_guard<std::mutex> mem_lock(g_mem_mu);
+  for (const auto& [ptr, size] : g_device_allocs) {
+    uint8_t* u = static_cast<uint8_t*>(ptr);
+    g_pdl.before.push_back({u, std::vector<uint8_t>(u, u + size)});
+  }
+  g_pdl.epoch = g_mem_epoch.load();
+}
+void GridDependencyWait() {
+  if (g_grid->pre_phase) kvq::cuda::warp::CurrentBlock()->Abandon();
 }
 
 void CpAsync(void* dst, const void* src, int n) {
@@ -392,12 +505,14 @@ cudaError_t cudaMalloc(void** p, size_t n) {
   *p = base + kGuard;
   std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
   kvq_emu::g_device_allocs[*p] = n;
+  ++kvq_emu::g_mem_epoch;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
   std::lock_guard<std::mutex> lock(kvq_emu::g_mem_mu);
   if (kvq_emu::g_device_allocs.erase(p) == 0) return Fail(cudaErrorInvalidValue);
+  ++kvq_emu::g_mem_epoch;
   std::free(static_cast<uint8_t*>(p) - kvq_emu::kGuard);
   return cudaSuccess;
 }
@@ -420,6 +535,7 @@ cudaError_t cudaFreeHost(void* p) {
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
   if (n > 0 && (!dst || !src)) return Fail(cudaErrorInvalidValue);
   if (n > 0) std::memmove(dst, src, n);
+  ++kvq_emu::g_mem_epoch;
   return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
@@ -428,6 +544,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
 cudaError_t cudaMemset(void* p, int v, size_t n) {
   if (n > 0 && !p) return Fail(cudaErrorInvalidValue);
   if (n > 0) std::memset(p, v, n);
+  ++kvq_emu::g_mem_epoch;
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
@@ -506,10 +623,12 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const
 }
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
   *s = reinterpret_cast<cudaStream_t>(new EmuStream);
+  ++kvq_emu::g_live_streams;
   return cudaSuccess;
 }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  if (s) --kvq_emu::g_live_streams;
   delete reinterpret_cast<EmuStream*>(s);
   return cudaSuccess;
 }

@@ -206,4 +206,89 @@ TEST_F(CudaEmu, LdMatrixRowPastDynamicSharedEnd) {
   Launch(LdMatrixKernel, Ld(-16), cudaErrorIllegalAddress, "ldmatrix row address");  // in the guard band before
 }
 
+// Programmatic dependent launch as the emulator runs it (cuda_emu_runtime.cc, PdlWindow): the
+// primary grid (2 blocks) sets x to 2; its dependent's blocks copy x to seen, block b first waiting
+// for the primary when bit b of wait_mask is set. A dependent block that does not wait runs before
+// the primary's writes; a byte that both grids write fails the dependent's launch.
+struct PdlArgs {
+  uint32_t* x;
+  uint32_t* seen;
+  uint32_t wait_mask;
+  int clobber;  // the dependent's block 0 writes x[clobber] (-1: none)
+};
+
+__global__ void PdlPrimary(PdlArgs a) {
+  kvq::cuda::GridDependentsLaunch();
+  a.x[blockIdx.x * kLanes + threadIdx.x] = 2u;
+}
+
+__global__ void PdlDependent(PdlArgs a) {
+  if ((a.wait_mask >> blockIdx.x) & 1u) kvq::cuda::GridDependencyWait();
+  const int t = static_cast<int>(threadIdx.x);
+  a.seen[blockIdx.x * 2 * kLanes + t] = a.x[t];
+  a.seen[blockIdx.x * 2 * kLanes + kLanes + t] = a.x[kLanes + t];
+  if (blockIdx.x == 0 && t == 0 && a.clobber >= 0) a.x[a.clobber] = 7u;
+}
+
+class CudaEmuPdl : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::vector<uint32_t> ones(2 * kLanes, 1u);
+    ASSERT_EQ(cudaMemcpy(x_.p, ones.data(), ones.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  // The primary, then (pdl or not, a memset of an unrelated buffer between when `between`) the
+  // dependent; returns the dependent's launch status and what each of its 2 blocks saw.
+  cudaError_t Run(uint32_t wait_mask, bool pdl, bool between, int clobber, std::vector<uint32_t>* seen) {
+    const PdlArgs a{x_.p, seen_.p, wait_mask, clobber};
+    EXPECT_EQ(kvq::cuda::LaunchKernel(PdlPrimary, dim3(2), dim3(kLanes), 0, nullptr, a, false), cudaSuccess);
+    if (between) {
+      EXPECT_EQ(cudaMemsetAsync(other_.p, 0, 4, nullptr), cudaSuccess);
+    }
+    testing::internal::CaptureStderr();
+    const cudaError_t e = kvq::cuda::LaunchKernel(PdlDependent, dim3(2), dim3(kLanes), 0, nullptr, a, pdl);
+    err_ = testing::internal::GetCapturedStderr();
+    (void)cudaGetLastError();
+    seen->assign(4 * kLanes, 0u);
+    EXPECT_EQ(cudaMemcpy(seen->data(), seen_.p, seen->size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    return e;
+  }
+  std::vector<uint32_t> X() {
+    std::vector<uint32_t> v(2 * kLanes);
+    EXPECT_EQ(cudaMemcpy(v.data(), x_.p, v.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+  static bool All(const std::vector<uint32_t>& v, size_t b, size_t e, uint32_t want) {
+    return std::all_of(v.begin() + b, v.begin() + e, [&](uint32_t u) { return u == want; });
+  }
+  DevBuf<uint32_t> x_{2 * kLanes * 4}, seen_{4 * kLanes * 4}, other_{4};
+  std::string err_;
+};
+
+TEST_F(CudaEmuPdl, BlocksThatDoNotWaitRunBeforeThePrimarysWrites) {
+  std::vector<uint32_t> seen;
+  ASSERT_EQ(Run(0b10u, true, false, -1, &seen), cudaSuccess) << err_;
+  EXPECT_TRUE(All(seen, 0, 2 * kLanes, 1u)) << "block 0 did not wait: the bytes before the primary";
+  EXPECT_TRUE(All(seen, 2 * kLanes, 4 * kLanes, 2u)) << "block 1 waited: the primary's bytes";
+  EXPECT_TRUE(All(X(), 0, 2 * kLanes, 2u)) << "the primary's writes stay";
+}
+
+TEST_F(CudaEmuPdl, PlainLaunchOrAnOperationBetweenSerializes) {
+  std::vector<uint32_t> seen;
+  ASSERT_EQ(Run(0u, false, false, -1, &seen), cudaSuccess) << err_;
+  EXPECT_TRUE(All(seen, 0, 4 * kLanes, 2u));
+  SetUp();
+  ASSERT_EQ(Run(0u, true, true, -1, &seen), cudaSuccess) << err_;
+  EXPECT_TRUE(All(seen, 0, 4 * kLanes, 2u));
+}
+
+TEST_F(CudaEmuPdl, ByteWrittenByBothGridsFailsTheLaunch) {
+  std::vector<uint32_t> seen;
+  EXPECT_EQ(Run(0b10u, true, false, 3, &seen), cudaErrorLaunchFailure);
+  EXPECT_NE(err_.find("written by both"), std::string::npos) << err_;
+  // the same write after a wait is ordered: no race
+  SetUp();
+  EXPECT_EQ(Run(0b11u, true, false, 3, &seen), cudaSuccess) << err_;
+  EXPECT_EQ(X()[3], 7u);
+}
+
 }  // namespace

@@ -12,6 +12,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <csetjmp>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -171,6 +172,14 @@ class EmuBlock {
   }
 
   int thread() const { return cur_; }
+  // Ends the calling thread here, as if its kernel had returned (a block whose launch is deferred,
+  // cuda_emu_runtime.cc's programmatic dependent launch): back to Entry on the thread's own stack.
+  // The frames skipped hold no destructors to run (kernel code).
+  [[noreturn]] void Abandon() {
+    ++abandoned_;
+    std::longjmp(jmp_[size_t(cur_)].b, 1);
+  }
+  int abandoned() const { return abandoned_; }
   int lane() const { return cur_ & 31; }
 
   // Publishes v for this lane; all[] gets every lane's value of its warp.
@@ -217,7 +226,7 @@ class EmuBlock {
     const Start st = *static_cast<Start*>(arg);
     EmuBlock* b = st.block;
     const int t = st.thread;
-    b->body_(t);
+    if (setjmp(b->jmp_[size_t(t)].b) == 0) b->body_(t);
     b->finished_[size_t(t)] = 1;
     ++b->exited_[size_t(t / 32)];
     FiberCtx dead;  // this fiber is never resumed
@@ -248,6 +257,11 @@ class EmuBlock {
   FiberCtx main_;
   std::vector<FiberCtx> ctx_;
   std::vector<Start> starts_;
+  struct JmpBuf {
+    std::jmp_buf b;
+  };
+  std::vector<JmpBuf> jmp_ = std::vector<JmpBuf>(size_t(n_));  // each thread's Entry, for Abandon
+  int abandoned_ = 0;
   std::vector<uint32_t> slots_;  // [warp][2][kMaxWords][32]
   std::vector<int> parity_;
   std::vector<int> order_, pos_;  // turn order of the threads, and each thread's place in it
@@ -293,12 +307,14 @@ inline void Sync() { CurrentBlock()->Yield(); }
 inline void BlockSync() { CurrentBlock()->Barrier(); }
 inline void SetFlag(int32_t* flag, int32_t v) { *flag = v; }
 
-// Runs body(thread) for the threads of one block (fibers on the calling thread).
-inline void RunBlock(int threads, const std::function<void(int)>& body, uint32_t seed = 0) {
+// Runs body(thread) for the threads of one block (fibers on the calling thread); returns how many
+// threads ended by EmuBlock::Abandon.
+inline int RunBlock(int threads, const std::function<void(int)>& body, uint32_t seed = 0) {
   EmuBlock b(threads, body, seed);
   CurrentBlock() = &b;
   b.Run();
   CurrentBlock() = nullptr;
+  return b.abandoned();
 }
 inline void RunWarp(const std::function<void(int)>& body) { RunBlock(32, body); }
 
