@@ -75,6 +75,11 @@ struct Row {
   std::string preset;
   double attn_us = 0, qa_us = 0, step_us = 0;
   double qa_avg_us = 0;  // quantize-append per decode step, mean over kQaSteps consecutive steps
+  // the same kQaSteps steps whole (quantize-append + attention) and their attention alone, means:
+  // qa_step_us = step_avg_us - attn_avg_us is what the quantize-append adds to a step (with PDL,
+  // the attention units that read nothing it writes run beside it)
+  double step_avg_us = 0, attn_avg_us = 0, qa_step_us = 0;
+  int early_units = 0;  // units of the timed step that start without waiting for the quantize-append
   double bytes = 0;    // per attention step
   double gbps = 0;
   int sets = 0, units = 0, chunk = 0;
@@ -313,8 +318,21 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   if (!time_it(0, &ta) || !time_it(1, &tq) || !time_it(2, &tstep)) return false;
   for (auto& r : runners) CHECK_KVQ(r->Synchronize(stream));
   // Quantize-append of kQaSteps consecutive decode steps (set 0 continues from its step 2), each
-  // timed alone: the mean is the cost per decode step, flushes included at their real rate.
-  double qa_sum = 0;
+  // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
+  // (repeating a prepared step is idempotent) the whole step and its attention alone, the same way.
+  double qa_sum = 0, step_sum = 0, attn_sum = 0;
+  auto time_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
+    if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, j & 0xff, g_flush_bytes, stream));
+    CHECK_CUDA(cudaEventRecord(e0, stream));
+    if (what != 0) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+    if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
+    CHECK_CUDA(cudaEventRecord(e1, stream));
+    CHECK_KVQ(r.Synchronize(stream));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    *sum += ms * 1000.0;
+    return true;
+  };
   for (int j = 0; j < kQaSteps; ++j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
@@ -323,16 +341,12 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     CudaStepRunner& r = *runners[0];
     CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
-    if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, j & 0xff, g_flush_bytes, stream));
-    CHECK_CUDA(cudaEventRecord(e0, stream));
-    CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
-    CHECK_CUDA(cudaEventRecord(e1, stream));
-    CHECK_KVQ(r.Synchronize(stream));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    qa_sum += ms * 1000.0;
+    if (!time_once(r, 1, j, &qa_sum) || !time_once(r, 2, j, &step_sum) || !time_once(r, 0, j, &attn_sum)) return false;
   }
   row->qa_avg_us = qa_sum / kQaSteps;
+  row->step_avg_us = step_sum / kQaSteps;
+  row->attn_avg_us = attn_sum / kQaSteps;
+  row->qa_step_us = row->step_avg_us - row->attn_avg_us;
   row->s = sh;
   row->preset = PresetName(preset);
   row->attn_us = Median(ta);
@@ -342,6 +356,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->gbps = bytes / (row->attn_us * 1e-6) / 1e9;
   row->sets = sets;
   row->units = runners[0]->stats().num_units;
+  row->early_units = runners[0]->stats().early_units;
   row->chunk = runners[0]->stats().chunk_tokens;
   {
     const CudaStepStats& st = runners[0]->stats();
@@ -479,10 +494,12 @@ int main(int argc, char** argv) {
       const Row& r = rows[i];
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
-                  "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
+                  "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"step_avg_us\": %.2f, \"attn_avg_us\": %.2f, "
+                  "\"qa_step_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
                   "\"err\": %.3g}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
-                  r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
+                  r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.step_avg_us, r.attn_avg_us, r.qa_step_us,
+                  r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
                   i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
@@ -491,18 +508,20 @@ int main(int argc, char** argv) {
     std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs; timing %s\n", iters,
                 g_busy_timing ? "busy (GPU time, cold L2)" : "idle (single launches on an idle stream)");
     std::printf("qapp_us: quantize-append of the timed step; qa_avg_us: its mean over %d consecutive decode steps\n"
-                "(every flush phase), qa/attn = qa_avg_us / attn_us; step_us: quantize-append + attention\n",
+                "(every flush phase), qa/attn = qa_avg_us / attn_us; step_us: quantize-append + attention;\n"
+                "qa_step: what the quantize-append adds to a step, the mean step minus the mean attention over\n"
+                "the same steps (with PDL the units that read nothing it writes run beside it), in_step = qa_step / attn_us\n",
                 kQaSteps);
     std::printf("err: normalized error of sequence 0 against the CPU reference (* above the GPU suite's %.0e)\n",
                 kErrBound);
-    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s %9s  %s\n", "B", "Hq", "Hkv", "T",
-                "D", "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa_avg_us", "qa/attn", "step_us",
-                "err", "kernel");
+    std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s %8s %8s %9s  %s\n", "B", "Hq", "Hkv",
+                "T", "D", "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa_avg_us", "qa/attn", "step_us",
+                "qa_step", "in_step", "err", "kernel");
     for (const Row& r : rows)
-      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %9.2f %7.1f%% %9.2f %8.1e%s  %s\n",
+      std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %10.2f %12.0f %9.1f %6.1f%% %9.2f %9.2f %7.1f%% %9.2f %8.2f %7.1f%% %8.1e%s  %s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
-                  100.0 * r.gbps / copy, r.qa_us, r.qa_avg_us, 100.0 * r.qa_avg_us / r.attn_us, r.step_us, r.err,
-                  r.err > kErrBound ? "*" : " ", r.path.c_str());
+                  100.0 * r.gbps / copy, r.qa_us, r.qa_avg_us, 100.0 * r.qa_avg_us / r.attn_us, r.step_us, r.qa_step_us,
+                  100.0 * r.qa_step_us / r.attn_us, r.err, r.err > kErrBound ? "*" : " ", r.path.c_str());
   }
   if (g_flush) cudaFree(g_flush);
   return 0;

@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
   const DevUnit unit = a.units[blockIdx.x];
   __shared__ __align__(16) DevSeq seq_s;
   LoadSeqToShared<kAttnThreads>(a.seqs + unit.seq, &seq_s);
-  GridDependencyWait();  // q, key-norm factors and pages only after the quantize-append
+  GridDependencyWait();  // every unit: the prefill units read the tokens this step appends
   __syncthreads();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;

@@ -878,8 +878,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
-  GridDependencyWait();  // q, key-norm factors and pages only after the quantize-append
   __syncthreads();
+  // Only a unit whose tiles meet the quantize-append's writes (new sink or window tokens, flushed
+  // body tokens) waits for it; the others read what was complete before it started (step_desc.h).
+  if (UnitWaitsForQuantizeAppend(seq_s, unit)) GridDependencyWait();
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;

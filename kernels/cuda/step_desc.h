@@ -86,6 +86,34 @@ KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
 }
 KVQ_HD bool KiviMmaBits(int k_bits, int v_bits) { return k_bits == v_bits && (k_bits == 2 || k_bits == 4); }
 
+// The token ranges (numbered as after the step, 0 .. length - 1) that the step's quantize-append
+// writes: the new sink tokens [sink_len, sink_len + to_sink), each tensor's flushed body tokens
+// [b0 + body_len, b0 + body_len + flush) (b0 = sink_len + to_sink) and the new window tokens at the
+// end. Everything else the attention reads (q, the key-norm factors, the older body and window
+// tokens, the page table) was complete before the quantize-append started: it neither moves nor
+// rewrites them. KVQ_HD so the host plan counts what the kernels decide.
+KVQ_HD bool RangeMeetsStepWrites(const DevSeq& s, int begin, int end) {
+  auto meets = [&](int b, int e) { return b < e && begin < e && b < end; };
+  const int b0 = s.sink_len + s.to_sink;
+  if (meets(s.sink_len, b0)) return true;
+  if (meets(s.length - (s.n_new - s.to_sink), s.length)) return true;
+  const DevTensor* xs[2] = {&s.k, &s.v};
+  for (const DevTensor* x : xs)
+    if (x->flush > 0 && x->mode != static_cast<int32_t>(QuantMode::kFull) &&
+        meets(b0 + x->body_len, b0 + x->body_len + x->flush))
+      return true;
+  return false;
+}
+// Whether an attention unit must wait for the quantize-append grid before its reads (decode path,
+// launched as a programmatic dependent): its tiles run from tok_begin in steps of 32 tokens, whole
+// tiles staged or loaded even where tok_end cuts the last one, so its reads span
+// [tok_begin, tok_begin + 32 * ceil(tokens / 32)); one more tile of margin. The other units (the
+// older body, most of a long sequence) start while the quantize-append still runs.
+KVQ_HD bool UnitWaitsForQuantizeAppend(const DevSeq& s, const DevUnit& u) {
+  const int tiles_end = u.tok_begin + (u.tok_end - u.tok_begin + kTileTokens - 1) / kTileTokens * kTileTokens;
+  return RangeMeetsStepWrites(s, u.tok_begin, tiles_end + kTileTokens);
+}
+
 // One (sequence, KV head, row block): the units [unit0, unit0 + num_units) that the merge combines.
 struct DevMergeItem {
   int32_t seq;

@@ -697,6 +697,9 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.blocks_per_sm = blocks_per_sm;
   stats_.pdl = m.pdl;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
+  stats_.early_units = 0;
+  if (decode_path)
+    for (const cuda::DevUnit& u : units) stats_.early_units += cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u) ? 0 : 1;
   return Result::Ok();
 }
 

@@ -433,13 +433,18 @@ TEST(KernelsGpu, RingDepths) {
 // innerq's values flush every 32 steps), each checked against the reference, with the attention
 // launched as a programmatic dependent of the quantize-append (the default), then without, then
 // with PDL and the blocks spread by padded shared memory (set_spread_blocks: at most one block per
-// SM for this small batch): a misplaced grid-dependency wait would let the attention read pages
-// the flush is still writing.
+// SM for this small batch), then with PDL and the items split into many short units, most of which
+// read only the older body and start without waiting (UnitWaitsForQuantizeAppend): a misplaced
+// grid-dependency wait would let the attention read pages the flush is still writing. (The
+// emulated device runs the units that skip the wait before the quantize-append's writes.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
   SKIP_WITHOUT_GPU();
-  for (int variant = 0; variant < 3; ++variant) {
-    const bool pdl = variant != 1, spread = variant == 2;
-    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : "PDL launch, blocks spread");
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool pdl = variant != 1, spread = variant == 2, split = variant == 3;
+    SCOPED_TRACE(variant == 0   ? "PDL launch"
+                 : variant == 1 ? "plain launch"
+                 : variant == 2 ? "PDL launch, blocks spread"
+                                : "PDL launch, short units");
     Case c;
     c.hkv = 2;
     c.hq = 8;
@@ -450,15 +455,26 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
+    if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;
     for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    int min_early = 1 << 30, max_early = 0;
     for (int step = 0; step < 70; ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
       if (HasFatalFailure()) return;
+      const CudaStepStats& st = runner->stats();
+      EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
+      min_early = std::min(min_early, st.early_units);
+      max_early = std::max(max_early, st.early_units);
     }
+    if (split) {
+      EXPECT_GT(min_early, 0) << "short units over the older body start without waiting";
+    }
+    std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step\n", variant,
+                min_early, max_early);
   }
 }
 

@@ -35,6 +35,8 @@ struct CudaStepStats {
   bool kivi_codes = false;   // those KIVI units multiply the packed codes (decode_kivi_codes.cuh)
   bool pdl = false;          // the attention launches as a programmatic dependent (set_pdl)
   int row_class = 0;         // decode path: query rows of the kernel instance (1, 4 or 8)
+  int early_units = 0;       // decode path: units that read nothing the step's quantize-append
+                             // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
 };
 
 class CudaStepRunner {
