@@ -576,6 +576,28 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
       segments[k] = std::move(split);
     }
   }
+  // Few items, as above (the small batches that launch as a programmatic dependent): a per-token
+  // segment's tokens from the first one the quantize-append writes, less one tile, rounded down to
+  // whole 4-tile steps (UnitWaitsForQuantizeAppend's extent), become a unit of their own. So only
+  // that short tail waits for the quantize-append; split by the chunk alone, the last unit of an
+  // item was a whole chunk that started only once the quantize-append had finished.
+  if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
+    for (size_t k = 0; k < items.size(); ++k) {
+      const int64_t first = cuda::FirstStepWrite(seqs[items[k].seq]) - cuda::kTileTokens;
+      std::vector<Segment> split;
+      for (const Segment& sg : segments[k]) {
+        const int64_t cut = sg.begin + (first - sg.begin) / quantum * quantum;
+        if (sg.kind == cuda::kUnitTokens && sg.skip_end <= sg.skip_begin && first > sg.begin && cut > sg.begin &&
+            cut < sg.end) {
+          split.push_back({sg.begin, cut, cuda::kUnitTokens, 0, 0});
+          split.push_back({cut, sg.end, cuda::kUnitTokens, 0, 0});
+        } else {
+          split.push_back(sg);
+        }
+      }
+      segments[k] = std::move(split);
+    }
+  }
   // The per-token units around tensor-core bodies are short (sink + window): they take capacity
   // from the split only when they are few; otherwise they run first and the body units after them.
   int64_t num_around = 0;
@@ -698,8 +720,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.pdl = m.pdl;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = 0;
+  stats_.longest_waiting_unit = 0;
   if (decode_path)
-    for (const cuda::DevUnit& u : units) stats_.early_units += cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u) ? 0 : 1;
+    for (const cuda::DevUnit& u : units) {
+      if (!cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u))
+        ++stats_.early_units;
+      else if (u.skip_end <= u.skip_begin)
+        stats_.longest_waiting_unit = std::max(stats_.longest_waiting_unit, int(u.tok_end - u.tok_begin));
+    }
   return Result::Ok();
 }
 

@@ -460,7 +460,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     Arena a;
     std::vector<TSeq> seqs;
     for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
-    int min_early = 1 << 30, max_early = 0;
+    int min_early = 1 << 30, max_early = 0, longest_waiting = 0;
     for (int step = 0; step < 70; ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
@@ -469,12 +469,49 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
       min_early = std::min(min_early, st.early_units);
       max_early = std::max(max_early, st.early_units);
+      longest_waiting = std::max(longest_waiting, st.longest_waiting_unit);
     }
     if (split) {
       EXPECT_GT(min_early, 0) << "short units over the older body start without waiting";
+      // the tail from the first token the quantize-append writes (the oldest flushed one, 96 or
+      // 128 window tokens before the end) is a unit of its own: at most the window + a flush + 2
+      // tiles + a 4-tile step
+      EXPECT_LE(longest_waiting, 128 + 32 + 64 + 128) << "only the tail of an item waits";
     }
-    std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step\n", variant,
-                min_early, max_early);
+    std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step; the "
+                "longest that waits: %d tokens\n", variant, min_early, max_early, longest_waiting);
+  }
+}
+
+// A small batch of long sequences, one query row per KV head, as a programmatic dependent: each
+// item's tail from the first token the quantize-append writes is a unit of its own, so the units
+// that wait for it are short and the rest (long chunks of the older body) start beside it; every
+// step checked against the reference through a V flush of innerq (every 32 steps).
+TEST(KernelsGpu, TailUnitsWait) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.hkv = 2;
+  c.hq = 2;
+  c.seqs = {{Preset::kInnerQ, 6000, 1, 1, 3}, {Preset::kKivi2, 5000, 1, 1, 0}};
+  c.seed = 7310;
+  std::unique_ptr<CudaStepRunner> runner;
+  ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+  runner->set_pdl(true);
+  runner->set_split_blocks(32);  // 4 items x 8 <= 32: the few-items plan; chunks of ~700 tokens
+  std::mt19937 rng(c.seed);
+  Arena a;
+  std::vector<TSeq> seqs;
+  for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+  for (int step = 0; step < 36; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
+    if (HasFatalFailure()) return;
+    const CudaStepStats& st = runner->stats();
+    if (step == 0) continue;  // the first step flushes the initial windows: every unit waits
+    ASSERT_GE(st.chunk_tokens, 512);
+    EXPECT_GT(st.early_units, 0);
+    // the window before a flush (128) + a new token + one tile of margin + a 4-tile step
+    EXPECT_LE(st.longest_waiting_unit, 128 + 1 + 32 + 128) << "chunk " << st.chunk_tokens;
   }
 }
 
