@@ -35,8 +35,8 @@
 // tokens 2t, 2t + 1), then multiplied by the tokens' scales per channel group.
 //
 // Units of this kind hold whole 32-token tiles inside both bodies (as the other tensor-core units),
-// fed through the warp's cp.async ring; the value codes are staged with 16 bytes of padding per
-// 128 so that the lanes' 8-byte reads of 4 tokens hit different banks. KIVI asym groups (the
+// fed through the warp's cp.async ring; the value codes are staged with 32 bytes of padding per
+// 128 (kKiviVPad) so that the lanes' 8-byte reads of 4 tokens hit different banks. KIVI asym groups (the
 // presets) in both tensors, (K, V) bits (2, 2) or (4, 4); fp16 and bf16 batches (the products are
 // fp16 either way: codes, normalized q' and p, fp16 scales and zeros).
 #pragma once
@@ -152,17 +152,18 @@ __device__ __forceinline__ void KiviCodesStage(uint8_t* dst, const AttnArgs& a, 
     const BodySrc ks = BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0);
     const BodySrc vs = BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0);
     uint8_t* v = dst + kCodes + 4 * D;
-    // step `it` copies bytes i = 512 it + 16 lane; the V codes land at i + (i / 128) 16 =
-    // (16 lane + (lane / 8) 16) + 576 it. Per-lane pointers plus compile-time offsets: the copies
-    // take the offsets as immediates instead of a 64-bit address computed per copy.
+    // step `it` copies bytes i = 512 it + 16 lane; the V codes land at i + (i / 128) kKiviVPad =
+    // (16 lane + (lane / 8) kKiviVPad) + (512 + 4 kKiviVPad) it. Per-lane pointers plus
+    // compile-time offsets: the copies take the offsets as immediates instead of a 64-bit address
+    // computed per copy.
     const uint8_t* kc = ks.codes + lane * 16;
     const uint8_t* vc = vs.codes + lane * 16;
     uint8_t* kd = dst + lane * 16;
-    uint8_t* vd = v + lane * 16 + (lane >> 3) * 16;
+    uint8_t* vd = v + lane * 16 + (lane >> 3) * kKiviVPad;
 #pragma unroll
     for (int it = 0; it < kCodes / 512; ++it) {
       CpAsync16(kd + it * 512, kc + it * 512);
-      CpAsync16(vd + it * 576, vc + it * 512);
+      CpAsync16(vd + it * (512 + 4 * kKiviVPad), vc + it * 512);
     }
     if (lane * 16 < 2 * D) {
       uint8_t* vsz = v + KiviCodesPad(kCodes);
@@ -235,11 +236,11 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
 #pragma unroll
   for (int gg = 0; gg < NG; ++gg) oz[gg][0] = oz[gg][1] = oz[gg][2] = oz[gg][3] = 0.f;
 
-  // padded value-code rows (KiviCodesStage): token j at j TB + (j TB / 128) 16; a multiple of 8
+  // padded value-code rows (KiviCodesStage): token j at j TB + (j TB / 128) kKiviVPad; a multiple of 8
   // tokens adds a multiple of 128 bytes, so rows 16 mt + 8 hh + 2t + e split into a compile-time
   // part and this lane's part
   constexpr int TB = 4 * WPT;
-  auto VRowOffset = [](int j) { return j * TB + (j * TB >> 7) * 16; };
+  auto VRowOffset = [](int j) { return j * TB + (j * TB >> 7) * kKiviVPad; };
   const int vrow_off[2] = {VRowOffset(2 * t), VRowOffset(2 * t + 1)};
 
   auto issue = [&](int tile0, int stage) {

@@ -189,8 +189,12 @@ KVQ_HD int BodyTileBytes(int head_dim, int bits, bool has_zeros) {
   return 4 * head_dim * bits + 2 * head_dim + (has_zeros ? 2 * head_dim : 0);
 }
 // The KIVI code units (decode_kivi_codes.cuh): a ring slot holds the K body tile as stored (codes,
-// scales, zeros) and the V body tile with its codes padded by 16 bytes per 128 (KiviCodesPad).
-KVQ_HD int KiviCodesPad(int code_bytes) { return code_bytes + code_bytes / 128 * 16; }
+// scales, zeros) and the V body tile with its codes padded by kKiviVPad bytes per 128 (KiviCodesPad).
+// 32, not 16: every 32-byte sector of the copy then lands in one 32-byte unit of shared memory (a
+// sector split over two was fetched from L2 twice: the decode rings' alignment, docs/gpu_notes.md),
+// and the lanes' reads of 4 tokens still hit different banks.
+constexpr int kKiviVPad = 32;
+KVQ_HD int KiviCodesPad(int code_bytes) { return code_bytes + code_bytes / 128 * kKiviVPad; }
 KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
   return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
 }
