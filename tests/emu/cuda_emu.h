@@ -9,6 +9,8 @@
 //   - ldmatrix .x4 (and .trans) from every lane's row address; movmatrix .m8n8 .trans;
 //   - cp.async as deferred copies per thread: a copy lands only when a cp.async.wait_group covers
 //     its group, so a tile read before its wait reads the slot's previous bytes, as it may on the GPU;
+//     a global 32-byte sector that one warp's copies of a group send to two 32-byte units of shared
+//     memory fails the launch (the GPU does not fault, but fetches the sector twice);
 //   - __shared__ variables are static (one block at a time), dynamic shared memory is filled with
 //     0xFF (NaN as fp16 / fp32) before every block, as device allocations are.
 // What this cannot check: timing, races between blocks, memory ordering beyond program order,

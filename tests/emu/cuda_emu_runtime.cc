@@ -25,10 +25,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace kvq_emu {
@@ -45,6 +47,19 @@ struct Pending {
 struct ThreadAsync {
   std::vector<Pending> open;                // issued since the last commit
   std::deque<std::vector<Pending>> groups;  // committed, not yet landed, oldest first
+  uint32_t commits = 0;                     // groups committed so far (the open group's number)
+};
+
+// A 32-byte global sector read by a warp's copies of one group (lanes commit in step).
+struct SectorKey {
+  uintptr_t sector;
+  uint32_t warp, group;
+  bool operator==(const SectorKey& o) const { return sector == o.sector && warp == o.warp && group == o.group; }
+};
+struct SectorKeyHash {
+  size_t operator()(const SectorKey& k) const {
+    return std::hash<uintptr_t>()(k.sector) ^ (size_t{k.group} * 0x9E3779B97F4A7C15ull) ^ (size_t{k.warp} << 56);
+  }
 };
 
 // A device allocation as a launch saw it when it started.
@@ -63,6 +78,9 @@ struct GridState {
   std::vector<uint8_t> dynamic_smem;  // guard band, smem_bytes, guard band
   size_t smem_bytes = 0;
   std::vector<ThreadAsync> async;  // per thread of the running block
+  // per sector a warp's copies of one group read: the 32-byte unit of dynamic shared memory its
+  // first 16 bytes went to (CpAsyncOk: the other 16 must go to the same unit)
+  std::unordered_map<SectorKey, long long, SectorKeyHash> sector_units;
   // The device allocations at the launch's start, by address: cp.async sources are looked up here
   // without a lock. Other host threads may allocate and free meanwhile (the store's lanes grow
   // their own buffers), but not what this launch reads: its lane's buffers and the arena.
@@ -187,6 +205,18 @@ bool CpAsyncOk(uintptr_t dst, uintptr_t src, int n) {
   if (src - a->begin + size_t(n) > a->size)
     return Bad(cudaErrorIllegalAddress, "cp.async source %#zx: its %d bytes at offset %zu not inside the device "
                "allocation of %zu bytes at %#zx", size_t(src), n, size_t(src - a->begin), a->size, size_t(a->begin));
+  // A global sector whose two halves a warp copies (in one group) to two 32-byte units of shared
+  // memory is fetched from L2 twice: the one-row decode rings, 16 bytes off a sector, read at 0.88x
+  // (H100, docs/gpu_notes.md). The units count from the dynamic shared memory's start, which the
+  // decode kernel declares 128-byte aligned.
+  const int thread = CurrentThread();
+  const SectorKey key{src / 32, uint32_t(thread / 32), g_grid->async[size_t(thread)].commits};
+  const long long unit = SmemOffset(dst) / 32;
+  const auto [it, fresh] = g_grid->sector_units.try_emplace(key, unit);
+  if (!fresh && it->second != unit)
+    return Bad(cudaErrorLaunchFailure, "cp.async source %#zx: its 32-byte sector goes to two 32-byte units of shared "
+               "memory (offsets %lld and %lld) in one copy group of the warp, a sector the GPU fetches twice",
+               size_t(src), it->second * 32, unit * 32);
   return true;
 }
 
@@ -257,6 +287,7 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
     std::memset(st.dynamic_smem.data(), kGuardByte, kGuard);
     std::memset(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuardByte, kGuard);
     st.async.assign(threads, ThreadAsync{});
+    st.sector_units.clear();
     // every block takes its turns in another order (seeded by its place in the grid)
     const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
     *abandoned = kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
@@ -367,6 +398,7 @@ void CpAsyncCommit() {
   ThreadAsync& a = g_grid->async[size_t(CurrentThread())];
   a.groups.push_back(std::move(a.open));
   a.open.clear();
+  ++a.commits;
 }
 // wait_group N: every committed group but the N most recent has landed (copies issued after the
 // last commit belong to no group and are not waited for).
@@ -560,7 +592,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: a guard band was overwritten)";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure (emulated: a guard band was overwritten, or a cp.async sector split)";
     case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     default: return "emulated CUDA error";

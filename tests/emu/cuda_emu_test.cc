@@ -176,6 +176,22 @@ TEST_F(CudaEmu, CpAsyncZeroFillReadsNoSource) {
   EXPECT_EQ(Out(), want);
 }
 
+// Threads kOdd - 1 and kOdd read the two halves of one 32-byte sector: to two 32-byte units of
+// shared memory the launch fails (whichever of the two copies second is named), to one it passes.
+TEST_F(CudaEmu, CpAsyncSectorSplitOverTwoUnits) {
+  static_assert(kOdd % 2 == 1, "kOdd reads a sector's second half");
+  CpArgs a = GoodCopy();
+  a.odd_dst = 16 * kOdd + 32;  // its half one unit further than its neighbour's
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(kvq::cuda::LaunchKernel(CpAsyncKernel, dim3(1), dim3(kLanes), kSmem, nullptr, a, false),
+            cudaErrorLaunchFailure);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+  EXPECT_NE(err.find("its 32-byte sector goes to two 32-byte units of shared memory"), std::string::npos) << err;
+  a.odd_dst = 16 * (kOdd - 1);  // both halves into one unit (here onto one slot): no second fetch
+  Launch(CpAsyncKernel, a, cudaSuccess, "");
+}
+
 // Lane l gets matrix j's M[l / 4][2 (l % 4) .. +1] (.trans: M[2 (l % 4) .. +1][l / 4]).
 uint32_t Fragment(int lane, int j, bool trans) {
   auto m = [&](int row, int col) { return uint32_t(64 * j + 8 * row + col); };
