@@ -61,15 +61,16 @@ def main():
     qa_key = "qa_avg_us" if both_avg else "qa_us"
     print(f"\nagainst the base (same run): times in us, speedup = base / this; quantize-append: {qa_key}")
     print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn':>8} {'base':>8} {'speedup':>8} "
-          f"{'qapp':>7} {'base':>7} {'step':>8} {'base':>8} {'speedup':>8}")
+          f"{'qapp':>7} {'base':>7} {'step':>8} {'base':>8} {'speedup':>8} {'qa_step':>8} {'base':>8}  kernel")
     for r in d["rows"]:
         o = base.get(key(r))
         if o is None:
             continue
         sb, sr = o.get("step_us", 0.0), r.get("step_us", 0.0)
+        qs = [f"{x['qa_step_us']:>8.2f}" if "qa_step_us" in x else f"{'-':>8}" for x in (r, o)]
         print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>8.2f} "
               f"{o['attn_us']:>8.2f} {o['attn_us'] / r['attn_us']:>7.2f}x {r[qa_key]:>7.2f} {o[qa_key]:>7.2f} "
-              f"{sr:>8.2f} {sb:>8.2f} {(sb / sr if sr else 0):>7.2f}x")
+              f"{sr:>8.2f} {sb:>8.2f} {(sb / sr if sr else 0):>7.2f}x {qs[0]} {qs[1]}  {r['kernel']}")
 
 
 if __name__ == "__main__":
