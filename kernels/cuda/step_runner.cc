@@ -440,11 +440,9 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym))
       kivi_codes = false;
   const bool kivi_family = kivi_batch && (kivi_codes || (max_rows >= 2 && p.dtype == DType::kF16));
-  // (one row, 4-bit: the per-token path measured as fast or faster than the code units, 0.93-1.0x,
-  // before the rings were aligned; set_kivi_codes(true) puts them on the code units)
-  auto kivi_config = [&](const QuantConfig& c) {
-    return kivi_family && kivi_shape(c) && (!kivi_codes || max_rows >= 2 || c.k.bits == 2 || kivi_codes_mode_ == 1);
-  };
+  // (one row, 4-bit: on the code units too since the rings are aligned: 1.08-1.09x the per-token
+  // path at (1,32,32,32768) and (16,32,32,4096), 1.01x at (1,32,32,4096); H100, 2026-12-05)
+  auto kivi_config = [&](const QuantConfig& c) { return kivi_family && kivi_shape(c); };
   int ring_slot_bytes = mma_full ? 2 * cuda::kTileTokens * p.head_dim * 2 : 0;
   int ring_work_bytes = 0;
   for (int i = 0; i < num_seqs; ++i) {

@@ -924,7 +924,7 @@ TEST(KernelsGpu, KiviCodesBody) {
 }
 
 // The KIVI code units where their precision is tested hardest: 32768 tokens (kivi2 and kivi4,
-// fp16 and bf16, 1 / 4 / 8 rows; forced on, one-row kivi4 included), units of ~6k tokens
+// fp16 and bf16, 1 / 4 / 8 rows), units of ~6k tokens
 // (split over 2 blocks), queries 8x larger (a nearly one-hot softmax), and every ring depth from
 // 2 to 6 stages.
 TEST(KernelsGpu, KiviCodesPrecision) {
@@ -940,7 +940,7 @@ TEST(KernelsGpu, KiviCodesPrecision) {
       c.seqs = {{p, 32768, 1, 1, 3}};
       c.seed = 5151 + k++;
       c.expect_decode = 1;
-      c.expect_kivi_codes = 1;  // forced on: one-row kivi4 too
+      c.expect_kivi_codes = 1;
       c.kivi_codes = true;
       c.kivi_min_tokens = 0;
       RunCase(c);
@@ -1092,7 +1092,6 @@ TEST(KernelsGpu, RowClassOneRow) {
         if (p == Preset::kFp16) cs.expect_mma = 1;
         if (p == Preset::kKivi2 || p == Preset::kKivi4) cs.expect_kivi_codes = 1;
         if (p == Preset::kInnerQ) cs.expect_imma = rc == 4 ? 1 : 0;
-        if (p == Preset::kKivi4 && rc == 1) cs.expect_kivi_codes = -1;  // one row, 4 bits: the per-token path
         RunCase(cs);
         if (HasFatalFailure()) return;
       }

@@ -88,9 +88,9 @@ class CudaStepRunner {
   // KIVI body units multiply the packed codes on the tensor cores (decode_kivi_codes.cuh: 1 to 8
   // rows, fp16 and bf16, asym K and V; the default) or dequantize each tile to fp16 in shared
   // memory (decode_mma_kivi.cuh: 2 to 8 rows, fp16; off). Measured on an H200 (2026-12-05): the
-  // code units 1.5-1.7x faster at the GQA shapes; tests and the benchmark compare both. By default
-  // one-row batches keep 4-bit KIVI on the per-token path (measured as fast or faster); forced on,
-  // the code units take every KIVI tile they fit, one-row 4-bit included.
+  // code units 1.5-1.7x faster at the GQA shapes; tests and the benchmark compare both. They take
+  // every KIVI tile they fit, one-row 4-bit included (1.01-1.09x the per-token path there since
+  // the rings are aligned, H100).
   void set_kivi_codes(bool on) { kivi_codes_mode_ = on ? 1 : 0; }
   // The attention launch as a programmatic dependent of the quantize-append (Hopper): its blocks
   // are launched while the quantize-append finishes and wait for it on the device. set_pdl forces
@@ -128,7 +128,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
-  int kivi_codes_mode_ = -1;  // -1 the default (code units, but one-row 4-bit per token), 0 off, 1 on
+  int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
