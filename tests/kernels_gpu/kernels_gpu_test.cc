@@ -483,20 +483,22 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
   }
 }
 
-// A small batch of long sequences, one query row per KV head, as a programmatic dependent: each
-// item's tail from the first token the quantize-append writes is a unit of its own, so the units
-// that wait for it are short and the rest (long chunks of the older body) start beside it; every
-// step checked against the reference through a V flush of innerq (every 32 steps).
+// A small batch of long KIVI sequences on the per-token path, one query row per KV head, as a
+// programmatic dependent: each item's tail from the first token the quantize-append writes is a
+// unit of its own, so the units that wait for it are short and the rest (long chunks of the older
+// body) start beside it; every step checked against the reference (kivi2's values flush every
+// step, kivi4's keys at 128).
 TEST(KernelsGpu, TailUnitsWait) {
   SKIP_WITHOUT_GPU();
   Case c;
   c.hkv = 2;
   c.hq = 2;
-  c.seqs = {{Preset::kInnerQ, 6000, 1, 1, 3}, {Preset::kKivi2, 5000, 1, 1, 0}};
+  c.seqs = {{Preset::kKivi4, 6000, 1, 1, 3}, {Preset::kKivi2, 5000, 1, 1, 0}};
   c.seed = 7310;
   std::unique_ptr<CudaStepRunner> runner;
   ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
   runner->set_pdl(true);
+  runner->set_imma(false);       // the per-token path for every tile, as below the code units' minimum
   runner->set_split_blocks(32);  // 4 items x 8 <= 32: the few-items plan; chunks of ~700 tokens
   std::mt19937 rng(c.seed);
   Arena a;

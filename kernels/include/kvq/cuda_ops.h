@@ -37,8 +37,8 @@ struct CudaStepStats {
   int row_class = 0;         // decode path: query rows of the kernel instance (1, 4 or 8)
   int early_units = 0;       // decode path: units that read nothing the step's quantize-append
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
-  int longest_waiting_unit = 0;  // decode path: tokens of the longest unit that waits (units that step
-                                 // over a body not counted)
+  int longest_waiting_unit = 0;  // decode path: tokens of the longest per-token unit that waits (units
+                                 // that step over a body not counted)
 };
 
 class CudaStepRunner {
