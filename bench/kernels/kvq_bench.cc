@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -39,6 +39,8 @@
 
 namespace kvq {
 namespace bench {
+// An empty grid (256 threads a block) that lets its programmatic dependents launch at once.
+cudaError_t LaunchEmptyPrimary(dim3 grid, cudaStream_t stream);
 cudaError_t FillRandomActs(void* p, int64_t n, uint64_t seed, bool bf16, int outlier_every,
                            cudaStream_t stream);
 }  // namespace bench
@@ -74,11 +76,14 @@ struct Row {
   Shape s;
   std::string preset;
   double attn_us = 0, qa_us = 0, step_us = 0;
-  double qa_avg_us = 0;  // quantize-append per decode step, mean over kQaSteps consecutive steps
-  // the same kQaSteps steps whole (quantize-append + attention) and their attention alone, means:
+  double qa_avg_us = 0;  // quantize-append per decode step, mean over g_qa_steps consecutive steps
+  // the same g_qa_steps steps whole (quantize-append + attention) and their attention alone, means:
   // qa_step_us = step_avg_us - attn_avg_us is what the quantize-append adds to a step (with PDL,
   // the attention units that read nothing it writes run beside it)
   double step_avg_us = 0, attn_avg_us = 0, qa_step_us = 0;
+  // the same steps with an empty grid of the quantize-append's shape (one chunk) in its place:
+  // what a launch in front of the attention costs a step by itself (mean - attn_avg_us)
+  double empty_step_us = 0;
   int early_units = 0;  // units of the timed step that start without waiting for the quantize-append
   double bytes = 0;    // per attention step
   double gbps = 0;
@@ -91,7 +96,9 @@ bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
-constexpr int kQaSteps = 128;  // consecutive decode steps for the mean quantize-append (every flush phase)
+// --qa-steps N: consecutive decode steps for the mean quantize-append and step (128: every flush
+// phase of the presets; fewer on the emulated device, where each is a whole emulated step)
+int g_qa_steps = 128;
 int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on the codes
                                // (decode_kivi_codes.cuh) or dequantizing (decode_mma_kivi.cuh);
                                // -1: the runner's default
@@ -211,10 +218,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     for (auto& st : step2[k]) { st.Point(); w2[k].push_back(st.w); }
   }
   bytes += 2.0 * sh.b * sh.hq * sh.d * 2;  // q read, o written
-  // The kQaSteps decode steps after step 2 of set 0, for the quantize-append averaged over every
+  // The g_qa_steps decode steps after step 2 of set 0, for the quantize-append averaged over every
   // flush phase (planned now: their pages must be in the arena before it is allocated).
-  std::vector<std::vector<testing::TStep>> chain(kQaSteps);
-  for (int j = 0; j < kQaSteps; ++j)
+  std::vector<std::vector<testing::TStep>> chain(g_qa_steps);
+  for (int j = 0; j < g_qa_steps; ++j)
     for (int i = 0; i < sh.b; ++i)
       chain[j].push_back(testing::PlanStep(arena, j == 0 ? step2[0][i].next : chain[j - 1][i].next, sh.hkv, sh.d,
                                            1, i, i));
@@ -317,14 +324,16 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   std::vector<float> ta, tq, tstep;
   if (!time_it(0, &ta) || !time_it(1, &tq) || !time_it(2, &tstep)) return false;
   for (auto& r : runners) CHECK_KVQ(r->Synchronize(stream));
-  // Quantize-append of kQaSteps consecutive decode steps (set 0 continues from its step 2), each
+  // Quantize-append of g_qa_steps consecutive decode steps (set 0 continues from its step 2), each
   // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
   // (repeating a prepared step is idempotent) the whole step and its attention alone, the same way.
-  double qa_sum = 0, step_sum = 0, attn_sum = 0;
+  double qa_sum = 0, step_sum = 0, attn_sum = 0, empty_sum = 0;
+  // what: 0 attention, 1 quantize-append, 2 both, 3 an empty grid (LaunchEmptyPrimary) + attention
   auto time_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
     if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, j & 0xff, g_flush_bytes, stream));
     CHECK_CUDA(cudaEventRecord(e0, stream));
-    if (what != 0) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+    if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
+    if (what == 1 || what == 2) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
     if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
     CHECK_CUDA(cudaEventRecord(e1, stream));
     CHECK_KVQ(r.Synchronize(stream));
@@ -333,7 +342,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     *sum += ms * 1000.0;
     return true;
   };
-  for (int j = 0; j < kQaSteps; ++j) {
+  for (int j = 0; j < g_qa_steps; ++j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
       st.Point();
@@ -341,12 +350,15 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     CudaStepRunner& r = *runners[0];
     CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
-    if (!time_once(r, 1, j, &qa_sum) || !time_once(r, 2, j, &step_sum) || !time_once(r, 0, j, &attn_sum)) return false;
+    if (!time_once(r, 1, j, &qa_sum) || !time_once(r, 2, j, &step_sum) || !time_once(r, 0, j, &attn_sum) ||
+        !time_once(r, 3, j, &empty_sum))
+      return false;
   }
-  row->qa_avg_us = qa_sum / kQaSteps;
-  row->step_avg_us = step_sum / kQaSteps;
-  row->attn_avg_us = attn_sum / kQaSteps;
+  row->qa_avg_us = qa_sum / g_qa_steps;
+  row->step_avg_us = step_sum / g_qa_steps;
+  row->attn_avg_us = attn_sum / g_qa_steps;
   row->qa_step_us = row->step_avg_us - row->attn_avg_us;
+  row->empty_step_us = empty_sum / g_qa_steps - row->attn_avg_us;
   row->s = sh;
   row->preset = PresetName(preset);
   row->attn_us = Median(ta);
@@ -386,7 +398,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -427,6 +439,8 @@ int main(int argc, char** argv) {
       g_split_blocks = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--ring-offset" && i + 1 < argc) {
       g_ring_offset = std::atoi(argv[++i]);
+    } else if (a == "--qa-steps" && i + 1 < argc) {
+      g_qa_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--row-class" && i + 1 < argc) {
       g_min_row_class = std::atoi(argv[++i]);
     } else if (a == "--spread-blocks") {
@@ -495,11 +509,11 @@ int main(int argc, char** argv) {
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
                   "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"step_avg_us\": %.2f, \"attn_avg_us\": %.2f, "
-                  "\"qa_step_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
+                  "\"qa_step_us\": %.2f, \"empty_step_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
                   "\"err\": %.3g}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
                   r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.step_avg_us, r.attn_avg_us, r.qa_step_us,
-                  r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
+                  r.empty_step_us, r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
                   i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
@@ -511,7 +525,7 @@ int main(int argc, char** argv) {
                 "(every flush phase), qa/attn = qa_avg_us / attn_us; step_us: quantize-append + attention;\n"
                 "qa_step: what the quantize-append adds to a step, the mean step minus the mean attention over\n"
                 "the same steps (with PDL the units that read nothing it writes run beside it), in_step = qa_step / attn_us\n",
-                kQaSteps);
+                g_qa_steps);
     std::printf("err: normalized error of sequence 0 against the CPU reference (* above the GPU suite's %.0e)\n",
                 kErrBound);
     std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s %8s %8s %9s  %s\n", "B", "Hq", "Hkv",

@@ -37,15 +37,17 @@ def main():
           "flush phase); qa/attn = qa_avg_us / attn_us (qapp_us where no mean was taken)")
     print("qa_step: what the quantize-append adds to a step, the mean step minus the mean attention over the same "
           "steps (runs since 2026-12-05f; with PDL the units reading nothing it writes run beside it); "
-          "in_step = qa_step / attn_us")
+          "in_step = qa_step / attn_us; empty: the same with an empty grid in its place (a launch's own cost)")
     print(f"err: sequence 0 against the CPU reference, * above {ERR_BOUND:.0e} (- not checked)")
     print(f"{'B':<4} {'Hq':<4} {'Hkv':<4} {'T':<6} {'D':<4} {'preset':<12} {'attn_us':>9} {'bytes_read':>12} "
           f"{'GB/s':>8} {'%copy':>6} {'qapp_us':>8} {'qa_avg_us':>9} {'qa/attn':>7} {'step_us':>8} {'qa_step':>8} "
-          f"{'in_step':>7} {'err':>8}  kernel")
+          f"{'in_step':>7} {'empty':>6} {'err':>8}  kernel")
     for r in d["rows"]:
         qa = r.get("qa_avg_us", r["qa_us"])
         qs = r.get("qa_step_us")
         qs_text = f"{qs:>8.2f} {100 * qs / r['attn_us']:>6.1f}%" if qs is not None else f"{'-':>8} {'-':>7}"
+        es = r.get("empty_step_us")
+        qs_text += f" {es:>6.2f}" if es is not None else f" {'-':>6}"
         print(f"{r['b']:<4} {r['hq']:<4} {r['hkv']:<4} {r['t']:<6} {r['d']:<4} {r['preset']:<12} {r['attn_us']:>9.2f} "
               f"{r['bytes']:>12.0f} {r['gbps']:>8.1f} {100 * r['copy_frac']:>5.1f}% {r['qa_us']:>8.2f} "
               f"{r.get('qa_avg_us', float('nan')):>9.2f} {100 * qa / r['attn_us']:>6.1f}% {r.get('step_us', 0.0):>8.2f}"

@@ -103,7 +103,8 @@ GridState* g_grid = nullptr;
 // back. So a block that skips the wait and reads what the primary writes reads the old bytes, and
 // a byte written by both grids fails the launch. Any other memory operation or launch in between
 // ends the window (as on the GPU, where it would serialize them). Only while at most one stream
-// exists: the store's lanes (several streams on several host threads) launch plainly here.
+// exists: the store's lanes (several streams on several host threads) launch plainly here; and not
+// with KVQ_EMU_PDL=0 (the benchmark's smoke tests: every image copies all device memory).
 struct PdlImage {
   uint8_t* p;
   std::vector<uint8_t> bytes;
@@ -258,7 +259,8 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
   st.grid = grid;
   st.block = block;
   st.smem_bytes = dynamic_smem;
-  st.pdl_model = g_live_streams.load() <= 1;
+  static const bool pdl_off = std::getenv("KVQ_EMU_PDL") != nullptr && std::string(std::getenv("KVQ_EMU_PDL")) == "0";
+  st.pdl_model = !pdl_off && g_live_streams.load() <= 1;
   {
     std::lock_guard<std::mutex> mem_lock(g_mem_mu);
     st.allocs.reserve(g_device_allocs.size());
