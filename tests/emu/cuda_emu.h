@@ -59,6 +59,9 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
 // grid's first write, the second block-uniformly.
 void GridDependentsLaunch();
 void GridDependencyWait();
+// Launches so far that ran as programmatic dependents before their primary's writes (tests check
+// that the model was on).
+uint64_t PdlEarlyLaunches();
 
 // cp.async: n (0 or 16) bytes from src, the rest of 16 zero-filled, when a wait covers the group.
 void CpAsync(void* dst, const void* src, int n);

@@ -118,6 +118,7 @@ struct PdlWindow {
 PdlWindow g_pdl;                         // under g_launch_mu
 std::atomic<uint64_t> g_mem_epoch{0};    // bumped by every host-side allocation, free, copy or set
 std::atomic<int> g_live_streams{0};
+std::atomic<uint64_t> g_pdl_early_launches{0};  // launches whose early blocks ran before their primary's writes
 std::mutex g_launch_mu;  // one grid at a time, process-wide (static __shared__ variables)
 
 // Guard bands: kGuard bytes of kGuardByte before and after every device allocation and around a
@@ -280,6 +281,7 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
       std::memcpy(im.p, im.bytes.data(), im.bytes.size());
     }
     st.pre_phase = true;
+    ++g_pdl_early_launches;
   }
   g_grid = &st;
   auto run_block = [&](uint3 idx, int* abandoned) -> cudaError_t {
@@ -387,6 +389,7 @@ void GridDependentsLaunch() {
 void GridDependencyWait() {
   if (g_grid->pre_phase) kvq::cuda::warp::CurrentBlock()->Abandon();
 }
+uint64_t PdlEarlyLaunches() { return g_pdl_early_launches.load(); }
 
 void CpAsync(void* dst, const void* src, int n) {
   if (!CpAsyncOk(Addr(dst), Addr(src), n)) return;
