@@ -22,8 +22,8 @@ constexpr int kTileTokens = 32;    // tokens per attention tile
 constexpr int kAttnThreads = 128;
 // quantize-append: 2 warps a block, one group per warp at a time. At 256 threads its blocks took
 // 3-6 us more of a decode step (the chain's qa_step on an H100: (1,32,32,4096) innerq 6.8 -> 4.9 us,
-// kivi4 7.2 -> 4.6, (64,32,8,8192) kivi2 14.9 -> 10.0, innerq 19.5 -> 15.7, two runs); a block of 256
-// threads finds no room beside 5 resident one-row attention blocks of 96 registers.
+// kivi4 7.2 -> 4.6, (64,32,8,8192) kivi2 14.9 -> 10.0, innerq 19.5 -> 15.7, two runs). Why is not
+// measured; a guess: a 256-thread block finds no registers beside the resident attention blocks.
 constexpr int kQaThreads = 64;
 
 // One tensor stream (K or V) of one sequence, state at the start of the step plus its format.
