@@ -24,7 +24,8 @@ KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, i
   return LoadAct(p, dtype);
 }
 
-// Flush group gi of tensor x of head h, quantized by the calling warp.
+// Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
+// factors in the arena, read beside the window values).
 template <int J>
 KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
                          float* err, int lane) {
@@ -59,13 +60,15 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
     body_tok = x.body_len + tb * G;
     group = ((body_tok % kPageTokens) / G) * D + c;
   }
+  // the destination page's entry loads while the warp quantizes
+  const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   if (!WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits)) {
     if (lane == 0) warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
     return;
   }
-  uint8_t* head = a.arena + a.pages[x.body_pages + body_tok / kPageTokens] + static_cast<int64_t>(h) * x.head_bytes;
+  uint8_t* head = a.arena + body_page + static_cast<int64_t>(h) * x.head_bytes;
   WarpPackStore<J>(code, x.bits, lane, reinterpret_cast<uint32_t*>(head) + group * x.words_per_group);
   if (lane == 0) {
     reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
@@ -96,9 +99,12 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 }
 
 // One block (seq, h, z) of QuantizeAppendKernel's grid (z even K, odd V; chunk z / 2 of
-// num_chunks), thread tid of kQaThreads; knorm [256] and err [kQaWarps][2 * kMaxGroupSize] are the
-// block's shared memory.
-KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* knorm,
+// num_chunks), thread tid of kQaThreads; err [kQaWarps][2 * kMaxGroupSize] is the block's shared
+// memory. Its global loads are mostly cold and each step's chain of them sets its time, so the
+// independent ones go out together: the append's first row with the flush's window values and
+// key-norm factors (read by each lane from the arena), the destination page entry before the
+// quantization; the append's store waits until after the flush.
+KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid,
                                   float (*err)[2 * kMaxGroupSize]) {
   const DevSeq& s = a.seqs[seq];
   const bool is_k = (z & 1) == 0;
@@ -108,17 +114,38 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
   const int hkv = a.num_kv_heads;
   const int warp = tid >> 5, lane = tid & 31;
 
+  // Append: 16-byte copies of the new rows of this head (chunk 0), the first one per thread loaded
+  // before the flush.
+  const uint16_t* src = is_k ? a.k_new : a.v_new;
+  const int row_chunks = D / 8;
+  const int appends = chunk == 0 ? s.n_new * row_chunks : 0;
+  auto append_at = [&](int idx, uint4* v) -> uint8_t* {
+    const int j = idx / row_chunks;
+    const int c0 = (idx % row_chunks) * 8;
+    int64_t page;
+    int slot;
+    if (j < s.to_sink) {
+      page = x.sink_page;
+      slot = s.sink_len + j;
+    } else {
+      const int w = x.win_first + x.win_len + (j - s.to_sink);
+      page = a.pages[x.win_pages + w / kPageTokens];
+      slot = w % kPageTokens;
+    }
+    *v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
+    return a.arena + page + FullTokenOffset(slot, h, D) + c0 * 2;
+  };
+  uint4 first{};
+  uint8_t* first_dst = tid < appends ? append_at(tid, &first) : nullptr;
+
   if (x.flush > 0 && x.mode != static_cast<int>(QuantMode::kFull)) {
     const int G = x.group_size;
     const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
     const int num_groups = along_channels ? x.flush * (D / G) : (x.flush / G) * D;
     if (chunk * kQaWarps < num_groups) {  // block-uniform
       const bool norm = is_k && s.key_norm;
-      if (norm) {  // factors of this step's KeyNormKernel, or of an earlier step
-        const float* f = reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D;
-        for (int c = tid; c < D; c += kQaThreads) knorm[c] = f[c];
-        warp::BlockSync();
-      }
+      // factors of this step's KeyNormKernel, or of an earlier step
+      const float* knorm = norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D : nullptr;
       for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps) {
         if (G == 32) {
           FlushGroup<1>(a, x, h, gi, norm, knorm, err[warp], lane);
@@ -130,26 +157,11 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       }
     }
   }
-  if (chunk != 0) return;
-
-  // Append: 16-byte copies of the new rows of this head.
-  const uint16_t* src = is_k ? a.k_new : a.v_new;
-  const int chunks = D / 8;
-  for (int idx = tid; idx < s.n_new * chunks; idx += kQaThreads) {
-    const int j = idx / chunks;
-    const int c0 = (idx % chunks) * 8;
-    int64_t page;
-    int slot;
-    if (j < s.to_sink) {
-      page = x.sink_page;
-      slot = s.sink_len + j;
-    } else {
-      const int w = x.win_first + x.win_len + (j - s.to_sink);
-      page = a.pages[x.win_pages + w / kPageTokens];
-      slot = w % kPageTokens;
-    }
-    const uint4 v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
-    *reinterpret_cast<uint4*>(a.arena + page + FullTokenOffset(slot, h, D) + c0 * 2) = v;
+  if (first_dst) *reinterpret_cast<uint4*>(first_dst) = first;
+  for (int idx = tid + kQaThreads; idx < appends; idx += kQaThreads) {
+    uint4 v;
+    uint8_t* dst = append_at(idx, &v);
+    *reinterpret_cast<uint4*>(dst) = v;
   }
 }
 

@@ -105,11 +105,9 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     for (int s = 0; s < n; ++s)
       for (int h = 0; h < hkv; ++h)
         for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
-          std::vector<float> knorm(256, std::nanf(""));
           std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
           cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
-            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, knorm.data(),
-                                      reinterpret_cast<float(*)[2 * kMaxGroupSize]>(err.data()));
+            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, reinterpret_cast<float(*)[2 * kMaxGroupSize]>(err.data()));
           });
         }
     EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
