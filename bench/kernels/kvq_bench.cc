@@ -304,20 +304,29 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  // what: 0 attention, 1 quantize-append, 2 both (one decode step). Repeating a prepared step is
-  // idempotent: the flush writes the same codes to the same slots, the append the same rows.
+  // One timed launch sequence on r, the flush buffer first written with `fill` (busy timing):
+  // what = 0 attention, 1 quantize-append, 2 both (one decode step), 3 an empty grid
+  // (LaunchEmptyPrimary) + attention. Repeating a prepared step is idempotent: the flush writes the
+  // same codes to the same slots, the append the same rows.
+  auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us) -> bool {
+    if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
+    CHECK_CUDA(cudaEventRecord(e0, stream));
+    if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
+    if (what == 1 || what == 2) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+    if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
+    CHECK_CUDA(cudaEventRecord(e1, stream));
+    CHECK_KVQ(r.Synchronize(stream));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    *us = ms * 1000.f;
+    return true;
+  };
+  // the prepared step of every set in turn, 3 rounds of warm-up, then iters timings
   auto time_it = [&](int what, std::vector<float>* ts) -> bool {
     for (int i = 0; i < iters + 3 * sets; ++i) {
-      CudaStepRunner& r = *runners[i % sets];
-      if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, i & 0xff, g_flush_bytes, stream));
-      CHECK_CUDA(cudaEventRecord(e0, stream));
-      if (what != 0) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
-      if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
-      CHECK_CUDA(cudaEventRecord(e1, stream));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      if (i >= 3 * sets) ts->push_back(ms * 1000.f);
+      float us = 0;
+      if (!time_once(*runners[i % sets], what, i, &us)) return false;
+      if (i >= 3 * sets) ts->push_back(us);
     }
     return true;
   };
@@ -328,18 +337,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
   // (repeating a prepared step is idempotent) the whole step and its attention alone, the same way.
   double qa_sum = 0, step_sum = 0, attn_sum = 0, empty_sum = 0;
-  // what: 0 attention, 1 quantize-append, 2 both, 3 an empty grid (LaunchEmptyPrimary) + attention
-  auto time_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
-    if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, j & 0xff, g_flush_bytes, stream));
-    CHECK_CUDA(cudaEventRecord(e0, stream));
-    if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
-    if (what == 1 || what == 2) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
-    if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
-    CHECK_CUDA(cudaEventRecord(e1, stream));
-    CHECK_KVQ(r.Synchronize(stream));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    *sum += ms * 1000.0;
+  auto add_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
+    float us = 0;
+    if (!time_once(r, what, j, &us)) return false;
+    *sum += us;
     return true;
   };
   for (int j = 0; j < g_qa_steps; ++j) {
@@ -350,8 +351,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     CudaStepRunner& r = *runners[0];
     CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
-    if (!time_once(r, 1, j, &qa_sum) || !time_once(r, 2, j, &step_sum) || !time_once(r, 0, j, &attn_sum) ||
-        !time_once(r, 3, j, &empty_sum))
+    if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum) || !add_once(r, 0, j, &attn_sum) ||
+        !add_once(r, 3, j, &empty_sum))
       return false;
   }
   row->qa_avg_us = qa_sum / g_qa_steps;

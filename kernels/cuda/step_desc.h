@@ -108,17 +108,6 @@ KVQ_HD bool RangeMeetsStepWrites(const DevSeq& s, int begin, int end) {
       return true;
   return false;
 }
-// The first token the step's quantize-append writes (RangeMeetsStepWrites' earliest range start):
-// the units of tokens [0, this) in whole tiles, minus one tile, start beside it.
-KVQ_HD int FirstStepWrite(const DevSeq& s) {
-  const int b0 = s.sink_len + s.to_sink;
-  int first = s.to_sink > 0 ? s.sink_len : s.length - (s.n_new - s.to_sink);
-  const DevTensor* xs[2] = {&s.k, &s.v};
-  for (const DevTensor* x : xs)
-    if (x->flush > 0 && x->mode != static_cast<int32_t>(QuantMode::kFull) && b0 + x->body_len < first)
-      first = b0 + x->body_len;
-  return first;
-}
 // Whether an attention unit must wait for the quantize-append grid before its reads (decode path,
 // launched as a programmatic dependent): its tiles run from tok_begin in steps of 32 tokens, whole
 // tiles staged or loaded even where tok_end cuts the last one, so its reads span
