@@ -10,13 +10,14 @@
 #      with --kivi-units codes (the code units against its default per-token path);
 #   4. the PyTorch SDPA baseline against (2);
 #   5. the launch overlap off (--no-pdl) on the two long shapes, and on (--pdl) on the batched ones;
+#      every shape with the step as two launches (--two-launches) against the fused step (2);
 #   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests;
 #   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch, and with
 #      NCU_STALLS (same form) bench/ncu_stalls.sh's full sections and stall samples.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
 # gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, kcodes.json,
-# sdpa.txt, nopdl.json, pdl.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
+# sdpa.txt, nopdl.json, pdl.json, twol.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
 # device tool brings back a limited number of files);
 # a summary is printed.
 #
@@ -66,14 +67,17 @@ step kivi4-codes 40 .device/run kvq-bench kernels --json --kivi-units codes --pr
   > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
 if [ $quick = 0 ]; then
   PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
-  step no-pdl 40 .device/run kvq-bench kernels --json --no-pdl --shape 1,32,32,32768,128 \
+  step no-pdl 40 .device/run kvq-bench kernels --json --two-launches --no-pdl --shape 1,32,32,32768,128 \
     --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
   # PDL forced on where the plan launches plainly (the batched shapes), against (2)
-  step pdl 50 .device/run kvq-bench kernels --json --pdl --shape 16,32,32,4096,128 --shape 16,32,8,32768,128 \
-    --shape 64,32,8,8192,128 > "$OUT/pdl.json" 2> /dev/null
+  step pdl 50 .device/run kvq-bench kernels --json --two-launches --pdl --shape 16,32,32,4096,128 \
+    --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 > "$OUT/pdl.json" 2> /dev/null
+  # the quantize-append as its own launch (PDL as the plan picks it) against the fused step of (2)
+  step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
-    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*' > "$OUT/memcheck.txt" 2>&1
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*' \
+    > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
 fi
 if [ ! -s "$OUT/kvq.json" ]; then
@@ -87,7 +91,7 @@ if [ -s "$OUT/kdequant.json" ] && [ -s "$OUT/kvq.json" ]; then
   echo "KIVI presets, the default code units (kvq.json) against the dequantizing units (kdequant.json):"
   python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/kdequant.json" | sed -n '/against the base/,$p'
 fi
-for alt in nopdl pdl; do
+for alt in nopdl pdl twol; do
   if [ -s "$OUT/$alt.json" ] && [ -s "$OUT/kvq.json" ]; then
     echo "$alt.json against the plan's launch (kvq.json):"
     python3 bench/kernels/render.py "$OUT/$alt.json" --base "$OUT/kvq.json" | sed -n '/against the base/,$p'

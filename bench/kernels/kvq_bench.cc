@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -107,6 +107,8 @@ bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_bl
 int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
+bool g_chain_dump = false;     // --chain-dump: the chain's steps one by one on stderr
+int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
@@ -256,6 +258,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
     if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
+    if (g_fused >= 0) runners[k]->set_fused_step(g_fused == 1);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
@@ -267,8 +270,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
     CHECK_KVQ(runners[k]->Synchronize(stream));
     CHECK_KVQ(runners[k]->Prepare(p, w2[k].data(), cfgs.data(), sh.b, stream));
-    CHECK_KVQ(runners[k]->LaunchPreparedQuantizeAppend(d_arena, stream));
-    CHECK_KVQ(runners[k]->LaunchPreparedAttention(d_arena, stream));
+    CHECK_KVQ(runners[k]->LaunchPreparedStep(d_arena, stream));
     CHECK_KVQ(runners[k]->Synchronize(stream));
   }
   {  // The decode step's output is finite; sequence 0 of the last set (its step wrote o last)
@@ -305,15 +307,17 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
   // One timed launch sequence on r, the flush buffer first written with `fill` (busy timing):
-  // what = 0 attention, 1 quantize-append, 2 both (one decode step), 3 an empty grid
+  // what = 0 attention, 1 quantize-append, 2 both (one decode step: LaunchPreparedStep, one launch
+  // when the step is fused), 3 an empty grid
   // (LaunchEmptyPrimary) + attention. Repeating a prepared step is idempotent: the flush writes the
   // same codes to the same slots, the append the same rows.
   auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us) -> bool {
     if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
     CHECK_CUDA(cudaEventRecord(e0, stream));
     if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
-    if (what == 1 || what == 2) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
-    if (what != 1) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
+    if (what == 1) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
+    if (what == 2) CHECK_KVQ(r.LaunchPreparedStep(d_arena, stream));
+    if (what == 0 || what == 3) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
     CHECK_CUDA(cudaEventRecord(e1, stream));
     CHECK_KVQ(r.Synchronize(stream));
     float ms = 0;
@@ -351,9 +355,15 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     CudaStepRunner& r = *runners[0];
     CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
+    const double sums0[4] = {qa_sum, step_sum, attn_sum, empty_sum};
     if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum) || !add_once(r, 0, j, &attn_sum) ||
         !add_once(r, 3, j, &empty_sum))
       return false;
+    if (g_chain_dump)  // --chain-dump: each step of the chain (stderr)
+      std::fprintf(stderr, "chain %d,%d,%d,%d %s step %d: qa %.2f step %.2f attn %.2f empty %.2f us%s%s\n", sh.b, sh.hq,
+                   sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0], step_sum - sums0[1],
+                   attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
+                   r.stats().pdl ? " pdl" : "");
   }
   row->qa_avg_us = qa_sum / g_qa_steps;
   row->step_avg_us = step_sum / g_qa_steps;
@@ -382,6 +392,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
                                                        : st.mma_full ? "-mma" : "")
                                : "generic";
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
+    if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
   }
@@ -399,7 +410,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -446,6 +457,12 @@ int main(int argc, char** argv) {
       g_min_row_class = std::atoi(argv[++i]);
     } else if (a == "--spread-blocks") {
       g_spread_blocks = true;
+    } else if (a == "--chain-dump") {
+      g_chain_dump = true;
+    } else if (a == "--fused") {
+      g_fused = 1;
+    } else if (a == "--two-launches") {
+      g_fused = 0;
     } else if (a == "--no-pdl") {
       g_pdl = 0;
     } else if (a == "--pdl") {

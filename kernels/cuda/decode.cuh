@@ -31,6 +31,7 @@
 
 #include "code_bytes.cuh"
 #include "device_common.cuh"
+#include "quantize_append.cuh"
 
 namespace kvq {
 namespace cuda {
@@ -164,6 +165,7 @@ struct DecSmem {
   float l[kDecWarps][R];
   float wt[kDecWarps][R];  // epilogue: each warp's weight per row
   int merge_last;
+  int qa_owner;            // the fused step: this unit runs its head's quantize-append (FusedStepOwnOrWait)
 };
 
 // Codes as floats in [1, 2) without an add per code: the code's bits rotated to the top of the fp32
@@ -857,6 +859,54 @@ constexpr int DecodeLaunchMinBlocks() {
 
 // (the fp16 tensor-core instance returns before the per-token loop: nvcc's "loop is not
 // reachable" for it is expected)
+// ---- The fused step (AttnArgs::fused): the quantize-append inside the attention launch, run by
+// the first unit of each (sequence, KV head) that reads what it writes.
+
+#if defined(KVQ_CUDA_EMU)
+#define KVQ_NOINLINE
+#else
+#define KVQ_NOINLINE __noinline__
+#endif
+
+// The quantize-append of head h of sequence seq, K and V, by a whole attention block: half 0 (64
+// threads) runs QaGrid blocks z = 0, 2, ... (the K chunks), half 1 z = 1, 3, ... (V); err: the
+// calling warp's scratch. Not inlined: the attention instances' registers stay their own.
+static __device__ KVQ_NOINLINE void FusedQuantizeAppend(QaArgs qa, int seq, int h, int chunks, int tid, float* err) {
+  static_assert(kDecThreads == 2 * kQaThreads, "two quantize-append blocks side by side per attention block");
+  for (int z = tid / kQaThreads; z < 2 * chunks; z += 2) QuantizeAppendBlock(qa, seq, h, z, chunks, tid % kQaThreads, err);
+}
+
+// A unit that reads what the step writes (block-uniform): the first of its head to get here runs
+// the head's quantize-append and marks it done; the others wait for the mark (its owner already
+// runs, so the wait ends). `owner` and `err` are the block's shared scratch.
+__device__ __forceinline__ void FusedStepOwnOrWait(const AttnArgs& a, int seq, int h, int* owner, float* err) {
+  uint32_t* claim = a.item_sync + 2 * (static_cast<int64_t>(seq) * a.num_kv_heads + h);
+  if (threadIdx.x == 0) *owner = atomicExch(claim, a.epoch) != a.epoch ? 1 : 0;
+  __syncthreads();
+  if (*owner) {
+    FusedQuantizeAppend(a.qa, seq, h, a.qa_chunks, threadIdx.x, err);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicExch(claim + 1, a.epoch);
+    return;
+  }
+#if defined(KVQ_CUDA_EMU)
+  // blocks run one after another here: the owner has finished
+  if (claim[1] != a.epoch) kvq_emu::LaunchError("fused step: a unit waits for a quantize-append that no unit ran");
+#else
+  if (threadIdx.x == 0) {
+    uint32_t done;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(done) : "l"(claim + 1) : "memory");
+      if (done == a.epoch) break;
+      __nanosleep(32);
+    }
+  }
+  __syncthreads();
+  __threadfence();  // every thread's reads come after the owner's writes
+#endif
+}
+
 #pragma nv_diag_suppress 128
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
@@ -881,7 +931,14 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   __syncthreads();
   // Only a unit whose tiles meet the quantize-append's writes (new sink or window tokens, flushed
   // body tokens) waits for it; the others read what was complete before it started (step_desc.h).
-  if (UnitWaitsForQuantizeAppend(seq_s, unit)) GridDependencyWait();
+  if (UnitWaitsForQuantizeAppend(seq_s, unit)) {
+    if (a.fused) {
+      static_assert(sizeof(sm.w[0].u) >= 2 * kMaxGroupSize * sizeof(float), "the flush's error sums fit a warp's area");
+      FusedStepOwnOrWait(a, unit.seq, unit.kv_head, &sm.qa_owner, reinterpret_cast<float*>(&sm.w[threadIdx.x >> 5].u));
+    } else {
+      GridDependencyWait();
+    }
+  }
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;

@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
-  QuantizeAppendBlock(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x, err);
+  QuantizeAppendBlock(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x, err[threadIdx.x >> 5]);
 }
 
 }  // namespace

@@ -99,13 +99,13 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 }
 
 // One block (seq, h, z) of QuantizeAppendKernel's grid (z even K, odd V; chunk z / 2 of
-// num_chunks), thread tid of kQaThreads; err [kQaWarps][2 * kMaxGroupSize] is the block's shared
-// memory. Its global loads are mostly cold and each step's chain of them sets its time, so the
+// num_chunks), thread tid of kQaThreads; err: the calling warp's 2 * kMaxGroupSize floats of shared
+// memory. No block barrier: the fused step runs two of these blocks in one attention block. Its
+// global loads are mostly cold and each step's chain of them sets its time, so the
 // independent ones go out together: the append's first row with the flush's window values and
 // key-norm factors (read by each lane from the arena), the destination page entry before the
 // quantization; the append's store waits until after the flush.
-KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid,
-                                  float (*err)[2 * kMaxGroupSize]) {
+KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err) {
   const DevSeq& s = a.seqs[seq];
   const bool is_k = (z & 1) == 0;
   const int chunk = z >> 1;
@@ -148,11 +148,11 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       const float* knorm = norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D : nullptr;
       for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps) {
         if (G == 32) {
-          FlushGroup<1>(a, x, h, gi, norm, knorm, err[warp], lane);
+          FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane);
         } else if (G == 64) {
-          FlushGroup<2>(a, x, h, gi, norm, knorm, err[warp], lane);
+          FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane);
         } else {
-          FlushGroup<4>(a, x, h, gi, norm, knorm, err[warp], lane);
+          FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane);
         }
       }
     }

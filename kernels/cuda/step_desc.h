@@ -174,6 +174,18 @@ struct AttnArgs {
   // Decode path: the rings start this many bytes past the (128-byte aligned) dynamic shared memory;
   // 0 but for the alignment experiment (CudaStepRunner::set_ring_offset)
   int32_t ring_offset;
+  // Decode path, the fused step (CudaStepRunner::set_fused_step): no quantize-append launch before
+  // this one. Per (sequence, KV head) the first unit that must wait (UnitWaitsForQuantizeAppend) to
+  // claim it (item_sync[2 (seq * Hkv + h)] set to epoch) runs that head's quantize-append blocks (K
+  // and V, qa_chunks each) itself, then marks it done (item_sync[... + 1] = epoch); the head's other
+  // waiting units wait for that mark. An owner is running when it claims, so every wait ends; units
+  // that do not wait read what was complete before. epoch: a per-runner launch count, never 0 (the
+  // counters start at 0). fused = 0: the quantize-append ran as its own launch.
+  QaArgs qa;
+  int32_t fused;
+  int32_t qa_chunks;
+  uint32_t* item_sync;      // [num_seqs * num_kv_heads][2], device memory
+  uint32_t epoch;
 };
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),

@@ -117,6 +117,14 @@ struct CudaStepRunner::Impl {
   int32_t* error_flag = nullptr;
   int32_t* error_host = nullptr;
   int32_t* merge_count = nullptr;  // decode path's fused merge: one counter per item, zero between launches
+  // The fused step's claims and done marks per (sequence, KV head) (AttnArgs::item_sync) and the
+  // last launch's epoch (never 0: the marks start at 0).
+  uint32_t* item_sync = nullptr;
+  int64_t item_sync_cap = 0;
+  uint32_t epoch = 0;
+  cudaStream_t fused_stream = nullptr;  // the stream of the last fused launch
+  bool fused_launched = false;
+  bool fused = false;  // the prepared step runs the quantize-append inside the attention launch
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
@@ -149,6 +157,7 @@ struct CudaStepRunner::Impl {
     cudaFree(part_o);
     cudaFree(part_ml);
     cudaFree(error_flag);
+    cudaFree(item_sync);
     cudaFreeHost(error_host);
     cudaFree(merge_count);
     if (done) cudaEventDestroy(done);
@@ -174,18 +183,22 @@ struct CudaStepRunner::Impl {
     return Result::Ok();
   }
 
-  Result EnsureMergeCounters(int64_t items) {
-    if (items <= merge_cap) return Result::Ok();
+  // A zeroed device array of at least n entries of `per` Ts (grown after the previous use finished).
+  template <typename T>
+  Result EnsureZeroed(T** buf, int64_t* cap_entries, int64_t n, int per) {
+    if (n <= *cap_entries) return Result::Ok();
     KVQ_RETURN_IF_ERROR(WaitIdle());
-    const int64_t cap = std::max<int64_t>(items, std::max<int64_t>(merge_cap * 2, 1024));
-    if (merge_count) KVQ_CUDA_RETURN(cudaFree(merge_count));
-    merge_count = nullptr;
-    merge_cap = 0;
-    KVQ_CUDA_RETURN(cudaMalloc(&merge_count, cap * sizeof(int32_t)));
-    KVQ_CUDA_RETURN(cudaMemset(merge_count, 0, cap * sizeof(int32_t)));
-    merge_cap = cap;
+    const int64_t cap = std::max<int64_t>(n, std::max<int64_t>(*cap_entries * 2, 1024));
+    if (*buf) KVQ_CUDA_RETURN(cudaFree(*buf));
+    *buf = nullptr;
+    *cap_entries = 0;
+    KVQ_CUDA_RETURN(cudaMalloc(buf, cap * per * sizeof(T)));
+    KVQ_CUDA_RETURN(cudaMemset(*buf, 0, cap * per * sizeof(T)));
+    *cap_entries = cap;
     return Result::Ok();
   }
+  Result EnsureMergeCounters(int64_t items) { return EnsureZeroed(&merge_count, &merge_cap, items, 1); }
+  Result EnsureItemSync(int64_t heads) { return EnsureZeroed(&item_sync, &item_sync_cap, heads, 2); }
 
   Result EnsureWorkspace(int64_t units, int head_dim) {
     if (units <= units_cap) return Result::Ok();
@@ -400,6 +413,15 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // Units are sized so that they fit in one wave of resident blocks (a second, partial wave
   // would double the time): chunk grows until the unit count is at most the capacity.
   const bool decode_path = attention_ready && !force_generic_ && DecodeFastPathFits(p, works, configs, num_seqs);
+  // The fused step is possible on the decode path only (the generic kernel's units all read the new
+  // tokens), on the steps whose quantize-append is a few groups per head (the every-step
+  // along_channels flush of one token and the append): there each head's first waiting unit runs
+  // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
+  // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
+  int qa_chunks = 1;
+  bool qa_key_norm = false;
+  cuda::PlanQuantizeAppend(seqs, p.head_dim, &qa_chunks, &qa_key_norm);
+  const bool fused_possible = decode_path && !qa_key_norm && qa_chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
   const int decode_paths = DecodePaths(configs, num_seqs);
@@ -548,6 +570,20 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   const bool innerq_units = has_imma && !kivi_family;  // the body units are InnerQ IMMA units
   if ((mma_full || innerq_units) && split_blocks_ == 0 && blocks_per_sm > 1 && total_tokens <= capacity * quantum)
     capacity = std::max<int64_t>(1, m.num_sms);
+  // Fused by default only where it measured faster than two launches (H100, 2026-12-05, the
+  // 128-step chain's qa_step, bench/results/gpu_kernels.md): few items (one-row plans) of long KIVI
+  // or fp16 sequences ((1,32,32,32768): kivi2 4.8 -> 2.7 us, kivi4 5.5 -> 3.1, fp16 1.7 -> -0.6).
+  // Elsewhere the head's quantize-append, a chain of cold loads run beside a full attention grid,
+  // cost more inside a unit than as its own launch ((1,32,32,4096) innerq 2.6 -> 9.6 us, (64,32,8,8192)
+  // kivi2 12.5 -> 18.9), and InnerQ's tail units cost its attention 3%.
+  bool fused_auto = static_cast<int64_t>(items.size()) * 8 <= capacity && max_visible >= 16384;
+  for (int i = 0; i < num_seqs && fused_auto; ++i) {
+    const QuantConfig& c = configs[i];
+    const bool kivi = c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
+                      c.v.grouping == Grouping::kAlongChannels;
+    fused_auto = kivi || (!c.k.quantized() && !c.v.quantized());
+  }
+  const bool fused = fused_possible && (fused_mode_ >= 0 ? fused_mode_ == 1 : fused_auto);
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
   auto count_units = [&](int64_t c) {
     int64_t n = 0;
@@ -581,12 +617,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // (2026-12-05, two runs): kivi2 / kivi4 at (1,32,32,4096) 1.22-1.29x faster (42.1 -> 32.9 us,
   // 48.1 -> 39.5), elsewhere within 1%; not what it was written for (only the short tail would wait
   // for the quantize-append: the step's added time did not move). For InnerQ and fp16 sequences
-  // the extra unit cost 3-5% ((1,32,32,32768) innerq, (1,9,3,8192) fp16): not cut.
+  // the extra unit cost 3-5% ((1,32,32,32768) innerq, (1,9,3,8192) fp16): not cut, except in a
+  // fused step, where the head's first waiting unit also runs the quantize-append (a chain of cold
+  // loads, ~9 us in a decode loop): that unit must be short.
   if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
     for (size_t k = 0; k < items.size(); ++k) {
       const QuantConfig& c = configs[items[k].seq];
-      if (!(c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
-            c.v.grouping == Grouping::kAlongChannels))
+      if (!fused && !(c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
+                      c.v.grouping == Grouping::kAlongChannels))
         continue;
       const cuda::DevSeq& d = seqs[items[k].seq];
       std::vector<Segment> split;
@@ -689,7 +727,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   m.done_recorded = true;
 
-  cuda::PlanQuantizeAppend(seqs, p.head_dim, &m.qa_chunks, &m.qa_key_norm);
+  m.qa_chunks = qa_chunks;
+  m.qa_key_norm = qa_key_norm;
   m.params = p;
   m.num_seqs = num_seqs;
   m.num_units = static_cast<int>(units.size());
@@ -710,6 +749,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     const bool pdl_auto = !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident);
     m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
   }
+  m.fused = fused;
+  if (m.fused) {  // every head's quantize-append needs a unit that runs it: one that waits
+    std::vector<char> owned(size_t(num_seqs) * p.num_kv_heads, 0);
+    for (const cuda::DevUnit& u : units)
+      if (cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u)) owned[size_t(u.seq) * p.num_kv_heads + u.kv_head] = 1;
+    m.fused = std::find(owned.begin(), owned.end(), 0) == owned.end();
+  }
+  if (m.fused) KVQ_RETURN_IF_ERROR(m.EnsureItemSync(int64_t{num_seqs} * p.num_kv_heads));
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
@@ -725,7 +772,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.kivi_mma = imma_units > 0 && kivi_family;
   stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;
   stats_.blocks_per_sm = blocks_per_sm;
-  stats_.pdl = m.pdl;
+  stats_.pdl = m.pdl && !m.fused;
+  stats_.fused = m.fused;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = 0;
   stats_.longest_waiting_unit = 0;
@@ -739,28 +787,56 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   return Result::Ok();
 }
 
+namespace {
+
+cuda::QaArgs MakeQaArgs(uint8_t* arena, const StepParams& p, const cuda::DevSeq* seqs, const int64_t* pages,
+                        int32_t* error_flag) {
+  cuda::QaArgs a{};
+  a.arena = arena;
+  a.seqs = seqs;
+  a.pages = pages;
+  a.k_new = static_cast<const uint16_t*>(p.k_new);
+  a.v_new = static_cast<const uint16_t*>(p.v_new);
+  a.num_kv_heads = p.num_kv_heads;
+  a.head_dim = p.head_dim;
+  a.dtype = static_cast<int32_t>(p.dtype);
+  a.error_flag = error_flag;
+  return a;
+}
+
+}  // namespace
+
 Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream) {
   Impl& m = *impl_;
   if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
   if (m.num_seqs == 0) return Result::Ok();
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
-  cuda::QaArgs a{};
-  a.arena = arena;
-  a.seqs = m.d_seqs;
-  a.pages = m.d_pages;
-  a.k_new = static_cast<const uint16_t*>(m.params.k_new);
-  a.v_new = static_cast<const uint16_t*>(m.params.v_new);
-  a.num_kv_heads = m.params.num_kv_heads;
-  a.head_dim = m.params.head_dim;
-  a.dtype = static_cast<int32_t>(m.params.dtype);
-  a.error_flag = m.error_flag;
+  const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag);
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   return Result::Ok();
 }
 
 Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream) {
+  return LaunchAttentionImpl(arena, nullptr, stream);
+}
+
+Result CudaStepRunner::LaunchPreparedStep(uint8_t* arena, cudaStream_t stream) {
+  Impl& m = *impl_;
+  if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
+  if (!m.fused) {
+    KVQ_RETURN_IF_ERROR(LaunchPreparedQuantizeAppend(arena, stream));
+    return LaunchPreparedAttention(arena, stream);
+  }
+  if (m.num_seqs == 0) return Result::Ok();
+  if (!arena || !m.params.k_new || !m.params.v_new)
+    return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
+  const cuda::QaArgs qa = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag);
+  return LaunchAttentionImpl(arena, &qa, stream);
+}
+
+Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaArgs* fused_qa, cudaStream_t stream) {
   Impl& m = *impl_;
   if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
   if (m.num_seqs == 0) return Result::Ok();
@@ -794,11 +870,28 @@ Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_
     const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
     if (cap < m.blocks_per_sm) a.sm_block_cap = cap;
   }
+  if (fused_qa) {  // the fused step (decode path): each head's first waiting unit runs its quantize-append
+    a.qa = *fused_qa;
+    a.fused = 1;
+    a.qa_chunks = m.qa_chunks;
+    a.item_sync = m.item_sync;
+    a.epoch = m.epoch + 1 == 0 ? 1 : m.epoch + 1;
+    a.pdl = 0;  // plain: nothing before it in the stream is left to wait for on the device
+    // Two fused launches of this runner must not overlap (they share the marks): on another stream
+    // than the last one, this one waits for everything the runner launched before.
+    if (m.fused_launched && stream != m.fused_stream) KVQ_CUDA_RETURN(cudaStreamWaitEvent(stream, m.done, 0));
+  }
   if (m.decode_path) {  // the merge is fused into the decode launch
     KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
+    if (fused_qa) {
+      m.epoch = a.epoch;
+      m.fused_stream = stream;
+      m.fused_launched = true;
+    }
     KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
     return Result::Ok();
   }
+  if (fused_qa) return Result::Error(Code::kInternal, "fused step without the decode path");
   KVQ_CUDA_RETURN(cuda::LaunchAttention(a, p.head_dim, p.dtype, m.num_units, stream));
   cuda::MergeArgs mg{};
   mg.items = m.d_items;
@@ -831,8 +924,7 @@ Result CudaStepRunner::RunStep(const StepParams& params, const SeqWork* works,
                                const QuantConfig* configs, int num_seqs, uint8_t* arena,
                                cudaStream_t stream) {
   KVQ_RETURN_IF_ERROR(Prepare(params, works, configs, num_seqs, stream));
-  KVQ_RETURN_IF_ERROR(LaunchPreparedQuantizeAppend(arena, stream));
-  return LaunchPreparedAttention(arena, stream);
+  return LaunchPreparedStep(arena, stream);
 }
 
 Result CudaStepRunner::Synchronize(cudaStream_t stream) {

@@ -62,6 +62,8 @@ void GridDependencyWait();
 // Launches so far that ran as programmatic dependents before their primary's writes (tests check
 // that the model was on).
 uint64_t PdlEarlyLaunches();
+// Fails the running launch with cudaErrorLaunchFailure and this message (a check in device code).
+void LaunchError(const char* what);
 
 // cp.async: n (0 or 16) bytes from src, the rest of 16 zero-filled, when a wait covers the group.
 void CpAsync(void* dst, const void* src, int n);
@@ -145,6 +147,11 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 }
 inline int atomicExch(int* p, int v) {
   const int old = *p;
+  *p = v;
+  return old;
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) {
+  const unsigned old = *p;
   *p = v;
   return old;
 }

@@ -391,6 +391,8 @@ void GridDependencyWait() {
 }
 uint64_t PdlEarlyLaunches() { return g_pdl_early_launches.load(); }
 
+void LaunchError(const char* what) { Bad(cudaErrorLaunchFailure, "%s", what); }
+
 void CpAsync(void* dst, const void* src, int n) {
   if (!CpAsyncOk(Addr(dst), Addr(src), n)) return;
   Pending p;

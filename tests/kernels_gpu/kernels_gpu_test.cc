@@ -436,21 +436,25 @@ TEST(KernelsGpu, RingDepths) {
 }
 
 // Many consecutive decode steps of one batch (every flush phase of innerq and kivi2 comes by:
-// innerq's values flush every 32 steps), each checked against the reference, with the attention
-// launched as a programmatic dependent of the quantize-append (the default), then without, then
-// with PDL and the blocks spread by padded shared memory (set_spread_blocks: at most one block per
-// SM for this small batch), then with PDL and the items split into many short units, most of which
-// read only the older body and start without waiting (UnitWaitsForQuantizeAppend): a misplaced
-// grid-dependency wait would let the attention read pages the flush is still writing. (The
-// emulated device runs the units that skip the wait before the quantize-append's writes.)
+// innerq's values flush every 32 steps), each checked against the reference. Two launches, the
+// attention as a programmatic dependent of the quantize-append; then without PDL; then with PDL
+// and the blocks spread by padded shared memory (set_spread_blocks: at most one block per SM for
+// this small batch); then with PDL and the items split into many short units, most of which read
+// only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
+// (one launch, the default), with the plan's units and with the short ones. A misplaced wait would
+// let the attention read pages the flush is still writing. (The emulated device runs the units
+// that skip the wait before the quantize-append's writes, for PDL and the fused step alike.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
   SKIP_WITHOUT_GPU();
-  for (int variant = 0; variant < 4; ++variant) {
-    const bool pdl = variant != 1, spread = variant == 2, split = variant == 3;
+  for (int variant = 0; variant < 6; ++variant) {
+    const bool fused = variant >= 4;
+    const bool pdl = !fused && variant != 1, spread = variant == 2, split = variant == 3 || variant == 5;
     SCOPED_TRACE(variant == 0   ? "PDL launch"
                  : variant == 1 ? "plain launch"
                  : variant == 2 ? "PDL launch, blocks spread"
-                                : "PDL launch, short units");
+                 : variant == 3 ? "PDL launch, short units"
+                 : variant == 4 ? "fused step"
+                                : "fused step, short units");
     Case c;
     c.hkv = 2;
     c.hq = 8;
@@ -459,6 +463,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     c.seed = 5150;
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    runner->set_fused_step(fused);
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
     if (split) runner->set_split_blocks(256);
@@ -466,7 +471,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     Arena a;
     std::vector<TSeq> seqs;
     for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
-    int min_early = 1 << 30, max_early = 0, longest_waiting = 0;
+    int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
 #endif
@@ -475,10 +480,19 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
       if (HasFatalFailure()) return;
       const CudaStepStats& st = runner->stats();
+      if (!fused) {
+        EXPECT_FALSE(st.fused);
+      }
+      fused_steps += st.fused ? 1 : 0;
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
       min_early = std::min(min_early, st.early_units);
       max_early = std::max(max_early, st.early_units);
       longest_waiting = std::max(longest_waiting, st.longest_waiting_unit);
+    }
+    // innerq's values flush 32 tokens at steps 0, 32 and 64, kivi2's keys 128 at step 0 (the
+    // first step also flushes the initial windows): the other steps are one launch each
+    if (fused) {
+      EXPECT_GE(fused_steps, 60);
     }
     if (split) {
       EXPECT_GT(min_early, 0) << "short units over the older body start without waiting";
@@ -487,21 +501,25 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     }
 #if defined(KVQ_EMU_SUITE)
     // the emulated device ran the PDL launches adversarially (the units that skip the wait before
-    // the quantize-append's writes), the plain ones not
+    // the quantize-append's writes), the plain ones not (in the fused variants, the steps that
+    // flush along_tokens groups launch the quantize-append on its own, then the attention plainly)
     EXPECT_EQ(kvq_emu::PdlEarlyLaunches() - early_launches, pdl ? 70u : 0u);
 #endif
     std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step; the "
-                "longest that waits: %d tokens\n", variant, min_early, max_early, longest_waiting);
+                "longest that waits: %d tokens; fused steps: %d of 70\n", variant, min_early, max_early, longest_waiting,
+                fused_steps);
   }
 }
 
 // A small batch of long KIVI sequences on the per-token path, one query row per KV head, as a
-// programmatic dependent: each item's tail from the first token the quantize-append writes is a
-// unit of its own, so the units that wait for it are short and the rest (long chunks of the older
-// body) start beside it; every step checked against the reference (kivi2's values flush every
-// step, kivi4's keys at 128).
+// programmatic dependent and as the fused step: each item's tail from the first token the
+// quantize-append writes is a unit of its own, so the units that wait for it are short and the
+// rest (long chunks of the older body) start beside it; every step checked against the reference
+// (kivi2's values flush every step, kivi4's keys at 128).
 TEST(KernelsGpu, TailUnitsWait) {
   SKIP_WITHOUT_GPU();
+  for (const bool fused : {false, true}) {
+  SCOPED_TRACE(fused ? "fused step" : "PDL launch");
   Case c;
   c.hkv = 2;
   c.hq = 2;
@@ -509,6 +527,7 @@ TEST(KernelsGpu, TailUnitsWait) {
   c.seed = 7310;
   std::unique_ptr<CudaStepRunner> runner;
   ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+  runner->set_fused_step(fused);
   runner->set_pdl(true);
   runner->set_imma(false);       // the per-token path for every tile, as below the code units' minimum
   runner->set_split_blocks(32);  // 4 items x 8 <= 32: the few-items plan; chunks of ~700 tokens
@@ -527,13 +546,14 @@ TEST(KernelsGpu, TailUnitsWait) {
     // the window before a flush (128) + a new token + one tile of margin + a 4-tile step
     EXPECT_LE(st.longest_waiting_unit, 128 + 1 + 32 + 128) << "chunk " << st.chunk_tokens;
   }
+  }
 }
 
-// The plan's PDL choice (set_pdl_auto, the default) on real steps, each checked against the
-// reference: one sequence of one KV head (a quantize-append grid of 2 blocks, never more than the
-// SMs) launches as a programmatic dependent; a batch whose quantize-append grid covers more than
-// one block per SM, followed by under 1.5 waves of attention units, launches plainly; set_pdl
-// overrides the plan either way.
+// The plan's PDL choice (set_pdl_auto, the default) for steps launched as two kernels
+// (set_fused_step(false)), each checked against the reference: one sequence of one KV head (a
+// quantize-append grid of 2 blocks, never more than the SMs) launches as a programmatic dependent;
+// a batch whose quantize-append grid covers more than one block per SM, followed by under 1.5
+// waves of attention units, launches plainly; set_pdl overrides the plan either way.
 TEST(KernelsGpu, PdlPolicy) {
   SKIP_WITHOUT_GPU();
   int dev = 0, sms = 0;
@@ -556,6 +576,7 @@ TEST(KernelsGpu, PdlPolicy) {
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     if (w.forced >= 0) runner->set_pdl(w.forced == 1);
+    runner->set_fused_step(false);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;
@@ -563,6 +584,47 @@ TEST(KernelsGpu, PdlPolicy) {
     RunAndCompare(c, a, &seqs, true, rng, *runner);
     if (HasFatalFailure()) return;
     EXPECT_EQ(runner->stats().pdl, w.pdl);
+    EXPECT_FALSE(runner->stats().fused);
+  }
+}
+
+// The plan's fused-step choice (set_fused_step_auto, the default), each step checked against the
+// reference: a long KIVI sequence and a long fp16 one in a one-row plan are fused after the first
+// step (which flushes the initial windows, so its quantize-append runs on its own); a short KIVI
+// sequence and a long InnerQ one are not; set_fused_step(true) fuses the InnerQ one.
+TEST(KernelsGpu, FusedStepPolicy) {
+  SKIP_WITHOUT_GPU();
+  struct Want {
+    Preset preset;
+    int length;
+    int forced;  // -1 the plan, 1 on
+    bool fused;
+  };
+  for (const Want& w : {Want{Preset::kKivi2, 17000, -1, true}, Want{Preset::kFp16, 17000, -1, true},
+                        Want{Preset::kKivi2, 3000, -1, false}, Want{Preset::kInnerQ, 17000, -1, false},
+                        Want{Preset::kInnerQ, 17000, 1, true}}) {
+    SCOPED_TRACE(std::string(PresetName(w.preset)) + " " + std::to_string(w.length) + " forced " +
+                 std::to_string(w.forced));
+    Case c;
+    c.hkv = 1;
+    c.hq = 1;
+    c.d = 64;
+    c.seqs = {{w.preset, w.length, 1, 1, 0}};
+    c.seed = 7700 + w.length + w.forced;
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    if (w.forced == 1) runner->set_fused_step(true);
+    std::mt19937 rng(c.seed);
+    Arena a;
+    std::vector<TSeq> seqs;
+    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    for (int step = 0; step < 3; ++step) {
+      RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
+      if (HasFatalFailure()) return;
+      if (step > 0) {
+        EXPECT_EQ(runner->stats().fused, w.fused) << "step " << step;
+      }
+    }
   }
 }
 

@@ -107,7 +107,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
           std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
           cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
-            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, reinterpret_cast<float(*)[2 * kMaxGroupSize]>(err.data()));
+            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, err.data() + (tid >> 5) * 2 * kMaxGroupSize);
           });
         }
     EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";

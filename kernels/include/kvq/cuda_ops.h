@@ -16,6 +16,9 @@
 #include "kvq/format.h"
 
 namespace kvq {
+namespace cuda {
+struct QaArgs;  // kernels/cuda/step_desc.h
+}  // namespace cuda
 
 // Which kernel serves a step (the one selector for "supported" and "which kernel"): returns ""
 // when every sequence of the batch is supported, else the reason. head_dim 64 or 128, fp16/bf16,
@@ -34,6 +37,8 @@ struct CudaStepStats {
                              // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
   bool kivi_codes = false;   // those KIVI units multiply the packed codes (decode_kivi_codes.cuh)
   bool pdl = false;          // the attention launches as a programmatic dependent (set_pdl)
+  bool fused = false;        // decode path: the step's quantize-append ran inside the attention
+                             // launch (set_fused_step); then pdl is false
   int row_class = 0;         // decode path: query rows of the kernel instance (1, 4 or 8)
   int early_units = 0;       // decode path: units that read nothing the step's quantize-append
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
@@ -66,6 +71,9 @@ class CudaStepRunner {
                  int num_seqs, cudaStream_t stream);
   Result LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream);
   Result LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream);
+  // The whole prepared step as RunStep launches it: the fused step where the plan chose it
+  // (stats().fused), else the two halves above.
+  Result LaunchPreparedStep(uint8_t* arena, cudaStream_t stream);
 
   // Waits for `stream`, then reports CUDA errors and kernel-detected errors (a quantization
   // scale beyond fp16 range) of the steps launched since the last call.
@@ -101,6 +109,16 @@ class CudaStepRunner {
   // applies from the next Prepare.
   void set_pdl(bool on) { pdl_mode_ = on ? 1 : 0; }
   void set_pdl_auto() { pdl_mode_ = -1; }
+  // The fused step (decode path): RunStep / LaunchPreparedStep run the quantize-append inside the
+  // attention launch. Per (sequence, KV head), the first unit that reads what it writes runs it
+  // and the head's other such units wait for it on the device; the rest never wait. One launch per
+  // step instead of two. Only on steps whose quantize-append is small (the append and a one-token
+  // along_channels flush: most steps); a step that flushes along_tokens groups or computes the
+  // key-norm factors launches it on its own (stats().fused false). By default the plan fuses only
+  // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
+  // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
+  void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
+  void set_fused_step_auto() { fused_mode_ = -1; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -123,6 +141,7 @@ class CudaStepRunner {
   CudaStepRunner() = default;
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  Result LaunchAttentionImpl(const uint8_t* arena, const cuda::QaArgs* fused_qa, cudaStream_t stream);
   CudaStepStats stats_;
   bool force_generic_ = false;
   int ring_stages_ = 0;
@@ -130,6 +149,7 @@ class CudaStepRunner {
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
+  int fused_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
   int min_row_class_ = 1;
