@@ -359,11 +359,16 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum) || !add_once(r, 0, j, &attn_sum) ||
         !add_once(r, 3, j, &empty_sum))
       return false;
-    if (g_chain_dump)  // --chain-dump: each step of the chain (stderr)
-      std::fprintf(stderr, "chain %d,%d,%d,%d %s step %d: qa %.2f step %.2f attn %.2f empty %.2f us%s%s\n", sh.b, sh.hq,
-                   sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0], step_sum - sums0[1],
-                   attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
-                   r.stats().pdl ? " pdl" : "");
+    if (g_chain_dump) {  // --chain-dump: each step of the chain (stderr), and the quantize-append
+      // timed again right after itself (qa_again) and after the attention (qa_after_attn), the
+      // same idempotent launch: what a kernel run just before it changes in its time
+      double again = 0, after_attn = 0, attn2 = 0;
+      if (!add_once(r, 1, j, &again) || !add_once(r, 0, j, &attn2) || !add_once(r, 1, j, &after_attn)) return false;
+      std::fprintf(stderr, "chain %d,%d,%d,%d %s step %d: qa %.2f step %.2f attn %.2f empty %.2f us%s%s; qa_again %.2f "
+                   "qa_after_attn %.2f\n", sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0],
+                   step_sum - sums0[1], attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
+                   r.stats().pdl ? " pdl" : "", again, after_attn);
+    }
   }
   row->qa_avg_us = qa_sum / g_qa_steps;
   row->step_avg_us = step_sum / g_qa_steps;

@@ -573,9 +573,10 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // Fused by default only where it measured faster than two launches (H100, 2026-12-05, the
   // 128-step chain's qa_step, bench/results/gpu_kernels.md): few items (one-row plans) of long KIVI
   // or fp16 sequences ((1,32,32,32768): kivi2 4.8 -> 2.7 us, kivi4 5.5 -> 3.1, fp16 1.7 -> -0.6).
-  // Elsewhere the head's quantize-append, a chain of cold loads run beside a full attention grid,
-  // cost more inside a unit than as its own launch ((1,32,32,4096) innerq 2.6 -> 9.6 us, (64,32,8,8192)
-  // kivi2 12.5 -> 18.9), and InnerQ's tail units cost its attention 3%.
+  // Elsewhere the head's quantize-append (8.5-10 us alone in a decode loop) cost more inside its
+  // owner unit, before that unit's attention, than as its own launch overlapping the attention's
+  // ((1,32,32,4096) innerq 2.6 -> 9.6 us, (64,32,8,8192) kivi2 12.5 -> 18.9), and InnerQ's tail
+  // units cost its attention 3%.
   bool fused_auto = static_cast<int64_t>(items.size()) * 8 <= capacity && max_visible >= 16384;
   for (int i = 0; i < num_seqs && fused_auto; ++i) {
     const QuantConfig& c = configs[i];
@@ -618,8 +619,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   // 48.1 -> 39.5), elsewhere within 1%; not what it was written for (only the short tail would wait
   // for the quantize-append: the step's added time did not move). For InnerQ and fp16 sequences
   // the extra unit cost 3-5% ((1,32,32,32768) innerq, (1,9,3,8192) fp16): not cut, except in a
-  // fused step, where the head's first waiting unit also runs the quantize-append (a chain of cold
-  // loads, ~9 us in a decode loop): that unit must be short.
+  // fused step, where the head's first waiting unit also runs the quantize-append (8.5-10 us in a
+  // decode loop): that unit must be short.
   if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
     for (size_t k = 0; k < items.size(); ++k) {
       const QuantConfig& c = configs[items[k].seq];
