@@ -33,8 +33,9 @@ def main():
         d = json.load(f)
     print(f"device: {d['device']}, device-to-device copy bandwidth: {d['copy_gbps']:.1f} GB/s (read + write), "
           f"timing {d.get('timing', 'idle')}")
-    print("qapp_us: quantize-append of the timed step; qa_avg_us: its mean over consecutive decode steps (every "
-          "flush phase); qa/attn = qa_avg_us / attn_us (qapp_us where no mean was taken)")
+    print("qapp_us: quantize-append of the timed step (the first decode step after the initial flush, whose window "
+          "starts at its keep size: it appends and flushes nothing; step_us likewise); qa_avg_us: its mean over "
+          "consecutive decode steps (every flush phase); qa/attn = qa_avg_us / attn_us (qapp_us where no mean was taken)")
     print("qa_step: what the quantize-append adds to a step, the mean step minus the mean attention over the same "
           "steps (runs since 2026-12-05f; with PDL the units reading nothing it writes run beside it); "
           "in_step = qa_step / attn_us; empty: the same with an empty grid in its place (a launch's own cost)")
