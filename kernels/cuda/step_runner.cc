@@ -750,13 +750,21 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
     const bool pdl_auto = !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident);
     m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
   }
-  m.fused = fused;
-  if (m.fused) {  // every head's quantize-append needs a unit that runs it: one that waits
-    std::vector<char> owned(size_t(num_seqs) * p.num_kv_heads, 0);
-    for (const cuda::DevUnit& u : units)
-      if (cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u)) owned[size_t(u.seq) * p.num_kv_heads + u.kv_head] = 1;
-    m.fused = std::find(owned.begin(), owned.end(), 0) == owned.end();
-  }
+  // One pass over the units for the rule the kernels wait by: the stats, and for a fused step the
+  // check that every head's quantize-append has a unit to run it (one that waits).
+  int early_units = 0, longest_waiting_unit = 0;
+  std::vector<char> owned(fused ? size_t(num_seqs) * p.num_kv_heads : 0, 0);
+  if (decode_path)
+    for (const cuda::DevUnit& u : units) {
+      if (!cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u)) {
+        ++early_units;
+        continue;
+      }
+      if (fused) owned[size_t(u.seq) * p.num_kv_heads + u.kv_head] = 1;
+      if (u.kind == cuda::kUnitTokens && u.skip_end <= u.skip_begin)
+        longest_waiting_unit = std::max(longest_waiting_unit, int(u.tok_end - u.tok_begin));
+    }
+  m.fused = fused && std::find(owned.begin(), owned.end(), 0) == owned.end();
   if (m.fused) KVQ_RETURN_IF_ERROR(m.EnsureItemSync(int64_t{num_seqs} * p.num_kv_heads));
   m.d_seqs = reinterpret_cast<const cuda::DevSeq*>(m.meta);
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
@@ -776,15 +784,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   stats_.pdl = m.pdl && !m.fused;
   stats_.fused = m.fused;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
-  stats_.early_units = 0;
-  stats_.longest_waiting_unit = 0;
-  if (decode_path)
-    for (const cuda::DevUnit& u : units) {
-      if (!cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u))
-        ++stats_.early_units;
-      else if (u.kind == cuda::kUnitTokens && u.skip_end <= u.skip_begin)
-        stats_.longest_waiting_unit = std::max(stats_.longest_waiting_unit, int(u.tok_end - u.tok_begin));
-    }
+  stats_.early_units = early_units;
+  stats_.longest_waiting_unit = longest_waiting_unit;
   return Result::Ok();
 }
 

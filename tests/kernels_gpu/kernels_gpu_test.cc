@@ -588,7 +588,7 @@ TEST(KernelsGpu, PdlPolicy) {
   }
 }
 
-// The plan's fused-step choice (set_fused_step_auto, the default), each step checked against the
+// The plan's fused-step choice (the default, no set_fused_step), each step checked against the
 // reference: a long KIVI sequence and a long fp16 one in a one-row plan are fused after the first
 // step (which flushes the initial windows, so its quantize-append runs on its own); a short KIVI
 // sequence and a long InnerQ one are not; set_fused_step(true) fuses the InnerQ one.

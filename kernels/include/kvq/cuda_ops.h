@@ -118,7 +118,6 @@ class CudaStepRunner {
   // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
   // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
   void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
-  void set_fused_step_auto() { fused_mode_ = -1; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
