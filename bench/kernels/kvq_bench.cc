@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -108,6 +108,7 @@ int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offs
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 bool g_chain_dump = false;     // --chain-dump: the chain's steps one by one on stderr
+bool g_qa_trace = false;       // --qa-trace: the quantize-append's phases per chain step (stderr)
 int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
@@ -347,6 +348,72 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     *sum += us;
     return true;
   };
+  // --qa-trace: each chain step's quantize-append launched once more alone (kind 0) and once more
+  // as the whole step (kind 1, fused or not) with the phase stamps on (CudaStepRunner::set_qa_trace)
+  int64_t* d_trace = nullptr;
+  int64_t trace_cap = 0;
+  std::vector<std::string> trace_lines;
+  double trace_sum[2][11] = {};  // per kind: the phase medians (6), flushing launches, event, span, spread
+  auto trace_once = [&](CudaStepRunner& r, int kind, int j) -> bool {
+    constexpr int S = CudaStepRunner::kQaTraceSlots;
+    const int64_t n = r.qa_trace_warps() * S;
+    if (n > trace_cap) {
+      if (d_trace) CHECK_CUDA(cudaFree(d_trace));
+      CHECK_CUDA(cudaMalloc(&d_trace, n * sizeof(int64_t)));
+      trace_cap = n;
+    }
+    CHECK_CUDA(cudaMemsetAsync(d_trace, 0, n * sizeof(int64_t), stream));
+    r.set_qa_trace(d_trace);
+    float us = 0;
+    const bool ok = time_once(r, kind == 0 ? 1 : 2, j, &us);
+    r.set_qa_trace(nullptr);
+    if (!ok) return false;
+    std::vector<int64_t> t(n);
+    CHECK_CUDA(cudaMemcpy(t.data(), d_trace, n * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    std::vector<float> ph[6], gns, append_cycles;
+    int64_t g0 = INT64_MAX, g1 = 0, s0max = 0;
+    std::vector<int> sms;
+    int started = 0;
+    for (int64_t w = 0; w < n / S; ++w) {
+      const int64_t* x = t.data() + w * S;
+      if (x[0] == 0) continue;  // a block that never ran (fused: a head no unit claimed) or not yet
+      ++started;
+      g0 = std::min(g0, x[0]);
+      s0max = std::max(s0max, x[0]);
+      g1 = std::max(g1, x[7]);
+      sms.push_back(static_cast<int>(x[8]));
+      gns.push_back(static_cast<float>(x[7] - x[0]));
+      if (x[9] > 0) {
+        const int64_t d[6] = {x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[6] - x[5], x[6] - x[1]};
+        for (int k = 0; k < 6; ++k) ph[k].push_back(static_cast<float>(d[k]));
+      } else {
+        append_cycles.push_back(static_cast<float>(x[6] - x[1]));
+      }
+    }
+    std::sort(sms.begin(), sms.end());
+    const int num_sms = static_cast<int>(std::unique(sms.begin(), sms.end()) - sms.begin());
+    const double span = started ? (g1 - g0) / 1000.0 : 0, spread = started ? (s0max - g0) / 1000.0 : 0;
+    char buf[640];
+    std::snprintf(buf, sizeof buf,
+                  "qatrace %d,%d,%d,%d %s step %d %s%s: event %.2f us span %.2f start spread %.2f; warps %d (%zu flush) "
+                  "on %d SMs; flushing warps' median cycles: desc %.0f load %.0f quant %.0f store %.0f tail %.0f "
+                  "total %.0f (max %.0f); warp ns median %.0f max %.0f; append-only warps' median cycles %.0f\n",
+                  sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), j, kind == 0 ? "qa" : "step",
+                  r.stats().fused && kind == 1 ? " fused" : "", us, span, spread, started, ph[5].size(), num_sms,
+                  Median(ph[0]), Median(ph[1]), Median(ph[2]), Median(ph[3]), Median(ph[4]), Median(ph[5]),
+                  ph[5].empty() ? 0.0 : *std::max_element(ph[5].begin(), ph[5].end()), Median(gns),
+                  gns.empty() ? 0.0 : *std::max_element(gns.begin(), gns.end()), Median(append_cycles));
+    trace_lines.push_back(buf);
+    if (!ph[5].empty()) {
+      double* sum = trace_sum[kind];
+      for (int k = 0; k < 6; ++k) sum[k] += Median(ph[k]);
+      sum[7] += 1;
+      sum[8] += us;
+      sum[9] += span;
+      sum[10] += spread;
+    }
+    return true;
+  };
   for (int j = 0; j < g_qa_steps; ++j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
@@ -369,7 +436,25 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
                    step_sum - sums0[1], attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
                    r.stats().pdl ? " pdl" : "", again, after_attn);
     }
+    if (g_qa_trace && (!trace_once(r, 0, j) || !trace_once(r, 1, j))) return false;
   }
+  if (g_qa_trace) {
+    for (const auto& l : trace_lines) std::fprintf(stderr, "%s", l.c_str());
+    // per launch kind: the chain steps' medians averaged over the steps whose warps flushed
+    for (int k = 0; k < 2; ++k)
+      if (trace_sum[k][7] > 0)
+        std::fprintf(stderr,
+                     "qatrace %d,%d,%d,%d %s mean over %d flushing %s launches: event %.2f us span %.2f start spread "
+                     "%.2f; flushing warps' median cycles: desc %.0f load %.0f quant %.0f store %.0f tail %.0f "
+                     "total %.0f\n",
+                     sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), static_cast<int>(trace_sum[k][7]),
+                     k == 0 ? "qa" : "step", trace_sum[k][8] / trace_sum[k][7], trace_sum[k][9] / trace_sum[k][7],
+                     trace_sum[k][10] / trace_sum[k][7], trace_sum[k][0] / trace_sum[k][7],
+                     trace_sum[k][1] / trace_sum[k][7], trace_sum[k][2] / trace_sum[k][7],
+                     trace_sum[k][3] / trace_sum[k][7], trace_sum[k][4] / trace_sum[k][7],
+                     trace_sum[k][5] / trace_sum[k][7]);
+  }
+  if (d_trace) cudaFree(d_trace);
   row->qa_avg_us = qa_sum / g_qa_steps;
   row->step_avg_us = step_sum / g_qa_steps;
   row->attn_avg_us = attn_sum / g_qa_steps;
@@ -415,7 +500,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -464,6 +549,8 @@ int main(int argc, char** argv) {
       g_spread_blocks = true;
     } else if (a == "--chain-dump") {
       g_chain_dump = true;
+    } else if (a == "--qa-trace") {
+      g_qa_trace = true;
     } else if (a == "--fused") {
       g_fused = 1;
     } else if (a == "--two-launches") {

@@ -7,6 +7,9 @@
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDA_ARCH__)
+#include <chrono>
+#endif
 
 #include <vector_types.h>
 
@@ -18,6 +21,29 @@
 namespace kvq {
 namespace cuda {
 
+// The trace's clocks (QaArgs::trace): the SM's cycle counter, the global nanosecond timer and the
+// SM id on the device; on the host (emulated blocks) a steady clock for both and SM 0.
+#if defined(__CUDA_ARCH__)
+KVQ_WARP int64_t QaClock() { return clock64(); }
+KVQ_WARP int64_t QaGlobalTimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<int64_t>(t);
+}
+KVQ_WARP int64_t QaSmId() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+#else
+inline int64_t QaClock() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline int64_t QaGlobalTimer() { return QaClock(); }
+inline int64_t QaSmId() { return 0; }
+#endif
+
 // Channel c of token `slot`, head h of a full-precision page, as float.
 KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, int c, int d, DType dtype) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
@@ -25,10 +51,11 @@ KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, i
 }
 
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
-// factors in the arena, read beside the window values).
+// factors in the arena, read beside the window values). qp: the tensor's QaPages entries. tr: the
+// warp's trace slots for its first group (QaArgs::trace), else null.
 template <int J>
-KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
-                         float* err, int lane) {
+KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, const int64_t (&qp)[kQaPagesPerTensor], int h, int gi, bool norm,
+                         const float* knorm, float* err, int lane, int64_t* tr) {
   constexpr int G = 32 * J;
   const int D = a.head_dim;
   const DType dtype = static_cast<DType>(a.dtype);
@@ -39,7 +66,8 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
     const int t = gi / (D / G);
     const int c0 = (gi % (D / G)) * G;
     const int w = x.win_first + t;
-    const int64_t page = a.pages[x.win_pages + w / kPageTokens];
+    const int wp = w / kPageTokens;
+    const int64_t page = wp == 0 ? qp[0] : a.pages[x.win_pages + wp];
     KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int c = c0 + j * 32 + lane;
@@ -54,17 +82,29 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
     KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int w = x.win_first + tb * G + j * 32 + lane;
-      const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
+      const int wp = w / kPageTokens;
+      const int64_t page = wp == 0 ? qp[0] : a.pages[x.win_pages + wp];
+      const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
       v[j] = norm ? DivRn(raw, knorm[c]) : raw;
     }
     body_tok = x.body_len + tb * G;
     group = ((body_tok % kPageTokens) / G) * D + c;
   }
   // the destination page's entry loads while the warp quantizes
-  const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
+  const int bp = body_tok / kPageTokens;
+  const int64_t body_page = bp == x.body_len / kPageTokens ? qp[1] : a.pages[x.body_pages + bp];
+  if (tr) {  // the vote waits for the window values; the clock is read after the branch on it
+    bool arrived = true;
+    KVQ_UNROLL
+    for (int j = 0; j < J; ++j) arrived = arrived && v[j] == v[j];
+    if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
+  }
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
-  if (!WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits)) {
+  const bool quantized =
+      WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits);
+  if (tr && lane == 0) tr[4] = QaClock();
+  if (!quantized) {
     if (lane == 0) warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
     return;
   }
@@ -73,6 +113,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   if (lane == 0) {
     reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
     if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+    if (tr) tr[5] = QaClock();
   }
 }
 
@@ -106,13 +147,31 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // key-norm factors (read by each lane from the arena), the destination page entry before the
 // quantization; the append's store waits until after the flush.
 KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err) {
-  const DevSeq& s = a.seqs[seq];
+  const DevSeq& sq = a.seqs[seq];
   const bool is_k = (z & 1) == 0;
   const int chunk = z >> 1;
-  const DevTensor& x = is_k ? s.k : s.v;
+  // Copies: every descriptor field is loaded here, at the start, all at once, not where the flush
+  // or the append first needs it (one more dependent round trip each: the compiler left the format
+  // fields' loads after the window values had arrived).
+  const DevTensor x = is_k ? sq.k : sq.v;
+  struct {
+    int64_t norm_offset, kv_row;
+    int32_t sink_len, n_new, to_sink, key_norm;
+  } const s = {sq.norm_offset, sq.kv_row, sq.sink_len, sq.n_new, sq.to_sink, sq.key_norm};
   const int D = a.head_dim;
   const int hkv = a.num_kv_heads;
   const int warp = tid >> 5, lane = tid & 31;
+  // the QaPages entries, loaded beside the descriptors
+  const int64_t* qpp = a.qa_pages + (static_cast<int64_t>(seq) * 2 + (is_k ? 0 : 1)) * kQaPagesPerTensor;
+  const int64_t qp[kQaPagesPerTensor] = {qpp[0], qpp[1], qpp[2]};
+  int64_t* tr = a.trace ? a.trace + (((static_cast<int64_t>(seq) * hkv + h) * 2 * num_chunks + z) * kQaWarps + warp) *
+                                        kQaTraceSlots
+                        : nullptr;
+  if (tr && lane == 0) {
+    tr[0] = QaGlobalTimer();
+    tr[1] = QaClock();
+    tr[8] = QaSmId();
+  }
 
   // Append: 16-byte copies of the new rows of this head (chunk 0), the first one per thread loaded
   // before the flush.
@@ -129,7 +188,8 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       slot = s.sink_len + j;
     } else {
       const int w = x.win_first + x.win_len + (j - s.to_sink);
-      page = a.pages[x.win_pages + w / kPageTokens];
+      const int wp = w / kPageTokens;
+      page = wp == (x.win_first + x.win_len) / kPageTokens ? qp[2] : a.pages[x.win_pages + wp];
       slot = w % kPageTokens;
     }
     *v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
@@ -138,7 +198,9 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
   uint4 first{};
   uint8_t* first_dst = tid < appends ? append_at(tid, &first) : nullptr;
 
+  int groups = 0;
   if (x.flush > 0 && x.mode != static_cast<int>(QuantMode::kFull)) {
+    if (tr && lane == 0) tr[2] = QaClock();
     const int G = x.group_size;
     const bool along_channels = x.grouping == static_cast<int>(Grouping::kAlongChannels);
     const int num_groups = along_channels ? x.flush * (D / G) : (x.flush / G) * D;
@@ -146,22 +208,30 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       const bool norm = is_k && s.key_norm;
       // factors of this step's KeyNormKernel, or of an earlier step
       const float* knorm = norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D : nullptr;
-      for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps) {
+      for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
+        int64_t* gtr = groups == 0 ? tr : nullptr;
         if (G == 32) {
-          FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane);
+          FlushGroup<1>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
         } else if (G == 64) {
-          FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane);
+          FlushGroup<2>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
         } else {
-          FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane);
+          FlushGroup<4>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
         }
       }
     }
+  } else if (tr && lane == 0) {
+    tr[2] = QaClock();
   }
   if (first_dst) *reinterpret_cast<uint4*>(first_dst) = first;
   for (int idx = tid + kQaThreads; idx < appends; idx += kQaThreads) {
     uint4 v;
     uint8_t* dst = append_at(idx, &v);
     *reinterpret_cast<uint4*>(dst) = v;
+  }
+  if (tr && lane == 0) {
+    tr[6] = QaClock();
+    tr[7] = QaGlobalTimer();
+    tr[9] = groups;
   }
 }
 

@@ -18,9 +18,14 @@
 #if defined(__CUDACC__)
 #define KVQ_WARP __device__ __forceinline__
 #define KVQ_UNROLL _Pragma("unroll")
+// Loops kept as loops: the quantize-append runs each of them once per group on an SM whose
+// instruction cache is cold (its launch follows an attention kernel), so there code bytes cost
+// more than the few instructions a loop adds (the phase trace, kvq-bench --qa-trace).
+#define KVQ_NO_UNROLL _Pragma("unroll 1")
 #else
 #define KVQ_WARP inline
 #define KVQ_UNROLL
+#define KVQ_NO_UNROLL
 #endif
 
 namespace kvq {
@@ -55,11 +60,17 @@ KVQ_WARP float FirstEqual(const float (&x)[J], float v) {
   return v;  // not reached: v is one of the elements
 }
 
-// Sum of e[0..n) in element order, in fp32 (every lane gets the same value).
-KVQ_WARP float SumInOrder(const float* e, int n) {
-  float acc = 0.f;
-  for (int i = 0; i < n; ++i) acc = AddRn(acc, e[i]);
-  return acc;
+// Sums of a[0..n) and of b[0..n), each in element order, in fp32 (every lane gets the same values):
+// one loop for both (two independent chains of adds).
+KVQ_WARP void SumsInOrder(const float* a, const float* b, int n, float* sa, float* sb) {
+  float x = 0.f, y = 0.f;
+  KVQ_NO_UNROLL
+  for (int i = 0; i < n; ++i) {
+    x = AddRn(x, a[i]);
+    y = AddRn(y, b[i]);
+  }
+  *sa = x;
+  *sb = y;
 }
 
 // One group of G = 32 * J values x (element j * 32 + lane in x[j]) quantized by the whole warp,
@@ -79,7 +90,7 @@ KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, f
     finite = finite && IsFiniteF(x[j]);
   }
   if (!warp::All(finite)) return false;
-  KVQ_UNROLL
+  KVQ_NO_UNROLL
   for (int off = 16; off > 0; off >>= 1) {
     mn = MinF(mn, warp::ShflXor(mn, off));
     mx = MaxF(mx, warp::ShflXor(mx, off));
@@ -124,9 +135,12 @@ KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, f
   bool use_sym = mode == QuantMode::kSym;
   if (hybrid) {
     warp::Sync();
-    // The reference sums a candidate's errors only when its scale is in range.
-    const float es = sym_ok ? SumInOrder(err, G) : 0.f;
-    const float ea = asym_ok ? SumInOrder(err + G, G) : 0.f;
+    // The reference sums a candidate's errors only when its scale is in range (the sums have no
+    // side effect, so both are taken and the unused one dropped).
+    float es, ea;
+    SumsInOrder(err, err + G, G, &es, &ea);
+    if (!sym_ok) es = 0.f;
+    if (!asym_ok) ea = 0.f;
     use_sym = sym_ok && (!asym_ok || es <= ea);
     warp::Sync();  // err is reused by the warp's next group
   }

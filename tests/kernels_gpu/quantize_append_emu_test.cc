@@ -43,7 +43,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
   }
   const size_t num_steps = cases[0].n_new.size();
-  int blocks_run = 0;
+  int blocks_run = 0, traced_flushing_warps = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -92,12 +92,21 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     qa.arena = emu.data();
     qa.seqs = ds.data();
     qa.pages = pages.data();
+    std::vector<int64_t> qa_pages;
+    cuda::QaPages(ds, pages, &qa_pages);
+    qa.qa_pages = qa_pages.data();
     qa.k_new = kn.data();
     qa.v_new = vn.data();
     qa.num_kv_heads = hkv;
     qa.head_dim = d;
     qa.dtype = static_cast<int32_t>(dt);
     qa.error_flag = &flag;
+    // Odd steps run with the benchmark's phase trace on: the codes must not change, and every warp
+    // writes its stamps in order.
+    const bool trace = step % 2 == 1;
+    const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, chunks);
+    std::vector<int64_t> stamps(trace ? trace_warps * cuda::kQaTraceSlots : 0, -1);
+    qa.trace = trace ? stamps.data() : nullptr;
     if (key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
       for (int s = 0; s < n; ++s)
         for (int h = 0; h < hkv; ++h)
@@ -111,6 +120,25 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
           });
         }
     EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
+    for (int64_t w = 0; trace && w < trace_warps; ++w) {
+      const int64_t* t = stamps.data() + w * cuda::kQaTraceSlots;
+      SCOPED_TRACE("trace warp " + std::to_string(w));
+      ASSERT_GT(t[0], 0);
+      EXPECT_LE(t[1], t[2]);
+      EXPECT_LE(t[2], t[6]);
+      EXPECT_LE(t[0], t[7]);
+      EXPECT_EQ(t[8], 0);
+      ASSERT_GE(t[9], 0);
+      if (t[9] > 0) {  // the first group's stamps, in order
+        ++traced_flushing_warps;
+        EXPECT_LE(t[2], t[3]);
+        EXPECT_LE(t[3], t[4]);
+        EXPECT_LE(t[4], t[5]);
+        EXPECT_LE(t[5], t[6]);
+      } else {
+        EXPECT_EQ(t[3], -1);
+      }
+    }
     int64_t diffs = 0, first = -1;
     for (size_t i = 0; i < emu.size(); ++i)
       if (emu[i] != ref[i]) {
@@ -123,6 +151,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     for (size_t i = 0; i < seqs.size(); ++i) seqs[i] = steps[i].next;
   }
   EXPECT_GT(blocks_run, 0);
+  EXPECT_GT(traced_flushing_warps, 0);
 }
 
 // Presets in one batch (different configs per sequence, as the store batches sessions), fp16 and

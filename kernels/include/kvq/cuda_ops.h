@@ -135,6 +135,14 @@ class CudaStepRunner {
   // 128-byte aligned dynamic shared memory (0, the default). An experiment: the one-row instance's
   // rings started 48 bytes past a 128-byte line before the alignment was declared.
   void set_ring_offset(int bytes) { ring_offset_ = bytes >= 0 && bytes < 128 ? bytes / 16 * 16 : 0; }
+  // The benchmark's view into the quantize-append: the launches from now on write per-warp phase
+  // stamps (clock cycles and global nanoseconds, cuda::kQaTraceSlots per warp, step_desc.h) to
+  // this device buffer, which must hold qa_trace_warps() x kQaTraceSlots int64 for every prepared
+  // step it is used with; null (the default) turns it off. The slots: cuda::kQaTraceSlots.
+  static constexpr int kQaTraceSlots = 10;
+  void set_qa_trace(int64_t* device_stamps) { qa_trace_ = device_stamps; }
+  // Warps of the prepared step's quantize-append grid (0 before a Prepare).
+  int64_t qa_trace_warps() const;
 
  private:
   CudaStepRunner() = default;
@@ -153,6 +161,7 @@ class CudaStepRunner {
   bool spread_blocks_ = false;
   int min_row_class_ = 1;
   int ring_offset_ = 0;
+  int64_t* qa_trace_ = nullptr;
 };
 
 }  // namespace kvq
