@@ -870,7 +870,8 @@ constexpr int DecodeLaunchMinBlocks() {
 
 // The quantize-append of head h of sequence seq, K and V, by a whole attention block: half 0 (64
 // threads) runs QaGrid blocks z = 0, 2, ... (the K chunks), half 1 z = 1, 3, ... (V); err: the
-// calling warp's scratch. Not inlined: the attention instances' registers stay their own.
+// calling warp's scratch. Not inlined: the attention instances' registers stay their own. (No
+// phase trace here: kvq-bench --qa-trace covers the quantize-append launched on its own.)
 static __device__ KVQ_NOINLINE void FusedQuantizeAppend(QaArgs qa, int seq, int h, int chunks, int tid, float* err) {
   static_assert(kDecThreads == 2 * kQaThreads, "two quantize-append blocks side by side per attention block");
   for (int z = tid / kQaThreads; z < 2 * chunks; z += 2) QuantizeAppendBlock(qa, seq, h, z, chunks, tid % kQaThreads, err);

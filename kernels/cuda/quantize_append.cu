@@ -25,10 +25,12 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
   KeyNormBlock(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x);
 }
 
+template <bool kTrace>
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
-  QuantizeAppendBlock(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x, err[threadIdx.x >> 5]);
+  QuantizeAppendBlock<kTrace>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x,
+                              err[threadIdx.x >> 5]);
 }
 
 }  // namespace
@@ -41,7 +43,8 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, b
     if (e != cudaSuccess) return e;
   }
   const dim3 grid = QaGrid(num_seqs, args.num_kv_heads, chunks);
-  return LaunchKernel(QuantizeAppendKernel, grid, dim3(kQaThreads), 0, stream, args, false);
+  return args.trace ? LaunchKernel(QuantizeAppendKernel<true>, grid, dim3(kQaThreads), 0, stream, args, false)
+                    : LaunchKernel(QuantizeAppendKernel<false>, grid, dim3(kQaThreads), 0, stream, args, false);
 }
 
 }  // namespace cuda

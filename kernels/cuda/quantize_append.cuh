@@ -44,6 +44,22 @@ inline int64_t QaGlobalTimer() { return QaClock(); }
 inline int64_t QaSmId() { return 0; }
 #endif
 
+// The lines of [p, p + bytes) into L1 (device; nothing on the host): the block's step descriptors,
+// requested at its start so that the fields read one after another further on hit L1 instead of
+// each waiting for DRAM in turn (no registers held, unlike loading them all at the start: 80 -> 116
+// registers, H100 2026-12-05 eighth session).
+KVQ_WARP void QaPrefetchL1(const void* p, int bytes, int tid) {
+#if defined(__CUDA_ARCH__)
+  const char* c = static_cast<const char*>(p);
+  const int lines = static_cast<int>(((reinterpret_cast<uintptr_t>(c) & 127) + bytes + 127) >> 7);
+  if (tid < lines) asm volatile("prefetch.global.L1 [%0];" ::"l"(c + tid * 128 - (reinterpret_cast<uintptr_t>(c) & 127)));
+#else
+  (void)p;
+  (void)bytes;
+  (void)tid;
+#endif
+}
+
 // Channel c of token `slot`, head h of a full-precision page, as float.
 KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, int c, int d, DType dtype) {
   const uint16_t* p = reinterpret_cast<const uint16_t*>(arena + page + FullTokenOffset(slot, h, d) + c * 2);
@@ -51,11 +67,11 @@ KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, i
 }
 
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
-// factors in the arena, read beside the window values). qp: the tensor's QaPages entries. tr: the
-// warp's trace slots for its first group (QaArgs::trace), else null.
+// factors in the arena, read beside the window values). tr: the warp's trace slots for its first
+// group (QaArgs::trace), else null.
 template <int J>
-KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, const int64_t (&qp)[kQaPagesPerTensor], int h, int gi, bool norm,
-                         const float* knorm, float* err, int lane, int64_t* tr) {
+KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
+                         float* err, int lane, int64_t* tr) {
   constexpr int G = 32 * J;
   const int D = a.head_dim;
   const DType dtype = static_cast<DType>(a.dtype);
@@ -66,8 +82,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, const int64_t (&qp
     const int t = gi / (D / G);
     const int c0 = (gi % (D / G)) * G;
     const int w = x.win_first + t;
-    const int wp = w / kPageTokens;
-    const int64_t page = wp == 0 ? qp[0] : a.pages[x.win_pages + wp];
+    const int64_t page = a.pages[x.win_pages + w / kPageTokens];
     KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int c = c0 + j * 32 + lane;
@@ -82,17 +97,14 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, const int64_t (&qp
     KVQ_UNROLL
     for (int j = 0; j < J; ++j) {
       const int w = x.win_first + tb * G + j * 32 + lane;
-      const int wp = w / kPageTokens;
-      const int64_t page = wp == 0 ? qp[0] : a.pages[x.win_pages + wp];
-      const float raw = LoadActDev(a.arena, page, w % kPageTokens, h, c, D, dtype);
+      const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
       v[j] = norm ? DivRn(raw, knorm[c]) : raw;
     }
     body_tok = x.body_len + tb * G;
     group = ((body_tok % kPageTokens) / G) * D + c;
   }
   // the destination page's entry loads while the warp quantizes
-  const int bp = body_tok / kPageTokens;
-  const int64_t body_page = bp == x.body_len / kPageTokens ? qp[1] : a.pages[x.body_pages + bp];
+  const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
   if (tr) {  // the vote waits for the window values; the clock is read after the branch on it
     bool arrived = true;
     KVQ_UNROLL
@@ -146,25 +158,19 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // independent ones go out together: the append's first row with the flush's window values and
 // key-norm factors (read by each lane from the arena), the destination page entry before the
 // quantization; the append's store waits until after the flush.
+// kTrace: the instance that writes QaArgs::trace's stamps (the benchmark's); the other one has no
+// trace code at all (the stamps' pointer and clocks cost it 13 registers).
+template <bool kTrace = false>
 KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err) {
-  const DevSeq& sq = a.seqs[seq];
+  const DevSeq& s = a.seqs[seq];
+  QaPrefetchL1(&s, sizeof(DevSeq), tid);
   const bool is_k = (z & 1) == 0;
   const int chunk = z >> 1;
-  // Copies: every descriptor field is loaded here, at the start, all at once, not where the flush
-  // or the append first needs it (one more dependent round trip each: the compiler left the format
-  // fields' loads after the window values had arrived).
-  const DevTensor x = is_k ? sq.k : sq.v;
-  struct {
-    int64_t norm_offset, kv_row;
-    int32_t sink_len, n_new, to_sink, key_norm;
-  } const s = {sq.norm_offset, sq.kv_row, sq.sink_len, sq.n_new, sq.to_sink, sq.key_norm};
+  const DevTensor& x = is_k ? s.k : s.v;
   const int D = a.head_dim;
   const int hkv = a.num_kv_heads;
   const int warp = tid >> 5, lane = tid & 31;
-  // the QaPages entries, loaded beside the descriptors
-  const int64_t* qpp = a.qa_pages + (static_cast<int64_t>(seq) * 2 + (is_k ? 0 : 1)) * kQaPagesPerTensor;
-  const int64_t qp[kQaPagesPerTensor] = {qpp[0], qpp[1], qpp[2]};
-  int64_t* tr = a.trace ? a.trace + (((static_cast<int64_t>(seq) * hkv + h) * 2 * num_chunks + z) * kQaWarps + warp) *
+  int64_t* tr = kTrace && a.trace ? a.trace + (((static_cast<int64_t>(seq) * hkv + h) * 2 * num_chunks + z) * kQaWarps + warp) *
                                         kQaTraceSlots
                         : nullptr;
   if (tr && lane == 0) {
@@ -188,8 +194,7 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       slot = s.sink_len + j;
     } else {
       const int w = x.win_first + x.win_len + (j - s.to_sink);
-      const int wp = w / kPageTokens;
-      page = wp == (x.win_first + x.win_len) / kPageTokens ? qp[2] : a.pages[x.win_pages + wp];
+      page = a.pages[x.win_pages + w / kPageTokens];
       slot = w % kPageTokens;
     }
     *v = *reinterpret_cast<const uint4*>(src + ((s.kv_row + j) * hkv + h) * D + c0);
@@ -211,11 +216,11 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
         int64_t* gtr = groups == 0 ? tr : nullptr;
         if (G == 32) {
-          FlushGroup<1>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
+          FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane, gtr);
         } else if (G == 64) {
-          FlushGroup<2>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
+          FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane, gtr);
         } else {
-          FlushGroup<4>(a, x, qp, h, gi, norm, knorm, err, lane, gtr);
+          FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane, gtr);
         }
       }
     }

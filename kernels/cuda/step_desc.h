@@ -138,34 +138,11 @@ struct QaArgs {
   int32_t head_dim;
   int32_t dtype;            // DType
   int32_t* error_flag;      // set non-zero on an out-of-range page or an fp16 scale overflow
-  // [sequence][K, V][kQaPagesPerTensor] (QaPages): pages the flush and the append would otherwise
-  // look up in `pages`, one dependent load later
-  const int64_t* qa_pages;
   // Benchmark only (null otherwise): kQaTraceSlots stamps per warp of the grid, written by lane 0
-  // (QaTraceSlot in quantize_append.cuh); QaTraceWarps(grid) warps.
+  // of each warp; QaTraceWarps(grid) warps. Its own kernel instance (QuantizeAppendKernel<true>);
+  // the fused step's quantize-append is not traced.
   int64_t* trace;
 };
-
-// Per sequence and tensor (K, V), the pages the quantize-append needs on most steps, taken from the
-// page table by the host: [0] window page 0 (where the flushed tokens start), [1] the body page of
-// token body_len (where they go), [2] the window page of the first token appended to the window;
-// -1 where there is none. The kernel reads these beside the step descriptors instead of reading
-// the page table after them: one dependent load (a DRAM round trip when cold) less before the
-// flush's window values and before the append's destination (2026-12-05 eighth session).
-constexpr int kQaPagesPerTensor = 3;
-inline void QaPages(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& pages, std::vector<int64_t>* out) {
-  out->assign(seqs.size() * 2 * kQaPagesPerTensor, -1);
-  for (size_t i = 0; i < seqs.size(); ++i)
-    for (int t = 0; t < 2; ++t) {
-      const DevTensor& x = t == 0 ? seqs[i].k : seqs[i].v;
-      int64_t* q = out->data() + (i * 2 + t) * kQaPagesPerTensor;
-      if (x.num_win_pages > 0) q[0] = pages[x.win_pages];
-      const int bp = x.body_len / kPageTokens;
-      if (bp < x.num_body_pages) q[1] = pages[x.body_pages + bp];
-      const int ap = (x.win_first + x.win_len) / kPageTokens;
-      if (ap < x.num_win_pages) q[2] = pages[x.win_pages + ap];
-    }
-}
 
 // The quantize-append's phase stamps per warp (CudaStepRunner::set_qa_trace): [0] global timer
 // (ns) at the block's start, [1] SM clock at the start, [2] once the flush decision is read (the

@@ -145,7 +145,6 @@ struct CudaStepRunner::Impl {
   const int64_t* d_pages = nullptr;
   const cuda::DevUnit* d_units = nullptr;
   const cuda::DevMergeItem* d_items = nullptr;
-  const int64_t* d_qa_pages = nullptr;
   bool prepared = false;
   bool attention_ready = false;  // every sequence has n_new >= 1
   int qa_chunks = 1;             // quantize-append blocks per (sequence, KV head, tensor)
@@ -716,10 +715,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   const int64_t off_pages = Align16(int64_t(seqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_units = off_pages + Align16(int64_t(pages.size() * sizeof(int64_t)));
   const int64_t off_items = off_units + Align16(int64_t(units.size() * sizeof(cuda::DevUnit)));
-  std::vector<int64_t> qa_pages;
-  cuda::QaPages(seqs, pages, &qa_pages);
-  const int64_t off_qa_pages = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
-  const int64_t total = off_qa_pages + Align16(int64_t(qa_pages.size() * sizeof(int64_t)));
+  const int64_t total = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
   KVQ_RETURN_IF_ERROR(m.WaitIdle());  // the staging buffer may still feed the previous copy
   KVQ_RETURN_IF_ERROR(m.EnsureMeta(std::max<int64_t>(total, 16)));
   KVQ_RETURN_IF_ERROR(m.EnsureWorkspace(std::max<int64_t>(int64_t(units.size()), 1), p.head_dim));
@@ -728,7 +724,6 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   if (!pages.empty()) std::memcpy(m.staging + off_pages, pages.data(), pages.size() * sizeof(int64_t));
   if (!units.empty()) std::memcpy(m.staging + off_units, units.data(), units.size() * sizeof(cuda::DevUnit));
   if (!items.empty()) std::memcpy(m.staging + off_items, items.data(), items.size() * sizeof(cuda::DevMergeItem));
-  if (!qa_pages.empty()) std::memcpy(m.staging + off_qa_pages, qa_pages.data(), qa_pages.size() * sizeof(int64_t));
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   m.done_recorded = true;
@@ -775,7 +770,6 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.d_pages = reinterpret_cast<const int64_t*>(m.meta + off_pages);
   m.d_units = reinterpret_cast<const cuda::DevUnit*>(m.meta + off_units);
   m.d_items = reinterpret_cast<const cuda::DevMergeItem*>(m.meta + off_items);
-  m.d_qa_pages = reinterpret_cast<const int64_t*>(m.meta + off_qa_pages);
   m.prepared = true;
   m.attention_ready = attention_ready;
   stats_.num_units = m.num_units;
@@ -798,9 +792,8 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
 namespace {
 
 cuda::QaArgs MakeQaArgs(uint8_t* arena, const StepParams& p, const cuda::DevSeq* seqs, const int64_t* pages,
-                        const int64_t* qa_pages, int32_t* error_flag, int64_t* trace) {
+                        int32_t* error_flag, int64_t* trace) {
   cuda::QaArgs a{};
-  a.qa_pages = qa_pages;
   a.trace = trace;
   a.arena = arena;
   a.seqs = seqs;
@@ -829,7 +822,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   if (m.num_seqs == 0) return Result::Ok();
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
-  const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.d_qa_pages, m.error_flag, qa_trace_);
+  const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   return Result::Ok();
@@ -849,7 +842,7 @@ Result CudaStepRunner::LaunchPreparedStep(uint8_t* arena, cudaStream_t stream) {
   if (m.num_seqs == 0) return Result::Ok();
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
-  const cuda::QaArgs qa = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.d_qa_pages, m.error_flag, qa_trace_);
+  const cuda::QaArgs qa = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
   return LaunchAttentionImpl(arena, &qa, stream);
 }
 

@@ -92,9 +92,6 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     qa.arena = emu.data();
     qa.seqs = ds.data();
     qa.pages = pages.data();
-    std::vector<int64_t> qa_pages;
-    cuda::QaPages(ds, pages, &qa_pages);
-    qa.qa_pages = qa_pages.data();
     qa.k_new = kn.data();
     qa.v_new = vn.data();
     qa.num_kv_heads = hkv;
@@ -116,7 +113,12 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
           std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
           cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
-            cuda::QuantizeAppendBlock(qa, s, h, z, chunks, tid, err.data() + (tid >> 5) * 2 * kMaxGroupSize);
+            float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
+            if (trace) {
+              cuda::QuantizeAppendBlock<true>(qa, s, h, z, chunks, tid, werr);
+            } else {
+              cuda::QuantizeAppendBlock<false>(qa, s, h, z, chunks, tid, werr);
+            }
           });
         }
     EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
