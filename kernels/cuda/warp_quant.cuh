@@ -96,8 +96,12 @@ KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, f
     mx = MaxF(mx, warp::ShflXor(mx, off));
     amax = MaxF(amax, warp::ShflXor(amax, off));
   }
-  mn = FirstEqual<J>(x, mn);  // amax is an absolute value: no signed zero to pick
-  mx = FirstEqual<J>(x, mx);
+  // The element the sequential loop keeps matters only for a zero: finite values that compare
+  // equal have the same bits but for +0 and -0 (amax is an absolute value: no signed zero to pick).
+  // Both tests are warp-uniform (every lane holds a zero of some sign, or the same value); the
+  // shuffle-and-ballot chains are skipped on all other groups.
+  if (mn == 0.f) mn = FirstEqual<J>(x, mn);
+  if (mx == 0.f) mx = FirstEqual<J>(x, mx);
   const int qmax = AsymMaxCode(bits);
   const int L = SymLevels(bits);
   const bool hybrid = mode == QuantMode::kHybrid;
