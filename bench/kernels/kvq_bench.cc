@@ -353,7 +353,11 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   int64_t* d_trace = nullptr;
   int64_t trace_cap = 0;
   std::vector<std::string> trace_lines;
-  double trace_sum[2][11] = {};  // per kind: the phase medians (6), flushing launches, event, span, spread
+  struct TraceSum {  // per kind, over the launches whose warps flushed: sums of their medians
+    double phase[6] = {};  // desc, load, quant, store, tail, total (cycles)
+    int launches = 0;
+    double event = 0, span = 0, spread = 0;  // us
+  } trace_sum[2];
   auto trace_once = [&](CudaStepRunner& r, int kind, int j) -> bool {
     constexpr int S = CudaStepRunner::kQaTraceSlots;
     const int64_t n = r.qa_trace_warps() * S;
@@ -405,12 +409,12 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
                   gns.empty() ? 0.0 : *std::max_element(gns.begin(), gns.end()), Median(append_cycles));
     trace_lines.push_back(buf);
     if (!ph[5].empty()) {
-      double* sum = trace_sum[kind];
-      for (int k = 0; k < 6; ++k) sum[k] += Median(ph[k]);
-      sum[7] += 1;
-      sum[8] += us;
-      sum[9] += span;
-      sum[10] += spread;
+      TraceSum& sum = trace_sum[kind];
+      for (int k = 0; k < 6; ++k) sum.phase[k] += Median(ph[k]);
+      ++sum.launches;
+      sum.event += us;
+      sum.span += span;
+      sum.spread += spread;
     }
     return true;
   };
@@ -441,18 +445,18 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   if (g_qa_trace) {
     for (const auto& l : trace_lines) std::fprintf(stderr, "%s", l.c_str());
     // per launch kind: the chain steps' medians averaged over the steps whose warps flushed
-    for (int k = 0; k < 2; ++k)
-      if (trace_sum[k][7] > 0)
-        std::fprintf(stderr,
-                     "qatrace %d,%d,%d,%d %s mean over %d flushing %s launches: event %.2f us span %.2f start spread "
-                     "%.2f; flushing warps' median cycles: desc %.0f load %.0f quant %.0f store %.0f tail %.0f "
-                     "total %.0f\n",
-                     sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), static_cast<int>(trace_sum[k][7]),
-                     k == 0 ? "qa" : "step", trace_sum[k][8] / trace_sum[k][7], trace_sum[k][9] / trace_sum[k][7],
-                     trace_sum[k][10] / trace_sum[k][7], trace_sum[k][0] / trace_sum[k][7],
-                     trace_sum[k][1] / trace_sum[k][7], trace_sum[k][2] / trace_sum[k][7],
-                     trace_sum[k][3] / trace_sum[k][7], trace_sum[k][4] / trace_sum[k][7],
-                     trace_sum[k][5] / trace_sum[k][7]);
+    for (int k = 0; k < 2; ++k) {
+      const TraceSum& t = trace_sum[k];
+      if (t.launches == 0) continue;
+      const double n = t.launches;
+      std::fprintf(stderr,
+                   "qatrace %d,%d,%d,%d %s mean over %d flushing %s launches: event %.2f us span %.2f start spread "
+                   "%.2f; flushing warps' median cycles: desc %.0f load %.0f quant %.0f store %.0f tail %.0f "
+                   "total %.0f\n",
+                   sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), t.launches, k == 0 ? "qa" : "step", t.event / n,
+                   t.span / n, t.spread / n, t.phase[0] / n, t.phase[1] / n, t.phase[2] / n, t.phase[3] / n,
+                   t.phase[4] / n, t.phase[5] / n);
+    }
   }
   if (d_trace) cudaFree(d_trace);
   row->qa_avg_us = qa_sum / g_qa_steps;
