@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -84,6 +84,10 @@ struct Row {
   // the same steps with an empty grid of the quantize-append's shape (one chunk) in its place:
   // what a launch in front of the attention costs a step by itself (mean - attn_avg_us)
   double empty_step_us = 0;
+  // --preflush: the chain's flushes run after the attention of the step before (the flush-only
+  // launch beside it, CudaStepRunner::LaunchPreparedFlushAfter) and inside step_avg_us; qa_avg_us is
+  // then the append alone, pf_avg_us that flush-only launch alone (plainly), mean over the steps
+  double pf_avg_us = 0;
   int early_units = 0;  // units of the timed step that start without waiting for the quantize-append
   double bytes = 0;    // per attention step
   double gbps = 0;
@@ -112,6 +116,7 @@ bool g_qa_trace = false;       // --qa-trace: the quantize-append's phases per c
 int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
+bool g_preflush = false;       // --preflush: each chain step's flush beside the attention before it (Row::pf_avg_us)
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
 void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
 size_t g_flush_bytes = 0;
@@ -223,8 +228,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   bytes += 2.0 * sh.b * sh.hq * sh.d * 2;  // q read, o written
   // The g_qa_steps decode steps after step 2 of set 0, for the quantize-append averaged over every
   // flush phase (planned now: their pages must be in the arena before it is allocated).
-  std::vector<std::vector<testing::TStep>> chain(g_qa_steps);
-  for (int j = 0; j < g_qa_steps; ++j)
+  // (--preflush: one more, whose flush the last step's flush-only launch writes)
+  const int chain_len = g_qa_steps + (g_preflush ? 1 : 0);
+  std::vector<std::vector<testing::TStep>> chain(chain_len);
+  for (int j = 0; j < chain_len; ++j)
     for (int i = 0; i < sh.b; ++i)
       chain[j].push_back(testing::PlanStep(arena, j == 0 ? step2[0][i].next : chain[j - 1][i].next, sh.hkv, sh.d,
                                            1, i, i));
@@ -266,6 +273,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
+    runners[k]->set_flush_after(g_preflush);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -312,15 +320,19 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // when the step is fused), 3 an empty grid
   // (LaunchEmptyPrimary) + attention. Repeating a prepared step is idempotent: the flush writes the
   // same codes to the same slots, the append the same rows.
-  auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us) -> bool {
+  // flush_after (--preflush chain): with what = 2, the next step's flush-only launch right after
+  // the step's attention, as its programmatic dependent (CudaStepRunner::LaunchPreparedFlushAfter).
+  auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us, CudaStepRunner* flush_after = nullptr) -> bool {
     if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
     CHECK_CUDA(cudaEventRecord(e0, stream));
     if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
     if (what == 1) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
     if (what == 2) CHECK_KVQ(r.LaunchPreparedStep(d_arena, stream));
+    if (what == 2 && flush_after) CHECK_KVQ(flush_after->LaunchPreparedFlushAfter(d_arena, stream));
     if (what == 0 || what == 3) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
     CHECK_CUDA(cudaEventRecord(e1, stream));
     CHECK_KVQ(r.Synchronize(stream));
+    if (flush_after) CHECK_KVQ(flush_after->Synchronize(stream));
     float ms = 0;
     CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
     *us = ms * 1000.f;
@@ -341,10 +353,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // Quantize-append of g_qa_steps consecutive decode steps (set 0 continues from its step 2), each
   // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
   // (repeating a prepared step is idempotent) the whole step and its attention alone, the same way.
-  double qa_sum = 0, step_sum = 0, attn_sum = 0, empty_sum = 0;
-  auto add_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
+  double qa_sum = 0, step_sum = 0, attn_sum = 0, empty_sum = 0, pf_sum = 0;
+  auto add_once = [&](CudaStepRunner& r, int what, int j, double* sum, CudaStepRunner* flush_after = nullptr) -> bool {
     float us = 0;
-    if (!time_once(r, what, j, &us)) return false;
+    if (!time_once(r, what, j, &us, flush_after)) return false;
     *sum += us;
     return true;
   };
@@ -418,18 +430,42 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     return true;
   };
+  // --preflush: the flush-only batch of chain step j (its state, n_new = 0) on a runner of its own,
+  // written before step j's append (flush_done); chain step 0's flush once before the chain
+  std::unique_ptr<CudaStepRunner> pf;
+  auto flush_only = [&](int j) {
+    std::vector<SeqWork> w;
+    for (auto& st : chain[j]) {
+      st.Point();
+      w.push_back(st.w);
+      w.back().n_new = 0;
+    }
+    return w;
+  };
+  if (g_preflush) {
+    CHECK_KVQ(CudaStepRunner::Create(&pf));
+    const std::vector<SeqWork> w0 = flush_only(0);
+    CHECK_KVQ(pf->QuantizeAppend(p, w0.data(), cfgs.data(), sh.b, d_arena, stream));
+    CHECK_KVQ(pf->Synchronize(stream));
+  }
   for (int j = 0; j < g_qa_steps; ++j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
       st.Point();
       w.push_back(st.w);
+      w.back().flush_done = g_preflush;
     }
     CudaStepRunner& r = *runners[0];
     CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
+    if (g_preflush) {  // prepared before the step's launches: nothing may come between them and it
+      const std::vector<SeqWork> wn = flush_only(j + 1);
+      CHECK_KVQ(pf->Prepare(p, wn.data(), cfgs.data(), sh.b, stream));
+    }
     const double sums0[4] = {qa_sum, step_sum, attn_sum, empty_sum};
-    if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum) || !add_once(r, 0, j, &attn_sum) ||
+    if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum, pf.get()) || !add_once(r, 0, j, &attn_sum) ||
         !add_once(r, 3, j, &empty_sum))
       return false;
+    if (g_preflush && !add_once(*pf, 1, j, &pf_sum)) return false;  // the flush-only launch alone
     if (g_chain_dump) {  // --chain-dump: each step of the chain (stderr), and the quantize-append
       // timed again right after itself (qa_again) and after the attention (qa_after_attn), the
       // same idempotent launch: what a kernel run just before it changes in its time
@@ -460,6 +496,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   }
   if (d_trace) cudaFree(d_trace);
   row->qa_avg_us = qa_sum / g_qa_steps;
+  row->pf_avg_us = pf_sum / g_qa_steps;
   row->step_avg_us = step_sum / g_qa_steps;
   row->attn_avg_us = attn_sum / g_qa_steps;
   row->qa_step_us = row->step_avg_us - row->attn_avg_us;
@@ -489,6 +526,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
+    if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
   }
   runners.clear();
   cudaEventDestroy(e0);
@@ -504,7 +542,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -563,6 +601,8 @@ int main(int argc, char** argv) {
       g_pdl = 0;
     } else if (a == "--pdl") {
       g_pdl = 1;
+    } else if (a == "--preflush") {
+      g_preflush = true;
     } else if (a == "--no-check") {
       g_check = false;
     } else if (a == "--timing" && i + 1 < argc) {
@@ -623,11 +663,11 @@ int main(int argc, char** argv) {
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
                   "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"step_avg_us\": %.2f, \"attn_avg_us\": %.2f, "
-                  "\"qa_step_us\": %.2f, \"empty_step_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
+                  "\"qa_step_us\": %.2f, \"empty_step_us\": %.2f, \"pf_avg_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
                   "\"err\": %.3g}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
                   r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.step_avg_us, r.attn_avg_us, r.qa_step_us,
-                  r.empty_step_us, r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
+                  r.empty_step_us, r.pf_avg_us, r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
                   i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
@@ -642,6 +682,9 @@ int main(int argc, char** argv) {
                 g_qa_steps);
     std::printf("err: normalized error of sequence 0 against the CPU reference (* above the GPU suite's %.0e)\n",
                 kErrBound);
+    if (g_preflush)
+      std::printf("--preflush: each chain step's flush runs beside the attention of the step before it (inside step and\n"
+                  "qa_step); qa_avg_us is the append alone; the flush-only launch alone: pf_avg_us in --json\n");
     std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %10s %12s %9s %7s %9s %9s %8s %9s %8s %8s %9s  %s\n", "B", "Hq", "Hkv",
                 "T", "D", "preset", "attn_us", "bytes_read", "GB/s", "%copy", "qapp_us", "qa_avg_us", "qa/attn", "step_us",
                 "qa_step", "in_step", "err", "kernel");

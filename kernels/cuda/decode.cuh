@@ -940,6 +940,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       GridDependencyWait();
     }
   }
+  if (a.trigger_dependents) GridDependentsLaunchAfterWait();  // the next step's flush may start (AttnArgs)
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;

@@ -182,6 +182,16 @@ __device__ __forceinline__ void GridDependentsLaunch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+// The same from a later point, after the block's own GridDependencyWait (the decode units, for the
+// next step's flush): the dependent launches once every block has called it, so it sees what each
+// block wrote before its call (the emulated device takes its image at the last block's call).
+__device__ __forceinline__ void GridDependentsLaunchAfterWait() {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::GridDependentsLaunch(true);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 // Launches a kernel of one by-value argument, as a programmatic dependent of the preceding kernel
 // in the stream when pdl. Host builds with KVQ_CUDA_EMU (tests/emu/cuda_emu.h) run the grid on

@@ -31,20 +31,26 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
   QuantizeAppendBlock<kTrace>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x,
                               err[threadIdx.x >> 5]);
+  if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
 }  // namespace
 
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
+  // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:
+  // with the key-norm launch first, both run plainly after it.
+  QaArgs a = args;
   if (key_norm) {
+    a.wait_at_end = 0;
     const cudaError_t e =
-        LaunchKernel(KeyNormKernel, dim3(num_seqs, args.num_kv_heads), dim3(kQaThreads), 0, stream, args, false);
+        LaunchKernel(KeyNormKernel, dim3(num_seqs, a.num_kv_heads), dim3(kQaThreads), 0, stream, a, false);
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid = QaGrid(num_seqs, args.num_kv_heads, chunks);
-  return args.trace ? LaunchKernel(QuantizeAppendKernel<true>, grid, dim3(kQaThreads), 0, stream, args, false)
-                    : LaunchKernel(QuantizeAppendKernel<false>, grid, dim3(kQaThreads), 0, stream, args, false);
+  const bool pdl = a.wait_at_end != 0;
+  const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, chunks);
+  return a.trace ? LaunchKernel(QuantizeAppendKernel<true>, grid, dim3(kQaThreads), 0, stream, a, pdl)
+                 : LaunchKernel(QuantizeAppendKernel<false>, grid, dim3(kQaThreads), 0, stream, a, pdl);
 }
 
 }  // namespace cuda

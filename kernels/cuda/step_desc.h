@@ -142,6 +142,11 @@ struct QaArgs {
   // of each warp; QaTraceWarps(grid) warps. Its own kernel instance (QuantizeAppendKernel<true>);
   // the fused step's quantize-append is not traced.
   int64_t* trace;
+  // Launched as a programmatic dependent of the kernel before it in the stream (a flush-only batch
+  // after a step's attention, CudaStepRunner::LaunchPreparedFlushAfter): it reads and writes
+  // nothing that kernel touches, so it runs beside it and waits for it only at its end, so that its
+  // completion still implies that kernel's (the next step relies on both being done).
+  int32_t wait_at_end;
 };
 
 // The quantize-append's phase stamps per warp (CudaStepRunner::set_qa_trace): [0] global timer
@@ -198,6 +203,10 @@ struct AttnArgs {
   // counters start at 0). fused = 0: the quantize-append ran as its own launch.
   QaArgs qa;
   int32_t fused;
+  // Decode path: each unit lets a programmatic dependent launch once it no longer waits for the
+  // quantize-append (CudaStepRunner::set_flush_after): the next step's flush, which must not start
+  // before this step's append is complete, then runs beside the attention's later units.
+  int32_t trigger_dependents;
   int32_t qa_chunks;
   uint32_t* item_sync;      // [num_seqs * num_kv_heads][2], device memory
   uint32_t epoch;

@@ -125,6 +125,7 @@ struct CudaStepRunner::Impl {
   cudaStream_t fused_stream = nullptr;  // the stream of the last fused launch
   bool fused_launched = false;
   bool fused = false;  // the prepared step runs the quantize-append inside the attention launch
+  bool flush_only = false;  // every sequence of the prepared batch has n_new = 0
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
@@ -243,8 +244,10 @@ CudaStepRunner::~CudaStepRunner() = default;
 
 namespace {
 
-// Fills a DevTensor and checks that the pages cover what the step touches.
-Result FillTensor(const StreamView& sv, const TensorFormat& f, int flush, int appended_to_window,
+// Fills a DevTensor and checks that the pages cover what the step touches. flush_done: the flush's
+// codes are in place already (SeqWork::flush_done), so the kernels see the state after it: the
+// flushed tokens in the body, the window from the first token after them, nothing to flush.
+Result FillTensor(const StreamView& sv, const TensorFormat& f, int flush, bool flush_done, int appended_to_window,
                   int num_kv_heads, int head_dim, int64_t* page_cursor, cuda::DevTensor* t,
                   const char* name, int seq) {
   auto bad = [&](const std::string& what) {
@@ -282,6 +285,18 @@ Result FillTensor(const StreamView& sv, const TensorFormat& f, int flush, int ap
   *page_cursor += sv.num_win_pages;
   t->num_body_pages = sv.num_body_pages;
   t->num_win_pages = sv.num_win_pages;
+  if (flush_done && flush > 0) {
+    t->body_len += flush;
+    t->win_len -= flush;
+    t->win_first += flush;
+    t->flush = 0;
+    // the window's first page is the one that holds its first token (as the window pages of the
+    // state after the flush; an emptied window keeps its next slot, where the append goes)
+    const int drop = std::min(t->win_first / kPageTokens, t->num_win_pages);
+    t->win_pages += drop;
+    t->num_win_pages -= drop;
+    t->win_first -= drop * kPageTokens;
+  }
   t->mode = static_cast<int32_t>(f.mode);
   t->bits = f.bits;
   t->grouping = static_cast<int32_t>(f.grouping);
@@ -330,7 +345,7 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
     // before that the planner may not have allocated them yet.
     const bool norm_used = c.key_norm && (int64_t{w.k.body_len} + w.flush_k > 0);
     d.key_norm = norm_used ? 1 : 0;
-    d.compute_norm = w.compute_norm ? 1 : 0;
+    d.compute_norm = w.compute_norm && !(w.flush_done && w.flush_k > 0) ? 1 : 0;  // done with the flush
     d.norm_offset = w.norm_offset;
     if ((norm_used || w.compute_norm) && (w.norm_offset < 0 || w.norm_offset % 16))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": key_norm needs a norm_offset");
@@ -341,10 +356,10 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
     if (w.sink_len < c.sink && (w.k.win_len > 0 || w.k.body_len > 0 || w.v.win_len > 0 || w.v.body_len > 0))
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": tokens after an unfilled sink");
     const int to_win = w.n_new - d.to_sink;
-    KVQ_RETURN_IF_ERROR(FillTensor(w.k, c.k, w.flush_k, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.k, "k", i));
+    KVQ_RETURN_IF_ERROR(FillTensor(w.k, c.k, w.flush_k, w.flush_done, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.k, "k", i));
     for (int j = 0; j < w.k.num_body_pages; ++j) pages.push_back(w.k.body_pages[j]);
     for (int j = 0; j < w.k.num_win_pages; ++j) pages.push_back(w.k.win_pages[j]);
-    KVQ_RETURN_IF_ERROR(FillTensor(w.v, c.v, w.flush_v, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.v, "v", i));
+    KVQ_RETURN_IF_ERROR(FillTensor(w.v, c.v, w.flush_v, w.flush_done, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.v, "v", i));
     for (int j = 0; j < w.v.num_body_pages; ++j) pages.push_back(w.v.body_pages[j]);
     for (int j = 0; j < w.v.num_win_pages; ++j) pages.push_back(w.v.win_pages[j]);
     const int64_t lk = int64_t{w.sink_len} + d.to_sink + w.k.body_len + w.k.win_len + to_win;
@@ -732,6 +747,7 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.qa_key_norm = qa_key_norm;
   m.params = p;
   m.num_seqs = num_seqs;
+  m.flush_only = std::all_of(seqs.begin(), seqs.end(), [](const cuda::DevSeq& d) { return d.n_new == 0; });
   m.num_units = static_cast<int>(units.size());
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
@@ -828,6 +844,21 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   return Result::Ok();
 }
 
+Result CudaStepRunner::LaunchPreparedFlushAfter(uint8_t* arena, cudaStream_t stream) {
+  Impl& m = *impl_;
+  if (!m.prepared) return Result::Error(Code::kFailedPrecondition, "no prepared batch");
+  if (m.num_seqs == 0) return Result::Ok();
+  if (!m.flush_only)
+    return Result::Error(Code::kInvalidArgument, "a flush after the attention appends nothing: every n_new must be 0");
+  if (!arena || !m.params.k_new || !m.params.v_new)
+    return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
+  cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
+  a.wait_at_end = 1;
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
+  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  return Result::Ok();
+}
+
 Result CudaStepRunner::LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream) {
   return LaunchAttentionImpl(arena, nullptr, stream);
 }
@@ -874,6 +905,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.merge_count = m.merge_count;
   a.o = static_cast<uint16_t*>(p.o);
   a.pdl = m.pdl ? 1 : 0;
+  a.trigger_dependents = flush_after_ && m.decode_path ? 1 : 0;
   a.sm_block_cap = 0;
   a.ring_offset = ring_offset_;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM

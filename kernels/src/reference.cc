@@ -197,8 +197,9 @@ SeqInfo MakeSeqInfo(const StepParams& p, const SeqWork& w, const QuantConfig& cf
   return si;
 }
 
+// min_new: 1 for a step with attention, 0 for the quantize-append alone (a flush-only batch).
 std::string CheckStep(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
-                      const uint8_t* arena) {
+                      const uint8_t* arena, int min_new = 1) {
   if (arena == nullptr) return "arena is null";
   if (p.num_kv_heads < 1 || p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0)
     return "num_q_heads must be a positive multiple of num_kv_heads";
@@ -212,7 +213,7 @@ std::string CheckStep(const StepParams& p, const SeqWork* works, const QuantConf
     const std::string e = ValidateConfig(cfg, p.head_dim);
     if (!e.empty()) return "sequence " + std::to_string(i) + ": " + e;
     const std::string si_name = "sequence " + std::to_string(i) + ": ";
-    if (w.n_new < 1) return si_name + "n_new must be >= 1";
+    if (w.n_new < min_new) return si_name + "n_new must be >= " + std::to_string(min_new);
     if (w.sink_len < 0 || w.sink_len > cfg.sink) return si_name + "sink_len out of range";
     if (cfg.sink > 0 && (w.k.sink_page < 0 || w.v.sink_page < 0)) return si_name + "missing sink page";
     if (w.kv_row < 0 || w.q_row < 0) return si_name + "negative row";
@@ -690,7 +691,7 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
 
 Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                          int num_seqs, uint8_t* arena, int threads) {
-  const std::string e = CheckStep(params, works, configs, num_seqs, arena);
+  const std::string e = CheckStep(params, works, configs, num_seqs, arena, 0);
   if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
   const int hkv = params.num_kv_heads;
   std::atomic<int64_t> bad{-1};
@@ -801,6 +802,8 @@ void CpuAttention(const StepParams& params, const SeqWork* works, const QuantCon
 
 Result CpuRunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                   uint8_t* arena, int threads) {
+  const std::string e = CheckStep(params, works, configs, num_seqs, arena);  // n_new >= 1: attention follows
+  if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
   Result r = CpuQuantizeAppend(params, works, configs, num_seqs, arena, threads);
   if (!r.ok()) return r;
   CpuAttention(params, works, configs, num_seqs, arena, threads);

@@ -56,8 +56,9 @@ uint8_t* DynamicShared();
 cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream, const std::function<void()>& body,
                     bool pdl = false);
 // griddepcontrol.launch_dependents / .wait (device_common.cuh): the first must come before the
-// grid's first write, the second block-uniformly.
-void GridDependentsLaunch();
+// grid's first write, or be `late` (after the block's own wait: the dependent then sees memory as
+// of the last block's call); the second block-uniformly.
+void GridDependentsLaunch(bool late = false);
 void GridDependencyWait();
 // Launches so far that ran as programmatic dependents before their primary's writes (tests check
 // that the model was on).

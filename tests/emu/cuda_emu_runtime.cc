@@ -91,6 +91,7 @@ struct GridState {
   bool pdl_model = false;  // programmatic dependent launch emulated (one stream at most in the process)
   bool pre_phase = false;  // a dependent's blocks before its primary grid completed (GridDependencyWait sets aside)
   bool snapshot = false;   // this grid called GridDependentsLaunch: g_pdl.before is its start
+  uint64_t late_block = 0;  // the block whose late call took the image (GridDependentsLaunch(true))
 };
 
 GridState* g_grid = nullptr;
@@ -373,10 +374,22 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
 }
 
 // The grid's first call (before any of its writes: the kernel's first statement) keeps an image of
-// device memory for a programmatic dependent.
-void GridDependentsLaunch() {
+// device memory for a programmatic dependent. A late call (after the block's own wait, where a
+// block may have written before it) keeps the image as of the last block's call instead, since
+// the GPU launches the dependent only once every block has called it; calls from blocks that run
+// before their own primary's writes (pre_phase) take none: the blocks set aside at their wait
+// call it after those writes are back.
+void GridDependentsLaunch(bool late) {
   GridState& st = *g_grid;
-  if (st.snapshot || !st.pdl_model) return;
+  if (!st.pdl_model) return;
+  if (late) {
+    if (st.pre_phase) return;
+    const uint64_t block = st.block_idx.x + uint64_t{st.grid.x} * (st.block_idx.y + uint64_t{st.grid.y} * st.block_idx.z);
+    if (st.snapshot && st.late_block == block) return;  // once per block (every thread calls it)
+    st.late_block = block;
+  } else if (st.snapshot) {
+    return;
+  }
   st.snapshot = true;
   g_pdl.before.clear();
   std::lock_guard<std::mutex> mem_lock(g_mem_mu);

@@ -59,6 +59,11 @@ struct SeqWork {
   StreamView k, v;
   int32_t flush_k = 0;
   int32_t flush_v = 0;
+  // The flush (and the key-norm factors it computes) was already written by a flush-only step
+  // (n_new = 0) on this same state, launched after the previous step's attention (the CUDA
+  // runner's LaunchPreparedFlushAfter): its body slots hold exactly these codes, so a backend may
+  // skip writing them again. The CPU reference writes them again (the same bytes).
+  bool flush_done = false;
   bool compute_norm = false;
   int64_t norm_offset = -1;        // float [Hkv][D] key-norm factors in the arena, -1 when off
   int32_t n_new = 0;

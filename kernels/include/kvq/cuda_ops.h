@@ -75,6 +75,17 @@ class CudaStepRunner {
   // (stats().fused), else the two halves above.
   Result LaunchPreparedStep(uint8_t* arena, cudaStream_t stream);
 
+  // The next step's flush, beside this step's attention. This runner's prepared batch is a
+  // flush-only one (every n_new = 0: the state after the step being launched, whose pending flush
+  // it writes; that next step then runs with SeqWork::flush_done). Launched right after the other
+  // runner's attention (set_flush_after on it; nothing else in the stream in between, so prepare
+  // this batch before that step's launches), as its programmatic dependent: it starts once each
+  // attention unit has passed its wait for the step's append, reads only window tokens and writes
+  // only body slots past what that attention reads, and waits for the attention at its end, so the
+  // stream's next launch still follows both. A batch that computes the key-norm factors launches
+  // plainly after the attention.
+  Result LaunchPreparedFlushAfter(uint8_t* arena, cudaStream_t stream);
+
   // Waits for `stream`, then reports CUDA errors and kernel-detected errors (a quantization
   // scale beyond fp16 range) of the steps launched since the last call.
   Result Synchronize(cudaStream_t stream);
@@ -118,6 +129,11 @@ class CudaStepRunner {
   // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
   // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
   void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
+  // This runner's attention launches are followed by the next step's flush
+  // (LaunchPreparedFlushAfter on another runner): the decode units let that launch start once they
+  // no longer wait for the step's append. Off by default (then nothing is launched as their
+  // dependent). Applies to the launches from now on.
+  void set_flush_after(bool on) { flush_after_ = on; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -162,6 +178,7 @@ class CudaStepRunner {
   int min_row_class_ = 1;
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
+  bool flush_after_ = false;
 };
 
 }  // namespace kvq

@@ -23,7 +23,8 @@ namespace kvq {
 Result CpuRunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                   int num_seqs, uint8_t* arena, int threads = 0);
 
-// The two halves of CpuRunStep, for tests and for the CUDA comparison.
+// The two halves of CpuRunStep, for tests and for the CUDA comparison. The quantize-append also
+// takes flush-only batches (n_new = 0: the pending flush, nothing appended).
 Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                          int num_seqs, uint8_t* arena, int threads = 0);
 // Attention over the state after append (the SeqWork's post-step lengths).
