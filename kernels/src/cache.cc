@@ -23,6 +23,18 @@ int64_t WindowPages(int32_t win_first, int32_t win_len) {
   return win_len == 0 ? 0 : CeilDiv(int64_t{win_first} + win_len, kPageTokens);
 }
 
+// A step's view of one stream: its state and the page arrays (owned by the StepPlan) it covers.
+void FillView(const StreamState& s, const std::vector<int64_t>& body, const std::vector<int64_t>& win, StreamView* v) {
+  v->body_len = s.body_len;
+  v->win_len = s.win_len;
+  v->win_first = s.win_first;
+  v->body_pages = body.data();
+  v->win_pages = win.data();
+  v->num_body_pages = int32_t(body.size());
+  v->num_win_pages = int32_t(win.size());
+  v->sink_page = s.sink_page;
+}
+
 }  // namespace
 
 LayerCache::LayerCache(const CacheShape& shape)
@@ -100,7 +112,7 @@ Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepP
   int64_t norm_offset = norm_offset_;
   if (cfg.key_norm && !norm_ready_ && flush_k > 0) {
     compute_norm = true;
-    alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
+    if (norm_offset < 0) alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
   }
   struct Sched {
     StreamState* s;
@@ -138,21 +150,12 @@ Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepP
   // The work description (state at the start of the step, after truncation).
   SeqWork& w = p.work;
   w.sink_len = sink;
-  StreamView* views[2] = {&w.k, &w.v};
-  for (int i = 0; i < 2; ++i) {
-    const Sched& sc = scheds[i];
-    StreamView& view = *views[i];
-    view.body_len = sc.s->body_len;
-    view.win_len = sc.s->win_len;
-    view.win_first = sc.s->win_first;
-    view.body_pages = sc.body->data();
-    view.win_pages = sc.win->data();
-    view.num_body_pages = int32_t(sc.body->size());
-    view.num_win_pages = int32_t(sc.win->size());
-    view.sink_page = sc.s->sink_page;
-  }
+  FillView(*scheds[0].s, *scheds[0].body, *scheds[0].win, &w.k);
+  FillView(*scheds[1].s, *scheds[1].body, *scheds[1].win, &w.v);
   w.flush_k = flush_k;
   w.flush_v = flush_v;
+  // written after the previous step's attention, on this very state (no truncation since)
+  w.flush_done = flush_written_ && position == len && (flush_k > 0 || flush_v > 0);
   w.compute_norm = compute_norm;
   w.norm_offset = cfg.key_norm ? norm_offset : -1;
   w.n_new = n;
@@ -189,6 +192,7 @@ void LayerCache::Commit(StepPlan* plan, PageAllocator& alloc) {
   sink_len_ = plan->sink_next;
   k_ = plan->k_next;
   v_ = plan->v_next;
+  flush_written_ = false;  // a new state, a new pending flush
   if (plan->norm_ready_next && !norm_ready_) {
     norm_ready_ = true;
     norm_offset_ = plan->work.norm_offset;
@@ -198,6 +202,76 @@ void LayerCache::Commit(StepPlan* plan, PageAllocator& alloc) {
   plan->dead_page_bytes.clear();
   plan->new_pages.clear();  // now owned by the cache
   plan->new_page_bytes.clear();
+}
+
+Result LayerCache::PlanFlushAfter(const StepPlan& step, PageAllocator& alloc, StepPlan* flush) const {
+  const QuantConfig& cfg = shape_.config;
+  *flush = StepPlan();
+  StepPlan& f = *flush;
+  f.k_next = step.k_next;
+  f.v_next = step.v_next;
+  f.sink_next = step.sink_next;
+  f.norm_ready_next = step.norm_ready_next;
+  const int32_t flush_k = FlushCount(cfg.k, f.k_next.win_len);
+  const int32_t flush_v = FlushCount(cfg.v, f.v_next.win_len);
+  // the factors' page of the state after the step (the step's, when key_norm is on)
+  int64_t norm_offset = cfg.key_norm ? step.work.norm_offset : -1;
+  const bool compute_norm = cfg.key_norm && !f.norm_ready_next && flush_k > 0;
+  bool ok = true;
+  auto alloc_page = [&](int64_t bytes, int64_t* off) {
+    if (!ok) return;
+    if (!alloc.Allocate(bytes, off)) {
+      ok = false;
+      return;
+    }
+    f.new_pages.push_back(*off);
+    f.new_page_bytes.push_back(bytes);
+  };
+  if (compute_norm && norm_offset < 0)
+    alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
+  const std::pair<StreamState*, const StreamLayout*> streams[2] = {{&f.k_next, &k_layout_}, {&f.v_next, &v_layout_}};
+  const int32_t flushes[2] = {flush_k, flush_v};
+  for (int i = 0; i < 2; ++i) {
+    StreamState& s = *streams[i].first;
+    const int64_t need = CeilDiv(int64_t{s.body_len} + flushes[i], kPageTokens);
+    while (ok && int64_t(s.body_pages.size()) < need) {
+      int64_t off = -1;
+      alloc_page(streams[i].second->quant_page_bytes, &off);
+      if (ok) s.body_pages.push_back(off);
+    }
+  }
+  Result r = Result::Ok();
+  SeqWork& w = f.work;
+  if (!ok) {  // nothing held, no flush: the next step plans it as usual
+    Abort(flush, alloc);
+    f.k_next.body_pages = step.k_next.body_pages;
+    f.v_next.body_pages = step.v_next.body_pages;
+    norm_offset = cfg.key_norm ? step.work.norm_offset : -1;
+    r = Result::Error(Code::kResourceExhausted, "the page pool cannot hold the flush after the step");
+  } else {
+    w.flush_k = flush_k;
+    w.flush_v = flush_v;
+    w.compute_norm = compute_norm;
+  }
+  f.k_body = f.k_next.body_pages;
+  f.v_body = f.v_next.body_pages;
+  f.k_win = f.k_next.win_pages;
+  f.v_win = f.v_next.win_pages;
+  w.sink_len = f.sink_next;
+  FillView(f.k_next, f.k_body, f.k_win, &w.k);
+  FillView(f.v_next, f.v_body, f.v_win, &w.v);
+  w.norm_offset = norm_offset;
+  w.n_new = 0;
+  return r;
+}
+
+void LayerCache::CommitFlushAfter(StepPlan* flush) {
+  k_.body_pages = flush->k_next.body_pages;
+  v_.body_pages = flush->v_next.body_pages;
+  if (flush->work.compute_norm) norm_offset_ = flush->work.norm_offset;  // written; ready once flushed
+  flush_written_ = flush->work.flush_k > 0 || flush->work.flush_v > 0;
+  flush->new_pages.clear();  // now owned by the cache
+  flush->new_page_bytes.clear();
 }
 
 void LayerCache::Abort(StepPlan* plan, PageAllocator& alloc) {

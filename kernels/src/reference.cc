@@ -307,6 +307,7 @@ bool FlushStream(uint8_t* arena, const Stream& s, int h, int hkv, int d, DType d
 // Flush of one (sequence, KV head): writes only body slots past the committed body and the
 // freshly allocated key-norm factors. Returns false on a value beyond fp16 range.
 bool FlushItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, uint8_t* arena, int h) {
+  if (w.flush_done) return true;  // written by the flush-only batch after the previous step
   const int hkv = p.num_kv_heads, d = p.head_dim;
   const SeqInfo si = MakeSeqInfo(p, w, cfg);
   float* norm = nullptr;

@@ -285,6 +285,160 @@ TEST(Bytes, ReportedBytesAreTheLivePages) {
   }
 }
 
+// The flush after the attention (LayerCache::PlanFlushAfter / CommitFlushAfter, as the store runs
+// it with --flush_after): every preset gives bit-identical outputs with and without it over a
+// prefill, decode steps that cross every flush phase, a 3-token chunk and two retries (one inside
+// the pre-written flush's tokens), and the stored cache matches the history; the reference skips
+// a step's flush that is marked done, so a wrong page or count here shows as wrong content.
+TEST(FlushAfter, StepsMatchWithoutIt) {
+  Model m;
+  for (Preset p : AllPresets()) {
+    SCOPED_TRACE(PresetName(p));
+    HostArena arena(64 << 20);
+    Seq a(m, PresetConfig(p)), b(m, PresetConfig(p));
+    std::mt19937_64 rng(900 + static_cast<int>(p));
+    std::vector<uint16_t> oa, ob;
+    int done_steps = 0;
+    auto step = [&](int32_t pos, int n) {
+      const Tokens t = RandomTokens(m, n, rng);
+      StepPlan probe;  // what the step is about to do (planned, then dropped)
+      ASSERT_TRUE(a.cache->Plan(pos, n, arena, &probe).ok());
+      done_steps += probe.work.flush_done ? 1 : 0;
+      if (probe.work.flush_done) {
+        EXPECT_EQ(pos, a.cache->length());
+        EXPECT_TRUE(probe.work.flush_k > 0 || probe.work.flush_v > 0);
+      }
+      LayerCache::Abort(&probe, arena);
+      Result r = RunOne(arena, a, pos, t, &oa, 0.f, 0, /*flush_after=*/true);
+      ASSERT_TRUE(r.ok()) << r.message;
+      r = RunOne(arena, b, pos, t, &ob, 0.f, 0, false);
+      ASSERT_TRUE(r.ok()) << r.message;
+      ASSERT_EQ(a.cache->length(), b.cache->length());
+      ASSERT_EQ(oa, ob) << "step at " << pos;
+    };
+    step(0, 300);
+    for (int i = 0; i < 140 && !HasFatalFailure(); ++i) {
+      const int32_t len = a.cache->length();
+      if (i == 50) step(len, 3);
+      else if (i == 70) step(len - 1, 1);  // a retry of the last step: its flush is not the pending one
+      else step(len, 1);
+    }
+    if (HasFatalFailure()) return;
+    // a retry into the tokens whose flush was written: they are still in the window
+    const int32_t back = std::max(a.cache->min_position(), a.cache->length() - 2);
+    step(back, 1);
+    step(a.cache->length(), 1);
+    if (HasFatalFailure()) return;
+    if (PresetConfig(p).k.quantized()) {
+      EXPECT_GT(done_steps, 100) << "most decode steps find their flush done";
+    } else {
+      EXPECT_EQ(done_steps, 0) << "nothing to flush";
+    }
+    ExpectCacheMatchesHistory(a, DequantizeCache(*a.cache, arena.data()));
+    a.cache->Release(arena);
+    b.cache->Release(arena);
+    EXPECT_EQ(arena.live_allocations(), 0);
+    EXPECT_EQ(arena.Check(), "");
+  }
+}
+
+// What the next step finds after a flush after the attention: the flush marked done, no body page
+// of its own (the flush's pages are the cache's), the key-norm factors the flush computed (their
+// page allocated once), and after a truncating plan no mark; an aborted flush holds no pages.
+TEST(FlushAfter, NextStepUsesTheWrittenFlush) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kInnerQ));
+  std::mt19937_64 rng(910);
+  std::vector<uint16_t> o;
+  const Tokens pre = RandomTokens(m, 400, rng);
+  ASSERT_TRUE(RunOne(arena, s, 0, pre, &o, 0.f, 0, true).ok());
+  // the prefill's pending flush (the first quantized block) is written, factors included
+  EXPECT_TRUE(s.cache->flush_written());
+  EXPECT_FALSE(s.cache->norm_ready());
+  ASSERT_GE(s.cache->norm_offset(), 0);
+  const int64_t norm = s.cache->norm_offset();
+  const size_t body_pages = s.cache->k().body_pages.size();
+  EXPECT_GE(body_pages, size_t{3});  // 400 - 32 - 96 keys
+  StepPlan plan;
+  ASSERT_TRUE(s.cache->Plan(400, 1, arena, &plan).ok());
+  EXPECT_TRUE(plan.work.flush_done);
+  EXPECT_TRUE(plan.work.compute_norm);
+  EXPECT_EQ(plan.work.norm_offset, norm);
+  EXPECT_EQ(plan.k_body.size(), body_pages) << "the flush's pages are already the cache's";
+  LayerCache::Abort(&plan, arena);
+  ASSERT_TRUE(s.cache->Plan(399, 1, arena, &plan).ok());  // truncating: flushes again
+  EXPECT_FALSE(plan.work.flush_done);
+  EXPECT_EQ(plan.work.norm_offset, norm);
+  LayerCache::Abort(&plan, arena);
+  ASSERT_TRUE(RunOne(arena, s, 400, RandomTokens(m, 1, rng), &o, 0.f, 0, true).ok());
+  EXPECT_TRUE(s.cache->norm_ready());
+  EXPECT_EQ(s.cache->norm_offset(), norm);
+  // the factors: from the prefill keys outside sink and window, as without the flush after
+  const float* f = reinterpret_cast<const float*>(arena.data() + norm);
+  for (int h = 0; h < m.hkv; ++h)
+    for (int c = 0; c < m.d; ++c) {
+      float mx = 0;
+      for (int t = 32; t < 400 - 96; ++t)
+        mx = std::max(mx, std::fabs(LoadAct(&pre.k[(size_t(t) * m.hkv + h) * m.d + c], m.dtype)));
+      ASSERT_EQ(f[h * m.d + c], KeyNormFactor(mx));
+    }
+  // a flush planned and aborted holds nothing and leaves no mark
+  StepPlan step, flush;
+  ASSERT_TRUE(s.cache->Plan(s.cache->length(), 40, arena, &step).ok());
+  const int64_t before = arena.live_bytes();
+  ASSERT_TRUE(s.cache->PlanFlushAfter(step, arena, &flush).ok());
+  EXPECT_GT(flush.work.flush_k, 0);
+  EXPECT_EQ(flush.work.n_new, 0);
+  LayerCache::Abort(&flush, arena);
+  EXPECT_EQ(arena.live_bytes(), before);
+  LayerCache::Abort(&step, arena);
+  s.cache->Release(arena);
+  EXPECT_EQ(arena.live_allocations(), 0);
+}
+
+// A flush after that the pool (or the quota) cannot hold: refused with no page held and no flush
+// in its work; the step commits without it and the next step flushes as usual.
+TEST(FlushAfter, PoolExhaustionLeavesTheFlushToTheNextStep) {
+  Model m;
+  HostArena arena(64 << 20);
+  Seq s(m, PresetConfig(Preset::kKivi2));
+  std::mt19937_64 rng(920);
+  std::vector<uint16_t> o;
+  ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 127, rng), &o).ok());
+  // the step to 128 tokens leaves K's window at keep 0 + flush 128 and V's at 128: both pending
+  StepPlan step, flush;
+  ASSERT_TRUE(s.cache->Plan(127, 1, arena, &step).ok());
+  struct Refuse : PageAllocator {
+    bool Allocate(int64_t, int64_t*) override { return false; }
+    void Free(int64_t, int64_t) override {}
+  } refuse;
+  const int64_t live = arena.live_bytes();
+  const Result r = s.cache->PlanFlushAfter(step, refuse, &flush);
+  EXPECT_EQ(r.code, Code::kResourceExhausted);
+  EXPECT_EQ(flush.work.flush_k, 0);
+  EXPECT_EQ(flush.work.flush_v, 0);
+  EXPECT_EQ(flush.work.n_new, 0);
+  EXPECT_TRUE(flush.new_pages.empty());
+  EXPECT_EQ(arena.live_bytes(), live);
+  // with pages it plans both flushes (the step itself is not run here)
+  ASSERT_TRUE(s.cache->PlanFlushAfter(step, arena, &flush).ok());
+  EXPECT_EQ(flush.work.flush_k, 128);
+  EXPECT_EQ(flush.work.flush_v, 0);  // V keeps 128
+  LayerCache::Abort(&flush, arena);
+  LayerCache::Abort(&step, arena);
+  EXPECT_EQ(arena.live_bytes(), live);
+  // run the step without a flush after: the next step plans the flush itself
+  ASSERT_TRUE(RunOne(arena, s, 127, RandomTokens(m, 1, rng), &o).ok());
+  EXPECT_FALSE(s.cache->flush_written());
+  ASSERT_TRUE(s.cache->Plan(128, 1, arena, &step).ok());
+  EXPECT_FALSE(step.work.flush_done);
+  EXPECT_EQ(step.work.flush_k, 128);
+  LayerCache::Abort(&step, arena);
+  s.cache->Release(arena);
+  EXPECT_EQ(arena.live_allocations(), 0);
+}
+
 TEST(Arena, GuardBandsCatchOverruns) {
   HostArena arena(1 << 16);
   int64_t a, b;

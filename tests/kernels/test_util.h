@@ -74,8 +74,10 @@ struct StepIn {
 
 // Runs one batched step over `ins` (all sequences share the model). Outputs o [rows, Hq, D] in
 // input order. Checks the arena's guard bands after the step.
+// flush_after: each sequence's next flush runs right after the attention (LayerCache::
+// PlanFlushAfter, a flush-only CpuQuantizeAppend, CommitFlushAfter), as the store does with it on.
 inline Result RunBatch(HostArena& arena, const std::vector<StepIn>& ins, std::vector<uint16_t>* o,
-                       float softmax_scale = 0.f, int threads = 0) {
+                       float softmax_scale = 0.f, int threads = 0, bool flush_after = false) {
   const Model& m = ins.at(0).seq->model;
   std::vector<StepPlan> plans(ins.size());
   std::vector<SeqWork> works;
@@ -112,6 +114,18 @@ inline Result RunBatch(HostArena& arena, const std::vector<StepIn>& ins, std::ve
   o->assign(size_t(rows) * m.hq * m.d, 0x7e00);
   p.o = o->data();
   Result r = CpuRunStep(p, works.data(), cfgs.data(), int(ins.size()), arena.data(), threads);
+  std::vector<StepPlan> flushes(flush_after ? ins.size() : 0);
+  std::vector<bool> flush_planned(flushes.size(), false);
+  if (r.ok() && flush_after) {
+    std::vector<SeqWork> fw;
+    for (size_t i = 0; i < ins.size(); ++i) {
+      flush_planned[i] = ins[i].seq->cache->PlanFlushAfter(plans[i], arena, &flushes[i]).ok();
+      fw.push_back(flushes[i].work);  // no flush where it could not be planned
+    }
+    r = CpuQuantizeAppend(p, fw.data(), cfgs.data(), int(ins.size()), arena.data(), threads);
+    if (!r.ok())
+      for (auto& f : flushes) LayerCache::Abort(&f, arena);
+  }
   if (!r.ok()) {
     for (auto& pl : plans) LayerCache::Abort(&pl, arena);
     return r;
@@ -119,6 +133,7 @@ inline Result RunBatch(HostArena& arena, const std::vector<StepIn>& ins, std::ve
   for (size_t i = 0; i < ins.size(); ++i) {
     Seq& s = *ins[i].seq;
     s.cache->Commit(&plans[i], arena);
+    if (flush_after && flush_planned[i]) s.cache->CommitFlushAfter(&flushes[i]);
     const size_t row = size_t(m.hkv) * m.d;
     s.k_hist.resize(size_t(ins[i].position) * row);
     s.v_hist.resize(size_t(ins[i].position) * row);
@@ -131,8 +146,8 @@ inline Result RunBatch(HostArena& arena, const std::vector<StepIn>& ins, std::ve
 }
 
 inline Result RunOne(HostArena& arena, Seq& s, int32_t position, const Tokens& t, std::vector<uint16_t>* o,
-                     float softmax_scale = 0.f, int threads = 0) {
-  return RunBatch(arena, {StepIn{&s, position, &t}}, o, softmax_scale, threads);
+                     float softmax_scale = 0.f, int threads = 0, bool flush_after = false) {
+  return RunBatch(arena, {StepIn{&s, position, &t}}, o, softmax_scale, threads, flush_after);
 }
 
 // The cache as the test reads it from the stored layout: K^, V^ [Hkv][T][D] in double (body keys

@@ -60,9 +60,9 @@ struct SeqWork {
   int32_t flush_k = 0;
   int32_t flush_v = 0;
   // The flush (and the key-norm factors it computes) was already written by a flush-only step
-  // (n_new = 0) on this same state, launched after the previous step's attention (the CUDA
-  // runner's LaunchPreparedFlushAfter): its body slots hold exactly these codes, so a backend may
-  // skip writing them again. The CPU reference writes them again (the same bytes).
+  // (n_new = 0) on this same state after the previous step's attention (LayerCache::PlanFlushAfter;
+  // the CUDA runner's LaunchPreparedFlushAfter): its body slots and the key-norm factors hold
+  // exactly what this flush would write, so the step skips it (the CPU reference too).
   bool flush_done = false;
   bool compute_norm = false;
   int64_t norm_offset = -1;        // float [Hkv][D] key-norm factors in the arena, -1 when off
@@ -139,6 +139,21 @@ class LayerCache {
   Result Plan(int32_t position, int32_t n, PageAllocator& alloc, StepPlan* plan) const;
   // Applies a planned step after the kernels succeeded; frees pages the step emptied.
   void Commit(StepPlan* plan, PageAllocator& alloc);
+
+  // The flush after a step's attention (the spec's order: attention, then quantization): the
+  // pending flush of the state after `step` as a flush-only batch (work.n_new = 0), with the body
+  // pages (and the key-norm factors' page) it writes allocated now. A backend runs it after the
+  // step's attention; after Commit(step), CommitFlushAfter records that those codes are written,
+  // and the next Plan at the current length marks its flush done (SeqWork::flush_done) instead of
+  // planning it again. The counts stay pending: a truncating step (or a step after an aborted
+  // flush) flushes again, into the same pages. Always fills `flush` with a valid flush-only work
+  // (no flush when the state has none pending, or on error); on error (the pool or the quota)
+  // holds no pages. Changes nothing in this object.
+  Result PlanFlushAfter(const StepPlan& step, PageAllocator& alloc, StepPlan* flush) const;
+  // After Commit(step) of the step it was planned on, once the flush ran.
+  void CommitFlushAfter(StepPlan* flush);
+  // Whether the pending flush of the committed state is written (the next step at length() skips it).
+  bool flush_written() const { return flush_written_; }
   // Drops a planned step (kernel failure or cancelled entry): frees the pages it allocated.
   // A step that failed inside CpuRunStep wrote nothing the committed state reads (flushes go to
   // new body slots, appends run only after every flush succeeded). A truncating step whose kernel
@@ -162,7 +177,8 @@ class LayerCache {
   int32_t sink_len_ = 0;
   StreamState k_, v_;
   bool norm_ready_ = false;
-  int64_t norm_offset_ = -1;
+  int64_t norm_offset_ = -1;  // allocated by the first step that computes them (ready or not)
+  bool flush_written_ = false;  // CommitFlushAfter: the pending flush's codes are in the body pages
 };
 
 }  // namespace kvq
