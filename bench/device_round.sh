@@ -5,19 +5,20 @@
 #   1. the GPU suite (kernels_gpu_test) and the store's CUDA backend tests;
 #   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
 #      kvq-bench-base on the same shapes (A/B in the same run);
-#   3. the KIVI presets again with --kivi-units dequant (the dequantizing KIVI units against the
-#      code units, the default, of (2): same binary, same run), and kivi4 at the one-row shapes
-#      with --kivi-units codes (the code units against its default per-token path);
+#   3. every shape with each step's flush beside the attention before it (--preflush) against (2),
+#      and so with the fused step (--preflush --fused) at the one-row shapes;
 #   4. the PyTorch SDPA baseline against (2);
-#   5. the launch overlap off (--no-pdl) on the two long shapes, and on (--pdl) on the batched ones;
-#      every shape with the step as two launches (--two-launches) against the fused step (2);
+#   5. every shape with the step as two launches (--two-launches) against the fused step (2);
+#      with OLD_AB=1 also the earlier A/Bs: the KIVI presets with --kivi-units dequant, kivi4 at one
+#      row with --kivi-units codes, the launch overlap off (--no-pdl) on the two long shapes and on
+#      (--pdl) on the batched ones;
 #   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests;
 #   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch, and with
 #      NCU_STALLS (same form) bench/ncu_stalls.sh's full sections and stall samples.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
-# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, kdequant.json, kcodes.json,
-# sdpa.txt, nopdl.json, pdl.json, twol.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
+# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, preflush.json, pffused.json,
+# kdequant.json, kcodes.json, sdpa.txt, nopdl.json, pdl.json, twol.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
 # device tool brings back a limited number of files);
 # a summary is printed.
 #
@@ -59,24 +60,34 @@ step kvq-bench 140 .device/run kvq-bench kernels --json "${shapes[@]}" > "$OUT/k
 if [ -x .device/bin/kvq-bench-base ]; then
   step kvq-bench-base 120 .device/run kvq-bench-base kernels --json "${shapes[@]}" > "$OUT/base.json" 2> "$OUT/base.err"
 fi
-step kivi-dequant 70 .device/run kvq-bench kernels --json --kivi-units dequant --presets kivi2,kivi4 \
-  "${shapes[@]}" > "$OUT/kdequant.json" 2> "$OUT/kdequant.err"
-# one-row 4-bit KIVI on the code units (set_kivi_codes(true)) against its default per-token path
-step kivi4-codes 40 .device/run kvq-bench kernels --json --kivi-units codes --presets kivi4 \
-  --shape 1,32,32,4096,128 --shape 1,32,32,32768,128 --shape 16,32,32,4096,128 \
-  > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
+# each chain step's flush written beside the attention of the step before (the chain columns:
+# qa_step, step), against (2); at the one-row shapes also as the fused step (one launch + the flush)
+step preflush 140 .device/run kvq-bench kernels --json --preflush "${shapes[@]}" > "$OUT/preflush.json" \
+  2> "$OUT/preflush.err"
+step preflush-fused 60 .device/run kvq-bench kernels --json --preflush --fused --shape 1,32,32,4096,128 \
+  --shape 1,32,32,32768,128 --shape 1,9,3,8192,64 > "$OUT/pffused.json" 2> "$OUT/pffused.err"
+if [ "${OLD_AB:-0}" = 1 ]; then
+  step kivi-dequant 70 .device/run kvq-bench kernels --json --kivi-units dequant --presets kivi2,kivi4 \
+    "${shapes[@]}" > "$OUT/kdequant.json" 2> "$OUT/kdequant.err"
+  # one-row 4-bit KIVI on the code units (set_kivi_codes(true)) against its default per-token path
+  step kivi4-codes 40 .device/run kvq-bench kernels --json --kivi-units codes --presets kivi4 \
+    --shape 1,32,32,4096,128 --shape 1,32,32,32768,128 --shape 16,32,32,4096,128 \
+    > "$OUT/kcodes.json" 2> "$OUT/kcodes.err"
+fi
 if [ $quick = 0 ]; then
   PYTHONUNBUFFERED=1 step sdpa 100 python3 bench/kernels/sdpa_baseline.py --kvq "$OUT/kvq.json" > "$OUT/sdpa.txt" 2>&1
-  step no-pdl 40 .device/run kvq-bench kernels --json --two-launches --no-pdl --shape 1,32,32,32768,128 \
-    --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
-  # PDL forced on where the plan launches plainly (the batched shapes), against (2)
-  step pdl 50 .device/run kvq-bench kernels --json --two-launches --pdl --shape 16,32,32,4096,128 \
-    --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 > "$OUT/pdl.json" 2> /dev/null
+  if [ "${OLD_AB:-0}" = 1 ]; then
+    step no-pdl 40 .device/run kvq-bench kernels --json --two-launches --no-pdl --shape 1,32,32,32768,128 \
+      --shape 16,32,8,32768,128 > "$OUT/nopdl.json" 2> /dev/null
+    # PDL forced on where the plan launches plainly (the batched shapes), against (2)
+    step pdl 50 .device/run kvq-bench kernels --json --two-launches --pdl --shape 16,32,32,4096,128 \
+      --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 > "$OUT/pdl.json" 2> /dev/null
+  fi
   # the quantize-append as its own launch (PDL as the plan picks it) against the fused step of (2)
   step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
-    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*' \
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*:*FlushAfter*' \
     > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
 fi
@@ -91,7 +102,7 @@ if [ -s "$OUT/kdequant.json" ] && [ -s "$OUT/kvq.json" ]; then
   echo "KIVI presets, the default code units (kvq.json) against the dequantizing units (kdequant.json):"
   python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/kdequant.json" | sed -n '/against the base/,$p'
 fi
-for alt in nopdl pdl twol; do
+for alt in preflush pffused nopdl pdl twol; do
   if [ -s "$OUT/$alt.json" ] && [ -s "$OUT/kvq.json" ]; then
     echo "$alt.json against the plan's launch (kvq.json):"
     python3 bench/kernels/render.py "$OUT/$alt.json" --base "$OUT/kvq.json" | sed -n '/against the base/,$p'

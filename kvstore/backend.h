@@ -30,8 +30,14 @@ class Backend {
   // works[i]. May be called concurrently for disjoint sessions. Errors come back as a status,
   // never as an abort; on error the caller aborts the plans (the arena pages they wrote are
   // pages the plans own).
+  // flush_after: null, or num_seqs flush-only works (n_new = 0, kvq::LayerCache::PlanFlushAfter)
+  // on the states after this step, run after its attention: the next steps' flushes, in the
+  // spec's order (attention, then quantization); a device backend runs them beside the attention.
+  // Both are done when RunStep returns; a failure of either fails the call (the caller aborts the
+  // step's plans and the flushes').
   virtual absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
-                               const kvq::QuantConfig* configs, int num_seqs) = 0;
+                               const kvq::QuantConfig* configs, int num_seqs,
+                               const kvq::SeqWork* flush_after = nullptr) = 0;
 };
 
 enum class BackendKind { kAuto, kCpu, kCuda };

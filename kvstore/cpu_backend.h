@@ -21,7 +21,8 @@ class CpuBackend final : public Backend {
   int64_t pool_capacity() const override { return pool_.capacity(); }
   int64_t pool_used() const override { return pool_.used(); }
   absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
-                       const kvq::QuantConfig* configs, int num_seqs) override;
+                       const kvq::QuantConfig* configs, int num_seqs,
+                       const kvq::SeqWork* flush_after = nullptr) override;
 
   // For tests: the arena and the pool.
   uint8_t* arena() { return arena_.get(); }

@@ -37,6 +37,9 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key file (with --tls_cert enabl
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "Largest gRPC message accepted or sent, in bytes");
 ABSL_FLAG(int64_t, max_sessions, 4096, "Most sessions held at once, all tenants together");
 ABSL_FLAG(int, max_tokens_per_entry, 8192, "Most new tokens in one Attend entry (prefill chunk size limit)");
+ABSL_FLAG(bool, flush_after, false,
+          "Quantize each step's next flush right after its attention (on the CUDA backend beside it, not in front "
+          "of the next step's attention); the same results either way");
 ABSL_FLAG(int, shutdown_grace_s, 10,
           "On SIGTERM/SIGINT: seconds in-flight calls may take to finish before they are cancelled");
 
@@ -95,6 +98,7 @@ int main(int argc, char** argv) {
   kvq::store::StoreOptions sto;
   sto.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   sto.max_tokens_per_entry = absl::GetFlag(FLAGS_max_tokens_per_entry);
+  sto.flush_after = absl::GetFlag(FLAGS_flush_after);
 
   // Block the shutdown signals in every thread (gRPC's and prometheus' threads inherit the mask);
   // the main thread waits for them with sigwait.

@@ -30,6 +30,8 @@ struct Store::Session {
 
 struct Store::Planned {
   kvq::StepPlan plan;
+  kvq::StepPlan flush;                // StoreOptions::flush_after: the flush after the attention
+  bool flush_planned = false;         // its pages are held (else its work flushes nothing)
   bool active = false;
   int64_t token_reserve = 0;          // tokens charged to the tenant before the step
 };
@@ -382,6 +384,8 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
     }
     planned[i].token_reserve = reserve;
     planned[i].active = true;
+    if (options_.flush_after)  // on failure (pool, quota) its work flushes nothing: the next step flushes
+      planned[i].flush_planned = lc.PlanFlushAfter(planned[i].plan, alloc, &planned[i].flush).ok();
   }
 
   // 4. One backend call per model shape (one in the usual case: a worker serves one model).
@@ -393,7 +397,7 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
     groups[ShapeKey(sp.num_q_heads, sp.cache.num_kv_heads, sp.cache.head_dim, sp.softmax_scale)].push_back(i);
   }
   std::vector<uint8_t> qbuf, kbuf, vbuf, obuf;
-  std::vector<kvq::SeqWork> works;
+  std::vector<kvq::SeqWork> works, flushes;
   std::vector<kvq::QuantConfig> configs;
   for (auto& [key, members] : groups) {
     const SessionSpec& sp = sess[members[0]]->spec;
@@ -406,6 +410,7 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
     vbuf.resize(rows * kv_row_bytes);
     obuf.resize(rows * q_row_bytes);
     works.clear();
+    flushes.clear();
     configs.clear();
     int64_t row = 0;
     for (int i : members) {
@@ -417,6 +422,7 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
       w.kv_row = row;
       w.q_row = row;
       works.push_back(w);
+      flushes.push_back(planned[i].flush.work);
       configs.push_back(sess[i]->spec.cache.config);
       row += in.num_tokens;
     }
@@ -431,7 +437,8 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
     p.v_new = vbuf.data();
     p.o = obuf.data();
     const auto t0 = std::chrono::steady_clock::now();
-    const absl::Status st = backend_->RunStep(p, works.data(), configs.data(), static_cast<int>(works.size()));
+    const absl::Status st = backend_->RunStep(p, works.data(), configs.data(), static_cast<int>(works.size()),
+                                              options_.flush_after ? flushes.data() : nullptr);
     summary.kernel_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     // 5. Commit (or abort the whole group when the backend failed).
@@ -442,11 +449,13 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
       TenantAllocator alloc(backend_->allocator(), tenant);
       if (!st.ok()) {
         kvq::LayerCache::Abort(&planned[i].plan, alloc);
+        kvq::LayerCache::Abort(&planned[i].flush, alloc);
         tenant.AddTokens(-planned[i].token_reserve);
         out[i].status = Prefixed(st, "backend " + backend_->name() + ": ");
       } else {
         kvq::LayerCache& lc = s.layers[layer];
         lc.Commit(&planned[i].plan, alloc);
+        if (planned[i].flush_planned) lc.CommitFlushAfter(&planned[i].flush);
         const int64_t old_tokens = s.tokens;
         Resettle(s);
         tenant.AddTokens((s.tokens - old_tokens) - planned[i].token_reserve);

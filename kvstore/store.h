@@ -24,6 +24,10 @@ namespace kvq::store {
 struct StoreOptions {
   int64_t max_sessions = 4096;      // across all tenants
   int32_t max_tokens_per_entry = 8192;  // n of one Attend entry
+  // Each step's next flush runs right after its attention (kvq::LayerCache::PlanFlushAfter, the
+  // backends' flush_after): on the CUDA backend beside the attention instead of in front of the
+  // next step's. A step whose flush after cannot get its pages (pool, quota) runs without it.
+  bool flush_after = false;
 };
 
 // What a session serves: the model shape and the cache format.

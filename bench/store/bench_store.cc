@@ -50,6 +50,7 @@ ABSL_FLAG(int, warmup, 4, "Decode steps before measuring");
 ABSL_FLAG(std::string, backend, "cpu", "Backend of the in-process store: auto, cpu, cuda");
 ABSL_FLAG(int, threads, 0, "CPU backend threads (in-process store; 0 = all cores)");
 ABSL_FLAG(int, cuda_lanes, 2, "CUDA backend lanes: steps run at once (in-process store; 1..8)");
+ABSL_FLAG(bool, flush_after, false, "In-process store: each step's next flush right after its attention (StoreOptions)");
 ABSL_FLAG(int64_t, pool_bytes, int64_t{2} << 30, "Pool of the in-process store");
 ABSL_FLAG(bool, direct, true, "Also time the same decode steps on the core without gRPC (in-process only)");
 
@@ -154,7 +155,9 @@ int main(int argc, char** argv) {
     so.port = 0;
     so.metrics_port = -1;
     so.max_message_bytes = int64_t{256} << 20;
-    auto s = kvq::store::StoreServer::Start(so, kvq::store::StoreOptions{}, std::move(backend).value(),
+    kvq::store::StoreOptions sto;
+    sto.flush_after = absl::GetFlag(FLAGS_flush_after);
+    auto s = kvq::store::StoreServer::Start(so, sto, std::move(backend).value(),
                                             kvq::store::TenantRegistry());
     if (!s.ok()) return Fail(std::string(s.status().message()));
     server = std::move(s).value();

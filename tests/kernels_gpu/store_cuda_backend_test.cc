@@ -1,6 +1,7 @@
 // The store on the CUDA backend against the store on the CPU backend: the same sessions (several
 // presets in one Attend batch), the same prefill, decode steps and a retry inside the window; the
-// outputs must agree within the kernels' error bound at every step. Also: out-of-memory at
+// outputs must agree within the kernels' error bound at every step; again with the CUDA store's
+// flushes after the attention (StoreOptions::flush_after). Also: out-of-memory at
 // start-up is RESOURCE_EXHAUSTED, and --backend=auto picks CUDA when a device is present.
 // Lanes: four client threads drive their own sessions concurrently on one store (several lanes)
 // and must match the same sessions run serially on the CPU backend, with steps really overlapping;
@@ -63,15 +64,17 @@ SessionSpec PresetSpec(Preset p, int layers, int hq, int hkv, int d, DType dt) {
   return spec;
 }
 
-TEST(StoreCudaBackend, MatchesCpuBackend) {
-  SKIP_WITHOUT_GPU();
+// flush_after: the CUDA store runs each step's next flush beside its attention (StoreOptions).
+void RunMatchesCpuBackend(bool flush_after) {
   const int64_t pool = int64_t{256} << 20;
   auto cpu = CpuBackend::Create(pool, 0);
   auto gpu = CudaBackend::Create(pool);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   Store scpu(StoreOptions{}, std::move(cpu).value());
-  Store sgpu(StoreOptions{}, std::move(gpu).value());
+  StoreOptions gpu_options;
+  gpu_options.flush_after = flush_after;
+  Store sgpu(gpu_options, std::move(gpu).value());
   EXPECT_EQ(sgpu.backend().name(), "cuda");
   Tenant tc{"a", TenantQuota{}}, tg{"a", TenantQuota{}};
   const int hq = 8, hkv = 2, d = 128, layers = 2;
@@ -128,6 +131,16 @@ TEST(StoreCudaBackend, MatchesCpuBackend) {
     if (!retry)
       for (auto& p : pos) p += n;
   }
+}
+
+TEST(StoreCudaBackend, MatchesCpuBackend) {
+  SKIP_WITHOUT_GPU();
+  RunMatchesCpuBackend(false);
+}
+
+TEST(StoreCudaBackend, MatchesCpuBackendWithFlushAfter) {
+  SKIP_WITHOUT_GPU();
+  RunMatchesCpuBackend(true);
 }
 
 TEST(StoreCudaBackend, OutOfMemoryIsResourceExhausted) {
