@@ -23,6 +23,39 @@ int64_t WindowPages(int32_t win_first, int32_t win_len) {
   return win_len == 0 ? 0 : CeilDiv(int64_t{win_first} + win_len, kPageTokens);
 }
 
+// A plan's page allocation, all or nothing: after the first refusal nothing more is asked for;
+// every page taken is recorded in the plan (LayerCache::Abort frees them).
+class PlanPages {
+ public:
+  PlanPages(PageAllocator& alloc, StepPlan* plan) : alloc_(alloc), plan_(*plan) {}
+  bool ok() const { return ok_; }
+  void Take(int64_t bytes, int64_t* off) {
+    if (!ok_) return;
+    if (!alloc_.Allocate(bytes, off)) {
+      ok_ = false;
+      return;
+    }
+    plan_.new_pages.push_back(*off);
+    plan_.new_page_bytes.push_back(bytes);
+  }
+  // Appends pages of `bytes` until `pages` has `need`.
+  void Cover(int64_t need, int64_t bytes, std::vector<int64_t>* pages) {
+    while (ok_ && int64_t(pages->size()) < need) {
+      int64_t off = -1;
+      Take(bytes, &off);
+      if (ok_) pages->push_back(off);
+    }
+  }
+
+ private:
+  PageAllocator& alloc_;
+  StepPlan& plan_;
+  bool ok_ = true;
+};
+
+// The key-norm factors of a layer: float [Hkv][D].
+int64_t NormBytes(const CacheShape& shape) { return AlignUp16(int64_t{shape.num_kv_heads} * shape.head_dim * 4); }
+
 // A step's view of one stream: its state and the page arrays (owned by the StepPlan) it covers.
 void FillView(const StreamState& s, const std::vector<int64_t>& body, const std::vector<int64_t>& win, StreamView* v) {
   v->body_len = s.body_len;
@@ -93,26 +126,17 @@ Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepP
   const int32_t n_win = n - n_sink;
 
   // Allocation, all or nothing.
-  bool ok = true;
-  auto alloc_page = [&](int64_t bytes, int64_t* off) {
-    if (!ok) return;
-    if (!alloc.Allocate(bytes, off)) {
-      ok = false;
-      return;
-    }
-    p.new_pages.push_back(*off);
-    p.new_page_bytes.push_back(bytes);
-  };
+  PlanPages pages(alloc, &p);
   const int64_t fp_bytes = k_layout_.fp_page_bytes;
   if (cfg.sink > 0) {
-    if (k.sink_page < 0) alloc_page(fp_bytes, &k.sink_page);
-    if (v.sink_page < 0) alloc_page(fp_bytes, &v.sink_page);
+    if (k.sink_page < 0) pages.Take(fp_bytes, &k.sink_page);
+    if (v.sink_page < 0) pages.Take(fp_bytes, &v.sink_page);
   }
   bool compute_norm = false;
   int64_t norm_offset = norm_offset_;
   if (cfg.key_norm && !norm_ready_ && flush_k > 0) {
     compute_norm = true;
-    if (norm_offset < 0) alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
+    if (norm_offset < 0) pages.Take(NormBytes(shape_), &norm_offset);
   }
   struct Sched {
     StreamState* s;
@@ -126,22 +150,13 @@ Result LayerCache::Plan(int32_t position, int32_t n, PageAllocator& alloc, StepP
   for (const Sched& sc : scheds) {
     StreamState& s = *sc.s;
     *sc.body = s.body_pages;
-    const int64_t body_need = CeilDiv(int64_t{s.body_len} + sc.flush, kPageTokens);
-    while (ok && int64_t(sc.body->size()) < body_need) {
-      int64_t off = -1;
-      alloc_page(sc.layout->quant_page_bytes, &off);
-      if (ok) sc.body->push_back(off);
-    }
+    pages.Cover(CeilDiv(int64_t{s.body_len} + sc.flush, kPageTokens), sc.layout->quant_page_bytes, sc.body);
     *sc.win = s.win_pages;
     const int64_t total = int64_t{s.win_first} + s.win_len + n_win;
     const int64_t win_need = (s.win_len + n_win == 0) ? int64_t(sc.win->size()) : CeilDiv(total, kPageTokens);
-    while (ok && int64_t(sc.win->size()) < win_need) {
-      int64_t off = -1;
-      alloc_page(fp_bytes, &off);
-      if (ok) sc.win->push_back(off);
-    }
+    pages.Cover(win_need, fp_bytes, sc.win);
   }
-  if (!ok) {
+  if (!pages.ok()) {
     Abort(plan, alloc);
     *plan = StepPlan();
     return Result::Error(Code::kResourceExhausted, "the page pool cannot hold this step's pages");
@@ -217,32 +232,15 @@ Result LayerCache::PlanFlushAfter(const StepPlan& step, PageAllocator& alloc, St
   // the factors' page of the state after the step (the step's, when key_norm is on)
   int64_t norm_offset = cfg.key_norm ? step.work.norm_offset : -1;
   const bool compute_norm = cfg.key_norm && !f.norm_ready_next && flush_k > 0;
-  bool ok = true;
-  auto alloc_page = [&](int64_t bytes, int64_t* off) {
-    if (!ok) return;
-    if (!alloc.Allocate(bytes, off)) {
-      ok = false;
-      return;
-    }
-    f.new_pages.push_back(*off);
-    f.new_page_bytes.push_back(bytes);
-  };
-  if (compute_norm && norm_offset < 0)
-    alloc_page(AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4), &norm_offset);
-  const std::pair<StreamState*, const StreamLayout*> streams[2] = {{&f.k_next, &k_layout_}, {&f.v_next, &v_layout_}};
-  const int32_t flushes[2] = {flush_k, flush_v};
-  for (int i = 0; i < 2; ++i) {
-    StreamState& s = *streams[i].first;
-    const int64_t need = CeilDiv(int64_t{s.body_len} + flushes[i], kPageTokens);
-    while (ok && int64_t(s.body_pages.size()) < need) {
-      int64_t off = -1;
-      alloc_page(streams[i].second->quant_page_bytes, &off);
-      if (ok) s.body_pages.push_back(off);
-    }
-  }
+  PlanPages pages(alloc, &f);
+  if (compute_norm && norm_offset < 0) pages.Take(NormBytes(shape_), &norm_offset);
+  pages.Cover(CeilDiv(int64_t{f.k_next.body_len} + flush_k, kPageTokens), k_layout_.quant_page_bytes,
+              &f.k_next.body_pages);
+  pages.Cover(CeilDiv(int64_t{f.v_next.body_len} + flush_v, kPageTokens), v_layout_.quant_page_bytes,
+              &f.v_next.body_pages);
   Result r = Result::Ok();
   SeqWork& w = f.work;
-  if (!ok) {  // nothing held, no flush: the next step plans it as usual
+  if (!pages.ok()) {  // nothing held, no flush: the next step plans it as usual
     Abort(flush, alloc);
     f.k_next.body_pages = step.k_next.body_pages;
     f.v_next.body_pages = step.v_next.body_pages;
@@ -292,7 +290,7 @@ void LayerCache::Release(PageAllocator& alloc) {
     if (s.sink_page >= 0) alloc.Free(s.sink_page, fp);
     s = StreamState();
   }
-  if (norm_offset_ >= 0) alloc.Free(norm_offset_, AlignUp16(int64_t{shape_.num_kv_heads} * shape_.head_dim * 4));
+  if (norm_offset_ >= 0) alloc.Free(norm_offset_, NormBytes(shape_));
   norm_offset_ = -1;
   norm_ready_ = false;
   sink_len_ = 0;
@@ -310,7 +308,7 @@ CacheBytes LayerCache::bytes() const {
     b.scales += pages * (l.quant_page_bytes - hkv * l.scales_offset);
     b.full_precision += (int64_t(s.win_pages.size()) + (s.sink_page >= 0 ? 1 : 0)) * l.fp_page_bytes;
   }
-  if (norm_offset_ >= 0) b.metadata += AlignUp16(hkv * shape_.head_dim * 4);
+  if (norm_offset_ >= 0) b.metadata += NormBytes(shape_);
   return b;
 }
 

@@ -406,7 +406,7 @@ TEST(FlushAfter, PoolExhaustionLeavesTheFlushToTheNextStep) {
   std::mt19937_64 rng(920);
   std::vector<uint16_t> o;
   ASSERT_TRUE(RunOne(arena, s, 0, RandomTokens(m, 127, rng), &o).ok());
-  // the step to 128 tokens leaves K's window at keep 0 + flush 128 and V's at 128: both pending
+  // the step to 128 tokens leaves K's window at keep 0 + flush 128: its flush is pending (V keeps 128)
   StepPlan step, flush;
   ASSERT_TRUE(s.cache->Plan(127, 1, arena, &step).ok());
   struct Refuse : PageAllocator {
