@@ -32,12 +32,13 @@ class Backend {
   // pages the plans own).
   // flush_after: null, or num_seqs flush-only works (n_new = 0, kvq::LayerCache::PlanFlushAfter)
   // on the states after this step, run after its attention: the next steps' flushes, in the
-  // spec's order (attention, then quantization); a device backend runs them beside the attention.
-  // Both are done when RunStep returns; a failure of either fails the call (the caller aborts the
-  // step's plans and the flushes').
+  // spec's order (attention, then quantization); a device backend runs them beside the attention,
+  // or not at all where they would not run beside it (*flushed = false: the caller then drops
+  // them and the next steps flush as usual). Both are done when RunStep returns; a failure of either
+  // fails the call (the caller aborts the step's plans and the flushes').
   virtual absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
                                const kvq::QuantConfig* configs, int num_seqs,
-                               const kvq::SeqWork* flush_after = nullptr) = 0;
+                               const kvq::SeqWork* flush_after = nullptr, bool* flushed = nullptr) = 0;
 };
 
 enum class BackendKind { kAuto, kCpu, kCuda };

@@ -18,11 +18,16 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(int64_t pool_byte
 }
 
 absl::Status CpuBackend::RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
-                                 const kvq::QuantConfig* configs, int num_seqs, const kvq::SeqWork* flush_after) {
+                                 const kvq::QuantConfig* configs, int num_seqs, const kvq::SeqWork* flush_after,
+                                 bool* flushed) {
+  if (flushed) *flushed = false;
   if (num_seqs <= 0) return absl::OkStatus();
   KVQ_RETURN_IF_ERROR(FromResult(kvq::CpuRunStep(params, works, configs, num_seqs, arena_.get(), threads_)));
   if (!flush_after) return absl::OkStatus();
-  return FromResult(kvq::CpuQuantizeAppend(params, flush_after, configs, num_seqs, arena_.get(), threads_));
+  KVQ_RETURN_IF_ERROR(
+      FromResult(kvq::CpuQuantizeAppend(params, flush_after, configs, num_seqs, arena_.get(), threads_)));
+  if (flushed) *flushed = true;
+  return absl::OkStatus();
 }
 
 }  // namespace kvq::store

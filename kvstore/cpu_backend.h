@@ -22,7 +22,7 @@ class CpuBackend final : public Backend {
   int64_t pool_used() const override { return pool_.used(); }
   absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
                        const kvq::QuantConfig* configs, int num_seqs,
-                       const kvq::SeqWork* flush_after = nullptr) override;
+                       const kvq::SeqWork* flush_after = nullptr, bool* flushed = nullptr) override;
 
   // For tests: the arena and the pool.
   uint8_t* arena() { return arena_.get(); }

@@ -32,7 +32,6 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 struct CudaBackend::Lane {
   cudaStream_t stream = nullptr;
   std::unique_ptr<kvq::CudaStepRunner> runner;
-  std::unique_ptr<kvq::CudaStepRunner> flusher;  // the flushes after the attention (made on first use)
   int64_t q_cap = 0, kv_cap = 0;
   uint8_t *d_q = nullptr, *d_k = nullptr, *d_v = nullptr, *d_o = nullptr;
   uint8_t *h_q = nullptr, *h_k = nullptr, *h_v = nullptr, *h_o = nullptr;
@@ -40,7 +39,6 @@ struct CudaBackend::Lane {
   ~Lane() {
     if (stream) cudaStreamSynchronize(stream);
     runner.reset();
-    flusher.reset();
     for (uint8_t* p : {d_q, d_k, d_v, d_o}) cudaFree(p);
     for (uint8_t* p : {h_q, h_k, h_v, h_o}) cudaFreeHost(p);
     if (stream) cudaStreamDestroy(stream);
@@ -59,7 +57,6 @@ struct CudaBackend::Lane {
   // thread's CUDA error, so the lane serves the next step.
   void Drain() {
     if (runner) (void)runner->Synchronize(stream);
-    if (flusher) (void)flusher->Synchronize(stream);
     (void)cudaStreamSynchronize(stream);
     (void)cudaGetLastError();
   }
@@ -180,7 +177,9 @@ void CudaBackend::ResetMaxBusyLanes() {
 }
 
 absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
-                                  const kvq::QuantConfig* configs, int num_seqs, const kvq::SeqWork* flush_after) {
+                                  const kvq::QuantConfig* configs, int num_seqs, const kvq::SeqWork* flush_after,
+                                  bool* flushed) {
+  if (flushed) *flushed = false;
   if (num_seqs <= 0) return absl::OkStatus();
   if (!params.q || !params.k_new || !params.v_new || !params.o)
     return absl::InvalidArgumentError("null q, k_new, v_new or o");
@@ -213,17 +212,11 @@ absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqW
   p.v_new = lane.d_v;
   p.o = lane.d_o;
   // On any error return the lease drains what was queued before the lane goes back.
-  if (flush_after) {
-    if (!lane.flusher) KVQ_RETURN_IF_ERROR(FromResult(kvq::CudaStepRunner::Create(&lane.flusher)));
-    // prepared before the step's launches: nothing may come between the attention and the flush
-    KVQ_RETURN_IF_ERROR(FromResult(lane.flusher->Prepare(p, flush_after, configs, num_seqs, lane.stream)));
-  }
-  lane.runner->set_flush_after(flush_after != nullptr);
-  KVQ_RETURN_IF_ERROR(FromResult(lane.runner->RunStep(p, works, configs, num_seqs, arena_, lane.stream)));
-  if (flush_after) KVQ_RETURN_IF_ERROR(FromResult(lane.flusher->LaunchPreparedFlushAfter(arena_, lane.stream)));
+  KVQ_RETURN_IF_ERROR(
+      FromResult(lane.runner->RunStep(p, works, configs, num_seqs, arena_, lane.stream, flush_after)));
   KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.h_o, lane.d_o, q_bytes, cudaMemcpyDeviceToHost, lane.stream));
   KVQ_RETURN_IF_ERROR(FromResult(lane.runner->Synchronize(lane.stream)));
-  if (flush_after) KVQ_RETURN_IF_ERROR(FromResult(lane.flusher->Synchronize(lane.stream)));
+  if (flushed) *flushed = flush_after != nullptr && lane.runner->stats().flush_after;
   std::memcpy(params.o, lane.h_o, q_bytes);
   lease.Done();
   return absl::OkStatus();

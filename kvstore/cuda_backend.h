@@ -47,11 +47,12 @@ class CudaBackend final : public Backend {
   int64_t pool_used() const override { return pool_.used(); }
   // Runs the step on a free lane (waits while every lane is busy). Thread-safe; concurrent calls
   // must be for disjoint sessions (Backend's contract).
-  // flush_after: on the lane's second runner, launched right after the attention as its
-  // programmatic dependent (kvq::CudaStepRunner::LaunchPreparedFlushAfter); o comes back after it.
+  // flush_after: launched right after the attention as its programmatic dependent, in the same
+  // runner call (kvq::CudaStepRunner::RunStep); o comes back after it. Not where the plan fuses the
+  // step or nothing is flushed (*flushed = false).
   absl::Status RunStep(const kvq::StepParams& params, const kvq::SeqWork* works,
                        const kvq::QuantConfig* configs, int num_seqs,
-                       const kvq::SeqWork* flush_after = nullptr) override;
+                       const kvq::SeqWork* flush_after = nullptr, bool* flushed = nullptr) override;
 
   // For tests and metrics.
   int num_lanes() const { return static_cast<int>(lanes_.size()); }

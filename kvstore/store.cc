@@ -437,8 +437,9 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
     p.v_new = vbuf.data();
     p.o = obuf.data();
     const auto t0 = std::chrono::steady_clock::now();
+    bool flushed = false;
     const absl::Status st = backend_->RunStep(p, works.data(), configs.data(), static_cast<int>(works.size()),
-                                              options_.flush_after ? flushes.data() : nullptr);
+                                              options_.flush_after ? flushes.data() : nullptr, &flushed);
     summary.kernel_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     // 5. Commit (or abort the whole group when the backend failed).
@@ -455,7 +456,8 @@ AttendSummary Store::Attend(Tenant& tenant, int32_t layer, kvq::DType dtype, con
       } else {
         kvq::LayerCache& lc = s.layers[layer];
         lc.Commit(&planned[i].plan, alloc);
-        if (planned[i].flush_planned) lc.CommitFlushAfter(&planned[i].flush);
+        if (planned[i].flush_planned && flushed) lc.CommitFlushAfter(&planned[i].flush);
+        else kvq::LayerCache::Abort(&planned[i].flush, alloc);  // not run: the next step flushes
         const int64_t old_tokens = s.tokens;
         Resettle(s);
         tenant.AddTokens((s.tokens - old_tokens) - planned[i].token_reserve);

@@ -85,8 +85,9 @@ struct Row {
   // what a launch in front of the attention costs a step by itself (mean - attn_avg_us)
   double empty_step_us = 0;
   // --preflush: the chain's flushes run after the attention of the step before (the flush-only
-  // launch beside it, CudaStepRunner::LaunchPreparedFlushAfter) and inside step_avg_us; qa_avg_us is
+  // launch beside it, CudaStepRunner::RunStep's flush_after) and inside step_avg_us; qa_avg_us is
   // then the append alone, pf_avg_us that flush-only launch alone (plainly), mean over the steps
+  // that ran it (not after a fused step: as the store's CUDA backend, the next step flushes then)
   double pf_avg_us = 0;
   int early_units = 0;  // units of the timed step that start without waiting for the quantize-append
   double bytes = 0;    // per attention step
@@ -273,7 +274,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
-    runners[k]->set_flush_after(g_preflush);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -320,19 +320,18 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // when the step is fused), 3 an empty grid
   // (LaunchEmptyPrimary) + attention. Repeating a prepared step is idempotent: the flush writes the
   // same codes to the same slots, the append the same rows.
-  // flush_after (--preflush chain): with what = 2, the next step's flush-only launch right after
-  // the step's attention, as its programmatic dependent (CudaStepRunner::LaunchPreparedFlushAfter).
-  auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us, CudaStepRunner* flush_after = nullptr) -> bool {
+  // (--preflush chain: the step of what = 2 includes the flush after its attention where prepared;
+  // what = 4 is that flush alone, plainly)
+  auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us) -> bool {
     if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
     CHECK_CUDA(cudaEventRecord(e0, stream));
     if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
     if (what == 1) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
     if (what == 2) CHECK_KVQ(r.LaunchPreparedStep(d_arena, stream));
-    if (what == 2 && flush_after) CHECK_KVQ(flush_after->LaunchPreparedFlushAfter(d_arena, stream));
+    if (what == 4) CHECK_KVQ(r.LaunchPreparedFlush(d_arena, stream));
     if (what == 0 || what == 3) CHECK_KVQ(r.LaunchPreparedAttention(d_arena, stream));
     CHECK_CUDA(cudaEventRecord(e1, stream));
     CHECK_KVQ(r.Synchronize(stream));
-    if (flush_after) CHECK_KVQ(flush_after->Synchronize(stream));
     float ms = 0;
     CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
     *us = ms * 1000.f;
@@ -354,9 +353,9 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
   // (repeating a prepared step is idempotent) the whole step and its attention alone, the same way.
   double qa_sum = 0, step_sum = 0, attn_sum = 0, empty_sum = 0, pf_sum = 0;
-  auto add_once = [&](CudaStepRunner& r, int what, int j, double* sum, CudaStepRunner* flush_after = nullptr) -> bool {
+  auto add_once = [&](CudaStepRunner& r, int what, int j, double* sum) -> bool {
     float us = 0;
-    if (!time_once(r, what, j, &us, flush_after)) return false;
+    if (!time_once(r, what, j, &us)) return false;
     *sum += us;
     return true;
   };
@@ -430,9 +429,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
     return true;
   };
-  // --preflush: the flush-only batch of chain step j (its state, n_new = 0) on a runner of its own,
-  // written before step j's append (flush_done); chain step 0's flush once before the chain
-  std::unique_ptr<CudaStepRunner> pf;
+  // --preflush: the flush-only batch of chain step j (its state, n_new = 0), written after step
+  // j - 1's attention (flush_done); chain step 0's flush once before the chain
   auto flush_only = [&](int j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
@@ -443,29 +441,32 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     return w;
   };
   if (g_preflush) {
-    CHECK_KVQ(CudaStepRunner::Create(&pf));
     const std::vector<SeqWork> w0 = flush_only(0);
-    CHECK_KVQ(pf->QuantizeAppend(p, w0.data(), cfgs.data(), sh.b, d_arena, stream));
-    CHECK_KVQ(pf->Synchronize(stream));
+    CHECK_KVQ(runners[0]->QuantizeAppend(p, w0.data(), cfgs.data(), sh.b, d_arena, stream));
+    CHECK_KVQ(runners[0]->Synchronize(stream));
   }
+  // As the runner decides it (RunStep's flush_after): not after a fused step, whose successor then
+  // flushes as usual.
+  bool flush_written = g_preflush;
+  int pf_steps = 0;
   for (int j = 0; j < g_qa_steps; ++j) {
     std::vector<SeqWork> w;
     for (auto& st : chain[j]) {
       st.Point();
       w.push_back(st.w);
-      w.back().flush_done = g_preflush;
+      w.back().flush_done = flush_written;
     }
     CudaStepRunner& r = *runners[0];
-    CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream));
-    if (g_preflush) {  // prepared before the step's launches: nothing may come between them and it
-      const std::vector<SeqWork> wn = flush_only(j + 1);
-      CHECK_KVQ(pf->Prepare(p, wn.data(), cfgs.data(), sh.b, stream));
-    }
+    const std::vector<SeqWork> wn = g_preflush ? flush_only(j + 1) : std::vector<SeqWork>();
+    CHECK_KVQ(r.Prepare(p, w.data(), cfgs.data(), sh.b, stream, g_preflush ? wn.data() : nullptr));
+    const bool flush_after = r.stats().flush_after;
     const double sums0[4] = {qa_sum, step_sum, attn_sum, empty_sum};
-    if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum, pf.get()) || !add_once(r, 0, j, &attn_sum) ||
+    if (!add_once(r, 1, j, &qa_sum) || !add_once(r, 2, j, &step_sum) || !add_once(r, 0, j, &attn_sum) ||
         !add_once(r, 3, j, &empty_sum))
       return false;
-    if (g_preflush && !add_once(*pf, 1, j, &pf_sum)) return false;  // the flush-only launch alone
+    if (flush_after && !add_once(r, 4, j, &pf_sum)) return false;  // the flush-only launch alone
+    pf_steps += flush_after ? 1 : 0;
+    flush_written = flush_after;
     if (g_chain_dump) {  // --chain-dump: each step of the chain (stderr), and the quantize-append
       // timed again right after itself (qa_again) and after the attention (qa_after_attn), the
       // same idempotent launch: what a kernel run just before it changes in its time
@@ -496,7 +497,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   }
   if (d_trace) cudaFree(d_trace);
   row->qa_avg_us = qa_sum / g_qa_steps;
-  row->pf_avg_us = pf_sum / g_qa_steps;
+  row->pf_avg_us = pf_steps > 0 ? pf_sum / pf_steps : 0;
   row->step_avg_us = step_sum / g_qa_steps;
   row->attn_avg_us = attn_sum / g_qa_steps;
   row->qa_step_us = row->step_avg_us - row->attn_avg_us;

@@ -143,7 +143,7 @@ struct QaArgs {
   // the fused step's quantize-append is not traced.
   int64_t* trace;
   // Launched as a programmatic dependent of the kernel before it in the stream (a flush-only batch
-  // after a step's attention, CudaStepRunner::LaunchPreparedFlushAfter): it reads and writes
+  // after a step's attention, CudaStepRunner::RunStep's flush_after): it reads and writes
   // nothing that kernel touches, so it runs beside it and waits for it only at its end, so that its
   // completion still implies that kernel's (the next step relies on both being done).
   int32_t wait_at_end;
@@ -204,7 +204,7 @@ struct AttnArgs {
   QaArgs qa;
   int32_t fused;
   // Decode path: each unit lets a programmatic dependent launch once it no longer waits for the
-  // quantize-append (CudaStepRunner::set_flush_after): the next step's flush, which must not start
+  // quantize-append (RunStep's flush_after): the next step's flush, which must not start
   // before this step's append is complete, then runs beside the attention's later units.
   int32_t trigger_dependents;
   int32_t qa_chunks;

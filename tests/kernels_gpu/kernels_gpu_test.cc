@@ -93,14 +93,15 @@ float Threshold(DType dt) { return dt == DType::kF16 ? 2e-3f : 8e-3f; }
 // Runs one batched step on CPU and GPU from the same arena; compares everything. Returns the
 // next states (the arena `a` holds the CPU result afterwards).
 //
-// flush_after (a runner with nothing prepared; `runner` has set_flush_after on): the next step's
-// flush runs beside this step's attention, on the device and in the reference. This step's own
-// flush is then already in the arena (flush_done; written by the previous call, whose states
-// carry the body pages it wrote), except on the first step; after the attention, the flush-only
-// batch of the states after this step (n_new = 0) launches as its programmatic dependent
-// (LaunchPreparedFlushAfter), and the reference runs the same flush after its attention.
+// flush_written (non-null: the next step's flush after this step's attention, RunStep's
+// flush_after): in, whether this step's flush is already in the arena (flush_done; written by the
+// previous call, whose states carry the body pages it wrote); out, whether the runner launched the
+// flush-only batch of the states after this step (n_new = 0) as the attention's programmatic
+// dependent (stats().flush_after: not after a fused step), and then the reference runs the same
+// flush after its attention.
 void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first, std::mt19937& rng,
-                   CudaStepRunner& runner, CudaStepRunner* flush_after = nullptr) {
+                   CudaStepRunner& runner, bool* flush_written = nullptr) {
+  const bool flush_after = flush_written != nullptr;
   const int n = static_cast<int>(seqs->size());
   std::vector<TStep> steps, flushes;
   std::vector<SeqWork> works, flush_works;
@@ -114,7 +115,7 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   for (auto& s : steps) {
     s.Point();
     works.push_back(s.w);
-    works.back().flush_done = flush_after && !first;
+    works.back().flush_done = flush_after && *flush_written;
     cfgs.push_back(s.next.cfg);
   }
   if (flush_after) {
@@ -124,8 +125,6 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
     for (int i = 0; i < n; ++i) {
       flushes[size_t(i)].Point();
       flush_works.push_back(flushes[size_t(i)].w);
-      steps[size_t(i)].next.k.body = flushes[size_t(i)].next.k.body;
-      steps[size_t(i)].next.v.body = flushes[size_t(i)].next.v.body;
     }
   }
   const int64_t qn = rows * c.hq * c.d, kvn = rows * c.hkv * c.d;
@@ -157,17 +156,19 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   gp.o = d_o.p;
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreate(&stream));
-  Result r;
-  if (flush_after) {  // prepared first: nothing may come between the attention and its dependent
-    r = flush_after->Prepare(gp, flush_works.data(), cfgs.data(), n, stream);
-    ASSERT_TRUE(r.ok()) << r.message;
-  }
-  r = runner.RunStep(gp, works.data(), cfgs.data(), n, d_arena.p, stream);
+  Result r = runner.RunStep(gp, works.data(), cfgs.data(), n, d_arena.p, stream,
+                             flush_after ? flush_works.data() : nullptr);
   ASSERT_TRUE(r.ok()) << r.message;
+  const bool flushed = flush_after && runner.stats().flush_after;
   if (flush_after) {
-    r = flush_after->LaunchPreparedFlushAfter(d_arena.p, stream);
-    ASSERT_TRUE(r.ok()) << r.message;
+    EXPECT_EQ(flushed, !runner.stats().fused) << "the flush after the attention, unless the step is fused";
+    *flush_written = flushed;
   }
+  if (flushed)  // the states after this step hold the body pages the flush wrote (its counts stay pending)
+    for (int i = 0; i < n; ++i) {
+      steps[size_t(i)].next.k.body = flushes[size_t(i)].next.k.body;
+      steps[size_t(i)].next.v.body = flushes[size_t(i)].next.v.body;
+    }
   if (c.expect_decode >= 0) {
     EXPECT_EQ(runner.stats().decode_path, c.expect_decode == 1) << "attention kernel chosen by the plan";
   }
@@ -188,10 +189,6 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
-  if (flush_after) {
-    r = flush_after->Synchronize(stream);
-    ASSERT_TRUE(r.ok()) << r.message;
-  }
   CUDA_OK(cudaStreamDestroy(stream));
   std::vector<uint8_t> gpu_arena(host.size());
   std::vector<uint16_t> o_gpu(qn + kOutGuard);
@@ -208,7 +205,7 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   const Result cpu_r = CpuQuantizeAppend(cp, works.data(), cfgs.data(), n, host.data(), 0);
   ASSERT_TRUE(cpu_r.ok()) << cpu_r.message;
   CpuAttention(cp, works.data(), cfgs.data(), n, host.data(), 0);
-  if (flush_after) {
+  if (flushed) {
     const Result f = CpuQuantizeAppend(cp, flush_works.data(), cfgs.data(), n, host.data(), 0);
     ASSERT_TRUE(f.ok()) << f.message;
   }
@@ -548,12 +545,13 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
 }
 
 // Consecutive decode steps with each step's flush written beside the attention of the step before
-// (CudaStepRunner::set_flush_after / LaunchPreparedFlushAfter, SeqWork::flush_done): the step
-// appends only, its units over the pre-flushed tokens start without waiting, and the flush-only
-// launch after its attention writes the next step's codes, byte-identical to the reference's
-// flush, while (on the GPU) the attention still runs. Every flush phase comes by (innerq's values
-// every 32 steps, kivi2's keys at 128 with the initial window), with the attention as a
-// programmatic dependent of the append, as the fused step, and in short units. (The emulated
+// (RunStep's flush_after, SeqWork::flush_done): the step appends only, its units over the
+// pre-flushed tokens start without waiting, and the flush-only launch after its attention writes
+// the next step's codes, byte-identical to the reference's flush, while (on the GPU) the attention
+// still runs. Every flush phase comes by (innerq's values every 32 steps, kivi2's keys at 128 with
+// the initial window), with the attention as a programmatic dependent of the append, in short
+// units, and as the fused step: there no flush follows a fused step (its successor flushes as
+// usual, unfused when that flush is along_tokens groups, and is followed by one). (The emulated
 // device runs the flush-only launch's blocks on memory as the attention's last unit let it
 // launch, and fails a byte both write.)
 TEST(KernelsGpu, FlushAfterAttention) {
@@ -567,47 +565,53 @@ TEST(KernelsGpu, FlushAfterAttention) {
     c.seqs = {{Preset::kInnerQ, 700, 1, 1, 3}, {Preset::kKivi2, 900, 1, 1, 0}, {Preset::kFp16, 300, 1, 1, 64},
               {Preset::kInnerQ2, 130, 2, 1, 0}};
     c.seed = 6160 + variant;
-    std::unique_ptr<CudaStepRunner> runner, flusher;
+    std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
-    ASSERT_TRUE(CudaStepRunner::Create(&flusher).ok());
     runner->set_fused_step(fused);
     runner->set_pdl(!fused);
-    runner->set_flush_after(true);
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;
     for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
-    int min_early = 1 << 30, fused_steps = 0;
+    int min_early = 1 << 30, fused_steps = 0, flush_steps = 0, done_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
 #endif
     constexpr int kSteps = 40;
+    bool written = false;
     for (int step = 0; step < kSteps; ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
-      RunAndCompare(c, a, &seqs, step == 0, rng, *runner, flusher.get());
+      done_steps += written ? 1 : 0;
+      RunAndCompare(c, a, &seqs, step == 0, rng, *runner, &written);
       if (HasFatalFailure()) return;
       const CudaStepStats& st = runner->stats();
       fused_steps += st.fused ? 1 : 0;
+      flush_steps += st.flush_after ? 1 : 0;
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
       if (step > 0) min_early = std::min(min_early, st.early_units);
+    }
+    // the batch flushes something at every step (innerq's keys): a flush after every unfused step
+    EXPECT_EQ(fused_steps + flush_steps, kSteps);
+    if (!fused) {
+      EXPECT_EQ(flush_steps, kSteps);
+      EXPECT_EQ(done_steps, kSteps - 1) << "every step after the first found its flush done";
+    } else {
+      EXPECT_GE(fused_steps, kSteps / 2) << "a one-token flush fuses";
+      EXPECT_GE(flush_steps, 1) << "the steps that flush along_tokens groups are not fused";
     }
     if (split) {
       EXPECT_GT(min_early, 0) << "short units over the older and the pre-flushed body start without waiting";
     }
-    if (fused) {
-      // with the flushes after the attention, every step but the first (the initial windows) appends only
-      EXPECT_GE(fused_steps, kSteps - 1);
-    }
 #if defined(KVQ_EMU_SUITE)
     // each flush-only launch ran early (before the attention's later writes), and with PDL the
-    // attention's units that skip the wait before the append's writes; the step after the first
-    // flush of innerq's key-norm factors launches... (none here: MakeSeq's states have them)
+    // attention's units that skip the wait before the append's writes
     const uint64_t early = kvq_emu::PdlEarlyLaunches() - early_launches;
-    EXPECT_EQ(early, static_cast<uint64_t>(fused ? kSteps : 2 * kSteps));
+    EXPECT_EQ(early, static_cast<uint64_t>((fused ? 0 : kSteps) + flush_steps));
 #endif
     std::printf("[ variant %d ] units that start without waiting: at least %d per step after the first; fused steps: "
-                "%d of %d\n", variant, min_early == (1 << 30) ? 0 : min_early, fused_steps, kSteps);
+                "%d, flushes after the attention: %d of %d\n", variant, min_early == (1 << 30) ? 0 : min_early,
+                fused_steps, flush_steps, kSteps);
   }
 }
 

@@ -61,7 +61,7 @@ struct SeqWork {
   int32_t flush_v = 0;
   // The flush (and the key-norm factors it computes) was already written by a flush-only step
   // (n_new = 0) on this same state after the previous step's attention (LayerCache::PlanFlushAfter;
-  // the CUDA runner's LaunchPreparedFlushAfter): its body slots and the key-norm factors hold
+  // the CUDA runner's RunStep flush_after): its body slots and the key-norm factors hold
   // exactly what this flush would write, so the step skips it (the CPU reference too).
   bool flush_done = false;
   bool compute_norm = false;

@@ -44,6 +44,8 @@ struct CudaStepStats {
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
   int longest_waiting_unit = 0;  // decode path: tokens of the longest per-token unit that waits (units
                                  // that step over a body not counted)
+  bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
+                             // flush_after, when it flushes something and the step is not fused)
 };
 
 class CudaStepRunner {
@@ -57,8 +59,19 @@ class CudaStepRunner {
   // The whole step: flush + append (one launch for the batch), then attention (split-KV + merge).
   // `arena` is the device base address of the page pool. Asynchronous on `stream`; the staging
   // buffer is reused only after the previous step's copy finished.
+  //
+  // flush_after (optional): num_seqs flush-only works (n_new = 0; LayerCache::PlanFlushAfter), the
+  // pending flushes of the states after this step: launched right after the attention as its
+  // programmatic dependent, so they run beside it (the next step then has SeqWork::flush_done).
+  // The decode units let it launch once they no longer wait for the step's append (it reads the
+  // window tokens the append wrote); it reads only window tokens and writes only body slots past
+  // what the attention reads, and waits for the attention only at its end, so the stream's next
+  // launch still follows both. Not launched where it flushes nothing, nor after a fused step (its
+  // attention fills every SM): stats().flush_after says whether it was; if not, the caller drops
+  // those works and the next step flushes as usual. One upload of the descriptors and one error
+  // flag serve both (a second runner for the flush cost the store's step ~10 us of host calls).
   Result RunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
-                 int num_seqs, uint8_t* arena, cudaStream_t stream);
+                 int num_seqs, uint8_t* arena, cudaStream_t stream, const SeqWork* flush_after = nullptr);
   // The two halves, for tests and the benchmark (same semantics as the CPU reference halves).
   Result QuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                         int num_seqs, uint8_t* arena, cudaStream_t stream);
@@ -68,23 +81,15 @@ class CudaStepRunner {
   // Prepares a batch once (staging + device copy + split plan) so that the benchmark can replay
   // the launches alone: LaunchPrepared* enqueue only kernels.
   Result Prepare(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
-                 int num_seqs, cudaStream_t stream);
+                 int num_seqs, cudaStream_t stream, const SeqWork* flush_after = nullptr);
   Result LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream);
   Result LaunchPreparedAttention(const uint8_t* arena, cudaStream_t stream);
   // The whole prepared step as RunStep launches it: the fused step where the plan chose it
-  // (stats().fused), else the two halves above.
+  // (stats().fused), else the two halves above; then the flush after it (stats().flush_after).
   Result LaunchPreparedStep(uint8_t* arena, cudaStream_t stream);
-
-  // The next step's flush, beside this step's attention. This runner's prepared batch is a
-  // flush-only one (every n_new = 0: the state after the step being launched, whose pending flush
-  // it writes; that next step then runs with SeqWork::flush_done). Launched right after the other
-  // runner's attention (set_flush_after on it; nothing else in the stream in between, so prepare
-  // this batch before that step's launches), as its programmatic dependent: it starts once each
-  // attention unit has passed its wait for the step's append, reads only window tokens and writes
-  // only body slots past what that attention reads, and waits for the attention at its end, so the
-  // stream's next launch still follows both. A batch that computes the key-norm factors launches
-  // plainly after the attention.
-  Result LaunchPreparedFlushAfter(uint8_t* arena, cudaStream_t stream);
+  // The prepared flush-after batch alone, plainly (the benchmark's view of its own time; nothing
+  // when it flushes nothing).
+  Result LaunchPreparedFlush(uint8_t* arena, cudaStream_t stream);
 
   // Waits for `stream`, then reports CUDA errors and kernel-detected errors (a quantization
   // scale beyond fp16 range) of the steps launched since the last call.
@@ -129,11 +134,6 @@ class CudaStepRunner {
   // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
   // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
   void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
-  // This runner's attention launches are followed by the next step's flush
-  // (LaunchPreparedFlushAfter on another runner): the decode units let that launch start once they
-  // no longer wait for the step's append. Off by default (then nothing is launched as their
-  // dependent). Applies to the launches from now on.
-  void set_flush_after(bool on) { flush_after_ = on; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -165,6 +165,7 @@ class CudaStepRunner {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   Result LaunchAttentionImpl(const uint8_t* arena, const cuda::QaArgs* fused_qa, cudaStream_t stream);
+  Result LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t stream);
   CudaStepStats stats_;
   bool force_generic_ = false;
   int ring_stages_ = 0;
@@ -178,7 +179,6 @@ class CudaStepRunner {
   int min_row_class_ = 1;
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
-  bool flush_after_ = false;
 };
 
 }  // namespace kvq
