@@ -688,12 +688,9 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
   }
 }
 
-}  // namespace
-
-Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
-                         int num_seqs, uint8_t* arena, int threads) {
-  const std::string e = CheckStep(params, works, configs, num_seqs, arena, 0);
-  if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
+// The quantize-append of a batch CheckStep accepted.
+Result QuantizeAppendChecked(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                             int num_seqs, uint8_t* arena, int threads) {
   const int hkv = params.num_kv_heads;
   std::atomic<int64_t> bad{-1};
   // Two phases: every flush first, then (only if all succeeded) every append, so a failed step
@@ -713,6 +710,15 @@ Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const Q
     AppendItem(params, works[s], configs[s], arena, h);
   });
   return Result::Ok();
+}
+
+}  // namespace
+
+Result CpuQuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
+                         int num_seqs, uint8_t* arena, int threads) {
+  const std::string e = CheckStep(params, works, configs, num_seqs, arena, 0);
+  if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
+  return QuantizeAppendChecked(params, works, configs, num_seqs, arena, threads);
 }
 
 void CpuAttention(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
@@ -805,7 +811,7 @@ Result CpuRunStep(const StepParams& params, const SeqWork* works, const QuantCon
                   uint8_t* arena, int threads) {
   const std::string e = CheckStep(params, works, configs, num_seqs, arena);  // n_new >= 1: attention follows
   if (!e.empty()) return Result::Error(Code::kInvalidArgument, e);
-  Result r = CpuQuantizeAppend(params, works, configs, num_seqs, arena, threads);
+  Result r = QuantizeAppendChecked(params, works, configs, num_seqs, arena, threads);
   if (!r.ok()) return r;
   CpuAttention(params, works, configs, num_seqs, arena, threads);
   return Result::Ok();
