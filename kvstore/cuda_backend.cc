@@ -27,29 +27,17 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 
 }  // namespace
 
-// One lane: a stream, a runner and the step's device buffers with their pinned staging. Only the
-// thread that holds the lane (LaneLease) touches it.
+// One lane: a stream and a runner (which owns the step's pinned staging and device buffers). Only
+// the thread that holds the lane (LaneLease) touches it.
 struct CudaBackend::Lane {
   cudaStream_t stream = nullptr;
   std::unique_ptr<kvq::CudaStepRunner> runner;
-  int64_t q_cap = 0, kv_cap = 0;
-  uint8_t *d_q = nullptr, *d_k = nullptr, *d_v = nullptr, *d_o = nullptr;
-  uint8_t *h_q = nullptr, *h_k = nullptr, *h_v = nullptr, *h_o = nullptr;
 
   ~Lane() {
     if (stream) cudaStreamSynchronize(stream);
     runner.reset();
-    for (uint8_t* p : {d_q, d_k, d_v, d_o}) cudaFree(p);
-    for (uint8_t* p : {h_q, h_k, h_v, h_o}) cudaFreeHost(p);
     if (stream) cudaStreamDestroy(stream);
     (void)cudaGetLastError();
-  }
-
-  // Grows the buffers on demand (the lane's stream is idle: every step ends synchronized or
-  // drained). q and o share q_bytes, k and v share kv_bytes.
-  absl::Status Grow(int64_t q_bytes, int64_t kv_bytes) {
-    KVQ_RETURN_IF_ERROR(GrowPair(q_bytes, &q_cap, &d_q, &d_o, &h_q, &h_o));
-    return GrowPair(kv_bytes, &kv_cap, &d_k, &d_v, &h_k, &h_v);
   }
 
   // After a failed step: waits for what was queued (the staging buffers and the pages the step
@@ -59,22 +47,6 @@ struct CudaBackend::Lane {
     if (runner) (void)runner->Synchronize(stream);
     (void)cudaStreamSynchronize(stream);
     (void)cudaGetLastError();
-  }
-
- private:
-  static absl::Status GrowPair(int64_t bytes, int64_t* cap, uint8_t** d_a, uint8_t** d_b, uint8_t** h_a,
-                               uint8_t** h_b) {
-    if (bytes <= *cap) return absl::OkStatus();
-    const int64_t n = std::max(bytes, *cap * 2);
-    for (uint8_t** p : {d_a, d_b}) { cudaFree(*p); *p = nullptr; }
-    for (uint8_t** p : {h_a, h_b}) { cudaFreeHost(*p); *p = nullptr; }
-    *cap = 0;
-    KVQ_CUDA_STATUS(cudaMalloc(d_a, n));
-    KVQ_CUDA_STATUS(cudaMalloc(d_b, n));
-    KVQ_CUDA_STATUS(cudaMallocHost(h_a, n));
-    KVQ_CUDA_STATUS(cudaMallocHost(h_b, n));
-    *cap = n;
-    return absl::OkStatus();
   }
 };
 
@@ -198,26 +170,12 @@ absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqW
   // copies, launches and waits, so other lanes' steps run beside it.
   LaneLease lease(this);
   Lane& lane = *lease;
-  KVQ_RETURN_IF_ERROR(lane.Grow(std::max<int64_t>(q_bytes, 16), std::max<int64_t>(kv_bytes, 16)));
-  // The staging buffers are free: the lane's previous step ended synchronized (or drained).
-  std::memcpy(lane.h_q, params.q, q_bytes);
-  std::memcpy(lane.h_k, params.k_new, kv_bytes);
-  std::memcpy(lane.h_v, params.v_new, kv_bytes);
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_q, lane.h_q, q_bytes, cudaMemcpyHostToDevice, lane.stream));
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_k, lane.h_k, kv_bytes, cudaMemcpyHostToDevice, lane.stream));
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.d_v, lane.h_v, kv_bytes, cudaMemcpyHostToDevice, lane.stream));
-  kvq::StepParams p = params;
-  p.q = lane.d_q;
-  p.k_new = lane.d_k;
-  p.v_new = lane.d_v;
-  p.o = lane.d_o;
-  // On any error return the lease drains what was queued before the lane goes back.
-  KVQ_RETURN_IF_ERROR(
-      FromResult(lane.runner->RunStep(p, works, configs, num_seqs, arena_, lane.stream, flush_after)));
-  KVQ_CUDA_STATUS(cudaMemcpyAsync(lane.h_o, lane.d_o, q_bytes, cudaMemcpyDeviceToHost, lane.stream));
-  KVQ_RETURN_IF_ERROR(FromResult(lane.runner->Synchronize(lane.stream)));
+  // q, k and v go up inside the runner's descriptor upload, o comes back with its error flag: two
+  // copies per step (the step is a chain of small transfers and launches on one stream, each with
+  // its own latency). On any error return the lease drains what was queued before the lane goes back.
+  KVQ_RETURN_IF_ERROR(FromResult(lane.runner->RunStepFromHost(params, q_bytes, kv_bytes, works, configs, num_seqs,
+                                                              arena_, lane.stream, flush_after)));
   if (flushed) *flushed = flush_after != nullptr && lane.runner->stats().flush_after;
-  std::memcpy(params.o, lane.h_o, q_bytes);
   lease.Done();
   return absl::OkStatus();
 }

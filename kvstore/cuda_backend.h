@@ -1,15 +1,15 @@
 // The CUDA backend: the arena is one cudaMalloc of --pool_bytes made at start-up; a batched step is
 // one quantize-append launch and one attention launch (split-KV + merge) for the whole batch,
-// through kvq::CudaStepRunner. q/k/v come in host memory and go to the device through pinned
-// staging buffers; CUDA errors become statuses (out of memory -> RESOURCE_EXHAUSTED), never
-// aborts.
+// through kvq::CudaStepRunner. q/k/v come in host memory and go to the device inside the runner's
+// pinned descriptor upload (one copy); o and the kernels' error flag come back in one copy. CUDA
+// errors become statuses (out of memory -> RESOURCE_EXHAUSTED), never aborts.
 //
-// Concurrency: the backend owns N lanes (--cuda_lanes). A lane is a non-blocking stream, its own
-// CudaStepRunner and its own device q/k/v/o buffers with their pinned host staging. RunStep takes a
-// free lane (waiting while all are busy) and runs the whole step on it without holding the
-// backend's mutex, so steps for disjoint sessions overlap: one step's host->device copies and
-// host-side staging run beside another step's kernels. The arena and the page pool are shared by
-// all lanes (disjoint sessions touch disjoint pages; the pool is thread-safe).
+// Concurrency: the backend owns N lanes (--cuda_lanes). A lane is a non-blocking stream and its own
+// CudaStepRunner (with its own pinned staging and device buffers). RunStep takes a free lane
+// (waiting while all are busy) and runs the whole step on it without holding the backend's mutex,
+// so steps for disjoint sessions overlap: one step's host->device copies and host-side staging run
+// beside another step's kernels. The arena and the page pool are shared by all lanes (disjoint
+// sessions touch disjoint pages; the pool is thread-safe).
 #pragma once
 
 #include <cuda_runtime_api.h>

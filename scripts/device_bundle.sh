@@ -9,6 +9,8 @@
 #        BASE=9d2e0ab scripts/device_bundle.sh
 #        STORE_BENCH=1 scripts/device_bundle.sh   # with kvq-bench-store (the bundle must stay
 #                                                 # under the 64 MiB a device call carries)
+#        BASE_BIN=F BASE_STORE_BIN=G ...          # prebuilt kvq-bench / kvq-bench-store bundled as
+#                                                 # kvq-bench-base / kvq-bench-store-base
 # then:  device tool, carry [".device"], command "bash bench/device_round.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,11 @@ elif [ -n "${BASE:-}" ]; then
   cp "$tmp/base/build/bench/kernels/kvq-bench" "$tmp/basebin/kvq-bench-base"
   bins+=("$tmp/basebin/kvq-bench-base")
   git worktree remove --force "$tmp/base"
+fi
+if [ -n "${BASE_STORE_BIN:-}" ]; then  # a kvq-bench-store built before, for a store A/B
+  mkdir -p "$tmp/basebin"
+  cp "$BASE_STORE_BIN" "$tmp/basebin/kvq-bench-store-base"
+  bins+=("$tmp/basebin/kvq-bench-store-base")
 fi
 ../shared/tools/device-bundle.sh "$tmp/bundle" "${bins[@]}"
 strip "$tmp/bundle/bin/"*

@@ -257,7 +257,12 @@ int main(int argc, char** argv) {
     kvq::v1::AttendResponse resp;
     std::string entry_error;
     auto round_trip = [&]() -> bool {
-      if (!stream->Write(req) || !stream->Read(&resp)) return false;
+      if (!stream->Write(req) || !stream->Read(&resp)) {
+        // the stream ended: its status says why (a message over the limit, a failed step)
+        const grpc::Status st = stream->Finish();
+        entry_error = " (stream status " + std::to_string(st.error_code()) + ": " + st.error_message() + ")";
+        return false;
+      }
       for (const auto& r : resp.results())
         if (r.code() != 0) {
           entry_error = " (entry error " + std::to_string(r.code()) + ": " + r.message() + ")";

@@ -114,7 +114,13 @@ struct CudaStepRunner::Impl {
   float* part_o = nullptr;
   float* part_ml = nullptr;
   int64_t units_cap = 0;
-  int32_t* error_flag = nullptr;
+  // The kernels' error flag heads the step's output region: out_dev = [flag | o of RunStepFromHost
+  // from kOutOffset], so that one copy brings both back (out_host, pinned, the same layout).
+  static constexpr int64_t kOutOffset = 256;
+  uint8_t* out_dev = nullptr;
+  uint8_t* out_host = nullptr;
+  int64_t out_cap = 0;
+  int32_t* error_flag = nullptr;  // = out_dev
   int32_t* error_host = nullptr;
   int32_t* merge_count = nullptr;  // decode path's fused merge: one counter per item, zero between launches
   // The fused step's claims and done marks per (sequence, KV head) (AttnArgs::item_sync) and the
@@ -164,7 +170,8 @@ struct CudaStepRunner::Impl {
     cudaFree(meta);
     cudaFree(part_o);
     cudaFree(part_ml);
-    cudaFree(error_flag);
+    cudaFree(out_dev);
+    cudaFreeHost(out_host);
     cudaFree(item_sync);
     cudaFreeHost(error_host);
     cudaFree(merge_count);
@@ -205,6 +212,35 @@ struct CudaStepRunner::Impl {
     *cap_entries = cap;
     return Result::Ok();
   }
+  // An output region for `bytes` of o after the flag. Growing it moves the flag (its value kept):
+  // after the launches that may set it finished.
+  Result EnsureOut(int64_t bytes) {
+    if (kOutOffset + bytes <= out_cap) return Result::Ok();
+    KVQ_RETURN_IF_ERROR(WaitIdle());
+    const int64_t cap = std::max<int64_t>(kOutOffset + bytes, std::max<int64_t>(out_cap * 2, 64 << 10));
+    uint8_t* d = nullptr;
+    uint8_t* h = nullptr;
+    KVQ_CUDA_RETURN(cudaMalloc(&d, cap));
+    const cudaError_t e = cudaMallocHost(&h, cap);
+    if (e != cudaSuccess) {
+      cudaFree(d);
+      return CudaError(e, "cudaMallocHost (the step's output staging)");
+    }
+    cudaError_t c = cudaMemset(d, 0, kOutOffset);
+    if (c == cudaSuccess && out_dev) c = cudaMemcpy(d, out_dev, sizeof(int32_t), cudaMemcpyDeviceToDevice);
+    if (c != cudaSuccess) {
+      cudaFree(d);
+      cudaFreeHost(h);
+      return CudaError(c, "moving the error flag to the grown output region");
+    }
+    cudaFree(out_dev);
+    cudaFreeHost(out_host);
+    out_dev = d;
+    out_host = h;
+    out_cap = cap;
+    error_flag = reinterpret_cast<int32_t*>(out_dev);
+    return Result::Ok();
+  }
   Result EnsureMergeCounters(int64_t items) { return EnsureZeroed(&merge_count, &merge_cap, items, 1); }
   Result EnsureItemSync(int64_t heads) { return EnsureZeroed(&item_sync, &item_sync_cap, heads, 2); }
 
@@ -239,8 +275,7 @@ Result CudaStepRunner::Create(std::unique_ptr<CudaStepRunner>* out) {
   KVQ_CUDA_RETURN(cudaGetDevice(&m.device));
   KVQ_CUDA_RETURN(cudaDeviceGetAttribute(&m.num_sms, cudaDevAttrMultiProcessorCount, m.device));
   KVQ_CUDA_RETURN(cudaEventCreateWithFlags(&m.done, cudaEventDisableTiming));
-  KVQ_CUDA_RETURN(cudaMalloc(&m.error_flag, sizeof(int32_t)));
-  KVQ_CUDA_RETURN(cudaMemset(m.error_flag, 0, sizeof(int32_t)));
+  KVQ_RETURN_IF_ERROR(m.EnsureOut(0));
   KVQ_CUDA_RETURN(cudaMallocHost(&m.error_host, sizeof(int32_t)));
   *m.error_host = 0;
   *out = std::move(r);
@@ -400,6 +435,12 @@ void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chun
 
 Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
                                int num_seqs, cudaStream_t stream, const SeqWork* flush_after) {
+  return PrepareImpl(p, works, configs, num_seqs, stream, flush_after, nullptr);
+}
+
+Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, const QuantConfig* configs,
+                                   int num_seqs, cudaStream_t stream, const SeqWork* flush_after,
+                                   const HostInputs* in) {
   Impl& m = *impl_;
   m.prepared = false;
   const std::string sup = CudaSupports(p, configs, num_seqs);
@@ -755,7 +796,14 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   const int64_t off_items = off_units + Align16(int64_t(units.size() * sizeof(cuda::DevUnit)));
   const int64_t off_fseqs = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
   const int64_t off_fpages = off_fseqs + Align16(int64_t(fseqs.size() * sizeof(cuda::DevSeq)));
-  const int64_t total = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
+  const int64_t meta_end = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
+  // RunStepFromHost's inputs after the descriptors, each 256-byte aligned (the kernels' 16-byte
+  // loads of q and the new tokens need 16)
+  auto align256 = [](int64_t x) { return (x + 255) / 256 * 256; };
+  const int64_t off_q = align256(meta_end);
+  const int64_t off_k = off_q + (in ? align256(in->q_bytes) : 0);
+  const int64_t off_v = off_k + (in ? align256(in->kv_bytes) : 0);
+  const int64_t total = in ? off_v + in->kv_bytes : meta_end;
   KVQ_RETURN_IF_ERROR(m.WaitIdle());  // the staging buffer may still feed the previous copy
   KVQ_RETURN_IF_ERROR(m.EnsureMeta(std::max<int64_t>(total, 16)));
   KVQ_RETURN_IF_ERROR(m.EnsureWorkspace(std::max<int64_t>(int64_t(units.size()), 1), p.head_dim));
@@ -766,6 +814,11 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   if (!items.empty()) std::memcpy(m.staging + off_items, items.data(), items.size() * sizeof(cuda::DevMergeItem));
   if (!fseqs.empty()) std::memcpy(m.staging + off_fseqs, fseqs.data(), fseqs.size() * sizeof(cuda::DevSeq));
   if (!fpages.empty()) std::memcpy(m.staging + off_fpages, fpages.data(), fpages.size() * sizeof(int64_t));
+  if (in) {
+    std::memcpy(m.staging + off_q, in->q, in->q_bytes);
+    std::memcpy(m.staging + off_k, in->k, in->kv_bytes);
+    std::memcpy(m.staging + off_v, in->v, in->kv_bytes);
+  }
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
   KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
   m.done_recorded = true;
@@ -773,6 +826,11 @@ Result CudaStepRunner::Prepare(const StepParams& p, const SeqWork* works, const 
   m.qa_chunks = qa_chunks;
   m.qa_key_norm = qa_key_norm;
   m.params = p;
+  if (in) {
+    m.params.q = m.meta + off_q;
+    m.params.k_new = m.meta + off_k;
+    m.params.v_new = m.meta + off_v;
+  }
   m.num_seqs = num_seqs;
   m.flush_prepared = flush_any;
   m.flush_chunks = flush_chunks;
@@ -1011,6 +1069,47 @@ Result CudaStepRunner::RunStep(const StepParams& params, const SeqWork* works,
   return LaunchPreparedStep(arena, stream);
 }
 
+Result CudaStepRunner::RunStepFromHost(const StepParams& params, int64_t q_bytes, int64_t kv_bytes,
+                                       const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                                       uint8_t* arena, cudaStream_t stream, const SeqWork* flush_after) {
+  Impl& m = *impl_;
+  if (!params.q || !params.k_new || !params.v_new || !params.o)
+    return Result::Error(Code::kInvalidArgument, "null q, k_new, v_new or o");
+  if (q_bytes < 0 || kv_bytes < 0) return Result::Error(Code::kInvalidArgument, "negative q_bytes or kv_bytes");
+  // the rows the works address must lie inside the given bytes
+  const int64_t q_row = int64_t{params.num_q_heads} * params.head_dim * 2;
+  const int64_t kv_row = int64_t{params.num_kv_heads} * params.head_dim * 2;
+  for (int i = 0; i < num_seqs; ++i) {
+    const SeqWork& w = works[i];
+    if (w.q_row < 0 || w.kv_row < 0 || w.n_new < 0 || (w.q_row + w.n_new) * q_row > q_bytes ||
+        (w.kv_row + w.n_new) * kv_row > kv_bytes)
+      return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) +
+                                                       ": its rows lie outside the given q / k / v bytes");
+  }
+  KVQ_RETURN_IF_ERROR(m.EnsureOut(q_bytes));
+  const HostInputs in{params.q, params.k_new, params.v_new, q_bytes, kv_bytes};
+  KVQ_RETURN_IF_ERROR(PrepareImpl(params, works, configs, num_seqs, stream, flush_after, &in));
+  m.params.o = m.out_dev + Impl::kOutOffset;
+  KVQ_RETURN_IF_ERROR(LaunchPreparedStep(arena, stream));
+  KVQ_CUDA_RETURN(cudaMemcpyAsync(m.out_host, m.out_dev, Impl::kOutOffset + q_bytes, cudaMemcpyDeviceToHost, stream));
+  KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+  KVQ_CUDA_RETURN(cudaGetLastError());
+  int32_t flag = 0;
+  std::memcpy(&flag, m.out_host, sizeof(flag));
+  if (flag != 0) return ClearErrorFlag(flag, stream);
+  std::memcpy(params.o, m.out_host + Impl::kOutOffset, q_bytes);
+  return Result::Ok();
+}
+
+Result CudaStepRunner::ClearErrorFlag(int32_t flag, cudaStream_t stream) {
+  Impl& m = *impl_;
+  KVQ_CUDA_RETURN(cudaMemsetAsync(m.error_flag, 0, sizeof(int32_t), stream));
+  KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+  return Result::Error(Code::kInvalidArgument,
+                       flag == 2 ? "a flushed value is not finite, or a quantization scale or zero is beyond fp16 range"
+                                 : "a kernel saw an invalid page");
+}
+
 Result CudaStepRunner::Synchronize(cudaStream_t stream) {
   Impl& m = *impl_;
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.error_host, m.error_flag, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
@@ -1019,11 +1118,7 @@ Result CudaStepRunner::Synchronize(cudaStream_t stream) {
   if (*m.error_host != 0) {
     const int32_t flag = *m.error_host;
     *m.error_host = 0;
-    KVQ_CUDA_RETURN(cudaMemsetAsync(m.error_flag, 0, sizeof(int32_t), stream));
-    KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
-    return Result::Error(Code::kInvalidArgument,
-                         flag == 2 ? "a flushed value is not finite, or a quantization scale or zero is beyond fp16 range"
-                                   : "a kernel saw an invalid page");
+    return ClearErrorFlag(flag, stream);
   }
   return Result::Ok();
 }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -868,6 +869,94 @@ TEST(KernelsGpu, QuantizeReportsBadValues) {
     EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
     r = runner->Synchronize(nullptr);
     EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
+    // The same step with its inputs and output in host memory (RunStepFromHost, the store's path):
+    // the same error, o left as it was, the flag cleared after it.
+    std::vector<uint16_t> o_host(size_t(hq) * d, 0x1234);
+    StepParams ph = p;
+    ph.q = q.data();
+    ph.k_new = kv.data();
+    ph.v_new = kv.data();
+    ph.o = o_host.data();
+    r = runner->RunStepFromHost(ph, int64_t{hq} * d * 2, int64_t{hkv} * d * 2, &st.w, &st.next.cfg, 1, d_arena.p,
+                                nullptr);
+    EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
+    EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
+    EXPECT_EQ(o_host[0], 0x1234) << "o is written only by a step that succeeded";
+    r = runner->Synchronize(nullptr);
+    EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
+  }
+}
+
+// RunStepFromHost (inputs in the descriptor upload, o back with the error flag) against RunStep on
+// device buffers: the same o and the same arena bytes, bit for bit, for a decode step and for a
+// prefill chunk whose o outgrows the runner's first output region (64 KB); rows it does not own
+// are refused before anything runs.
+TEST(KernelsGpu, RunStepFromHostMatchesRunStep) {
+  SKIP_WITHOUT_GPU();
+  std::unique_ptr<CudaStepRunner> dev_runner, host_runner;
+  ASSERT_TRUE(CudaStepRunner::Create(&dev_runner).ok());
+  ASSERT_TRUE(CudaStepRunner::Create(&host_runner).ok());
+  std::mt19937 rng(47);
+  const int hq = 8, hkv = 2, d = 128;
+  for (const Preset preset : {Preset::kKivi2, Preset::kInnerQ, Preset::kFp16}) {
+    for (const int n : {1, 80}) {
+      SCOPED_TRACE(std::string(PresetName(preset)) + " n_new " + std::to_string(n));
+      Arena a;
+      const QuantConfig cfg = PresetConfig(preset);
+      TSeq s = testing::MakeSeq(a, cfg, hkv, d, DType::kF16, 700, 0, rng);
+      TStep st = testing::PlanStep(a, s, hkv, d, n, /*kv_row=*/3, /*q_row=*/2);
+      st.Point();
+      const std::vector<uint8_t>& host = a.bytes();
+      DevBuf<uint8_t> arena_a(host.size()), arena_b(host.size());
+      const int64_t q_bytes = int64_t{2 + n} * hq * d * 2, kv_bytes = int64_t{3 + n} * hkv * d * 2;
+      DevBuf<uint16_t> d_q(q_bytes / 2), d_k(kv_bytes / 2), d_v(kv_bytes / 2), d_o(q_bytes / 2);
+      ASSERT_TRUE(arena_a.p && arena_b.p && d_q.p && d_k.p && d_v.p && d_o.p);
+      CUDA_OK(cudaMemcpy(arena_a.p, host.data(), host.size(), cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(arena_b.p, host.data(), host.size(), cudaMemcpyHostToDevice));
+      const std::vector<uint16_t> q = testing::RandomActs(q_bytes / 2, DType::kF16, rng, 1.f);
+      const std::vector<uint16_t> k = testing::RandomActs(kv_bytes / 2, DType::kF16, rng, 1.f);
+      const std::vector<uint16_t> v = testing::RandomActs(kv_bytes / 2, DType::kF16, rng, 1.f);
+      CUDA_OK(cudaMemcpy(d_q.p, q.data(), q_bytes, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(d_k.p, k.data(), kv_bytes, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(d_v.p, v.data(), kv_bytes, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemset(d_o.p, 0, q_bytes));
+      StepParams p;
+      p.num_q_heads = hq;
+      p.num_kv_heads = hkv;
+      p.head_dim = d;
+      p.q = d_q.p;
+      p.k_new = d_k.p;
+      p.v_new = d_v.p;
+      p.o = d_o.p;
+      Result r = dev_runner->RunStep(p, &st.w, &st.next.cfg, 1, arena_a.p, nullptr);
+      ASSERT_TRUE(r.ok()) << r.message;
+      ASSERT_TRUE(dev_runner->Synchronize(nullptr).ok());
+      std::vector<uint16_t> o_dev(q_bytes / 2), o_host(q_bytes / 2, 0);
+      CUDA_OK(cudaMemcpy(o_dev.data(), d_o.p, q_bytes, cudaMemcpyDeviceToHost));
+      StepParams ph = p;
+      ph.q = q.data();
+      ph.k_new = k.data();
+      ph.v_new = v.data();
+      ph.o = o_host.data();
+      // rows past the given bytes: refused, nothing written
+      r = host_runner->RunStepFromHost(ph, q_bytes - 2, kv_bytes, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
+      EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
+      r = host_runner->RunStepFromHost(ph, q_bytes, kv_bytes - 2, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
+      EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
+      r = host_runner->RunStepFromHost(ph, q_bytes, kv_bytes, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
+      ASSERT_TRUE(r.ok()) << r.message;
+      // the rows the step owns (query rows 2 .. 2 + n); RunStepFromHost leaves the others unspecified
+      const std::vector<uint16_t> own_dev(o_dev.begin() + 2 * hq * d, o_dev.end());
+      const std::vector<uint16_t> own_host(o_host.begin() + 2 * hq * d, o_host.end());
+      EXPECT_EQ(own_host, own_dev);
+      EXPECT_GT(std::count_if(own_host.begin(), own_host.end(), [](uint16_t x) { return x != 0; }),
+                int64_t(own_host.size()) / 2)
+          << "o was written";
+      std::vector<uint8_t> bytes_a(host.size()), bytes_b(host.size());
+      CUDA_OK(cudaMemcpy(bytes_a.data(), arena_a.p, host.size(), cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(bytes_b.data(), arena_b.p, host.size(), cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(bytes_a == bytes_b) << "the arenas differ after the same step";
+    }
   }
 }
 

@@ -72,6 +72,16 @@ class CudaStepRunner {
   // flag serve both (a second runner for the flush cost the store's step ~10 us of host calls).
   Result RunStep(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                  int num_seqs, uint8_t* arena, cudaStream_t stream, const SeqWork* flush_after = nullptr);
+  // The step with its inputs and output in host memory (the store's path): params.q, k_new, v_new
+  // and o are host pointers of q_bytes, kv_bytes, kv_bytes and q_bytes (rows as the works address
+  // them, as for RunStep). The inputs go to the device inside the step's descriptor upload (one
+  // host-to-device copy), o comes back together with the kernels' error flag (one device-to-host
+  // copy), against five copies when the caller stages q, k, v and o itself. Synchronous: waits for
+  // the stream, reports errors as Synchronize does, and o holds the result when it returns Ok (o is
+  // not written otherwise; rows of o that no sequence's query rows cover come back unspecified).
+  Result RunStepFromHost(const StepParams& params, int64_t q_bytes, int64_t kv_bytes, const SeqWork* works,
+                         const QuantConfig* configs, int num_seqs, uint8_t* arena, cudaStream_t stream,
+                         const SeqWork* flush_after = nullptr);
   // The two halves, for tests and the benchmark (same semantics as the CPU reference halves).
   Result QuantizeAppend(const StepParams& params, const SeqWork* works, const QuantConfig* configs,
                         int num_seqs, uint8_t* arena, cudaStream_t stream);
@@ -166,6 +176,16 @@ class CudaStepRunner {
   std::unique_ptr<Impl> impl_;
   Result LaunchAttentionImpl(const uint8_t* arena, const cuda::QaArgs* fused_qa, cudaStream_t stream);
   Result LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t stream);
+  // The host inputs of RunStepFromHost, copied into the descriptor upload (null: none).
+  struct HostInputs {
+    const void* q;
+    const void* k;
+    const void* v;
+    int64_t q_bytes, kv_bytes;
+  };
+  Result ClearErrorFlag(int32_t flag, cudaStream_t stream);  // resets it; the flag's error
+  Result PrepareImpl(const StepParams& params, const SeqWork* works, const QuantConfig* configs, int num_seqs,
+                     cudaStream_t stream, const SeqWork* flush_after, const HostInputs* in);
   CudaStepStats stats_;
   bool force_generic_ = false;
   int ring_stages_ = 0;
