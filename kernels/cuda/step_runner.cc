@@ -646,8 +646,14 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // each warp's ring has a second tile to load while it computes the first. (1,9,3,8192) on an
   // H200: fp16 15.4 us at 2 blocks per SM, 13.9 at one (--split-blocks 132), SDPA 13.5; innerq
   // 18.7-18.8 us at 264 / 396 / 528 units' capacity, 17.0 at 132 (2026-12-05, fourth session).
+  // The same for KIVI batches on the per-token path (too short for the code units): (1,9,3,8192) on
+  // an H100, kivi2 25.6-25.8 -> 23.9 us, kivi4 29.6-29.7 -> 28.1-28.2 (2026-12-05, tenth session,
+  // bench/device_kivi_small.sh; (1,32,32,4096) is past the rule's token bound, and one block's
+  // worth of units per SM measured 1.8x slower there).
   const bool innerq_units = has_imma && !kivi_family;  // the body units are InnerQ IMMA units
-  if ((mma_full || innerq_units) && split_blocks_ == 0 && blocks_per_sm > 1 && total_tokens <= capacity * quantum)
+  const bool kivi_tokens = decode_path && !has_imma && !mma_full && cuda::DecodeFamilyIsKivi(decode_paths);
+  if ((mma_full || innerq_units || kivi_tokens) && split_blocks_ == 0 && blocks_per_sm > 1 &&
+      total_tokens <= capacity * quantum)
     capacity = std::max<int64_t>(1, m.num_sms);
   // Fused by default only where it measured faster than two launches (H100, 2026-12-05, the
   // 128-step chain's qa_step, bench/results/gpu_kernels.md): few items (one-row plans) of long KIVI
