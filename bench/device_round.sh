@@ -2,7 +2,8 @@
 # One device call that checks and measures the CUDA kernels: the bundle from
 # scripts/device_bundle.sh is unpacked, then, each step bounded so the whole call ends inside the
 # device tool's 10-minute limit, in order of importance:
-#   1. the GPU suite (kernels_gpu_test) and the store's CUDA backend tests;
+#   1. the GPU suite (kernels_gpu_test), the store's CUDA backend tests and the gRPC service's tests
+#      on the CUDA backend;
 #   2. kvq-bench kernels --json (every shape and preset, busy timing) and, when bundled,
 #      kvq-bench-base on the same shapes (A/B in the same run);
 #   3. every shape with each step's flush beside the attention before it (--preflush) against (2),
@@ -17,7 +18,7 @@
 #      NCU_STALLS (same form) bench/ncu_stalls.sh's full sections and stall samples.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
-# gpu.txt, gpu_tests.txt, store_tests.txt, kvq.json, base.json, preflush.json, pffused.json,
+# gpu.txt, gpu_tests.txt, store_tests.txt, service_tests.txt, kvq.json, base.json, preflush.json, pffused.json,
 # kdequant.json, kcodes.json, sdpa.txt, nopdl.json, pdl.json, twol.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
 # device tool brings back a limited number of files);
 # a summary is printed.
@@ -54,6 +55,11 @@ step gpu_tests 200 .device/run kernels_gpu_test --gtest_brief=1 > "$OUT/gpu_test
 tail -3 "$OUT/gpu_tests.txt"
 step store_tests 60 .device/run store_cuda_backend_test --gtest_brief=1 > "$OUT/store_tests.txt" 2>&1
 tail -2 "$OUT/store_tests.txt"
+if [ -x .device/bin/kvq_store_service_test ]; then  # the gRPC service's tests on the CUDA backend
+  step service_tests 60 .device/run kvq_store_service_test --gtest_brief=1 --gtest_filter='*cuda*' \
+    > "$OUT/service_tests.txt" 2>&1
+  tail -2 "$OUT/service_tests.txt"
+fi
 shapes=()
 [ $quick = 1 ] && shapes=(--shape 1,32,32,32768,128 --shape 16,32,8,32768,128)
 step kvq-bench 140 .device/run kvq-bench kernels --json "${shapes[@]}" > "$OUT/kvq.json" 2> "$OUT/kvq.err"

@@ -16,12 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 JOBS=${JOBS:-2}
-targets=(kvq-bench kernels_gpu_test store_cuda_backend_test)
+targets=(kvq-bench kernels_gpu_test store_cuda_backend_test kvq_store_service_test)
 [ -n "${STORE_BENCH:-}" ] && targets+=(kvq-bench-store)  # the store lanes benchmark, when wanted
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
 bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_test"
-      "$BUILD/tests/kernels_gpu/store_cuda_backend_test")
+      "$BUILD/tests/kernels_gpu/store_cuda_backend_test" "$BUILD/tests/kvstore/kvq_store_service_test")
 [ -n "${STORE_BENCH:-}" ] && bins+=("$BUILD/bench/store/kvq-bench-store")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

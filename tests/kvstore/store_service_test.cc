@@ -1,7 +1,11 @@
 // The store's gRPC service in-process on 127.0.0.1 (port 0), driven by the generated client:
 // sessions, multi-session multi-layer decode and chunked prefill against the independent
 // reference, the retry after a half-finished step, every bad input with its exact status code,
-// authentication and tenant isolation.
+// authentication and tenant isolation. The service tests run on both backends: CPU (outputs equal
+// to the reference's, bit for bit) and CUDA (the same codes, the attention within the GPU tests'
+// normalized error of the reference; skipped, visibly, without a CUDA device).
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <thread>
 
@@ -9,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "kvstore.grpc.pb.h"
 #include "kvstore/convert.h"
+#include "kvstore/backend.h"
 #include "kvstore/cpu_backend.h"
 #include "kvstore/server.h"
 #include "test_util.h"
@@ -53,14 +58,27 @@ TEST(Convert, EnumsAndConfigsRoundTrip) {
   for (int c = 0; c <= 16; ++c) EXPECT_EQ(static_cast<int>(ToGrpcCode(static_cast<absl::StatusCode>(c))), c);
 }
 
-class ServiceTest : public ::testing::Test {
+// The backend under test: "cpu" or "cuda".
+class ServiceTest : public ::testing::TestWithParam<const char*> {
  protected:
-  void SetUp() override { Start(int64_t{8} << 20); }
+  void SetUp() override {
+    cuda_ = std::string(GetParam()) == "cuda";
+    if (cuda_) {
+      BackendOptions bo;
+      bo.cuda_lanes = 2;
+      auto probe = MakeBackend(BackendKind::kCuda, int64_t{1} << 20, bo);
+      if (!probe.ok()) GTEST_SKIP() << "the service on the CUDA backend not run: " << probe.status();
+    }
+    Start(int64_t{8} << 20);
+  }
 
   void Start(int64_t max_message_bytes) {
     server_.reset();
-    auto backend = CpuBackend::Create(int64_t{128} << 20, 2);
-    ASSERT_TRUE(backend.ok());
+    BackendOptions bo;
+    bo.threads = 2;
+    bo.cuda_lanes = 2;
+    auto backend = MakeBackend(cuda_ ? BackendKind::kCuda : BackendKind::kCpu, int64_t{128} << 20, bo);
+    ASSERT_TRUE(backend.ok()) << backend.status();
     auto tenants = TenantRegistry::Parse(kTenants);
     ASSERT_TRUE(tenants.ok());
     ServerOptions so;
@@ -77,6 +95,28 @@ class ServiceTest : public ::testing::Test {
     channel_ = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(server_->port()),
                                          grpc::InsecureChannelCredentials(), args);
     stub_ = v1::KVStore::NewStub(channel_);
+  }
+
+  // An output against the reference's: equal on the CPU backend (the reference is the same code);
+  // on CUDA the same size, no NaN and a normalized error below 2e-3 (fp16; the GPU tests' bound).
+  ::testing::AssertionResult SameOutput(const std::string& got, const std::string& want) const {
+    if (!cuda_) {
+      if (got == want) return ::testing::AssertionSuccess();
+      return ::testing::AssertionFailure() << "o differs from the reference";
+    }
+    if (got.size() != want.size())
+      return ::testing::AssertionFailure() << "o has " << got.size() << " bytes, the reference " << want.size();
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size() / 2; ++i) {
+      const float x = kvq::HalfBitsToFloat(testing::ActAt(got, i));
+      const float y = kvq::HalfBitsToFloat(testing::ActAt(want, i));
+      if (std::isnan(x) || std::isnan(y)) return ::testing::AssertionFailure() << "NaN at element " << i;
+      num += double(x - y) * (x - y);
+      den += double(y) * y;
+    }
+    const double err = std::sqrt(num / std::max(den, 1e-30));
+    if (err < 2e-3) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "normalized error " << err << " against the reference";
   }
 
   static void Auth(grpc::ClientContext* ctx, const std::string& token) {
@@ -146,12 +186,13 @@ class ServiceTest : public ::testing::Test {
 
   static constexpr const char* kAlpha = "alpha-token-0001";
   static constexpr const char* kBeta = "beta-token-00001";
+  bool cuda_ = false;
   std::unique_ptr<StoreServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KVStore::Stub> stub_;
 };
 
-TEST_F(ServiceTest, SessionRpcs) {
+TEST_P(ServiceTest, SessionRpcs) {
   TestShape s;
   std::string id;
   ASSERT_TRUE(Create(CreateReq(s, v1::PRESET_INNERQ), &id).ok());
@@ -202,7 +243,7 @@ TEST_F(ServiceTest, SessionRpcs) {
   EXPECT_EQ(Get(id, nullptr).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
-TEST_F(ServiceTest, BadCreateRequests) {
+TEST_P(ServiceTest, BadCreateRequests) {
   TestShape s;
   std::string id;
   v1::CreateSessionRequest req = CreateReq(s, v1::PRESET_KIVI2);
@@ -235,7 +276,7 @@ TEST_F(ServiceTest, BadCreateRequests) {
 // SmolLM's attention shape (Hq 9, Hkv 3, D 64), three sessions with different presets, three
 // layers, chunked prefill of different lengths then decode, one stream; outputs equal the
 // reference bit for bit.
-TEST_F(ServiceTest, DecodeAndChunkedPrefillMatchTheReference) {
+TEST_P(ServiceTest, DecodeAndChunkedPrefillMatchTheReference) {
   const v1::Preset presets[] = {v1::PRESET_KIVI2, v1::PRESET_INNERQ, v1::PRESET_INNERQ2};
   const kvq::Preset kpresets[] = {kvq::Preset::kKivi2, kvq::Preset::kInnerQ, kvq::Preset::kInnerQ2};
   const int prefill[] = {150, 200, 100};
@@ -283,7 +324,7 @@ TEST_F(ServiceTest, DecodeAndChunkedPrefillMatchTheReference) {
         const v1::EntryResult& r = resp.results(i);
         ASSERT_EQ(r.code(), 0) << r.message();
         EXPECT_EQ(r.length(), pos[i] + n[i]);
-        ASSERT_TRUE(r.o() == refs[i]->Step(layer, pos[i], n[i], ins[i].q, ins[i].k, ins[i].v))
+        ASSERT_TRUE(SameOutput(r.o(), refs[i]->Step(layer, pos[i], n[i], ins[i].q, ins[i].k, ins[i].v)))
             << "session " << i << " step " << step << " layer " << layer;
       }
     }
@@ -302,7 +343,7 @@ TEST_F(ServiceTest, DecodeAndChunkedPrefillMatchTheReference) {
 
 // The worker dies after layer 0 of a step (its stream is cancelled); a new stream re-sends the whole
 // step; outputs equal a clean run.
-TEST_F(ServiceTest, RetryAfterHalfFinishedStepOnANewStream) {
+TEST_P(ServiceTest, RetryAfterHalfFinishedStepOnANewStream) {
   TestShape s;
   s.layers = 4;
   s.config = kvq::PresetConfig(kvq::Preset::kKivi2);
@@ -348,7 +389,7 @@ TEST_F(ServiceTest, RetryAfterHalfFinishedStepOnANewStream) {
       v1::AttendResponse resp;
       ASSERT_TRUE(stream->Read(&resp));
       ASSERT_EQ(resp.results(0).code(), 0) << resp.results(0).message();
-      ASSERT_TRUE(resp.results(0).o() == ref.Step(layer, pos, n, in.q, in.k, in.v)) << "step " << step;
+      ASSERT_TRUE(SameOutput(resp.results(0).o(), ref.Step(layer, pos, n, in.q, in.k, in.v))) << "step " << step;
     }
     stream->WritesDone();
     ASSERT_TRUE(stream->Finish().ok());
@@ -356,7 +397,7 @@ TEST_F(ServiceTest, RetryAfterHalfFinishedStepOnANewStream) {
   }
 }
 
-TEST_F(ServiceTest, EveryBadEntryGetsItsExactCode) {
+TEST_P(ServiceTest, EveryBadEntryGetsItsExactCode) {
   TestShape s;
   std::string id, foreign, bf_id;
   ASSERT_TRUE(Create(CreateReq(s, v1::PRESET_KIVI2), &id).ok());
@@ -427,7 +468,7 @@ TEST_F(ServiceTest, EveryBadEntryGetsItsExactCode) {
   EXPECT_EQ(info.layer_lengths(0), 0);
 }
 
-TEST_F(ServiceTest, AuthenticationAndQuotas) {
+TEST_P(ServiceTest, AuthenticationAndQuotas) {
   TestShape s;
   std::string id;
   EXPECT_EQ(Create(CreateReq(s, v1::PRESET_KIVI2), &id, "").error_code(), grpc::StatusCode::UNAUTHENTICATED);
@@ -453,7 +494,7 @@ TEST_F(ServiceTest, AuthenticationAndQuotas) {
   EXPECT_NE(st.error_message().find("quota"), std::string::npos);
 }
 
-TEST_F(ServiceTest, TenantIsolation) {
+TEST_P(ServiceTest, TenantIsolation) {
   TestShape s;
   std::string a, b;
   ASSERT_TRUE(Create(CreateReq(s, v1::PRESET_KIVI2), &a, kAlpha).ok());
@@ -476,7 +517,7 @@ TEST_F(ServiceTest, TenantIsolation) {
   EXPECT_TRUE(Get(a, nullptr, kAlpha).ok());
 }
 
-TEST_F(ServiceTest, OversizedMessageEndsTheStreamNotTheServer) {
+TEST_P(ServiceTest, OversizedMessageEndsTheStreamNotTheServer) {
   Start(1 << 20);
   TestShape s;
   std::string id;
@@ -499,7 +540,7 @@ TEST_F(ServiceTest, OversizedMessageEndsTheStreamNotTheServer) {
   EXPECT_EQ(resp.results(0).code(), 0) << resp.results(0).message();
 }
 
-TEST_F(ServiceTest, ManyConcurrentStreams) {
+TEST_P(ServiceTest, ManyConcurrentStreams) {
   TestShape s;
   s.layers = 2;
   s.config = kvq::PresetConfig(kvq::Preset::kInnerQ);
@@ -526,7 +567,7 @@ TEST_F(ServiceTest, ManyConcurrentStreams) {
           AddEntry(&req, id, step, 1, in);
           v1::AttendResponse resp;
           if (!stream->Write(req) || !stream->Read(&resp) || resp.results(0).code() != 0 ||
-              resp.results(0).o() != ref.Step(layer, step, 1, in.q, in.k, in.v))
+              !SameOutput(resp.results(0).o(), ref.Step(layer, step, 1, in.q, in.k, in.v)))
             failures++;
         }
       stream->WritesDone();
@@ -557,6 +598,9 @@ pF6hiHc32XzM157U1yNMEEEvXt+fUcdpl0O6quRZyjqMnvfrUnPjRsBm
 )";
 
 // With a certificate and key the store speaks TLS only: a TLS client works, a plaintext one fails.
+INSTANTIATE_TEST_SUITE_P(Backends, ServiceTest, ::testing::Values("cpu", "cuda"),
+                         [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
+
 TEST(ServiceTls, ServesTlsWithTheGivenCertificate) {
   auto backend = CpuBackend::Create(int64_t{16} << 20, 1);
   ASSERT_TRUE(backend.ok());
