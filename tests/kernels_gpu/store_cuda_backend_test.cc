@@ -313,8 +313,8 @@ TEST(StoreCudaBackend, FailedStepGivesItsLaneBack) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   CudaBackend* cuda = gpu->get();
   // A step whose rows need terabytes of staging fails after it took the lane (growing the
-  // runner's output region runs out of memory). With one lane, a lane that was not given back would hang the
-  // second call.
+  // runner's output region runs out of memory). With one lane, a lane that was not given back
+  // would hang the second call.
   const int hq = 8, hkv = 2, d = 128;
   std::vector<uint16_t> buf(size_t(hq) * d, 0);
   kvq::StepParams p;
