@@ -33,6 +33,21 @@ using testing::TSeq;
 using testing::Fmt;
 using testing::TStep;
 
+// A step's shape and its q / k_new / v_new / o (device pointers for RunStep, host pointers for
+// RunStepFromHost).
+StepParams Params(int hq, int hkv, int d, DType dt, const void* q, const void* k, const void* v, void* o) {
+  StepParams p;
+  p.num_q_heads = hq;
+  p.num_kv_heads = hkv;
+  p.head_dim = d;
+  p.dtype = dt;
+  p.q = q;
+  p.k_new = k;
+  p.v_new = v;
+  p.o = o;
+  return p;
+}
+
 #define SKIP_WITHOUT_GPU() \
   if (!testing::HaveCudaDevice()) GTEST_SKIP() << "no CUDA device: GPU kernel test not run"
 
@@ -146,15 +161,7 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   CUDA_OK(cudaMemcpy(d_v.p, vn.data(), kvn * 2, cudaMemcpyHostToDevice));
   std::vector<uint16_t> o_init(qn + kOutGuard, kOutSentinel);
   CUDA_OK(cudaMemcpy(d_o.p, o_init.data(), o_init.size() * 2, cudaMemcpyHostToDevice));
-  StepParams gp;
-  gp.num_q_heads = c.hq;
-  gp.num_kv_heads = c.hkv;
-  gp.head_dim = c.d;
-  gp.dtype = c.dt;
-  gp.q = d_q.p;
-  gp.k_new = d_k.p;
-  gp.v_new = d_v.p;
-  gp.o = d_o.p;
+  const StepParams gp = Params(c.hq, c.hkv, c.d, c.dt, d_q.p, d_k.p, d_v.p, d_o.p);
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreate(&stream));
   Result r = runner.RunStep(gp, works.data(), cfgs.data(), n, d_arena.p, stream,
@@ -853,15 +860,7 @@ TEST(KernelsGpu, QuantizeReportsBadValues) {
     CUDA_OK(cudaMemcpy(d_q.p, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(d_k.p, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(d_v.p, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
-    StepParams p;
-    p.num_q_heads = hq;
-    p.num_kv_heads = hkv;
-    p.head_dim = d;
-    p.dtype = b.dt;
-    p.q = d_q.p;
-    p.k_new = d_k.p;
-    p.v_new = d_v.p;
-    p.o = d_o.p;
+    const StepParams p = Params(hq, hkv, d, b.dt, d_q.p, d_k.p, d_v.p, d_o.p);
     Result r = runner->RunStep(p, &st.w, &st.next.cfg, 1, d_arena.p, nullptr);
     ASSERT_TRUE(r.ok()) << r.message;
     r = runner->Synchronize(nullptr);
@@ -872,11 +871,7 @@ TEST(KernelsGpu, QuantizeReportsBadValues) {
     // The same step with its inputs and output in host memory (RunStepFromHost, the store's path):
     // the same error, o left as it was, the flag cleared after it.
     std::vector<uint16_t> o_host(size_t(hq) * d, 0x1234);
-    StepParams ph = p;
-    ph.q = q.data();
-    ph.k_new = kv.data();
-    ph.v_new = kv.data();
-    ph.o = o_host.data();
+    const StepParams ph = Params(hq, hkv, d, b.dt, q.data(), kv.data(), kv.data(), o_host.data());
     r = runner->RunStepFromHost(ph, int64_t{hq} * d * 2, int64_t{hkv} * d * 2, &st.w, &st.next.cfg, 1, d_arena.p,
                                 nullptr);
     EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
@@ -920,24 +915,13 @@ TEST(KernelsGpu, RunStepFromHostMatchesRunStep) {
       CUDA_OK(cudaMemcpy(d_k.p, k.data(), kv_bytes, cudaMemcpyHostToDevice));
       CUDA_OK(cudaMemcpy(d_v.p, v.data(), kv_bytes, cudaMemcpyHostToDevice));
       CUDA_OK(cudaMemset(d_o.p, 0, q_bytes));
-      StepParams p;
-      p.num_q_heads = hq;
-      p.num_kv_heads = hkv;
-      p.head_dim = d;
-      p.q = d_q.p;
-      p.k_new = d_k.p;
-      p.v_new = d_v.p;
-      p.o = d_o.p;
+      const StepParams p = Params(hq, hkv, d, DType::kF16, d_q.p, d_k.p, d_v.p, d_o.p);
       Result r = dev_runner->RunStep(p, &st.w, &st.next.cfg, 1, arena_a.p, nullptr);
       ASSERT_TRUE(r.ok()) << r.message;
       ASSERT_TRUE(dev_runner->Synchronize(nullptr).ok());
       std::vector<uint16_t> o_dev(q_bytes / 2), o_host(q_bytes / 2, 0);
       CUDA_OK(cudaMemcpy(o_dev.data(), d_o.p, q_bytes, cudaMemcpyDeviceToHost));
-      StepParams ph = p;
-      ph.q = q.data();
-      ph.k_new = k.data();
-      ph.v_new = v.data();
-      ph.o = o_host.data();
+      const StepParams ph = Params(hq, hkv, d, DType::kF16, q.data(), k.data(), v.data(), o_host.data());
       // rows past the given bytes: refused, nothing written
       r = host_runner->RunStepFromHost(ph, q_bytes - 2, kv_bytes, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
       EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
