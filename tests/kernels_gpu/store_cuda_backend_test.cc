@@ -26,6 +26,7 @@
 #include "kvstore/store.h"
 #include "kvstore/tenants.h"
 #include "scenario.h"
+#include "tests/kvstore/test_util.h"
 
 namespace kvq::store {
 namespace {
@@ -38,18 +39,7 @@ std::string RandomBytes(int64_t n, DType dt, std::mt19937& rng, float scale) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * 2);
 }
 
-double NormErr(const std::string& a, const std::string& b, DType dt) {
-  const auto* x = reinterpret_cast<const uint16_t*>(a.data());
-  const auto* y = reinterpret_cast<const uint16_t*>(b.data());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() / 2; ++i) {
-    const float fx = kvq::testing::FromAct(x[i], dt), fy = kvq::testing::FromAct(y[i], dt);
-    if (std::isnan(fx) || std::isnan(fy)) return INFINITY;
-    num += double(fx - fy) * (fx - fy);
-    den += double(fy) * fy;
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
+using testing::NormErr;  // tests/kvstore/test_util.h
 
 SessionSpec PresetSpec(Preset p, int layers, int hq, int hkv, int d, DType dt) {
   SessionSpec spec;

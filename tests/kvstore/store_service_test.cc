@@ -106,17 +106,9 @@ class ServiceTest : public ::testing::TestWithParam<const char*> {
     }
     if (got.size() != want.size())
       return ::testing::AssertionFailure() << "o has " << got.size() << " bytes, the reference " << want.size();
-    double num = 0, den = 0;
-    for (size_t i = 0; i < got.size() / 2; ++i) {
-      const float x = kvq::HalfBitsToFloat(testing::ActAt(got, i));
-      const float y = kvq::HalfBitsToFloat(testing::ActAt(want, i));
-      if (std::isnan(x) || std::isnan(y)) return ::testing::AssertionFailure() << "NaN at element " << i;
-      num += double(x - y) * (x - y);
-      den += double(y) * y;
-    }
-    const double err = std::sqrt(num / std::max(den, 1e-30));
+    const double err = testing::NormErr(got, want, kvq::DType::kF16);
     if (err < 2e-3) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "normalized error " << err << " against the reference";
+    return ::testing::AssertionFailure() << "normalized error " << err << " against the reference (inf: a NaN)";
   }
 
   static void Auth(grpc::ClientContext* ctx, const std::string& token) {

@@ -2,6 +2,7 @@
 // that runs kvq::LayerCache + kvq::CpuRunStep directly (one sequence at a time, its own arena).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,6 +43,22 @@ inline uint16_t ActAt(const std::string& s, size_t i) {
 }
 
 inline void SetActAt(std::string* s, size_t i, uint16_t h) { std::memcpy(&(*s)[2 * i], &h, 2); }
+
+// Normalized error of activations `a` against `b` (same size, raw `dt` elements): ||a - b|| / ||b||;
+// infinite when either holds a NaN.
+inline double NormErr(const std::string& a, const std::string& b, kvq::DType dt) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() / 2; ++i) {
+    uint16_t ha, hb;
+    std::memcpy(&ha, a.data() + 2 * i, 2);
+    std::memcpy(&hb, b.data() + 2 * i, 2);
+    const float x = kvq::LoadAct(&ha, dt), y = kvq::LoadAct(&hb, dt);
+    if (std::isnan(x) || std::isnan(y)) return INFINITY;
+    num += double(x - y) * (x - y);
+    den += double(y) * y;
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
 
 // One session's model shape as the tests use it.
 struct TestShape {
