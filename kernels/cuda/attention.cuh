@@ -407,12 +407,20 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
 
 template <int D, DType DT>
 int AttentionBlocksPerSmT() {
-  int n = 0;
+  static OccupancyMemo memo;  // per device; the kernel takes no dynamic shared memory (key 0)
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (memo.Find(dev, 0, &n)) return n;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, AttentionKernel<D, DT>, kAttnThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();
     return 1;
   }
-  return n > 0 ? n : 1;
+  n = n > 0 ? n : 1;
+  memo.Put(dev, 0, n);
+  return n;
 }
 
 template <int D, DType DT>

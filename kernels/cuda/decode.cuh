@@ -1256,22 +1256,32 @@ int64_t DecodeStaticSmem() {
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 int DecodeBlocksPerSmT(int ring_bytes) {
   // A ring the device cannot give one block is 0 blocks, without asking for it (the plan probes
-  // deeper rings than fit, and a refused opt-in is an API error that tools report).
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+  // deeper rings than fit, and a refused opt-in is an API error that tools report). Answers are
+  // remembered per (device, ring size): the plan asks every step (OccupancyMemo).
+  static OccupancyMemo memo;
+  int dev = 0, optin = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (memo.Find(dev, ring_bytes, &n)) return n;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
   const int64_t static_smem = DecodeStaticSmem<D, DT, R, PATHS, IMMA>();
-  if (static_smem < 0 || static_smem + ring_bytes > optin) return 0;
-  int n = 0;
+  if (static_smem < 0) return 0;
+  if (static_smem + ring_bytes > optin) {
+    memo.Put(dev, ring_bytes, 0);
+    return 0;
+  }
   if (DecodeRingOptIn<D, DT, R, PATHS, IMMA>(ring_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernel<D, DT, R, PATHS, IMMA>, kDecThreads,
                                                     ring_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
+  memo.Put(dev, ring_bytes, n);
   return n;
 }
 

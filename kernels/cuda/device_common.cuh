@@ -6,12 +6,47 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 #include "kvq/format.h"
 #include "step_desc.h"
 
 namespace kvq {
 namespace cuda {
+
+// Host side: answers of the occupancy API remembered per (device, key). The plan asks for the
+// resident blocks of up to six ring depths every step; each answer costs a cudaDeviceGetAttribute
+// and a cudaOccupancyMaxActiveBlocksPerMultiprocessor call, and does not change while the process
+// runs (it depends on the kernel, the device and the dynamic shared memory only). Runners on
+// several streams plan at once: the table is read and written under a lock. Only answers the API
+// gave are kept (a failed call is asked again next time); the table holds at most kMaxEntries.
+class OccupancyMemo {
+ public:
+  static constexpr size_t kMaxEntries = 256;
+  bool Find(int device, int key, int* value) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Entry& e : entries_)
+      if (e.device == device && e.key == key) {
+        *value = e.value;
+        return true;
+      }
+    return false;
+  }
+  void Put(int device, int key, int value) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Entry& e : entries_)
+      if (e.device == device && e.key == key) return;
+    if (entries_.size() < kMaxEntries) entries_.push_back({device, key, value});
+  }
+
+ private:
+  struct Entry {
+    int device, key, value;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
 
 template <DType DT>
 __device__ __forceinline__ float ActToFloat(uint16_t bits) {
