@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -142,6 +143,25 @@ struct CudaStepRunner::Impl {
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
+  // RunStepFromHost synchronizes its stream at the end: inside it the records are held back
+  // (MarkBusy), one record then stands for them where it returns early, none where the
+  // synchronization covered them (three fewer API calls per step).
+  bool hold_records = false;
+  cudaStream_t held_stream = nullptr;
+  bool held = false;
+
+  // `done` marks the end of the work just enqueued on `stream` (WaitIdle, and the fused launch's
+  // wait on another stream, wait for it).
+  Result MarkBusy(cudaStream_t stream) {
+    if (hold_records) {
+      held = true;
+      held_stream = stream;
+      return Result::Ok();
+    }
+    KVQ_CUDA_RETURN(cudaEventRecord(done, stream));
+    done_recorded = true;
+    return Result::Ok();
+  }
 
   // The prepared batch.
   StepParams params;
@@ -826,8 +846,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     std::memcpy(m.staging + off_v, in->v, in->kv_bytes);
   }
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
-  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
-  m.done_recorded = true;
+  KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
 
   m.qa_chunks = qa_chunks;
   m.qa_key_norm = qa_key_norm;
@@ -902,6 +921,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
   stats_.longest_waiting_unit = longest_waiting_unit;
+  stats_.host_prepare_us = stats_.host_launch_us = stats_.host_wait_us = 0;  // RunStepFromHost sets them
   return Result::Ok();
 }
 
@@ -940,7 +960,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
   const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
-  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
 
@@ -949,7 +969,7 @@ Result CudaStepRunner::LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t 
   cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.error_flag, nullptr);
   a.wait_at_end = dependent ? 1 : 0;
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_chunks, m.flush_key_norm, stream));
-  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
 
@@ -1036,7 +1056,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
       m.fused_stream = stream;
       m.fused_launched = true;
     }
-    KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+    KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
     return Result::Ok();
   }
   if (fused_qa) return Result::Error(Code::kInternal, "fused step without the decode path");
@@ -1050,7 +1070,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   mg.num_q_heads = p.num_q_heads;
   mg.group = a.group;
   KVQ_CUDA_RETURN(cuda::LaunchMerge(mg, p.head_dim, p.dtype, m.num_items, stream));
-  KVQ_CUDA_RETURN(cudaEventRecord(m.done, stream));
+  KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
 
@@ -1092,18 +1112,42 @@ Result CudaStepRunner::RunStepFromHost(const StepParams& params, int64_t q_bytes
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) +
                                                        ": its rows lie outside the given q / k / v bytes");
   }
+  using Clock = std::chrono::steady_clock;
+  auto us = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::micro>(b - a).count();
+  };
+  const Clock::time_point t0 = Clock::now();
   KVQ_RETURN_IF_ERROR(m.EnsureOut(q_bytes));
-  const HostInputs in{params.q, params.k_new, params.v_new, q_bytes, kv_bytes};
-  KVQ_RETURN_IF_ERROR(PrepareImpl(params, works, configs, num_seqs, stream, flush_after, &in));
-  m.params.o = m.out_dev + Impl::kOutOffset;
-  KVQ_RETURN_IF_ERROR(LaunchPreparedStep(arena, stream));
-  KVQ_CUDA_RETURN(cudaMemcpyAsync(m.out_host, m.out_dev, Impl::kOutOffset + q_bytes, cudaMemcpyDeviceToHost, stream));
-  KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+  Clock::time_point t1, t2;
+  m.hold_records = true;
+  m.held = false;
+  Result r = [&]() -> Result {
+    const HostInputs in{params.q, params.k_new, params.v_new, q_bytes, kv_bytes};
+    KVQ_RETURN_IF_ERROR(PrepareImpl(params, works, configs, num_seqs, stream, flush_after, &in));
+    m.params.o = m.out_dev + Impl::kOutOffset;
+    t1 = Clock::now();
+    KVQ_RETURN_IF_ERROR(LaunchPreparedStep(arena, stream));
+    t2 = Clock::now();
+    KVQ_CUDA_RETURN(
+        cudaMemcpyAsync(m.out_host, m.out_dev, Impl::kOutOffset + q_bytes, cudaMemcpyDeviceToHost, stream));
+    KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
+    return Result::Ok();
+  }();
+  m.hold_records = false;
+  if (!r.ok()) {
+    // returned before the synchronization: what it enqueued may still run
+    if (m.held) (void)m.MarkBusy(m.held_stream);
+    return r;
+  }
+  m.done_recorded = false;  // the synchronization covered everything this runner enqueued
   KVQ_CUDA_RETURN(cudaGetLastError());
   int32_t flag = 0;
   std::memcpy(&flag, m.out_host, sizeof(flag));
   if (flag != 0) return ClearErrorFlag(flag, stream);
   std::memcpy(params.o, m.out_host + Impl::kOutOffset, q_bytes);
+  stats_.host_prepare_us = us(t0, t1);
+  stats_.host_launch_us = us(t1, t2);
+  stats_.host_wait_us = us(t2, Clock::now());
   return Result::Ok();
 }
 

@@ -46,6 +46,11 @@ struct CudaStepStats {
                                  // that step over a body not counted)
   bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
                              // flush_after, when it flushes something and the step is not fused)
+  // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
+  // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
+  // launch (the kernels' enqueue), wait (the output copy's enqueue, the stream's synchronization
+  // and the copy out of the pinned buffer).
+  double host_prepare_us = 0, host_launch_us = 0, host_wait_us = 0;
 };
 
 class CudaStepRunner {
