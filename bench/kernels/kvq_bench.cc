@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -95,6 +96,10 @@ struct Row {
   int sets = 0, units = 0, chunk = 0;
   std::string path;  // attention kernel the plan chose: decode (fast path) or generic
   double err = -1;   // normalized error of sequence 0 against the CPU reference (-1: not checked)
+  // --host-steps N: the whole step from host memory (RunStepFromHost, as the store's CUDA backend
+  // runs it), host wall time per call, medians: total and its phases (CudaStepStats::host_*); and
+  // the floor of such a chain on this machine: the same bytes up, one empty launch, o down, sync.
+  double host_us = 0, host_prepare_us = 0, host_launch_us = 0, host_wait_us = 0, host_floor_us = 0;
 };
 
 bool g_force_generic = false;  // --generic
@@ -118,6 +123,7 @@ int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 bool g_preflush = false;       // --preflush: each chain step's flush beside the attention before it (Row::pf_avg_us)
+int g_host_steps = 0;          // --host-steps N: N calls of RunStepFromHost timed on the host (Row::host_us)
 constexpr double kErrBound = 2e-3;  // the GPU suite's bound for fp16 activations
 void* g_flush = nullptr;       // the busy-timing buffer (4x L2)
 size_t g_flush_bytes = 0;
@@ -496,6 +502,69 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     }
   }
   if (d_trace) cudaFree(d_trace);
+  if (g_host_steps > 0) {
+    // The last chain step again from host memory, on an idle stream: what the store's backend does
+    // per layer (inputs in pageable host memory, o copied back, the stream synchronized).
+    std::vector<uint16_t> hq(qn), hk(kvn), hv(kvn), ho(qn);
+    CHECK_CUDA(cudaMemcpy(hq.data(), d_q, qn * 2, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(hk.data(), d_k, kvn * 2, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(hv.data(), d_v, kvn * 2, cudaMemcpyDeviceToHost));
+    std::vector<SeqWork> w;
+    for (auto& st : chain[g_qa_steps - 1]) {
+      st.Point();
+      w.push_back(st.w);
+    }
+    StepParams hp = p;
+    hp.q = hq.data();
+    hp.k_new = hk.data();
+    hp.v_new = hv.data();
+    hp.o = ho.data();
+    CudaStepRunner& r = *runners[0];
+    using Clock = std::chrono::steady_clock;
+    std::vector<float> tot, pre, lau, wai, flo;
+    const int warm = std::min(8, g_host_steps);
+    for (int i = 0; i < g_host_steps + warm; ++i) {
+      const Clock::time_point t0 = Clock::now();
+      CHECK_KVQ(r.RunStepFromHost(hp, qn * 2, kvn * 2, w.data(), cfgs.data(), sh.b, d_arena, stream));
+      const Clock::time_point t1 = Clock::now();
+      if (i < warm) continue;
+      tot.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
+      pre.push_back(r.stats().host_prepare_us);
+      lau.push_back(r.stats().host_launch_us);
+      wai.push_back(r.stats().host_wait_us);
+    }
+    for (const uint16_t x : ho)
+      if (!std::isfinite(testing::FromAct(x, dt))) {
+        std::fprintf(stderr, "kvq-bench: non-finite output from RunStepFromHost\n");
+        return false;
+      }
+    // the floor: pinned staging of the same bytes up, one empty launch, o down, synchronize
+    const size_t up = size_t(qn + 2 * kvn) * 2 + 4096, down = size_t(qn) * 2 + 256;
+    void *h_up = nullptr, *h_down = nullptr, *d_up = nullptr;
+    CHECK_CUDA(cudaMallocHost(&h_up, up));
+    CHECK_CUDA(cudaMallocHost(&h_down, down));
+    CHECK_CUDA(cudaMalloc(&d_up, up));
+    std::memset(h_up, 1, up);
+    for (int i = 0; i < g_host_steps + warm; ++i) {
+      const Clock::time_point t0 = Clock::now();
+      std::memcpy(h_up, hq.data(), qn * 2);
+      CHECK_CUDA(cudaMemcpyAsync(d_up, h_up, up, cudaMemcpyHostToDevice, stream));
+      CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
+      CHECK_CUDA(cudaMemcpyAsync(h_down, d_up, down, cudaMemcpyDeviceToHost, stream));
+      CHECK_CUDA(cudaStreamSynchronize(stream));
+      std::memcpy(ho.data(), h_down, qn * 2);
+      const Clock::time_point t1 = Clock::now();
+      if (i >= warm) flo.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
+    }
+    cudaFreeHost(h_up);
+    cudaFreeHost(h_down);
+    cudaFree(d_up);
+    row->host_us = Median(tot);
+    row->host_prepare_us = Median(pre);
+    row->host_launch_us = Median(lau);
+    row->host_wait_us = Median(wai);
+    row->host_floor_us = Median(flo);
+  }
   row->qa_avg_us = qa_sum / g_qa_steps;
   row->pf_avg_us = pf_steps > 0 ? pf_sum / pf_steps : 0;
   row->step_avg_us = step_sum / g_qa_steps;
@@ -543,7 +612,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -604,6 +673,8 @@ int main(int argc, char** argv) {
       g_pdl = 1;
     } else if (a == "--preflush") {
       g_preflush = true;
+    } else if (a == "--host-steps" && i + 1 < argc) {
+      g_host_steps = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--no-check") {
       g_check = false;
     } else if (a == "--timing" && i + 1 < argc) {
@@ -665,10 +736,12 @@ int main(int argc, char** argv) {
                   "\"attn_us\": %.2f, \"bytes\": %.0f, \"gbps\": %.1f, \"copy_frac\": %.3f, "
                   "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"step_avg_us\": %.2f, \"attn_avg_us\": %.2f, "
                   "\"qa_step_us\": %.2f, \"empty_step_us\": %.2f, \"pf_avg_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
-                  "\"err\": %.3g}%s\n",
+                  "\"err\": %.3g, \"host_us\": %.2f, \"host_prepare_us\": %.2f, \"host_launch_us\": %.2f, "
+                  "\"host_wait_us\": %.2f, \"host_floor_us\": %.2f}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
                   r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.step_avg_us, r.attn_avg_us, r.qa_step_us,
                   r.empty_step_us, r.pf_avg_us, r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
+                  r.host_us, r.host_prepare_us, r.host_launch_us, r.host_wait_us, r.host_floor_us,
                   i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
@@ -694,6 +767,18 @@ int main(int argc, char** argv) {
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
                   100.0 * r.gbps / copy, r.qa_us, r.qa_avg_us, 100.0 * r.qa_avg_us / r.attn_us, r.step_us, r.qa_step_us,
                   100.0 * r.qa_step_us / r.attn_us, r.err, r.err > kErrBound ? "*" : " ", r.path.c_str());
+    if (g_host_steps > 0) {
+      std::printf("\n--host-steps %d: RunStepFromHost (the store backend's step: inputs from host memory, o back,\n"
+                  "synchronized) on an idle stream, host wall time medians; prepare / launch / wait: its phases\n"
+                  "(CudaStepStats::host_*); floor: the same bytes up, one empty launch, o down, synchronize;\n"
+                  "step_us above: the same step's GPU time\n", g_host_steps);
+      std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %9s %9s %9s %9s %9s %9s\n", "B", "Hq", "Hkv", "T", "D", "preset",
+                  "host_us", "prepare", "launch", "wait", "floor", "step_us");
+      for (const Row& r : rows)
+        std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f\n", r.s.b, r.s.hq, r.s.hkv,
+                    r.s.t, r.s.d, r.preset.c_str(), r.host_us, r.host_prepare_us, r.host_launch_us, r.host_wait_us,
+                    r.host_floor_us, r.step_us);
+    }
   }
   if (g_flush) cudaFree(g_flush);
   return 0;
