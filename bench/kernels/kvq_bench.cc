@@ -99,7 +99,9 @@ struct Row {
   // --host-steps N: the whole step from host memory (RunStepFromHost, as the store's CUDA backend
   // runs it), host wall time per call, medians: total and its phases (CudaStepStats::host_*); and
   // the floor of such a chain on this machine: the same bytes up, one empty launch, o down, sync.
+  // host_copy_us: the same with o copied back instead of written into mapped host memory.
   double host_us = 0, host_prepare_us = 0, host_launch_us = 0, host_wait_us = 0, host_floor_us = 0;
+  double host_copy_us = 0;
 };
 
 bool g_force_generic = false;  // --generic
@@ -521,23 +523,40 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     hp.o = ho.data();
     CudaStepRunner& r = *runners[0];
     using Clock = std::chrono::steady_clock;
-    std::vector<float> tot, pre, lau, wai, flo;
+    std::vector<float> tot, pre, lau, wai, flo, tot_copy;
     const int warm = std::min(8, g_host_steps);
-    for (int i = 0; i < g_host_steps + warm; ++i) {
-      const Clock::time_point t0 = Clock::now();
-      CHECK_KVQ(r.RunStepFromHost(hp, qn * 2, kvn * 2, w.data(), cfgs.data(), sh.b, d_arena, stream));
-      const Clock::time_point t1 = Clock::now();
-      if (i < warm) continue;
-      tot.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
-      pre.push_back(r.stats().host_prepare_us);
-      lau.push_back(r.stats().host_launch_us);
-      wai.push_back(r.stats().host_wait_us);
-    }
-    for (const uint16_t x : ho)
-      if (!std::isfinite(testing::FromAct(x, dt))) {
-        std::fprintf(stderr, "kvq-bench: non-finite output from RunStepFromHost\n");
+    std::vector<uint16_t> o_mapped;
+    // o straight into mapped host memory (the default), then copied back (set_mapped_output(false))
+    for (const bool mapped : {true, false}) {
+      r.set_mapped_output(mapped);
+      for (int i = 0; i < g_host_steps + warm; ++i) {
+        const Clock::time_point t0 = Clock::now();
+        CHECK_KVQ(r.RunStepFromHost(hp, qn * 2, kvn * 2, w.data(), cfgs.data(), sh.b, d_arena, stream));
+        const Clock::time_point t1 = Clock::now();
+        if (i < warm) continue;
+        const float t = std::chrono::duration<float, std::micro>(t1 - t0).count();
+        if (!mapped) {
+          tot_copy.push_back(t);
+          continue;
+        }
+        tot.push_back(t);
+        pre.push_back(r.stats().host_prepare_us);
+        lau.push_back(r.stats().host_launch_us);
+        wai.push_back(r.stats().host_wait_us);
+      }
+      for (const uint16_t x : ho)
+        if (!std::isfinite(testing::FromAct(x, dt))) {
+          std::fprintf(stderr, "kvq-bench: non-finite output from RunStepFromHost\n");
+          return false;
+        }
+      if (mapped) {
+        o_mapped = ho;
+      } else if (o_mapped != ho) {  // the same kernels: the same bits either way
+        std::fprintf(stderr, "kvq-bench: RunStepFromHost's o differs between mapped and copied output\n");
         return false;
       }
+    }
+    r.set_mapped_output(true);
     // the floor: pinned staging of the same bytes up, one empty launch, o down, synchronize
     const size_t up = size_t(qn + 2 * kvn) * 2 + 4096, down = size_t(qn) * 2 + 256;
     void *h_up = nullptr, *h_down = nullptr, *d_up = nullptr;
@@ -564,6 +583,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     row->host_launch_us = Median(lau);
     row->host_wait_us = Median(wai);
     row->host_floor_us = Median(flo);
+    row->host_copy_us = Median(tot_copy);
   }
   row->qa_avg_us = qa_sum / g_qa_steps;
   row->pf_avg_us = pf_steps > 0 ? pf_sum / pf_steps : 0;
@@ -737,11 +757,11 @@ int main(int argc, char** argv) {
                   "\"qa_us\": %.2f, \"qa_avg_us\": %.2f, \"step_us\": %.2f, \"step_avg_us\": %.2f, \"attn_avg_us\": %.2f, "
                   "\"qa_step_us\": %.2f, \"empty_step_us\": %.2f, \"pf_avg_us\": %.2f, \"early_units\": %d, \"sets\": %d, \"units\": %d, \"chunk\": %d, \"kernel\": \"%s\", "
                   "\"err\": %.3g, \"host_us\": %.2f, \"host_prepare_us\": %.2f, \"host_launch_us\": %.2f, "
-                  "\"host_wait_us\": %.2f, \"host_floor_us\": %.2f}%s\n",
+                  "\"host_wait_us\": %.2f, \"host_floor_us\": %.2f, \"host_copy_us\": %.2f}%s\n",
                   r.s.b, r.s.hq, r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.attn_us, r.bytes, r.gbps,
                   r.gbps / copy, r.qa_us, r.qa_avg_us, r.step_us, r.step_avg_us, r.attn_avg_us, r.qa_step_us,
                   r.empty_step_us, r.pf_avg_us, r.early_units, r.sets, r.units, r.chunk, r.path.c_str(), r.err,
-                  r.host_us, r.host_prepare_us, r.host_launch_us, r.host_wait_us, r.host_floor_us,
+                  r.host_us, r.host_prepare_us, r.host_launch_us, r.host_wait_us, r.host_floor_us, r.host_copy_us,
                   i + 1 < rows.size() ? "," : "");
     }
     std::printf("]}\n");
@@ -770,14 +790,15 @@ int main(int argc, char** argv) {
     if (g_host_steps > 0) {
       std::printf("\n--host-steps %d: RunStepFromHost (the store backend's step: inputs from host memory, o back,\n"
                   "synchronized) on an idle stream, host wall time medians; prepare / launch / wait: its phases\n"
-                  "(CudaStepStats::host_*); floor: the same bytes up, one empty launch, o down, synchronize;\n"
-                  "step_us above: the same step's GPU time\n", g_host_steps);
-      std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %9s %9s %9s %9s %9s %9s\n", "B", "Hq", "Hkv", "T", "D", "preset",
-                  "host_us", "prepare", "launch", "wait", "floor", "step_us");
+                  "(CudaStepStats::host_*); o written into mapped host memory (the default); copy_out: the same\n"
+                  "with o copied back (set_mapped_output(false)); floor: the same bytes up, one empty launch,\n"
+                  "o down, synchronize; step_us above: the same step's GPU time\n", g_host_steps);
+      std::printf("%-4s %-4s %-4s %-6s %-4s %-12s %9s %9s %9s %9s %9s %9s %9s\n", "B", "Hq", "Hkv", "T", "D", "preset",
+                  "host_us", "prepare", "launch", "wait", "copy_out", "floor", "step_us");
       for (const Row& r : rows)
-        std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f\n", r.s.b, r.s.hq, r.s.hkv,
-                    r.s.t, r.s.d, r.preset.c_str(), r.host_us, r.host_prepare_us, r.host_launch_us, r.host_wait_us,
-                    r.host_floor_us, r.step_us);
+        std::printf("%-4d %-4d %-4d %-6d %-4d %-12s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f\n", r.s.b, r.s.hq,
+                    r.s.hkv, r.s.t, r.s.d, r.preset.c_str(), r.host_us, r.host_prepare_us, r.host_launch_us,
+                    r.host_wait_us, r.host_copy_us, r.host_floor_us, r.step_us);
     }
   }
   if (g_flush) cudaFree(g_flush);

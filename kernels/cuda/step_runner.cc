@@ -122,6 +122,9 @@ struct CudaStepRunner::Impl {
   uint8_t* out_host = nullptr;
   int64_t out_cap = 0;
   int32_t* error_flag = nullptr;  // = out_dev
+  // The flag the launches set: error_flag, or inside a mapped RunStepFromHost the head of out_host.
+  int32_t* launch_flag = nullptr;
+  int32_t* flag() const { return launch_flag ? launch_flag : error_flag; }
   int32_t* error_host = nullptr;
   int32_t* merge_count = nullptr;  // decode path's fused merge: one counter per item, zero between launches
   // The fused step's claims and done marks per (sequence, KV head) (AttnArgs::item_sync) and the
@@ -922,6 +925,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.early_units = early_units;
   stats_.longest_waiting_unit = longest_waiting_unit;
   stats_.host_prepare_us = stats_.host_launch_us = stats_.host_wait_us = 0;  // RunStepFromHost sets them
+  stats_.mapped_output = false;
   return Result::Ok();
 }
 
@@ -958,7 +962,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   if (m.num_seqs == 0) return Result::Ok();
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
-  const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
+  const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.flag(), qa_trace_);
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
@@ -966,7 +970,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
 
 Result CudaStepRunner::LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t stream) {
   Impl& m = *impl_;
-  cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.error_flag, nullptr);
+  cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.flag(), nullptr);
   a.wait_at_end = dependent ? 1 : 0;
   KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_chunks, m.flush_key_norm, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
@@ -996,7 +1000,7 @@ Result CudaStepRunner::LaunchPreparedStep(uint8_t* arena, cudaStream_t stream) {
     if (m.num_seqs == 0) return Result::Ok();
     if (!arena || !m.params.k_new || !m.params.v_new)
       return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
-    const cuda::QaArgs qa = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.error_flag, qa_trace_);
+    const cuda::QaArgs qa = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.flag(), qa_trace_);
     KVQ_RETURN_IF_ERROR(LaunchAttentionImpl(arena, &qa, stream));
   }
   // the next step's flush beside the attention: its programmatic dependent, nothing in between
@@ -1118,22 +1122,35 @@ Result CudaStepRunner::RunStepFromHost(const StepParams& params, int64_t q_bytes
   };
   const Clock::time_point t0 = Clock::now();
   KVQ_RETURN_IF_ERROR(m.EnsureOut(q_bytes));
+  // Mapped: the kernels write o and the flag into out_host (pinned memory is mapped into the
+  // device's address space at the same address); nothing of this runner runs now (the previous
+  // step synchronized, or PrepareImpl waits for it before anything is enqueued), so the host may
+  // clear the flag.
+  const bool mapped = mapped_output_ && q_bytes <= kMappedOutputMaxBytes;
   Clock::time_point t1, t2;
   m.hold_records = true;
   m.held = false;
   Result r = [&]() -> Result {
     const HostInputs in{params.q, params.k_new, params.v_new, q_bytes, kv_bytes};
     KVQ_RETURN_IF_ERROR(PrepareImpl(params, works, configs, num_seqs, stream, flush_after, &in));
-    m.params.o = m.out_dev + Impl::kOutOffset;
+    uint8_t* const out = mapped ? m.out_host : m.out_dev;
+    if (mapped) {
+      *reinterpret_cast<volatile int32_t*>(m.out_host) = 0;
+      m.launch_flag = reinterpret_cast<int32_t*>(m.out_host);
+    }
+    m.params.o = out + Impl::kOutOffset;
     t1 = Clock::now();
     KVQ_RETURN_IF_ERROR(LaunchPreparedStep(arena, stream));
     t2 = Clock::now();
-    KVQ_CUDA_RETURN(
-        cudaMemcpyAsync(m.out_host, m.out_dev, Impl::kOutOffset + q_bytes, cudaMemcpyDeviceToHost, stream));
+    if (!mapped)
+      KVQ_CUDA_RETURN(
+          cudaMemcpyAsync(m.out_host, m.out_dev, Impl::kOutOffset + q_bytes, cudaMemcpyDeviceToHost, stream));
     KVQ_CUDA_RETURN(cudaStreamSynchronize(stream));
     return Result::Ok();
   }();
   m.hold_records = false;
+  m.launch_flag = nullptr;
+  stats_.mapped_output = mapped;
   if (!r.ok()) {
     // returned before the synchronization: what it enqueued may still run
     if (m.held) (void)m.MarkBusy(m.held_stream);
@@ -1143,7 +1160,10 @@ Result CudaStepRunner::RunStepFromHost(const StepParams& params, int64_t q_bytes
   KVQ_CUDA_RETURN(cudaGetLastError());
   int32_t flag = 0;
   std::memcpy(&flag, m.out_host, sizeof(flag));
-  if (flag != 0) return ClearErrorFlag(flag, stream);
+  if (flag != 0) {
+    if (mapped) *reinterpret_cast<volatile int32_t*>(m.out_host) = 0;
+    return ClearErrorFlag(flag, stream);
+  }
   std::memcpy(params.o, m.out_host + Impl::kOutOffset, q_bytes);
   stats_.host_prepare_us = us(t0, t1);
   stats_.host_launch_us = us(t1, t2);

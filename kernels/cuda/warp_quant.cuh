@@ -39,7 +39,9 @@ KVQ_WARP bool All(bool p) { return __all_sync(0xffffffffu, p) != 0; }
 KVQ_WARP uint32_t ReduceOr(uint32_t v) { return __reduce_or_sync(0xffffffffu, v); }
 KVQ_WARP void Sync() { __syncwarp(); }
 KVQ_WARP int FirstLane(uint32_t m) { return __ffs(m) - 1; }
-KVQ_WARP void SetFlag(int32_t* flag, int32_t v) { atomicExch(flag, v); }
+// A plain store: every writer writes a non-zero code, and the flag may live in mapped host
+// memory (RunStepFromHost's mapped output), where device atomics are not available over PCIe.
+KVQ_WARP void SetFlag(int32_t* flag, int32_t v) { *reinterpret_cast<volatile int32_t*>(flag) = v; }
 KVQ_WARP void BlockSync() { __syncthreads(); }
 #else
 // On the host the includer defines ShflXor, Shfl, Ballot, All, ReduceOr, Sync, SetFlag and

@@ -868,24 +868,32 @@ TEST(KernelsGpu, QuantizeReportsBadValues) {
     EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
     r = runner->Synchronize(nullptr);
     EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
-    // The same step with its inputs and output in host memory (RunStepFromHost, the store's path):
-    // the same error, o left as it was, the flag cleared after it.
-    std::vector<uint16_t> o_host(size_t(hq) * d, 0x1234);
-    const StepParams ph = Params(hq, hkv, d, b.dt, q.data(), kv.data(), kv.data(), o_host.data());
-    r = runner->RunStepFromHost(ph, int64_t{hq} * d * 2, int64_t{hkv} * d * 2, &st.w, &st.next.cfg, 1, d_arena.p,
-                                nullptr);
-    EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
-    EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
-    EXPECT_EQ(o_host[0], 0x1234) << "o is written only by a step that succeeded";
-    r = runner->Synchronize(nullptr);
-    EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
+    // The same step with its inputs and output in host memory (RunStepFromHost, the store's path),
+    // the flag set in mapped host memory and in device memory: the same error, o left as it was,
+    // the flag cleared after it (the next step from host memory succeeds once the value is fixed).
+    for (const bool mapped : {true, false}) {
+      SCOPED_TRACE(mapped ? "mapped output" : "copied output");
+      runner->set_mapped_output(mapped);
+      std::vector<uint16_t> o_host(size_t(hq) * d, 0x1234);
+      const StepParams ph = Params(hq, hkv, d, b.dt, q.data(), kv.data(), kv.data(), o_host.data());
+      r = runner->RunStepFromHost(ph, int64_t{hq} * d * 2, int64_t{hkv} * d * 2, &st.w, &st.next.cfg, 1, d_arena.p,
+                                  nullptr);
+      EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
+      EXPECT_NE(r.message.find("not finite"), std::string::npos) << r.message;
+      EXPECT_EQ(runner->stats().mapped_output, mapped);
+      EXPECT_EQ(o_host[0], 0x1234) << "o is written only by a step that succeeded";
+      r = runner->Synchronize(nullptr);
+      EXPECT_TRUE(r.ok()) << "the error flag is cleared: " << r.message;
+    }
+    runner->set_mapped_output(true);
   }
 }
 
 // RunStepFromHost (inputs in the descriptor upload, o back with the error flag) against RunStep on
-// device buffers: the same o and the same arena bytes, bit for bit, for a decode step and for a
-// prefill chunk whose o outgrows the runner's first output region (64 KB); rows it does not own
-// are refused before anything runs.
+// device buffers: the same o and the same arena bytes, bit for bit, for a decode step and for
+// prefill chunks whose o outgrows the runner's first output region (64 KB) and, at 130 tokens, the
+// mapped output's bound (copied back then); o written into mapped host memory and copied back;
+// rows it does not own are refused before anything runs.
 TEST(KernelsGpu, RunStepFromHostMatchesRunStep) {
   SKIP_WITHOUT_GPU();
   std::unique_ptr<CudaStepRunner> dev_runner, host_runner;
@@ -894,7 +902,7 @@ TEST(KernelsGpu, RunStepFromHostMatchesRunStep) {
   std::mt19937 rng(47);
   const int hq = 8, hkv = 2, d = 128;
   for (const Preset preset : {Preset::kKivi2, Preset::kInnerQ, Preset::kFp16}) {
-    for (const int n : {1, 80}) {
+    for (const int n : {1, 80, 130}) {
       SCOPED_TRACE(std::string(PresetName(preset)) + " n_new " + std::to_string(n));
       Arena a;
       const QuantConfig cfg = PresetConfig(preset);
@@ -927,19 +935,26 @@ TEST(KernelsGpu, RunStepFromHostMatchesRunStep) {
       EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
       r = host_runner->RunStepFromHost(ph, q_bytes, kv_bytes - 2, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
       EXPECT_EQ(r.code, Code::kInvalidArgument) << r.message;
-      r = host_runner->RunStepFromHost(ph, q_bytes, kv_bytes, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
-      ASSERT_TRUE(r.ok()) << r.message;
-      // the rows the step owns (query rows 2 .. 2 + n); RunStepFromHost leaves the others unspecified
-      const std::vector<uint16_t> own_dev(o_dev.begin() + 2 * hq * d, o_dev.end());
-      const std::vector<uint16_t> own_host(o_host.begin() + 2 * hq * d, o_host.end());
-      EXPECT_EQ(own_host, own_dev);
-      EXPECT_GT(std::count_if(own_host.begin(), own_host.end(), [](uint16_t x) { return x != 0; }),
-                int64_t(own_host.size()) / 2)
-          << "o was written";
       std::vector<uint8_t> bytes_a(host.size()), bytes_b(host.size());
       CUDA_OK(cudaMemcpy(bytes_a.data(), arena_a.p, host.size(), cudaMemcpyDeviceToHost));
-      CUDA_OK(cudaMemcpy(bytes_b.data(), arena_b.p, host.size(), cudaMemcpyDeviceToHost));
-      EXPECT_TRUE(bytes_a == bytes_b) << "the arenas differ after the same step";
+      for (const bool mapped : {true, false}) {
+        SCOPED_TRACE(mapped ? "mapped output" : "copied output");
+        host_runner->set_mapped_output(mapped);
+        CUDA_OK(cudaMemcpy(arena_b.p, host.data(), host.size(), cudaMemcpyHostToDevice));
+        std::fill(o_host.begin(), o_host.end(), 0);
+        r = host_runner->RunStepFromHost(ph, q_bytes, kv_bytes, &st.w, &st.next.cfg, 1, arena_b.p, nullptr);
+        ASSERT_TRUE(r.ok()) << r.message;
+        EXPECT_EQ(host_runner->stats().mapped_output, mapped && q_bytes <= CudaStepRunner::kMappedOutputMaxBytes);
+        // the rows the step owns (query rows 2 .. 2 + n); RunStepFromHost leaves the others unspecified
+        const std::vector<uint16_t> own_dev(o_dev.begin() + 2 * hq * d, o_dev.end());
+        const std::vector<uint16_t> own_host(o_host.begin() + 2 * hq * d, o_host.end());
+        EXPECT_EQ(own_host, own_dev);
+        EXPECT_GT(std::count_if(own_host.begin(), own_host.end(), [](uint16_t x) { return x != 0; }),
+                  int64_t(own_host.size()) / 2)
+            << "o was written";
+        CUDA_OK(cudaMemcpy(bytes_b.data(), arena_b.p, host.size(), cudaMemcpyDeviceToHost));
+        EXPECT_TRUE(bytes_a == bytes_b) << "the arenas differ after the same step";
+      }
     }
   }
 }

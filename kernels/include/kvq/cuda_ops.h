@@ -48,9 +48,10 @@ struct CudaStepStats {
                              // flush_after, when it flushes something and the step is not fused)
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
-  // launch (the kernels' enqueue), wait (the output copy's enqueue, the stream's synchronization
-  // and the copy out of the pinned buffer).
+  // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
+  // synchronization and the copy out of the pinned buffer).
   double host_prepare_us = 0, host_launch_us = 0, host_wait_us = 0;
+  bool mapped_output = false;  // the last RunStepFromHost's kernels wrote o into host memory
 };
 
 class CudaStepRunner {
@@ -84,6 +85,8 @@ class CudaStepRunner {
   // copy), against five copies when the caller stages q, k, v and o itself. Synchronous: waits for
   // the stream, reports errors as Synchronize does, and o holds the result when it returns Ok (o is
   // not written otherwise; rows of o that no sequence's query rows cover come back unspecified).
+  // With set_mapped_output (the default, up to kMappedOutputMaxBytes of o) the kernels write o and
+  // the error flag straight into the runner's pinned host buffer instead: no device-to-host copy.
   Result RunStepFromHost(const StepParams& params, int64_t q_bytes, int64_t kv_bytes, const SeqWork* works,
                          const QuantConfig* configs, int num_seqs, uint8_t* arena, cudaStream_t stream,
                          const SeqWork* flush_after = nullptr);
@@ -158,6 +161,11 @@ class CudaStepRunner {
   // quantize-append retires (PDL) cannot pile up on the SMs it frees first. Off by default (an
   // experiment: docs/gpu_notes.md, "PDL costs the batched shapes").
   void set_spread_blocks(bool on) { spread_blocks_ = on; }
+  // RunStepFromHost: the kernels write o and the error flag into the runner's pinned host buffer
+  // (mapped into the device's address space) where o is at most kMappedOutputMaxBytes, instead of
+  // into device memory followed by a device-to-host copy (on by default; off for A/Bs and tests).
+  static constexpr int64_t kMappedOutputMaxBytes = int64_t{256} << 10;
+  void set_mapped_output(bool on) { mapped_output_ = on; }
   // Decode path: the kernel instance for at least this many query rows per unit (1, 4 or 8; 1 the
   // default: the instance the batch's rows need). An experiment on the one-row shapes: the 4-row
   // instance runs one-row units with empty rows (other unit kinds, other issue timing).
@@ -201,6 +209,7 @@ class CudaStepRunner {
   int fused_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
+  bool mapped_output_ = true;
   int min_row_class_ = 1;
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
