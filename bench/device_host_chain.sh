@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The store's per-layer step from host memory, in one device call: where its time goes, and an
 # A/B of the store against a base binary.
-#   1. the GPU suite, the store's CUDA backend tests and the service tests' CUDA instances
-#      (skipped with SUITE=0);
+#   1. the GPU suite, the store's CUDA backend tests, the service tests' CUDA instances and the
+#      step from host memory under compute-sanitizer memcheck (skipped with SUITE=0);
 #   2. kvq-bench kernels --host-steps N: RunStepFromHost's host wall time and its phases (prepare,
 #      launch, wait) beside the same step's GPU time and the floor of such a chain (the same bytes
 #      up, one empty launch, o down, synchronize), on the real model's shape and (1,32,32,32768);
@@ -24,6 +24,10 @@ if [ "${SUITE:-1}" = 1 ]; then
     timeout 240 .device/run kernels_gpu_test --gtest_brief=1 2>&1 | tail -4
     timeout 90 .device/run store_cuda_backend_test --gtest_brief=1 2>&1 | tail -3
     timeout 90 .device/run kvq_store_service_test --gtest_brief=1 --gtest_filter='*cuda*' 2>&1 | tail -3
+    # the step from host memory (mapped and copied output, the error flag) under memcheck
+    LD_LIBRARY_PATH=$PWD/.device/lib timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      .device/bin/kernels_gpu_test --gtest_brief=1 --gtest_filter='*RunStepFromHost*:*QuantizeReportsBadValues*' \
+      2>&1 | tail -3
   } | tee "$OUT/tests.txt"
   echo "[suite] at $(( $(date +%s) - t0 ))s"
 fi
