@@ -170,9 +170,11 @@ absl::Status CudaBackend::RunStep(const kvq::StepParams& params, const kvq::SeqW
   // copies, launches and waits, so other lanes' steps run beside it.
   LaneLease lease(this);
   Lane& lane = *lease;
-  // q, k and v go up inside the runner's descriptor upload, o comes back with its error flag: two
-  // copies per step (the step is a chain of small transfers and launches on one stream, each with
-  // its own latency). On any error return the lease drains what was queued before the lane goes back.
+  // q, k and v go up inside the runner's descriptor upload, and the kernels write o and the error
+  // flag into the runner's mapped pinned buffer: one copy per step (the step is a chain of small
+  // transfers and launches on one stream, each with its own latency; outputs over the runner's
+  // mapped bound come back in a second copy). On any error return the lease drains what was queued
+  // before the lane goes back.
   KVQ_RETURN_IF_ERROR(FromResult(lane.runner->RunStepFromHost(params, q_bytes, kv_bytes, works, configs, num_seqs,
                                                               arena_, lane.stream, flush_after)));
   if (flushed) *flushed = flush_after != nullptr && lane.runner->stats().flush_after;
