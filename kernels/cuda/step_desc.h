@@ -108,6 +108,22 @@ KVQ_HD bool RangeMeetsStepWrites(const DevSeq& s, int begin, int end) {
       return true;
   return false;
 }
+// The first token at or after which a range [begin, end) meets the step's writes: the range meets
+// them exactly when end > FirstStepWriteFrom(s, begin) (the ranges of RangeMeetsStepWrites; INT_MAX
+// when none lies past begin). The host plan walks long sequences with it in one step.
+KVQ_HD int FirstStepWriteFrom(const DevSeq& s, int begin) {
+  int w = 0x7fffffff;
+  auto from = [&](int b, int e) {
+    if (b < e && begin < e) w = b < w ? b : w;
+  };
+  const int b0 = s.sink_len + s.to_sink;
+  from(s.sink_len, b0);
+  from(s.length - (s.n_new - s.to_sink), s.length);
+  const DevTensor* xs[2] = {&s.k, &s.v};
+  for (const DevTensor* x : xs)
+    if (x->flush > 0 && x->mode != static_cast<int32_t>(QuantMode::kFull)) from(b0 + x->body_len, b0 + x->body_len + x->flush);
+  return w;
+}
 // Whether an attention unit must wait for the quantize-append grid before its reads (decode path,
 // launched as a programmatic dependent): its tiles run from tok_begin in steps of 32 tokens, whole
 // tiles staged or loaded even where tok_end cuts the last one, so its reads span

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,40 @@ class CudaEmu : public ::testing::Test {
   DevBuf<uint8_t> src_{kSrcBytes}, out_{kSmem};
   DevBuf<uint32_t> frag_{4 * kLanes * sizeof(uint32_t)};
 };
+
+// The host plan's closed form of the step's writes (FirstStepWriteFrom) against the ranges the
+// kernels test (RangeMeetsStepWrites): a range [begin, end) meets them exactly when end is past the
+// first write from begin, for random states (sink growing, flushes of either tensor, full-precision
+// tensors, new tokens) and every range inside them.
+TEST(StepWrites, FirstWriteFromMatchesRangeMeets) {
+  std::mt19937 rng(5);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int met = 0, clear = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    kvq::cuda::DevSeq s{};
+    s.sink_cap = pick(0, 8);
+    s.sink_len = pick(0, s.sink_cap);
+    s.n_new = pick(0, 6);
+    s.to_sink = std::min(s.n_new, s.sink_cap - s.sink_len);
+    for (kvq::cuda::DevTensor* x : {&s.k, &s.v}) {
+      x->mode = pick(0, 3) == 0 ? static_cast<int32_t>(kvq::QuantMode::kFull) : static_cast<int32_t>(kvq::QuantMode::kAsym);
+      x->body_len = pick(0, 40);
+      x->flush = pick(0, 3) == 0 ? pick(1, 12) : 0;
+    }
+    const int b0 = s.sink_len + s.to_sink;
+    s.length = b0 + std::max(s.k.body_len + s.k.flush, s.v.body_len + s.v.flush) + pick(0, 20) + (s.n_new - s.to_sink);
+    for (int begin = 0; begin <= s.length + 2; ++begin) {
+      const int w = kvq::cuda::FirstStepWriteFrom(s, begin);
+      for (int end = begin; end <= s.length + 40; ++end) {
+        const bool meets = kvq::cuda::RangeMeetsStepWrites(s, begin, end);
+        ASSERT_EQ(meets, end > w) << "trial " << trial << " [" << begin << ", " << end << ") first write " << w;
+        (meets ? met : clear) += 1;
+      }
+    }
+  }
+  EXPECT_GT(met, 1000);
+  EXPECT_GT(clear, 1000);
+}
 
 TEST_F(CudaEmu, CpAsyncLandsAfterWait) {
   Launch(CpAsyncKernel, GoodCopy(), cudaSuccess, "");

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "kvq/cache.h"
@@ -114,6 +115,10 @@ class CudaStepRunner {
   Result Synchronize(cudaStream_t stream);
 
   const CudaStepStats& stats() const { return stats_; }
+  // The last Prepare's descriptors as uploaded (sequences, page table, units, merge items, the
+  // flush-after batch's sequences and pages, one after the other without the alignment gaps): for
+  // tests and tools that check that a change of the planner leaves its plans as they were.
+  std::vector<uint8_t> PreparedDescriptors() const;
 
   // The plan picks the decode fast path for batches it fits (DecodeFastPathFits in
   // step_runner.cc); true forces the generic kernel, so tests and the benchmark can compare both.
