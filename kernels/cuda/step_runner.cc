@@ -103,6 +103,27 @@ int DecodePaths(const QuantConfig* configs, int num_seqs) {
 
 }  // namespace
 
+// A run of an item's visible tokens that becomes units of one kind (PrepareImpl's split plan).
+struct Segment {
+  int64_t begin, end;
+  int32_t kind;
+  int64_t skip_begin, skip_end;  // kUnitTokens around a body: one unit, never split
+};
+
+// Every item's segments in one flat list, item k's at [off[k], off[k + 1]): no allocation per item
+// and step (a batch of 64 sequences with 8 KV heads has 512 items).
+struct SegmentLists {
+  std::vector<Segment> all;
+  std::vector<int64_t> off{0};
+  void Clear() {
+    all.clear();
+    off.assign(1, 0);
+  }
+  void EndItem() { off.push_back(static_cast<int64_t>(all.size())); }
+  const Segment* begin(size_t k) const { return all.data() + off[k]; }
+  const Segment* end(size_t k) const { return all.data() + off[k + 1]; }
+};
+
 struct CudaStepRunner::Impl {
   int device = 0;
   int num_sms = 0;
@@ -150,6 +171,14 @@ struct CudaStepRunner::Impl {
   // (MarkBusy), one record then stands for them where it returns early, none where the
   // synchronization covered them (three fewer API calls per step).
   std::vector<std::pair<int64_t, int64_t>> sections;  // the last Prepare's (offset, bytes) in staging
+  // The plan's scratch, kept between steps so that a step allocates nothing on the host.
+  std::vector<cuda::DevSeq> seqs, fseqs;
+  std::vector<int64_t> pages, fpages;
+  std::vector<cuda::DevMergeItem> items;
+  std::vector<cuda::DevUnit> units;
+  SegmentLists segments, split;
+  std::vector<char> owned;
+  std::vector<std::pair<int64_t, int64_t>> length_runs;
   bool hold_records = false;
   cudaStream_t held_stream = nullptr;
   bool held = false;
@@ -471,13 +500,15 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   if (!sup.empty()) return Result::Error(Code::kInvalidArgument, sup);
   const int g = p.num_q_heads / p.num_kv_heads;
 
-  std::vector<cuda::DevSeq> seqs;
-  std::vector<int64_t> pages;
+  std::vector<cuda::DevSeq>& seqs = m.seqs;
+  std::vector<int64_t>& pages = m.pages;
   bool attention_ready = false;
   KVQ_RETURN_IF_ERROR(cuda::FlattenBatch(p, works, configs, num_seqs, &seqs, &pages, &attention_ready));
   // The flush after the attention: the states after this step, nothing appended.
-  std::vector<cuda::DevSeq> fseqs;
-  std::vector<int64_t> fpages;
+  std::vector<cuda::DevSeq>& fseqs = m.fseqs;
+  std::vector<int64_t>& fpages = m.fpages;
+  fseqs.clear();
+  fpages.clear();
   int flush_chunks = 1;
   bool flush_key_norm = false, flush_any = false;
   if (flush_after) {
@@ -494,7 +525,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
 
   // Split-KV plan: items = (sequence, KV head, block of <= kRowsPerUnit rows); each item's
   // visible tokens are cut into chunks so that the grid covers the SMs several times.
-  std::vector<cuda::DevMergeItem> items;
+  std::vector<cuda::DevMergeItem>& items = m.items;
+  items.clear();
   int64_t total_tokens = 0;
   if (attention_ready) {
     for (int i = 0; i < num_seqs; ++i) {
@@ -586,12 +618,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // Each item's visible tokens as segments of one unit kind: on the InnerQ decode family with <= 4
   // rows, the tiles inside both bodies go to the tensor-core units (decode_imma.cuh), the sink
   // before them and the rest after them to the per-token units; otherwise one segment.
-  struct Segment {
-    int64_t begin, end;
-    int32_t kind;
-    int64_t skip_begin, skip_end;  // kUnitTokens around a body: one unit, never split
-  };
-  std::vector<std::vector<Segment>> segments(items.size());
+  SegmentLists& segments = m.segments;
+  segments.Clear();
   int64_t max_visible = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     const cuda::DevSeq& d = seqs[items[k].seq];
@@ -602,7 +630,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     const int64_t b0 = d.sink_len + d.to_sink;
     const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / cuda::kTileTokens *
                          cuda::kTileTokens;
-    auto& seg = segments[k];
+    std::vector<Segment>& seg = segments.all;
     if (imma_seq && body >= cuda::kTileTokens && b0 + body <= visible) {
       // sink and window: one per-token unit that steps over the body
       if (b0 > 0 || b0 + body < visible) seg.push_back({0, visible, cuda::kUnitTokens, b0, b0 + body});
@@ -610,10 +638,10 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     } else {
       seg.push_back({0, visible, cuda::kUnitTokens, 0, 0});
     }
+    segments.EndItem();
   }
   bool has_imma = false;
-  for (const auto& sg : segments)
-    for (const Segment& x : sg) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
+  for (const Segment& x : segments.all) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
   // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
   if (!has_imma && !mma_full) ring_slot_bytes = ring_work_bytes = 0;  // no ring: no dynamic shared memory
   int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0) |
@@ -695,30 +723,44 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   }
   const bool fused = fused_possible && (fused_mode_ >= 0 ? fused_mode_ == 1 : fused_auto);
   auto round_up = [quantum](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
+  // Units of chunk c, not counting the whole ones around a body: the split segments' lengths as
+  // runs of equal lengths (a batch's sequences are mostly alike: the 512 items of (64,32,8,8192)
+  // are one run), each divided once per chunk the search below tries.
+  std::vector<std::pair<int64_t, int64_t>>& runs = m.length_runs;
   auto count_units = [&](int64_t c) {
     int64_t n = 0;
-    for (const auto& seg : segments)
-      for (const Segment& sg : seg) n += sg.skip_end > sg.skip_begin ? 0 : (sg.end - sg.begin + c - 1) / c;
+    for (const auto& [len, count] : runs) n += count * ((len + c - 1) / c);
     return n;
+  };
+  auto make_runs = [&] {
+    runs.clear();
+    for (const Segment& sg : segments.all) {
+      if (sg.skip_end > sg.skip_begin) continue;
+      const int64_t len = sg.end - sg.begin;
+      if (!runs.empty() && runs.back().first == len) ++runs.back().second;
+      else runs.push_back({len, 1});
+    }
   };
   // Few items (small batches, the real model's few KV heads): the sink and the window around a
   // tensor-core body become per-token units of their own, split like any other, so that no warp
   // walks two of their tiles one after the other. Their per-token tiles are a chain of dependent
   // loads each (page table, K rows, V rows in batches), so a unit's second tile per warp was the
   // critical path of the whole launch where the body units have one or two tiles per warp.
+  SegmentLists& split = m.split;
   if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
+    split.Clear();
     for (size_t k = 0; k < items.size(); ++k) {
-      std::vector<Segment> split;
-      for (const Segment& sg : segments[k]) {
-        if (sg.skip_end > sg.skip_begin) {
-          if (sg.skip_begin > sg.begin) split.push_back({sg.begin, sg.skip_begin, cuda::kUnitTokens, 0, 0});
-          if (sg.end > sg.skip_end) split.push_back({sg.skip_end, sg.end, cuda::kUnitTokens, 0, 0});
+      for (const Segment* sg = segments.begin(k); sg != segments.end(k); ++sg) {
+        if (sg->skip_end > sg->skip_begin) {
+          if (sg->skip_begin > sg->begin) split.all.push_back({sg->begin, sg->skip_begin, cuda::kUnitTokens, 0, 0});
+          if (sg->end > sg->skip_end) split.all.push_back({sg->skip_end, sg->end, cuda::kUnitTokens, 0, 0});
         } else {
-          split.push_back(sg);
+          split.all.push_back(*sg);
         }
       }
-      segments[k] = std::move(split);
+      split.EndItem();
     }
+    std::swap(segments, split);
   }
   // Few items, as above, of KIVI-layout sequences (keys along tokens, values along channels): a
   // per-token segment is cut after its longest run of whole 4-tile steps whose tiles, and one more
@@ -731,14 +773,18 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // fused step, where the head's first waiting unit also runs the quantize-append (8.5-10 us in a
   // decode loop): that unit must be short.
   if (static_cast<int64_t>(items.size()) * 8 <= capacity) {
+    split.Clear();
     for (size_t k = 0; k < items.size(); ++k) {
       const QuantConfig& c = configs[items[k].seq];
-      if (!fused && !(c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
-                      c.v.grouping == Grouping::kAlongChannels))
-        continue;
       const cuda::DevSeq& d = seqs[items[k].seq];
-      std::vector<Segment> split;
-      for (const Segment& sg : segments[k]) {
+      const bool cut_item = fused || (c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongTokens &&
+                                      c.v.grouping == Grouping::kAlongChannels);
+      for (const Segment* it = segments.begin(k); it != segments.end(k); ++it) {
+        const Segment& sg = *it;
+        if (!cut_item || sg.kind != cuda::kUnitTokens || sg.skip_end > sg.skip_begin) {
+          split.all.push_back(sg);
+          continue;
+        }
         // the last cut = begin + m quantum with [begin, cut + quantum + one tile) clear of the
         // step's writes and cut + quantum < end (m = 0 if none): in one step, not a walk over a
         // long body (32 heads of 32,768 tokens walked 8,192 times per step, ~40 us of host time)
@@ -747,22 +793,22 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         const int64_t room = w - cuda::kTileTokens - sg.begin;       // cut + quantum + tile <= w
         const int64_t m_clear = room >= 0 ? room / quantum : 0;
         const int64_t cut = sg.begin + quantum * std::max<int64_t>(0, std::min(m_end, m_clear));
-        if (sg.kind == cuda::kUnitTokens && sg.skip_end <= sg.skip_begin && cut > sg.begin &&
-            cuda::RangeMeetsStepWrites(d, int(cut), int(sg.end + cuda::kTileTokens))) {
-          split.push_back({sg.begin, cut, cuda::kUnitTokens, 0, 0});
-          split.push_back({cut, sg.end, cuda::kUnitTokens, 0, 0});
+        if (cut > sg.begin && cuda::RangeMeetsStepWrites(d, int(cut), int(sg.end + cuda::kTileTokens))) {
+          split.all.push_back({sg.begin, cut, cuda::kUnitTokens, 0, 0});
+          split.all.push_back({cut, sg.end, cuda::kUnitTokens, 0, 0});
         } else {
-          split.push_back(sg);
+          split.all.push_back(sg);
         }
       }
-      segments[k] = std::move(split);
+      split.EndItem();
     }
+    std::swap(segments, split);
   }
+  make_runs();
   // The per-token units around tensor-core bodies are short (sink + window): they take capacity
   // from the split only when they are few; otherwise they run first and the body units after them.
   int64_t num_around = 0;
-  for (const auto& seg : segments)
-    for (const Segment& sg : seg) num_around += sg.skip_end > sg.skip_begin ? 1 : 0;
+  for (const Segment& sg : segments.all) num_around += sg.skip_end > sg.skip_begin ? 1 : 0;
   const int64_t split_capacity = num_around * 8 <= capacity ? std::max<int64_t>(1, capacity - num_around) : capacity;
   int64_t chunk =
       std::max<int64_t>(std::max<int64_t>(64, quantum), round_up((total_tokens + split_capacity - 1) / split_capacity));
@@ -775,9 +821,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // whole segments stay unless another chunk is at least 3% better.
   if (count_units(chunk) > split_capacity) {
     int64_t longest = 0;
-    for (const auto& seg : segments)
-      for (const Segment& sg : seg)
-        if (sg.skip_end <= sg.skip_begin) longest = std::max(longest, sg.end - sg.begin);
+    for (const Segment& sg : segments.all)
+      if (sg.skip_end <= sg.skip_begin) longest = std::max(longest, sg.end - sg.begin);
     constexpr int64_t kUnitFixedTokens = 256;  // prologue, epilogue and merge, as tokens of work (estimate)
     auto makespan = [&](int64_t c) {
       const int64_t waves = (count_units(c) + split_capacity - 1) / split_capacity;
@@ -793,12 +838,14 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     }
     chunk = best;
   }
-  std::vector<cuda::DevUnit> units;
+  std::vector<cuda::DevUnit>& units = m.units;
+  units.clear();
   int imma_units = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     auto& it = items[k];
     it.unit0 = static_cast<int32_t>(units.size());
-    for (const Segment& sg : segments[k]) {
+    for (const Segment* sgp = segments.begin(k); sgp != segments.end(k); ++sgp) {
+      const Segment& sg = *sgp;
       const bool whole = sg.skip_end > sg.skip_begin;
       for (int64_t t0 = sg.begin; t0 < sg.end; t0 += whole ? sg.end - sg.begin : chunk) {
         cuda::DevUnit u{};
@@ -895,7 +942,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // One pass over the units for the rule the kernels wait by: the stats, and for a fused step the
   // check that every head's quantize-append has a unit to run it (one that waits).
   int early_units = 0, longest_waiting_unit = 0;
-  std::vector<char> owned(fused ? size_t(num_seqs) * p.num_kv_heads : 0, 0);
+  std::vector<char>& owned = m.owned;
+  owned.assign(fused ? size_t(num_seqs) * p.num_kv_heads : 0, 0);
   if (decode_path)
     for (const cuda::DevUnit& u : units) {
       if (!cuda::UnitWaitsForQuantizeAppend(seqs[u.seq], u)) {
