@@ -30,7 +30,6 @@
 #include <cstring>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -706,16 +705,10 @@ int main(int argc, char** argv) {
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--presets" && i + 1 < argc) {
-      presets.clear();
-      std::stringstream ss(argv[++i]);
-      std::string name;
-      while (std::getline(ss, name, ',')) {
-        Preset p;
-        if (!kvq::ParsePreset(name, &p)) {
-          std::fprintf(stderr, "kvq-bench: unknown preset '%s'\n", name.c_str());
-          return 2;
-        }
-        presets.push_back(p);
+      std::string bad;
+      if (!kvq::testing::ParsePresetList(argv[++i], &presets, &bad)) {
+        std::fprintf(stderr, "kvq-bench: unknown preset '%s'\n", bad.c_str());
+        return 2;
       }
     } else {
       return Usage();

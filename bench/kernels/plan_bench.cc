@@ -12,7 +12,6 @@
 #include <cstring>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -56,13 +55,10 @@ int main(int argc, char** argv) {
         return Usage();
       shapes.push_back(sh);
     } else if (a == "--presets" && i + 1 < argc) {
-      presets.clear();
-      std::stringstream ss(argv[++i]);
-      std::string name;
-      while (std::getline(ss, name, ',')) {
-        Preset p;
-        if (!ParsePreset(name, &p)) return Usage();
-        presets.push_back(p);
+      std::string bad;
+      if (!testing::ParsePresetList(argv[++i], &presets, &bad)) {
+        std::fprintf(stderr, "kvq-bench-plan: unknown preset '%s'\n", bad.c_str());
+        return 2;
       }
     } else {
       return Usage();

@@ -216,6 +216,25 @@ inline TStep PlanStep(Arena& a, const TSeq& s, int hkv, int d, int n, int64_t kv
   return st;
 }
 
+// A comma-separated list of preset names (the benchmarks' --presets): false at the first unknown
+// name, which *bad then holds.
+inline bool ParsePresetList(const std::string& csv, std::vector<Preset>* out, std::string* bad) {
+  out->clear();
+  size_t start = 0;
+  while (start <= csv.size()) {
+    const size_t comma = std::min(csv.find(',', start), csv.size());
+    const std::string name = csv.substr(start, comma - start);
+    Preset p;
+    if (!ParsePreset(name, &p)) {
+      *bad = name;
+      return false;
+    }
+    out->push_back(p);
+    start = comma + 1;
+  }
+  return true;
+}
+
 // A tensor format with every field given.
 inline TensorFormat Fmt(QuantMode m, int bits, Grouping g, int gs, int keep, int flush) {
   TensorFormat f;
