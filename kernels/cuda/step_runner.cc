@@ -452,11 +452,11 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
       return Result::Error(Code::kInvalidArgument, "sequence " + std::to_string(i) + ": tokens after an unfilled sink");
     const int to_win = w.n_new - d.to_sink;
     KVQ_RETURN_IF_ERROR(FillTensor(w.k, c.k, w.flush_k, w.flush_done, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.k, "k", i));
-    for (int j = 0; j < w.k.num_body_pages; ++j) pages.push_back(w.k.body_pages[j]);
-    for (int j = 0; j < w.k.num_win_pages; ++j) pages.push_back(w.k.win_pages[j]);
+    pages.insert(pages.end(), w.k.body_pages, w.k.body_pages + w.k.num_body_pages);
+    pages.insert(pages.end(), w.k.win_pages, w.k.win_pages + w.k.num_win_pages);
     KVQ_RETURN_IF_ERROR(FillTensor(w.v, c.v, w.flush_v, w.flush_done, to_win, p.num_kv_heads, p.head_dim, &cursor, &d.v, "v", i));
-    for (int j = 0; j < w.v.num_body_pages; ++j) pages.push_back(w.v.body_pages[j]);
-    for (int j = 0; j < w.v.num_win_pages; ++j) pages.push_back(w.v.win_pages[j]);
+    pages.insert(pages.end(), w.v.body_pages, w.v.body_pages + w.v.num_body_pages);
+    pages.insert(pages.end(), w.v.win_pages, w.v.win_pages + w.v.num_win_pages);
     const int64_t lk = int64_t{w.sink_len} + d.to_sink + w.k.body_len + w.k.win_len + to_win;
     const int64_t lv = int64_t{w.sink_len} + d.to_sink + w.v.body_len + w.v.win_len + to_win;
     if (lk != lv)
