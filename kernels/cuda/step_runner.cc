@@ -175,7 +175,7 @@ struct CudaStepRunner::Impl {
   std::vector<cuda::DevSeq> seqs, fseqs;
   std::vector<int64_t> pages, fpages;
   std::vector<cuda::DevMergeItem> items;
-  std::vector<cuda::DevUnit> units;
+  std::vector<cuda::DevUnit> units, units_ordered;
   SegmentLists segments, split;
   std::vector<char> owned;
   std::vector<std::pair<int64_t, int64_t>> length_runs;
@@ -869,8 +869,16 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   if (units.size() > (size_t{1} << 31)) return Result::Error(Code::kInvalidArgument, "batch too large");
   // Launch order: the per-token units first (short where they surround tensor-core bodies), so
   // that any body units beyond one wave start as soon as they finish; the partials keep item order.
-  if (imma_units > 0)
-    std::stable_partition(units.begin(), units.end(), [](const cuda::DevUnit& u) { return u.kind == cuda::kUnitTokens; });
+  // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
+  if (imma_units > 0) {
+    std::vector<cuda::DevUnit>& ordered = m.units_ordered;
+    ordered.clear();
+    for (const cuda::DevUnit& u : units)
+      if (u.kind == cuda::kUnitTokens) ordered.push_back(u);
+    for (const cuda::DevUnit& u : units)
+      if (u.kind != cuda::kUnitTokens) ordered.push_back(u);
+    std::swap(units, ordered);
+  }
 
   const int64_t off_pages = Align16(int64_t(seqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_units = off_pages + Align16(int64_t(pages.size() * sizeof(int64_t)));
