@@ -3,15 +3,17 @@
 # kvq-bench --prefetch) in one device call:
 #   1. the GPU suite (with KernelsGpu.PrefetchModes), the store's CUDA backend tests, and
 #      compute-sanitizer memcheck of PrefetchModes (skipped with SUITE=0);
-#   2. kvq-bench kernels --json with each mode (off, l2bulk, l1, l2), alternating, ROUNDS times, on
+#   2. kvq-bench kernels --json with each mode (MODES), alternating, ROUNDS times, on
 #      the shapes whose body tiles take the per-token path (one query row per KV head: InnerQ always,
 #      KIVI at (1,9,3,8192)); then KIVI with the tensor-core units off (--no-imma) at
-#      (1,32,32,32768), off against l2bulk and l1;
+#      (1,32,32,32768), with the same modes;
 #   3. a summary: attention us per (shape, preset) and mode, from the JSON files.
-# Outputs in $OUT: tests.txt, r<round>_<mode>.json, kivi_<mode>.json, summary.txt.
+# Outputs in $OUT: tests.txt, summary.txt, runs.tgz (r<round>_<mode>.json, kivi_<mode>.json and
+# their stderr).
 #
 # usage (device tool, carry [".device"]): OUT=$OUT bash bench/device_prefetch.sh
-#   env: ROUNDS (2), SUITE (1), ITERS (30)
+#   env: ROUNDS (2), SUITE (1), ITERS (30), MODES ("off l2bulk l1 l2"; "-late" variants too),
+#        SHAPES ("B,Hq,Hkv,T,D ..."), PRESETS (innerq,kivi2,kivi4,innerq2)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/device_prefetch}
@@ -29,15 +31,17 @@ if [ "${SUITE:-1}" = 1 ]; then
   echo "[suite] at $(( $(date +%s) - t0 ))s"
 fi
 iters=${ITERS:-30}
+modes=${MODES:-off l2bulk l1 l2}
 shapes=(--shape 1,32,32,32768,128 --shape 1,32,32,4096,128 --shape 16,32,32,4096,128 --shape 1,9,3,8192,64)
+[ -n "${SHAPES:-}" ] && { shapes=(); for sh in $SHAPES; do shapes+=(--shape "$sh"); done; }
 for r in $(seq 1 "${ROUNDS:-2}"); do
-  for m in off l2bulk l1 l2; do
-    timeout 150 .device/run kvq-bench kernels --json --iters "$iters" --qa-steps 8 --presets innerq,kivi2,kivi4,innerq2 \
+  for m in $modes; do
+    timeout 150 .device/run kvq-bench kernels --json --iters "$iters" --qa-steps 8 --presets "${PRESETS:-innerq,kivi2,kivi4,innerq2}" \
       "${shapes[@]}" --prefetch "$m" > "$OUT/r${r}_$m.json" 2> "$OUT/r${r}_$m.err"
     echo "[round $r $m] at $(( $(date +%s) - t0 ))s"
   done
 done
-for m in off l2bulk l1; do
+for m in $modes; do
   timeout 100 .device/run kvq-bench kernels --json --iters "$iters" --qa-steps 8 --no-imma --presets kivi2,kivi4 \
     --shape 1,32,32,32768,128 --prefetch "$m" > "$OUT/kivi_$m.json" 2> "$OUT/kivi_$m.err"
 done
@@ -62,4 +66,6 @@ for k, v in rows.items():
         print(f"  {name:<12} {us:8.2f} us  err {err:.1e}  {kern}")
 EOF
 cat "$OUT/summary.txt"
+# one archive: a device call returns only a few files
+(cd "$OUT" && tar czf runs.tgz ./*.json ./*.err && rm -f ./*.json ./*.err)
 echo "[done] at $(( $(date +%s) - t0 ))s"

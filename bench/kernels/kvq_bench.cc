@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--prefetch off|l2bulk|l1|l2] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--prefetch off|l2bulk|l1|l2[-late]] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -617,7 +617,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
-    if (g_prefetch > 0) row->path += std::string("+fetch-") + (g_prefetch == 1 ? "l2bulk" : g_prefetch == 2 ? "l1" : "l2");
+    if (g_prefetch > 0) {
+      const int k = g_prefetch & 3;
+      row->path += std::string("+fetch-") + (k == 1 ? "l2bulk" : k == 2 ? "l1" : "l2") + (g_prefetch > 4 ? "-late" : "");
+    }
     if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
   }
   runners.clear();
@@ -634,7 +637,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--prefetch off|l2bulk|l1|l2] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--prefetch off|l2bulk|l1|l2[-late]] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -679,8 +682,10 @@ int main(int argc, char** argv) {
       const std::string m = argv[++i];
       const char* const kModes[] = {"off", "l2bulk", "l1", "l2"};
       g_prefetch = -1;
-      for (int k = 0; k < 4; ++k)
+      for (int k = 0; k < 4; ++k) {
         if (m == kModes[k]) g_prefetch = k;
+        if (k > 0 && m == std::string(kModes[k]) + "-late") g_prefetch = k + 4;  // after the tile's V loads
+      }
       if (g_prefetch < 0) return Usage();
     } else if (a == "--qa-steps" && i + 1 < argc) {
       g_qa_steps = std::max(1, std::atoi(argv[++i]));

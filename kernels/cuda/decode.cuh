@@ -654,7 +654,8 @@ __device__ __forceinline__ void PrefetchBodyTiles(const AttnArgs& a, const DevSe
   if (u0 < 0) return;
   const bool kq = s.k.bits < 16 && u0 + 32 <= s.k.body_len;
   const bool vq = s.v.bits < 16 && u0 + 32 <= s.v.body_len;
-  if (a.prefetch == kPrefetchL2Bulk) {
+  const int kind = a.prefetch & 3;
+  if (kind == kPrefetchL2Bulk) {
     if (lane < 6) {
       const bool isk = lane < 3;
       const DevTensor& x = isk ? s.k : s.v;
@@ -667,7 +668,7 @@ __device__ __forceinline__ void PrefetchBodyTiles(const AttnArgs& a, const DevSe
     }
     return;
   }
-  const bool l1 = a.prefetch == kPrefetchL1;
+  const bool l1 = kind == kPrefetchL1;
   auto lines = [&](const uint8_t* p, int bytes) {
     const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127};
     const uintptr_t line = first + static_cast<uintptr_t>(lane) * 128;
@@ -1110,10 +1111,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
-    if (a.prefetch != kPrefetchOff) {
-      const int next = skip(tile0 + kDecWarps * 32);
-      if (next < unit.tok_end) PrefetchBodyTiles<D>(a, s, h, next, b0, lane);
-    }
+    const int next_tile = skip(tile0 + kDecWarps * 32);
+    if (a.prefetch != kPrefetchOff && (a.prefetch & kPrefetchLate) == 0 && next_tile < unit.tok_end)
+      PrefetchBodyTiles<D>(a, s, h, next_tile, b0, lane);
     float sc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
@@ -1202,6 +1202,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.vbody[lane] = vl.body;
       }
     }
+    if ((a.prefetch & kPrefetchLate) != 0 && next_tile < unit.tok_end) PrefetchBodyTiles<D>(a, s, h, next_tile, b0, lane);
     // ---- P.V (lane = CPL channels)
     // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
     const bool vc_dp4a = R == 1 && vc && vbits != 3;

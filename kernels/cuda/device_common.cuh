@@ -232,7 +232,9 @@ __device__ __forceinline__ void GridDependentsLaunchAfterWait() {
 // clobber: a hint orders nothing, and a clobber would make the compiler reload shared-memory
 // descriptors after it. The emulated device checks that the prefetched bytes lie inside one device
 // allocation (a GPU drops a bad prefetch silently, so nothing else would catch it).
-enum PrefetchMode : int32_t { kPrefetchOff = 0, kPrefetchL2Bulk = 1, kPrefetchL1 = 2, kPrefetchL2 = 3 };
+// The kind in the low two bits; kPrefetchLate: issued after the tile's own V loads (else at the
+// tile's start, before its K loads).
+enum PrefetchMode : int32_t { kPrefetchOff = 0, kPrefetchL2Bulk = 1, kPrefetchL1 = 2, kPrefetchL2 = 3, kPrefetchLate = 4 };
 // bytes (a multiple of 16) from p (16-byte aligned) into L2: one instruction for the whole run
 __device__ __forceinline__ void PrefetchBulkL2(const void* p, uint32_t bytes) {
 #if defined(KVQ_CUDA_EMU)

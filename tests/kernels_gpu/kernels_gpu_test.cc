@@ -1376,7 +1376,7 @@ TEST(KernelsGpu, RowClassOneRow) {
 TEST(KernelsGpu, PrefetchModes) {
   SKIP_WITHOUT_GPU();
   int k = 0;
-  for (int mode : {1, 2, 3}) {
+  for (int mode : {1, 2, 3, 5, 6, 7}) {  // + 4: after the tile's V loads
     SCOPED_TRACE("prefetch mode " + std::to_string(mode));
     Case a;  // one row, InnerQ family
     a.hq = a.hkv = 2;

@@ -183,7 +183,8 @@ class CudaStepRunner {
   // tile while it computes the current one: 0 off (the default), 1 into L2 with one bulk prefetch
   // per run of codes / scales / zeros, 2 line by line into L1, 3 line by line into L2 (an
   // experiment on the latency-bound one-row paths; docs/gpu_notes.md). Applies from the next launch.
-  void set_prefetch(int mode) { prefetch_mode_ = mode >= 0 && mode <= 3 ? mode : 0; }
+  // + 4: issued after the tile's own V loads instead of at its start.
+  void set_prefetch(int mode) { prefetch_mode_ = mode >= 0 && mode <= 7 && (mode & 3) != 0 ? mode : 0; }
   // The benchmark's view into the quantize-append: the launches from now on write per-warp phase
   // stamps (clock cycles and global nanoseconds, cuda::kQaTraceSlots per warp, step_desc.h) to
   // this device buffer, which must hold qa_trace_warps() x kQaTraceSlots int64 for every prepared
