@@ -642,49 +642,6 @@ __device__ __forceinline__ BodySrc BodyTileSrc(const uint8_t* arena, const int64
   return BodySrc{head + gb * x.words_per_group * 4, head + x.scales_offset + 2 * gb, head + x.zeros_offset + 2 * gb};
 }
 
-// The per-token path's prefetch (AttnArgs::prefetch) of the K and V body tiles at token t0, one tile
-// of the warp ahead of their loads: only tiles wholly inside the body as it was before this step
-// (never the step's flush, which the quantize-append may still be writing: a line prefetched into
-// L1 before that write would be read stale). Bulk: lanes 0-5 each one run (K codes, scales, zeros,
-// V codes, scales, zeros); lines: every lane the 128-byte lines of each run at its index.
-template <int D>
-__device__ __forceinline__ void PrefetchBodyTiles(const AttnArgs& a, const DevSeq& s, int h, int t0, int b0,
-                                                  int lane) {
-  const int u0 = t0 - b0;
-  if (u0 < 0) return;
-  const bool kq = s.k.bits < 16 && u0 + 32 <= s.k.body_len;
-  const bool vq = s.v.bits < 16 && u0 + 32 <= s.v.body_len;
-  const int kind = a.prefetch & 3;
-  if (kind == kPrefetchL2Bulk) {
-    if (lane < 6) {
-      const bool isk = lane < 3;
-      const DevTensor& x = isk ? s.k : s.v;
-      const int part = isk ? lane : lane - 3;
-      if ((isk ? kq : vq) && (part < 2 || x.has_zeros)) {
-        const BodySrc b = BodyTileSrc<D>(a.arena, a.pages, x, h, u0);
-        PrefetchBulkL2(part == 0 ? b.codes : part == 1 ? b.scales : b.zeros,
-                       part == 0 ? static_cast<uint32_t>(4 * D * x.bits) : static_cast<uint32_t>(2 * D));
-      }
-    }
-    return;
-  }
-  const bool l1 = kind == kPrefetchL1;
-  auto lines = [&](const uint8_t* p, int bytes) {
-    const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127};
-    const uintptr_t line = first + static_cast<uintptr_t>(lane) * 128;
-    if (line < reinterpret_cast<uintptr_t>(p) + bytes) PrefetchLine(reinterpret_cast<const void*>(line), l1);
-  };
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const DevTensor& x = i == 0 ? s.k : s.v;
-    if (!(i == 0 ? kq : vq)) continue;
-    const BodySrc b = BodyTileSrc<D>(a.arena, a.pages, x, h, u0);
-    lines(b.codes, 4 * D * x.bits);  // at most 2 KB: one line per lane
-    lines(b.scales, 2 * D);
-    if (x.has_zeros) lines(b.zeros, 2 * D);
-  }
-}
-
 // A staged body tile in shared memory: codes, scales, zeros back to back (BodyTileBytes).
 template <int D>
 __device__ __forceinline__ BodySrc StagedSrc(const uint8_t* base, const DevTensor& x) {
@@ -1111,9 +1068,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
-    const int next_tile = skip(tile0 + kDecWarps * 32);
-    if (a.prefetch != kPrefetchOff && (a.prefetch & kPrefetchLate) == 0 && next_tile < unit.tok_end)
-      PrefetchBodyTiles<D>(a, s, h, next_tile, b0, lane);
     float sc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
@@ -1202,7 +1156,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.vbody[lane] = vl.body;
       }
     }
-    if ((a.prefetch & kPrefetchLate) != 0 && next_tile < unit.tok_end) PrefetchBodyTiles<D>(a, s, h, next_tile, b0, lane);
     // ---- P.V (lane = CPL channels)
     // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
     const bool vc_dp4a = R == 1 && vc && vbits != 3;

@@ -228,35 +228,6 @@ __device__ __forceinline__ void GridDependentsLaunchAfterWait() {
 #endif
 }
 
-// Prefetch hints (the decode path's per-token tiles, CudaStepRunner::set_prefetch). No memory
-// clobber: a hint orders nothing, and a clobber would make the compiler reload shared-memory
-// descriptors after it. The emulated device checks that the prefetched bytes lie inside one device
-// allocation (a GPU drops a bad prefetch silently, so nothing else would catch it).
-// The kind in the low two bits; kPrefetchLate: issued after the tile's own V loads (else at the
-// tile's start, before its K loads).
-enum PrefetchMode : int32_t { kPrefetchOff = 0, kPrefetchL2Bulk = 1, kPrefetchL1 = 2, kPrefetchL2 = 3, kPrefetchLate = 4 };
-// bytes (a multiple of 16) from p (16-byte aligned) into L2: one instruction for the whole run
-__device__ __forceinline__ void PrefetchBulkL2(const void* p, uint32_t bytes) {
-#if defined(KVQ_CUDA_EMU)
-  kvq_emu::Prefetch(p, static_cast<int>(bytes), true);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes));
-#endif
-}
-// the 128-byte line holding p into L1 (and L2), or into L2 only
-__device__ __forceinline__ void PrefetchLine(const void* p, bool l1) {
-#if defined(KVQ_CUDA_EMU)
-  (void)l1;
-  kvq_emu::Prefetch(p, 1, false);
-#else
-  if (l1) {
-    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
-  } else {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-  }
-#endif
-}
-
 // Launches a kernel of one by-value argument, as a programmatic dependent of the preceding kernel
 // in the stream when pdl. Host builds with KVQ_CUDA_EMU (tests/emu/cuda_emu.h) run the grid on
 // emulated threads instead.

@@ -210,9 +210,6 @@ struct AttnArgs {
   // Decode path: the rings start this many bytes past the (128-byte aligned) dynamic shared memory;
   // 0 but for the alignment experiment (CudaStepRunner::set_ring_offset)
   int32_t ring_offset;
-  // Decode path, per-token tiles: each warp prefetches its next tile's quantized K and V body tiles
-  // while it computes the current one (PrefetchMode, device_common.cuh; CudaStepRunner::set_prefetch)
-  int32_t prefetch;
   // Decode path, the fused step (CudaStepRunner::set_fused_step): no quantize-append launch before
   // this one. Per (sequence, KV head) the first unit that must wait (UnitWaitsForQuantizeAppend) to
   // claim it (item_sync[2 (seq * Hkv + h)] set to epoch) runs that head's quantize-append blocks (K

@@ -69,9 +69,6 @@ void LaunchError(const char* what);
 // cp.async: n (0 or 16) bytes from src, the rest of 16 zero-filled, when a wait covers the group.
 void CpAsync(void* dst, const void* src, int n);
 void CpAsyncCommit();
-// A prefetch hint of n bytes at src (bulk: cp.async.bulk.prefetch.L2, 16-byte aligned, n a multiple
-// of 16; else one line, n = 1): nothing is copied; the bytes must lie inside one device allocation.
-void Prefetch(const void* src, int n, bool bulk);
 void CpAsyncWait(int pending_groups);
 
 void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,

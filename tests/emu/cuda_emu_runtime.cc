@@ -414,16 +414,6 @@ void CpAsync(void* dst, const void* src, int n) {
   if (n > 0) std::memcpy(p.bytes, src, size_t(n));
   g_grid->async[size_t(CurrentThread())].open.push_back(p);
 }
-void Prefetch(const void* src, int n, bool bulk) {
-  const uintptr_t p = Addr(src);
-  if (bulk && (p % 16 != 0 || n <= 0 || n % 16 != 0)) {
-    Bad(cudaErrorMisalignedAddress, "bulk prefetch of %d bytes at %#zx: not 16-byte aligned or sized", n, size_t(p));
-    return;
-  }
-  const Alloc* a = AllocBelow(p);
-  if (!a || p - a->begin + size_t(n) > a->size)
-    Bad(cudaErrorIllegalAddress, "prefetch of %d bytes at %#zx: not inside one device allocation", n, size_t(p));
-}
 void CpAsyncCommit() {
   ThreadAsync& a = g_grid->async[size_t(CurrentThread())];
   a.groups.push_back(std::move(a.open));

@@ -95,7 +95,6 @@ struct Case {
   int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
   int ring_offset = 0;         // CudaStepRunner::set_ring_offset
-  int prefetch = 0;            // CudaStepRunner::set_prefetch
 };
 
 std::string Describe(const Case& c) {
@@ -263,7 +262,6 @@ void RunCase(const Case& c) {
   runner->set_kivi_codes(c.kivi_codes);
   runner->set_min_row_class(c.min_row_class);
   runner->set_ring_offset(c.ring_offset);
-  runner->set_prefetch(c.prefetch);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1365,38 +1363,6 @@ TEST(KernelsGpu, RowClassOneRow) {
         RunCase(cs);
         if (HasFatalFailure()) return;
       }
-    }
-  }
-}
-
-// Every prefetch mode of the per-token path (set_prefetch): one-row InnerQ and KIVI batches (KIVI
-// with the tensor cores off, so every body tile is a per-token tile), and a 4-row batch of both
-// families. The prefetched tiles are whole body tiles of the body before the step; the emulated
-// device fails a launch whose prefetch leaves its allocation.
-TEST(KernelsGpu, PrefetchModes) {
-  SKIP_WITHOUT_GPU();
-  int k = 0;
-  for (int mode : {1, 2, 3, 5, 6, 7}) {  // + 4: after the tile's V loads
-    SCOPED_TRACE("prefetch mode " + std::to_string(mode));
-    Case a;  // one row, InnerQ family
-    a.hq = a.hkv = 2;
-    a.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 5),
-              SeqSpec(Preset::kInnerQBase, 300, 1, 1, 0)};
-    Case b;  // one row, KIVI family, D = 64, bf16
-    b.hq = b.hkv = 3;
-    b.d = 64;
-    b.dt = DType::kBF16;
-    b.imma = false;
-    b.seqs = {SeqSpec(Preset::kKivi2, 2500, 1, 1, 9), SeqSpec(Preset::kKivi4, 900, 1, 1, 100)};
-    Case c;  // 4 rows per unit, both families
-    c.imma = false;
-    c.seqs = {SeqSpec(Preset::kInnerQ, 1500, 1, 1, 17), SeqSpec(Preset::kKivi2, 1300, 1, 1, 3)};
-    for (Case* cs : {&a, &b, &c}) {
-      cs->prefetch = mode;
-      cs->seed = 9950 + k++;
-      cs->expect_decode = 1;
-      RunCase(*cs);
-      if (HasFatalFailure()) return;
     }
   }
 }

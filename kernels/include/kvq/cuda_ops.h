@@ -179,12 +179,6 @@ class CudaStepRunner {
   // 128-byte aligned dynamic shared memory (0, the default). An experiment: the one-row instance's
   // rings started 48 bytes past a 128-byte line before the alignment was declared.
   void set_ring_offset(int bytes) { ring_offset_ = bytes >= 0 && bytes < 128 ? bytes / 16 * 16 : 0; }
-  // Decode path, per-token tiles: each warp prefetches the quantized K and V body tiles of its next
-  // tile while it computes the current one: 0 off (the default), 1 into L2 with one bulk prefetch
-  // per run of codes / scales / zeros, 2 line by line into L1, 3 line by line into L2 (an
-  // experiment on the latency-bound one-row paths; docs/gpu_notes.md). Applies from the next launch.
-  // + 4: issued after the tile's own V loads instead of at its start.
-  void set_prefetch(int mode) { prefetch_mode_ = mode >= 0 && mode <= 7 && (mode & 3) != 0 ? mode : 0; }
   // The benchmark's view into the quantize-append: the launches from now on write per-warp phase
   // stamps (clock cycles and global nanoseconds, cuda::kQaTraceSlots per warp, step_desc.h) to
   // this device buffer, which must hold qa_trace_warps() x kQaTraceSlots int64 for every prepared
@@ -223,7 +217,6 @@ class CudaStepRunner {
   bool mapped_output_ = true;
   int min_row_class_ = 1;
   int ring_offset_ = 0;
-  int prefetch_mode_ = 0;
   int64_t* qa_trace_ = nullptr;
 };
 
