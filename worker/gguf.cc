@@ -280,6 +280,92 @@ void DequantizeRow(GgmlType t, const uint8_t* src, float* dst, int64_t n) {
   }
 }
 
+namespace {
+
+// x86-64: an AVX2 / FMA clone beside the baseline one, picked at load time (GCC's target_clones).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVQ_DOT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KVQ_DOT_CLONES
+#endif
+
+// 8-lane vectors (GCC / Clang vector extensions: two SSE registers in the baseline clone, one AVX
+// register in the x86-64-v3 one).
+// (Every function taking or returning them is inlined: no ABI crosses the clones.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float V8F __attribute__((vector_size(32)));
+typedef int32_t V8I __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline V8F LoadV8F(const float* p) {
+  V8F v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename B>
+__attribute__((always_inline)) inline V8I Widen8(const B* q) {
+  return V8I{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
+}
+
+// Per 32-element block: scale * sum_j q_j x_j with q the block's unsigned nibbles (low nibbles the
+// first 16 elements, high nibbles the last 16) or signed bytes, in 8 lanes; then offset * xsum[b].
+template <bool Q8>
+__attribute__((always_inline)) inline float DotBlocks(const uint8_t* row, const float* x, const float* xsum,
+                                                      int64_t blocks, int block_bytes, bool with_min, float shift) {
+  V8F acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  float off = 0;
+  for (int64_t b = 0; b < blocks; ++b, row += block_bytes, x += 32) {
+    const float d = HalfToFloat(LoadLE<uint16_t>(row));
+    V8F p;
+    if constexpr (Q8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
+      p = __builtin_convertvector(Widen8(q), V8F) * LoadV8F(x) +
+          __builtin_convertvector(Widen8(q + 8), V8F) * LoadV8F(x + 8) +
+          __builtin_convertvector(Widen8(q + 16), V8F) * LoadV8F(x + 16) +
+          __builtin_convertvector(Widen8(q + 24), V8F) * LoadV8F(x + 24);
+    } else {
+      const uint8_t* q = row + (with_min ? 4 : 2);
+      const V8I a = Widen8(q), c = Widen8(q + 8);
+      p = __builtin_convertvector(a & 0xF, V8F) * LoadV8F(x) + __builtin_convertvector(c & 0xF, V8F) * LoadV8F(x + 8) +
+          __builtin_convertvector(a >> 4, V8F) * LoadV8F(x + 16) +
+          __builtin_convertvector(c >> 4, V8F) * LoadV8F(x + 24);
+      off += (with_min ? HalfToFloat(LoadLE<uint16_t>(row + 2)) : shift * d) * xsum[b];
+    }
+    acc += d * p;
+  }
+  return (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) + off;
+}
+
+KVQ_DOT_CLONES float DotQ4_0(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
+  return DotBlocks<false>(row, x, xsum, blocks, 18, false, -8.f);
+}
+KVQ_DOT_CLONES float DotQ4_1(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
+  return DotBlocks<false>(row, x, xsum, blocks, 20, true, 0.f);
+}
+KVQ_DOT_CLONES float DotQ8_0(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
+  return DotBlocks<true>(row, x, xsum, blocks, 34, false, 0.f);
+}
+
+}  // namespace
+
+bool DotRow(GgmlType t, const uint8_t* row, const float* x, const float* xsum, int64_t n, float* out) {
+  switch (t) {
+    case GgmlType::kQ4_0: *out = DotQ4_0(row, x, xsum, n / 32); return true;
+    case GgmlType::kQ4_1: *out = DotQ4_1(row, x, xsum, n / 32); return true;
+    case GgmlType::kQ8_0: *out = DotQ8_0(row, x, xsum, n / 32); return true;
+    default: return false;
+  }
+}
+
+void BlockSums32(const float* x, int64_t n, float* xsum) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float s = 0;
+    for (int j = 0; j < 32; ++j) s += x[32 * b + j];
+    xsum[b] = s;
+  }
+}
+
 bool QuantizeRow(GgmlType t, const float* src, uint8_t* dst, int64_t n) {
   auto put16 = [](uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); };
   switch (t) {

@@ -26,6 +26,13 @@ bool GgmlTypeInfo(GgmlType t, int64_t* block_elems, int64_t* block_bytes);
 int64_t GgmlRowBytes(GgmlType t, int64_t n);
 // Dequantizes n elements (a multiple of the block size) starting at src.
 void DequantizeRow(GgmlType t, const uint8_t* src, float* dst, int64_t n);
+// The dot product of one row of n elements with x, on the packed blocks (no dequantized copy of the
+// row), for the block types of the decode's matrix-vector products: Q4_0, Q4_1, Q8_0. False (and
+// nothing written) for the other types, which DequantizeRow serves. xsum: BlockSums32 of x, which
+// carries the blocks' offsets (Q4_1's m, Q4_0's -8 d).
+bool DotRow(GgmlType t, const uint8_t* row, const float* x, const float* xsum, int64_t n, float* out);
+// xsum[b] = x[32 b] + ... + x[32 b + 31] for the n / 32 blocks of x.
+void BlockSums32(const float* x, int64_t n, float* xsum);
 // Quantizes n float elements (for the writer; F32, F16, BF16, Q8_0, Q4_0, Q4_1). False otherwise.
 bool QuantizeRow(GgmlType t, const float* src, uint8_t* dst, int64_t n);
 

@@ -1,8 +1,13 @@
 // kvq-worker: the model worker. Loads a GGUF model, serves kvq.v1.Worker/Generate on --port and
 // sends every layer's attention to the KV store (--store), or runs it in-process (--attention).
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -48,6 +53,15 @@ void OnSignal(int) { g_stop = true; }
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenBLAS reads its core type when it loads: a better one than its own choice means starting again
+  // with it (the same process id, arguments and environment but for the variable).
+  if (const std::string core = kvq::worker::BlasCoreTypeOverride(); !core.empty()) {
+    setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
+    std::fprintf(stderr, "kvq-worker: OpenBLAS took a generic x86-64 core for this CPU; starting again with "
+                 "OPENBLAS_CORETYPE=%s\n", core.c_str());
+    execv("/proc/self/exe", argv);
+    std::fprintf(stderr, "kvq-worker: could not start again (%s); going on with OpenBLAS's choice\n", std::strerror(errno));
+  }
   absl::SetProgramUsageMessage("kvq-worker --model M.gguf [--store host:port] [--port 50052]");
   absl::ParseCommandLine(argc, argv);
   using namespace kvq::worker;

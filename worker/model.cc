@@ -18,9 +18,34 @@
 #if KVQ_WORKER_HAVE_BLAS
 #include <cblas.h>
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+extern "C" char* openblas_get_corename(void) __attribute__((weak));
 #endif
+#include <strings.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace kvq::worker {
+
+std::string BlasCoreTypeOverride() {
+#if KVQ_WORKER_HAVE_BLAS && defined(__x86_64__) && defined(__GNUC__)
+  if (openblas_get_corename == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr) return "";
+  const char* name = openblas_get_corename();
+  if (name == nullptr) return "";
+  // the generic x86-64 cores OpenBLAS falls back to, below the AVX2 ones
+  static const char* const kGeneric[] = {"prescott", "core2", "penryn", "dunnington", "nehalem", "katmai",
+                                         "coppermine", "northwood", "unknown"};
+  bool generic = false;
+  for (const char* g : kGeneric) generic = generic || strcasecmp(name, g) == 0;
+  if (!generic) return "";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return "SkylakeX";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+  return "";
+}
 
 // A fixed set of threads running ParallelFor over index ranges; the caller takes part.
 class ThreadPool {
@@ -298,10 +323,24 @@ void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) 
     return;
   }
 #endif
+  // Few rows (decode): the block types' dot products on the packed rows (DotRow, with the 32-element
+  // block sums of x computed once here); the others through a dequantized copy of each row.
+  const bool packed = (w.type == GgmlType::kQ4_0 || w.type == GgmlType::kQ4_1 || w.type == GgmlType::kQ8_0) &&
+                      in % 32 == 0;
+  std::vector<float> xsum;
+  if (packed) {
+    xsum.resize(static_cast<size_t>(rows * (in / 32)));
+    for (int64_t r = 0; r < rows; ++r) BlockSums32(x + r * in, in, xsum.data() + r * (in / 32));
+  }
   pool_->ParallelFor(out, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(static_cast<size_t>(in));
+    std::vector<float> tmp(packed ? 0 : static_cast<size_t>(in));
     for (int64_t o = begin; o < end; ++o) {
-      DequantizeRow(w.type, w.data + o * row_bytes, tmp.data(), in);
+      const uint8_t* wr = w.data + o * row_bytes;
+      if (packed) {
+        for (int64_t r = 0; r < rows; ++r) DotRow(w.type, wr, x + r * in, xsum.data() + r * (in / 32), in, &y[r * out + o]);
+        continue;
+      }
+      DequantizeRow(w.type, wr, tmp.data(), in);
       for (int64_t r = 0; r < rows; ++r) y[r * out + o] = Dot(tmp.data(), x + r * in, in);
     }
   });

@@ -47,6 +47,14 @@ struct SeqChunk {
 class ThreadPool;
 class CudaMatMul;
 
+// The OpenBLAS core type this CPU should run (OPENBLAS_CORETYPE) when the library's own choice falls
+// short of the CPU's vector units: OpenBLAS picks its kernels from the CPU's model, and a virtual
+// machine's generic model ("Intel Xeon Processor") makes it fall back to its SSE3 ones (Prescott)
+// where AVX2 / AVX-512 are there, which halves the prefill's sgemm. Empty when the choice is fine,
+// the variable is set already, or the build has no OpenBLAS. The variable is read when the library
+// loads: a process that gets a name sets it and starts again (kvq-worker does).
+std::string BlasCoreTypeOverride();
+
 class Model {
  public:
   // Loads the GGUF file (progress bar on stderr if asked) and validates every tensor's shape.

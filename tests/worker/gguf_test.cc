@@ -181,6 +181,41 @@ TEST(Gguf, QuantizeDequantizeEveryWritableType) {
   }
 }
 
+// DotRow (the decode's dot products on the packed blocks) against the dequantized row's dot product
+// in double, for rows of 1 to 36 blocks with random weights and inputs (offsets included: inputs
+// away from zero make Q4_1's m and Q4_0's -8 d count); false for the types it does not take.
+TEST(Gguf, DotRowMatchesTheDequantizedRow) {
+  std::mt19937 rng(77);
+  for (GgmlType t : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0}) {
+    for (int blocks : {1, 2, 3, 18, 36}) {
+      const int n = 32 * blocks;
+      const auto w = RandomFloats(n, rng(), 1.5f);
+      auto x = RandomFloats(n, rng(), 1.f);
+      for (auto& v : x) v += 0.75f;
+      std::vector<uint8_t> row(size_t(GgmlRowBytes(t, n)));
+      ASSERT_TRUE(QuantizeRow(t, w.data(), row.data(), n));
+      std::vector<float> wq(static_cast<size_t>(n)), xsum(static_cast<size_t>(blocks));
+      DequantizeRow(t, row.data(), wq.data(), n);
+      BlockSums32(x.data(), n, xsum.data());
+      double ref = 0, mag = 0;
+      for (int i = 0; i < n; ++i) {
+        ref += double(wq[size_t(i)]) * x[size_t(i)];
+        mag += std::fabs(double(wq[size_t(i)]) * x[size_t(i)]);
+      }
+      float got = std::nanf("");
+      ASSERT_TRUE(DotRow(t, row.data(), x.data(), xsum.data(), n, &got)) << GgmlTypeName(t);
+      EXPECT_NEAR(got, ref, 2e-6 * mag + 1e-6) << GgmlTypeName(t) << " blocks " << blocks;
+    }
+  }
+  const std::vector<float> x(64, 1.f), xsum(2, 32.f);
+  std::vector<uint8_t> row(256);
+  float out = 123.f;
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ5_1, GgmlType::kQ4_K}) {
+    EXPECT_FALSE(DotRow(t, row.data(), x.data(), xsum.data(), 64, &out)) << GgmlTypeName(t);
+  }
+  EXPECT_EQ(out, 123.f);
+}
+
 std::vector<uint8_t> FromHex(const char* hex) {
   std::vector<uint8_t> out;
   for (size_t i = 0; hex[i] && hex[i + 1]; i += 2) out.push_back(uint8_t(std::stoi(std::string(hex + i, 2), nullptr, 16)));

@@ -3,6 +3,8 @@
 // for weights in several GGUF types; plus incremental decoding and batching equal to one prefill.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include <cmath>
 #include <random>
 #include <vector>
@@ -217,6 +219,27 @@ TEST(Model, CudaMatrixProductsMatchTheCpu) {
     std::vector<double> ref(lc.begin(), lc.end());
     EXPECT_LT(MaxRelDiff(lg, ref), 2e-2) << n << " tokens";  // fp16 weights and inputs on the GPU
   }
+}
+
+// The OpenBLAS core type the worker restarts with: none once the variable is set (the user's choice,
+// or the restart's own), else none or one this CPU's vector units run.
+TEST(Model, BlasCoreTypeOverride) {
+  const char* before = std::getenv("OPENBLAS_CORETYPE");
+  const std::string saved = before ? before : "";
+  setenv("OPENBLAS_CORETYPE", "Prescott", 1);
+  EXPECT_EQ(BlasCoreTypeOverride(), "");
+  unsetenv("OPENBLAS_CORETYPE");
+  const std::string core = BlasCoreTypeOverride();
+  if (!core.empty()) {
+    EXPECT_TRUE(core == "SkylakeX" || core == "Haswell") << core;
+#if defined(__x86_64__) && defined(__GNUC__)
+    EXPECT_TRUE(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+    if (core == "SkylakeX") {
+      EXPECT_TRUE(__builtin_cpu_supports("avx512f"));
+    }
+#endif
+  }
+  if (before) setenv("OPENBLAS_CORETYPE", saved.c_str(), 1);
 }
 
 TEST(Model, BadInputsAreErrors) {
