@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--no-coalesce] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -116,7 +116,6 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
 int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
-bool g_coalesce = true;        // --no-coalesce: CudaStepRunner::set_coalesce(false)
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 bool g_chain_dump = false;     // --chain-dump: the chain's steps one by one on stderr
@@ -282,7 +281,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
-    runners[k]->set_coalesce(g_coalesce);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
     // decode step and run it once.
     CHECK_KVQ(runners[k]->QuantizeAppend(p, w1[k].data(), cfgs.data(), sh.b, d_arena, stream));
@@ -617,7 +615,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
-    if (!g_coalesce) row->path += "-lanewise";                                      // --no-coalesce
     if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
   }
   runners.clear();
@@ -634,7 +631,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--no-coalesce] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -675,8 +672,6 @@ int main(int argc, char** argv) {
       g_split_blocks = std::max(0, std::atoi(argv[++i]));
     } else if (a == "--ring-offset" && i + 1 < argc) {
       g_ring_offset = std::atoi(argv[++i]);
-    } else if (a == "--no-coalesce") {
-      g_coalesce = false;
     } else if (a == "--qa-steps" && i + 1 < argc) {
       g_qa_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--row-class" && i + 1 < argc) {

@@ -288,9 +288,6 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
 
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
 template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void KChannelsCompute(const Smem& sm, const uint32_t* w, const float* s, const float* z,
-                                                 const DevTensor& x, float* sc);
-template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b, const DevTensor& x,
                                                int slot, float* sc) {
   constexpr int NG = D / 32;
@@ -299,65 +296,6 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
   LoadWords<NW>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
   LoadScaleZero<NG, false>(b, x, slot * NG, s, z);
-  KChannelsCompute<D, R, BITS>(sm, w, s, z, x, sc);
-}
-
-// A whole tile's N words per lane that lie back to back in global memory (lane l's at src + l N: a
-// body tile's along_channels key codes, lane = token, or its along_tokens value codes, lane = CPL
-// channels), loaded coalesced (16-byte chunks at consecutive addresses across the lanes) and handed
-// to their lanes through the warp's shared scratch: loaded lane by lane, each 16-byte load of a warp
-// spans N x 32 x 4 bytes, so it touches twice the sectors it uses and the L2 sees ~1.7x the bytes
-// the tile has (Nsight Compute, docs/gpu_notes.md "Twelfth session").
-template <int N>
-__device__ __forceinline__ void LoadWordsCoalesced(const uint32_t* src, uint32_t* scratch, int lane, uint32_t* dst) {
-  constexpr int kChunks = 32 * N / 4;  // 16-byte chunks of the tile (N is even)
-  static_assert(N % 2 == 0, "8-byte lanes at least");
-  uint4 c[(kChunks + 31) / 32];
-#pragma unroll
-  for (int i = 0; i < (kChunks + 31) / 32; ++i)
-    if (kChunks % 32 == 0 || i * 32 + lane < kChunks) c[i] = __ldg(reinterpret_cast<const uint4*>(src) + i * 32 + lane);
-  __syncwarp();  // the scratch's previous use is over
-#pragma unroll
-  for (int i = 0; i < (kChunks + 31) / 32; ++i)
-    if (kChunks % 32 == 0 || i * 32 + lane < kChunks) reinterpret_cast<uint4*>(scratch)[i * 32 + lane] = c[i];
-  __syncwarp();
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = reinterpret_cast<const uint4*>(scratch + lane * N)[i];
-      dst[4 * i] = v.x;
-      dst[4 * i + 1] = v.y;
-      dst[4 * i + 2] = v.z;
-      dst[4 * i + 3] = v.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = reinterpret_cast<const uint2*>(scratch + lane * N)[i];
-      dst[2 * i] = v.x;
-      dst[2 * i + 1] = v.y;
-    }
-  }
-}
-
-// The along_channels body key of a whole tile (lane = token, slot0 + lane in the page), its codes
-// loaded coalesced through the warp's scratch.
-template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void KChannelsTileCoalesced(const Smem& sm, const BodySrc& b, const DevTensor& x,
-                                                       uint32_t* scratch, int lane, float* sc) {
-  constexpr int NG = D / 32;
-  constexpr int NW = NG * BITS;
-  float s[NG], z[NG];
-  LoadScaleZero<NG, false>(b, x, lane * NG, s, z);
-  uint32_t w[NW];
-  LoadWordsCoalesced<NW>(reinterpret_cast<const uint32_t*>(b.codes), scratch, lane, w);
-  KChannelsCompute<D, R, BITS>(sm, w, s, z, x, sc);
-}
-
-template <int D, int R, int BITS, typename Smem>
-__device__ __forceinline__ void KChannelsCompute(const Smem& sm, const uint32_t* w, const float* s, const float* z,
-                                                 const DevTensor& x, float* sc) {
-  constexpr int NG = D / 32;
   if constexpr (R == 1) {
     // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
     // 16 dp4a per group, the scale once per group
@@ -484,14 +422,6 @@ __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const De
   const int c0 = lane * CPL;
   LoadWords<CPL * BITS>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
   LoadScaleZero<CPL, false>(b, x, c0, raw.s, raw.z);
-}
-
-template <int D, int BITS>
-__device__ __forceinline__ void VTokensLoadCoalesced(int lane, const BodySrc& b, const DevTensor& x,
-                                                     uint32_t* scratch, VTokRaw<D>& raw) {
-  constexpr int CPL = D / 32;
-  LoadScaleZero<CPL, false>(b, x, lane * CPL, raw.s, raw.z);
-  LoadWordsCoalesced<CPL * BITS>(reinterpret_cast<const uint32_t*>(b.codes), scratch, lane, raw.w);
 }
 
 template <int D, int R, int BITS, typename Smem>
@@ -1122,12 +1052,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const bool v_tok = (PATHS & kPathVTok) && s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
   const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
-  const bool k_ch = (PATHS & kPathKCh) && s.k.grouping == static_cast<int>(Grouping::kAlongChannels);
-  // one row: InnerQ body tiles' codes loaded coalesced through the warp's scratch (ws.u, which only
-  // the KIVI tiles and the epilogue use otherwise; a unit's tiles are of one sequence)
-  const bool coalesce = R == 1 && a.coalesce != 0;
-  static_assert(sizeof(sm.w[0].u) >= 16 * D, "a 4-bit tile's codes (32 x D x 4 bits) fit the warp's scratch");
-  uint32_t* scratch = reinterpret_cast<uint32_t*>(&ws.u);
   // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
   const int pslot = SlotOf(s.v.bits, lane);
   const int pshift = SlotShift(s.v.bits, pslot);
@@ -1147,7 +1071,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     float sc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
-    const bool k_ch_tile = R == 1 && coalesce && k_ch && tile0 >= b0 && tile0 + 32 <= kb1;
     // ---- scores (lane = token)
     if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole
       const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
@@ -1155,13 +1078,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         case 2: KTokensTile<D, R, 2>(sm, warp, lane, kb, s.k, sc); break;
         case 3: KTokensTile<D, R, 3>(sm, warp, lane, kb, s.k, sc); break;
         default: KTokensTile<D, R, 4>(sm, warp, lane, kb, s.k, sc); break;
-      }
-    } else if (k_ch_tile) {  // one row, a whole along_channels body tile: codes loaded coalesced
-      const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
-      switch (s.k.bits) {
-        case 2: KChannelsTileCoalesced<D, R, 2>(sm, kb, s.k, scratch, lane, sc); break;
-        case 3: KChannelsTileCoalesced<D, R, 3>(sm, kb, s.k, scratch, lane, sc); break;
-        default: KChannelsTileCoalesced<D, R, 4>(sm, kb, s.k, scratch, lane, sc); break;
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
@@ -1224,12 +1140,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
           case 2: VChannelsLoad<D, 2>(vb, s.v, lane, vchraw); break;
           case 3: VChannelsLoad<D, 3>(vb, s.v, lane, vchraw); break;
           default: VChannelsLoad<D, 4>(vb, s.v, lane, vchraw); break;
-        }
-      } else if (R == 1 && coalesce) {
-        switch (vbits) {
-          case 2: VTokensLoadCoalesced<D, 2>(lane, vb, s.v, scratch, vraw); break;
-          case 3: VTokensLoadCoalesced<D, 3>(lane, vb, s.v, scratch, vraw); break;
-          default: VTokensLoadCoalesced<D, 4>(lane, vb, s.v, scratch, vraw); break;
         }
       } else {
         switch (vbits) {

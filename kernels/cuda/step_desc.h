@@ -210,9 +210,6 @@ struct AttnArgs {
   // Decode path: the rings start this many bytes past the (128-byte aligned) dynamic shared memory;
   // 0 but for the alignment experiment (CudaStepRunner::set_ring_offset)
   int32_t ring_offset;
-  // Decode path, one row: InnerQ body tiles' key and value codes loaded coalesced through the warp's
-  // shared scratch (CudaStepRunner::set_coalesce; an experiment, on by default)
-  int32_t coalesce;
   // Decode path, the fused step (CudaStepRunner::set_fused_step): no quantize-append launch before
   // this one. Per (sequence, KV head) the first unit that must wait (UnitWaitsForQuantizeAppend) to
   // claim it (item_sync[2 (seq * Hkv + h)] set to epoch) runs that head's quantize-append blocks (K

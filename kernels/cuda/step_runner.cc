@@ -1105,7 +1105,6 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.trigger_dependents = m.flush_after && m.decode_path ? 1 : 0;
   a.sm_block_cap = 0;
   a.ring_offset = ring_offset_;
-  a.coalesce = coalesce_ ? 1 : 0;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
     const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
     if (cap < m.blocks_per_sm) a.sm_block_cap = cap;

@@ -179,9 +179,6 @@ class CudaStepRunner {
   // 128-byte aligned dynamic shared memory (0, the default). An experiment: the one-row instance's
   // rings started 48 bytes past a 128-byte line before the alignment was declared.
   void set_ring_offset(int bytes) { ring_offset_ = bytes >= 0 && bytes < 128 ? bytes / 16 * 16 : 0; }
-  // Decode path, one query row: InnerQ body tiles' codes loaded coalesced through shared memory
-  // (default on) or lane by lane, each lane its token's or channels' words (off; A/Bs and tests).
-  void set_coalesce(bool on) { coalesce_ = on; }
   // The benchmark's view into the quantize-append: the launches from now on write per-warp phase
   // stamps (clock cycles and global nanoseconds, cuda::kQaTraceSlots per warp, step_desc.h) to
   // this device buffer, which must hold qa_trace_warps() x kQaTraceSlots int64 for every prepared
@@ -220,7 +217,6 @@ class CudaStepRunner {
   bool mapped_output_ = true;
   int min_row_class_ = 1;
   int ring_offset_ = 0;
-  bool coalesce_ = true;
   int64_t* qa_trace_ = nullptr;
 };
 
