@@ -424,53 +424,6 @@ __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const De
   LoadScaleZero<CPL, false>(b, x, c0, raw.s, raw.z);
 }
 
-// A whole tile's N words per lane that lie back to back in global memory (lane l's at src + l N; here
-// a body tile's along_tokens value codes, lane = CPL channels), loaded coalesced (16-byte chunks at
-// consecutive addresses across the lanes) and handed to their lanes through the warp's shared
-// scratch. Loaded lane by lane, one 16-byte load of a warp spans N x 32 x 4 bytes and uses half of
-// every sector it touches (docs/gpu_notes.md "Twelfth session").
-template <int N>
-__device__ __forceinline__ void LoadWordsCoalesced(const uint32_t* src, uint32_t* scratch, int lane, uint32_t* dst) {
-  constexpr int kChunks = 32 * N / 4;  // 16-byte chunks of the tile
-  static_assert(N % 2 == 0, "8-byte lanes at least");
-  uint4 c[(kChunks + 31) / 32];
-#pragma unroll
-  for (int i = 0; i < (kChunks + 31) / 32; ++i)
-    if (kChunks % 32 == 0 || i * 32 + lane < kChunks) c[i] = __ldg(reinterpret_cast<const uint4*>(src) + i * 32 + lane);
-  __syncwarp();  // the scratch's previous use is over
-#pragma unroll
-  for (int i = 0; i < (kChunks + 31) / 32; ++i)
-    if (kChunks % 32 == 0 || i * 32 + lane < kChunks) reinterpret_cast<uint4*>(scratch)[i * 32 + lane] = c[i];
-  __syncwarp();
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = reinterpret_cast<const uint4*>(scratch + lane * N)[i];
-      dst[4 * i] = v.x;
-      dst[4 * i + 1] = v.y;
-      dst[4 * i + 2] = v.z;
-      dst[4 * i + 3] = v.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = reinterpret_cast<const uint2*>(scratch + lane * N)[i];
-      dst[2 * i] = v.x;
-      dst[2 * i + 1] = v.y;
-    }
-  }
-}
-
-// VTokensLoad with the codes loaded coalesced through the warp's scratch (one row: the key side's
-// registers leave no room for the same on the keys, whose version added spills).
-template <int D, int BITS>
-__device__ __forceinline__ void VTokensLoadCoalesced(int lane, const BodySrc& b, const DevTensor& x,
-                                                     uint32_t* scratch, VTokRaw<D>& raw) {
-  constexpr int CPL = D / 32;
-  LoadScaleZero<CPL, false>(b, x, lane * CPL, raw.s, raw.z);
-  LoadWordsCoalesced<CPL * BITS>(reinterpret_cast<const uint32_t*>(b.codes), scratch, lane, raw.w);
-}
-
 template <int D, int R, int BITS, typename Smem>
 __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const DevTensor& x,
                                                const VTokRaw<D>& raw, const float* psum, float punit,
@@ -1187,14 +1140,6 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
           case 2: VChannelsLoad<D, 2>(vb, s.v, lane, vchraw); break;
           case 3: VChannelsLoad<D, 3>(vb, s.v, lane, vchraw); break;
           default: VChannelsLoad<D, 4>(vb, s.v, lane, vchraw); break;
-        }
-      } else if constexpr (R == 1) {  // codes through the warp's scratch (ws.u: free on InnerQ tiles)
-        uint32_t* scratch = reinterpret_cast<uint32_t*>(&ws.u);
-        static_assert(sizeof(sm.w[0].u) >= 16 * D, "a 4-bit value tile's codes (D x 32 x 4 bits) fit the scratch");
-        switch (vbits) {
-          case 2: VTokensLoadCoalesced<D, 2>(lane, vb, s.v, scratch, vraw); break;
-          case 3: VTokensLoadCoalesced<D, 3>(lane, vb, s.v, scratch, vraw); break;
-          default: VTokensLoadCoalesced<D, 4>(lane, vb, s.v, scratch, vraw); break;
         }
       } else {
         switch (vbits) {
