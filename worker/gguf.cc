@@ -308,52 +308,52 @@ __attribute__((always_inline)) inline V8I Widen8(const B* q) {
   return V8I{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
 }
 
-// Per 32-element block: scale * sum_j q_j x_j with q the block's unsigned nibbles (low nibbles the
-// first 16 elements, high nibbles the last 16) or signed bytes, in 8 lanes; then offset * xsum[b].
-template <bool Q8>
+// Per 32-element block of type T (Q4_0, Q4_1, Q8_0): d * sum_j q_j x_j with q the block's unsigned
+// nibbles (low nibbles the first 16 elements, high nibbles the last 16) or signed bytes, in 8 lanes;
+// the block's offset (Q4_1's m, Q4_0's -8 d) enters as offset * xsum[b].
+template <GgmlType T>
 __attribute__((always_inline)) inline float DotBlocks(const uint8_t* row, const float* x, const float* xsum,
-                                                      int64_t blocks, int block_bytes, bool with_min, float shift) {
+                                                      int64_t blocks) {
+  constexpr int kBlockBytes = T == GgmlType::kQ4_0 ? 18 : T == GgmlType::kQ4_1 ? 20 : 34;
   V8F acc = {0, 0, 0, 0, 0, 0, 0, 0};
   float off = 0;
-  for (int64_t b = 0; b < blocks; ++b, row += block_bytes, x += 32) {
+  for (int64_t b = 0; b < blocks; ++b, row += kBlockBytes, x += 32) {
     const float d = HalfToFloat(LoadLE<uint16_t>(row));
     V8F p;
-    if constexpr (Q8) {
+    if constexpr (T == GgmlType::kQ8_0) {
       const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
       p = __builtin_convertvector(Widen8(q), V8F) * LoadV8F(x) +
           __builtin_convertvector(Widen8(q + 8), V8F) * LoadV8F(x + 8) +
           __builtin_convertvector(Widen8(q + 16), V8F) * LoadV8F(x + 16) +
           __builtin_convertvector(Widen8(q + 24), V8F) * LoadV8F(x + 24);
     } else {
-      const uint8_t* q = row + (with_min ? 4 : 2);
+      const uint8_t* q = row + (T == GgmlType::kQ4_1 ? 4 : 2);
       const V8I a = Widen8(q), c = Widen8(q + 8);
       p = __builtin_convertvector(a & 0xF, V8F) * LoadV8F(x) + __builtin_convertvector(c & 0xF, V8F) * LoadV8F(x + 8) +
           __builtin_convertvector(a >> 4, V8F) * LoadV8F(x + 16) +
           __builtin_convertvector(c >> 4, V8F) * LoadV8F(x + 24);
-      off += (with_min ? HalfToFloat(LoadLE<uint16_t>(row + 2)) : shift * d) * xsum[b];
+      off += (T == GgmlType::kQ4_1 ? HalfToFloat(LoadLE<uint16_t>(row + 2)) : -8.f * d) * xsum[b];
     }
     acc += d * p;
   }
   return (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) + off;
 }
 
-KVQ_DOT_CLONES float DotQ4_0(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
-  return DotBlocks<false>(row, x, xsum, blocks, 18, false, -8.f);
-}
-KVQ_DOT_CLONES float DotQ4_1(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
-  return DotBlocks<false>(row, x, xsum, blocks, 20, true, 0.f);
-}
-KVQ_DOT_CLONES float DotQ8_0(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
-  return DotBlocks<true>(row, x, xsum, blocks, 34, false, 0.f);
+// One clone set per type (the clones are resolved once, at load time).
+template <GgmlType T>
+KVQ_DOT_CLONES float DotBlocksOf(const uint8_t* row, const float* x, const float* xsum, int64_t blocks) {
+  return DotBlocks<T>(row, x, xsum, blocks);
 }
 
 }  // namespace
 
+bool HasDotRow(GgmlType t) { return t == GgmlType::kQ4_0 || t == GgmlType::kQ4_1 || t == GgmlType::kQ8_0; }
+
 bool DotRow(GgmlType t, const uint8_t* row, const float* x, const float* xsum, int64_t n, float* out) {
   switch (t) {
-    case GgmlType::kQ4_0: *out = DotQ4_0(row, x, xsum, n / 32); return true;
-    case GgmlType::kQ4_1: *out = DotQ4_1(row, x, xsum, n / 32); return true;
-    case GgmlType::kQ8_0: *out = DotQ8_0(row, x, xsum, n / 32); return true;
+    case GgmlType::kQ4_0: *out = DotBlocksOf<GgmlType::kQ4_0>(row, x, xsum, n / 32); return true;
+    case GgmlType::kQ4_1: *out = DotBlocksOf<GgmlType::kQ4_1>(row, x, xsum, n / 32); return true;
+    case GgmlType::kQ8_0: *out = DotBlocksOf<GgmlType::kQ8_0>(row, x, xsum, n / 32); return true;
     default: return false;
   }
 }

@@ -31,6 +31,8 @@ void DequantizeRow(GgmlType t, const uint8_t* src, float* dst, int64_t n);
 // nothing written) for the other types, which DequantizeRow serves. xsum: BlockSums32 of x, which
 // carries the blocks' offsets (Q4_1's m, Q4_0's -8 d).
 bool DotRow(GgmlType t, const uint8_t* row, const float* x, const float* xsum, int64_t n, float* out);
+// Whether DotRow takes rows of this type.
+bool HasDotRow(GgmlType t);
 // xsum[b] = x[32 b] + ... + x[32 b + 31] for the n / 32 blocks of x.
 void BlockSums32(const float* x, int64_t n, float* xsum);
 // Quantizes n float elements (for the writer; F32, F16, BF16, Q8_0, Q4_0, Q4_1). False otherwise.

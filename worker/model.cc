@@ -353,8 +353,7 @@ void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) 
 #endif
   // Few rows (decode): the block types' dot products on the packed rows (DotRow, with the 32-element
   // block sums of x computed once here); the others through a dequantized copy of each row.
-  const bool packed = (w.type == GgmlType::kQ4_0 || w.type == GgmlType::kQ4_1 || w.type == GgmlType::kQ8_0) &&
-                      in % 32 == 0;
+  const bool packed = HasDotRow(w.type) && in % 32 == 0;
   std::vector<float> xsum;
   if (packed) {
     xsum.resize(static_cast<size_t>(rows * (in / 32)));

@@ -203,6 +203,7 @@ TEST(Gguf, DotRowMatchesTheDequantizedRow) {
         mag += std::fabs(double(wq[size_t(i)]) * x[size_t(i)]);
       }
       float got = std::nanf("");
+      ASSERT_TRUE(HasDotRow(t)) << GgmlTypeName(t);
       ASSERT_TRUE(DotRow(t, row.data(), x.data(), xsum.data(), n, &got)) << GgmlTypeName(t);
       EXPECT_NEAR(got, ref, 2e-6 * mag + 1e-6) << GgmlTypeName(t) << " blocks " << blocks;
     }
@@ -211,6 +212,7 @@ TEST(Gguf, DotRowMatchesTheDequantizedRow) {
   std::vector<uint8_t> row(256);
   float out = 123.f;
   for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ5_1, GgmlType::kQ4_K}) {
+    EXPECT_FALSE(HasDotRow(t)) << GgmlTypeName(t);
     EXPECT_FALSE(DotRow(t, row.data(), x.data(), xsum.data(), 64, &out)) << GgmlTypeName(t);
   }
   EXPECT_EQ(out, 123.f);
