@@ -2,7 +2,10 @@
 // attention over sink + body + window, reading the stored layout directly. Threads over
 // (sequence, KV head) for the quantize-append and over (sequence, KV head, query block) for the
 // attention; each attention item walks the tokens in tiles of at most kTile tokens, dequantizing
-// one K tile and one V tile into small stack buffers, with an online softmax.
+// one K tile and one V tile into small stack buffers, with an online softmax. The rows of an item
+// that see a whole tile (all of them but the causal diagonal's, in a prefill) go through it
+// together when there are enough of them (BlockedTile: register-blocked Q.K^T and P.V); decode
+// rows and the diagonal go one row at a time. The two differ only in float summation order.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -574,8 +577,185 @@ struct Partials {
 };
 
 struct Scratch {
-  std::vector<float> q, qn, acc, m, l, ktile, vtile;
+  std::vector<float> q, qn, qt, qnt, acc, m, l, ktile, vtile, st, mx;
 };
+
+// The blocked (prefill) path: items with many query rows compute the scores of kRowBlock rows at
+// once against a whole tile, rows in vector lanes, with every accumulator in a register. GCC and
+// Clang vector types keep the accumulators out of memory (plain arrays of them were spilled);
+// elementwise IEEE operations in a fixed order, so the AVX2 and baseline clones still agree bit
+// for bit. Other compilers take the per-row path everywhere.
+#if defined(__GNUC__)
+#define KVQ_BLOCKED_ATTENTION 1
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // V8 by value: inline functions only, no ABI crossing
+#endif
+#define KVQ_INLINE inline __attribute__((always_inline))
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t V8i __attribute__((vector_size(32)));
+typedef uint32_t V8u __attribute__((vector_size(32)));
+KVQ_INLINE V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+KVQ_INLINE void Store8(float* p, const V8& v) { std::memcpy(p, &v, sizeof v); }
+
+// ExpNonPositive on 8 lanes, the same operations per element (so the same results).
+KVQ_INLINE V8 Exp8NonPositive(const V8& x_in) {
+  V8 x = x_in;
+  V8u bits;
+  std::memcpy(&bits, &x, sizeof x);
+  const V8u lim = V8u{} + 0xC2AE999Au;  // -87.3f
+  bits = bits < lim ? bits : lim;
+  std::memcpy(&x, &bits, sizeof x);
+  const V8 fx = x * 1.44269504088896341f + 0.5f;
+  const V8i k = __builtin_convertvector(fx + 128.f, V8i) - 128;
+  const V8 kf = __builtin_convertvector(k, V8);
+  const V8 r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  V8 y = V8{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const V8u sb = (__builtin_convertvector(k, V8u) + 127u) << 23;
+  V8 scale;
+  std::memcpy(&scale, &sb, sizeof scale);
+  return y * scale;
+}
+#else
+#define KVQ_BLOCKED_ATTENTION 0
+#define KVQ_INLINE inline
+#endif
+
+constexpr int kRowBlock = 16;     // rows per score block (two vectors of 8); row arrays padded by it
+constexpr int kBlockMinRows = 8;  // fewer rows that see a whole tile take the per-row path
+
+#if KVQ_BLOCKED_ATTENTION
+// Scores of kRowBlock rows against the cnt tokens of a K tile (rows of d floats):
+// st[j * rs + i] = sum_c qt[c * rs + i] * k[j][c] for i < kRowBlock, summed in channel order.
+// qt is the transposed (and scaled) Q of the item, offset to the block's first row. Four tokens
+// per pass: 8 accumulators, per channel 2 loads of Q, 4 broadcasts of K.
+KVQ_INLINE void ScoreBlock(const float* qt, int rs, const float* kt, int d, int cnt, float* st) {
+  int j = 0;
+  for (; j + 4 <= cnt; j += 4) {
+    V8 a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+    const float* k0 = kt + size_t(j) * d;
+    const float* k1 = k0 + d;
+    const float* k2 = k1 + d;
+    const float* k3 = k2 + d;
+    for (int c = 0; c < d; ++c) {
+      const float* qc = qt + size_t(c) * rs;
+      const V8 q0 = Load8(qc), q1 = Load8(qc + 8);
+      const float x0 = k0[c], x1 = k1[c], x2 = k2[c], x3 = k3[c];
+      a00 += q0 * x0;
+      a01 += q1 * x0;
+      a10 += q0 * x1;
+      a11 += q1 * x1;
+      a20 += q0 * x2;
+      a21 += q1 * x2;
+      a30 += q0 * x3;
+      a31 += q1 * x3;
+    }
+    float* s = st + size_t(j) * rs;
+    Store8(s, a00);
+    Store8(s + 8, a01);
+    Store8(s + rs, a10);
+    Store8(s + rs + 8, a11);
+    Store8(s + 2 * rs, a20);
+    Store8(s + 2 * rs + 8, a21);
+    Store8(s + 3 * rs, a30);
+    Store8(s + 3 * rs + 8, a31);
+  }
+  for (; j < cnt; ++j) {
+    V8 a0{}, a1{};
+    const float* k0 = kt + size_t(j) * d;
+    for (int c = 0; c < d; ++c) {
+      const float* qc = qt + size_t(c) * rs;
+      a0 += Load8(qc) * k0[c];
+      a1 += Load8(qc + 8) * k0[c];
+    }
+    Store8(st + size_t(j) * rs, a0);
+    Store8(st + size_t(j) * rs + 8, a1);
+  }
+}
+
+// acc[i][c] += sum_j p[j * rs + i] * v[j][c] for 4 rows i (acc rows d apart), one token after the
+// other: 4 rows x 16 channels of accumulators stay in registers over the whole tile, and a token
+// costs 2 loads of V and 4 broadcasts of P. (The per-row path's four-token sums
+// ((p0 v0 + p1 v1) + (p2 v2 + p3 v3)) need 16 broadcasts live and spilled accumulators: ~15%
+// slower.)
+KVQ_INLINE void PvBlock4(const float* p, int rs, const float* vt, int d, int cnt, float* acc) {
+  for (int c0 = 0; c0 < d; c0 += 16) {
+    V8 a[4][2];
+    for (int i = 0; i < 4; ++i) {
+      a[i][0] = Load8(acc + size_t(i) * d + c0);
+      a[i][1] = Load8(acc + size_t(i) * d + c0 + 8);
+    }
+    for (int j = 0; j < cnt; ++j) {
+      const float* v = vt + size_t(j) * d + c0;
+      const V8 w0 = Load8(v), w1 = Load8(v + 8);
+      for (int i = 0; i < 4; ++i) {
+        const float pj = p[size_t(j) * rs + i];
+        a[i][0] += pj * w0;
+        a[i][1] += pj * w1;
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      Store8(acc + size_t(i) * d + c0, a[i][0]);
+      Store8(acc + size_t(i) * d + c0 + 8, a[i][1]);
+    }
+  }
+}
+
+// The online softmax update of one tile for rows [r0, rows) that all see the whole tile (cnt
+// tokens in sc.ktile / sc.vtile), in blocks of kRowBlock rows running into the padding (rows up
+// to rs); the same steps as AttentionItem's per-row loop, rows in vector lanes. Kept out of
+// AttentionItem so the per-row (decode) loop there compiles as it did without it.
+KVQ_CPU_CLONES __attribute__((noinline)) void BlockedTile(const float* qt, int rs, int r0, int rows, int d, int cnt,
+                                                          Scratch& sc) {
+  const int nb = (rows - r0 + kRowBlock - 1) / kRowBlock * kRowBlock;
+  float* st = sc.st.data() + r0;
+  for (int b = 0; b < nb; b += kRowBlock) ScoreBlock(qt + r0 + b, rs, sc.ktile.data(), d, cnt, st + b);
+  float* m = sc.m.data() + r0;
+  float* l = sc.l.data() + r0;
+  float* mn = sc.mx.data() + r0;
+  for (int i = 0; i < nb; i += 8) {
+    V8 mx = V8{} - std::numeric_limits<float>::infinity();
+    for (int j = 0; j < cnt; ++j) {
+      const V8 x = Load8(st + size_t(j) * rs + i);
+      mx = mx < x ? x : mx;  // std::max(mx, x) per lane
+    }
+    const V8 m_old = Load8(m + i);
+    Store8(mn + i, m_old < mx ? mx : m_old);
+  }
+  for (int i = 0; i < nb; ++i) {
+    const float m_old = m[i], m_new = mn[i];
+    if (m_new > m_old) {
+      const float corr = std::exp(m_old - m_new);  // 0 for the first tile
+      l[i] *= corr;
+      float* acc = sc.acc.data() + size_t(r0 + i) * d;
+      for (int c = 0; c < d; ++c) acc[c] *= corr;
+      m[i] = m_new;
+    }
+  }
+  for (int i = 0; i < nb; i += 8) {
+    const V8 m_new = Load8(mn + i);
+    V8 lsum{};
+    for (int j = 0; j < cnt; ++j) {
+      float* sj = st + size_t(j) * rs + i;
+      const V8 e = Exp8NonPositive(Load8(sj) - m_new);
+      Store8(sj, e);
+      lsum += e;
+    }
+    Store8(l + i, Load8(l + i) + lsum);
+  }
+  float* acc = sc.acc.data() + size_t(r0) * d;
+  for (int i = 0; i < nb; i += 4) PvBlock4(st + i, rs, sc.vtile.data(), d, cnt, acc + size_t(i) * d);
+}
+#endif
 
 KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const QuantConfig& cfg, const uint8_t* arena,
                    const AttnItem& it, Scratch& sc, Partials* partials) {
@@ -583,14 +763,18 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
   const DType dt = p.dtype;
   const SeqInfo si = MakeSeqInfo(p, w, cfg);
   const int rows = (it.q1 - it.q0) * g;
+  // Items with enough rows also keep Q transposed ([d][rs], rows contiguous) for the blocked path;
+  // row arrays are padded to rs rows (padding rows have q = 0 and are never written out).
+  const bool blocked = KVQ_BLOCKED_ATTENTION && rows >= kBlockMinRows;
+  const int rs = blocked ? (rows + kRowBlock + 7) / 8 * 8 : rows;
   const float scale = p.softmax_scale > 0.f ? p.softmax_scale : 1.f / std::sqrt(float(d));
   const bool use_norm = cfg.key_norm && si.k.body_post > 0;
   const float* norm = use_norm ? reinterpret_cast<const float*>(arena + w.norm_offset) + int64_t(it.h) * d : nullptr;
-  sc.q.resize(size_t(rows) * d);
-  sc.qn.resize(size_t(rows) * d);
-  sc.acc.assign(size_t(rows) * d, 0.f);
-  sc.m.assign(size_t(rows), -std::numeric_limits<float>::infinity());
-  sc.l.assign(size_t(rows), 0.f);
+  sc.q.assign(size_t(rs) * d, 0.f);
+  sc.qn.assign(use_norm ? size_t(rs) * d : 0, 0.f);
+  sc.acc.assign(size_t(rs) * d, 0.f);
+  sc.m.assign(size_t(rs), -std::numeric_limits<float>::infinity());
+  sc.l.assign(size_t(rs), 0.f);
   sc.ktile.resize(size_t(kTile) * d);
   sc.vtile.resize(size_t(kTile) * d);
   std::vector<int32_t> pos(static_cast<size_t>(rows));
@@ -606,6 +790,17 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
       float* qn = sc.qn.data() + size_t(r) * d;
       for (int c = 0; c < d; ++c) qn[c] = q[c] * norm[c];
     }
+  }
+  if (blocked) {
+    sc.qt.assign(size_t(rs) * d, 0.f);
+    sc.qnt.assign(use_norm ? size_t(rs) * d : 0, 0.f);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < d; ++c) sc.qt[size_t(c) * rs + r] = sc.q[size_t(r) * d + c];
+    if (use_norm)
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < d; ++c) sc.qnt[size_t(c) * rs + r] = sc.qn[size_t(r) * d + c];
+    sc.st.resize(size_t(kTile) * rs);
+    sc.mx.resize(size_t(rs));
   }
   const int32_t t_end = std::min(it.t_hi, pos[size_t(rows - 1)] + 1);  // the last row sees the most
   // Segment boundaries of K and V (absolute positions); tiles never cross one.
@@ -624,7 +819,12 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
     LoadTile(arena, si, si.v, it.h, hkv, d, dt, t0, cnt, sc.vtile.data());
     const bool k_body = t0 >= S && t0 < S + si.k.body_post;
     const float* qsrc = (k_body && use_norm) ? sc.qn.data() : sc.q.data();
-    for (int r = 0; r < rows; ++r) {
+    // Rows are in query order, so the rows that see the whole tile are a suffix [r_full, rows);
+    // with enough of them they take the blocked path, the rest (the causal diagonal) the per-row one.
+    int r_full = rows;
+    while (r_full > 0 && pos[size_t(r_full - 1)] >= t1 - 1) --r_full;
+    const int r_split = (blocked && rows - r_full >= kBlockMinRows) ? r_full : rows;
+    for (int r = 0; r < r_split; ++r) {
       const int32_t pr = pos[size_t(r)];
       if (pr < t0) continue;
       const int valid = std::min(cnt, pr - t0 + 1);
@@ -665,6 +865,12 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
       }
       sc.l[size_t(r)] += lsum;
     }
+#if KVQ_BLOCKED_ATTENTION
+    if (r_split < rows) {
+      const float* qt = (k_body && use_norm) ? sc.qnt.data() : sc.qt.data();
+      BlockedTile(qt, rs, r_split, rows, d, cnt, sc);
+    }
+#endif
     t0 = t1;
   }
   if (it.partial >= 0) {
