@@ -773,8 +773,8 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
   const float scale = p.softmax_scale > 0.f ? p.softmax_scale : 1.f / std::sqrt(float(d));
   const bool use_norm = cfg.key_norm && si.k.body_post > 0;
   const float* norm = use_norm ? reinterpret_cast<const float*>(arena + w.norm_offset) + int64_t(it.h) * d : nullptr;
-  sc.q.assign(size_t(rs) * d, 0.f);
-  sc.qn.assign(use_norm ? size_t(rs) * d : 0, 0.f);
+  sc.q.resize(size_t(rs) * d);
+  sc.qn.resize(use_norm ? size_t(rs) * d : 0);
   sc.acc.assign(size_t(rs) * d, 0.f);
   sc.m.assign(size_t(rs), -std::numeric_limits<float>::infinity());
   sc.l.assign(size_t(rs), 0.f);
@@ -824,9 +824,12 @@ KVQ_CPU_CLONES void AttentionItem(const StepParams& p, const SeqWork& w, const Q
     const float* qsrc = (k_body && use_norm) ? sc.qn.data() : sc.q.data();
     // Rows are in query order, so the rows that see the whole tile are a suffix [r_full, rows);
     // with enough of them they take the blocked path, the rest (the causal diagonal) the per-row one.
-    int r_full = rows;
-    while (r_full > 0 && pos[size_t(r_full - 1)] >= t1 - 1) --r_full;
-    const int r_split = (blocked && rows - r_full >= kBlockMinRows) ? r_full : rows;
+    int r_split = rows;
+    if (blocked) {
+      int r_full = rows;
+      while (r_full > 0 && pos[size_t(r_full - 1)] >= t1 - 1) --r_full;
+      if (rows - r_full >= kBlockMinRows) r_split = r_full;
+    }
     for (int r = 0; r < r_split; ++r) {
       const int32_t pr = pos[size_t(r)];
       if (pr < t0) continue;
