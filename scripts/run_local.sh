@@ -52,7 +52,7 @@ echo "run_local: kvq-store on 127.0.0.1:$STORE_PORT ($(grep -o 'backend [a-z]*' 
   --model "$MODEL" --default_preset "$PRESET" > "$LOGS/worker.log" 2>&1 &
 WORKER_PID=$!
 WORKER_PORT=$(wait_port "$LOGS/worker.log" "serving on" "serving on 127.0.0.1:" "$WORKER_PID")
-echo "run_local: kvq-worker on 127.0.0.1:$WORKER_PORT, KV preset $PRESET"
+echo "run_local: kvq-worker on 127.0.0.1:$WORKER_PORT ($(grep -o 'compute [a-z]*' "$LOGS/worker.log" | head -n1)), KV preset $PRESET"
 
 PASSAGE=$(cat <<'PASSAGE_EOF'
 It is a truth universally acknowledged, that a single man in possession

@@ -132,17 +132,20 @@ int main(int argc, char** argv) {
   }
   if (usage) {
     const auto& u = last.usage();
+    // smaller or larger than fp16 (the fp16 preset stores whole pages: larger for a short session)
+    const double stored = double(u.kv_stored_bytes()), fp16 = double(u.kv_fp16_equivalent_bytes());
+    const bool smaller = stored <= fp16;
     std::fprintf(stderr,
                  "session %s (preset %s): finish %s, %d prompt + %d generated tokens, session holds %d tokens\n"
                  "time to first token %.3f s, total %.3f s (%.1f tokens/s)\n"
-                 "KV cache in the store: %lld bytes stored vs %lld bytes as fp16 (%.2fx smaller)\n",
+                 "KV cache in the store: %lld bytes stored vs %lld bytes as fp16 (%.2fx %s)\n",
                  last.session_id().c_str(), u.preset().c_str(), FinishName(last.finish_reason()), u.prompt_tokens(),
                  u.completion_tokens(), u.session_length(), u.time_to_first_token_s(), u.total_time_s(),
                  u.total_time_s() > u.time_to_first_token_s() && u.completion_tokens() > 1
                      ? (u.completion_tokens() - 1) / (u.total_time_s() - u.time_to_first_token_s())
                      : 0.0,
                  (long long)u.kv_stored_bytes(), (long long)u.kv_fp16_equivalent_bytes(),
-                 u.kv_stored_bytes() > 0 ? double(u.kv_fp16_equivalent_bytes()) / double(u.kv_stored_bytes()) : 0.0);
+                 stored > 0 && fp16 > 0 ? (smaller ? fp16 / stored : stored / fp16) : 0.0, smaller ? "smaller" : "larger");
   }
   return 0;
 }
