@@ -6,7 +6,10 @@
 # /tmp/mp/ (`mkdir -p /tmp/mp && cp .model_a/* /tmp/mp/`: the checkout's ignored folders do not stay
 # between calls, /tmp does while the machine stays warm); a third call carries the bundle
 # (.devmain/b.txz: kvq-store, kvq-worker and kvq from ../shared/tools/device-bundle.sh, stripped,
-# without libcublas*, which the GPU machine has) and runs this.
+# without libcublas*, which the GPU machine has) and runs this. kvq-worker opens cuBLAS (and
+# OpenBLAS) at run time (docs/worker.md): cuBLAS comes from the machine's CUDA through
+# LD_LIBRARY_PATH below; without OpenBLAS in the bundle the CPU products take the packed dot
+# products, which the CUDA path does not use anyway.
 # usage (device tool, carry [".devmain"]): bash bench/device_main_job.sh [PRESET...]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

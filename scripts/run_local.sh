@@ -5,7 +5,9 @@
 # tokens as fp16), and stops both.
 #
 #   bash scripts/run_local.sh [BUILD_DIR]        (PRESET=innerq|kivi2|kivi4|fp16|..., MAX_TOKENS=96,
-#                                                 QUESTION="...", STORE_BACKEND=auto|cpu|cuda)
+#                                                 QUESTION="...", STORE_BACKEND=auto|cpu|cuda,
+#                                                 TIMINGS=1: the worker's step and store round-trip
+#                                                 means from its metrics after the answer)
 set -euo pipefail
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
@@ -48,7 +50,11 @@ STORE_PID=$!
 STORE_PORT=$(wait_port "$LOGS/store.log" "grpc port" "grpc port " "$STORE_PID")
 echo "run_local: kvq-store on 127.0.0.1:$STORE_PORT ($(grep -o 'backend [a-z]*' "$LOGS/store.log" | head -n1))"
 
-"$BUILD/worker/kvq-worker" --host 127.0.0.1 --port 0 --metrics_port 0 --store "127.0.0.1:$STORE_PORT" \
+WORKER_METRICS=0  # off, unless TIMINGS=1 (then a free port)
+if [ "${TIMINGS:-0}" = 1 ]; then
+  WORKER_METRICS=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+"$BUILD/worker/kvq-worker" --host 127.0.0.1 --port 0 --metrics_port "$WORKER_METRICS" --store "127.0.0.1:$STORE_PORT" \
   --model "$MODEL" --default_preset "$PRESET" > "$LOGS/worker.log" 2>&1 &
 WORKER_PID=$!
 WORKER_PORT=$(wait_port "$LOGS/worker.log" "serving on" "serving on 127.0.0.1:" "$WORKER_PID")
@@ -128,3 +134,19 @@ echo "> $QUESTION"
 echo
 "$BUILD/tools/kvq" generate --worker "127.0.0.1:$WORKER_PORT" --chat --prompt "$PROMPT" \
   --max_tokens "$MAX_TOKENS" --preset "$PRESET" --usage
+if [ "${TIMINGS:-0}" = 1 ]; then  # where a token's time went, from the worker's histograms
+  python3 - "$WORKER_METRICS" <<'PY'
+import re, sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+def stat(name):
+    s = re.search(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)", text, re.M)
+    c = re.search(rf"^{name}_count(?:{{[^}}]*}})? (\S+)", text, re.M)
+    return (float(s.group(1)), float(c.group(1))) if s and c else (0.0, 0.0)
+for name, what in (("kvq_worker_step_duration_seconds", "forward step"),
+                   ("kvq_worker_store_round_trip_seconds", "store round trip (one layer)"),
+                   ("kvq_worker_inter_token_latency_seconds", "between two tokens")):
+    total, n = stat(name)
+    if n:
+        print(f"run_local: {what}: {n:.0f} x {1e3 * total / n:.3f} ms (mean), {total:.3f} s in all")
+PY
+fi

@@ -3,11 +3,58 @@
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
+#include <mutex>
 #include <vector>
 
 namespace kvq::worker {
 namespace {
+
+// cuBLAS is opened at run time, not linked: every library a process starts with puts its
+// thread-local storage into every thread's stack, and cuBLAS's (~106 KB with cublasLt) no longer
+// fits the 100 KB stacks of the metrics server's threads (civetweb), whose start then failed in
+// every CUDA build of kvq-worker ("null context when constructing CivetServer"). Opened later,
+// its thread-local storage is allocated per thread when used. Only the four entry points below.
+struct Cublas {
+  using Create = cublasStatus_t (*)(cublasHandle_t*);
+  using Destroy = cublasStatus_t (*)(cublasHandle_t);
+  using SetStream = cublasStatus_t (*)(cublasHandle_t, cudaStream_t);
+  using GemmEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                    const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+  Create create = nullptr;
+  Destroy destroy = nullptr;
+  SetStream set_stream = nullptr;
+  GemmEx gemm_ex = nullptr;
+  std::string error;  // why it is not there ("" once loaded)
+};
+
+// The process's cuBLAS (the soname of the one this was built against), loaded once; never unloaded.
+#if !defined(KVQ_WORKER_CUBLAS_SONAME)
+#define KVQ_WORKER_CUBLAS_SONAME "libcublas.so." KVQ_WORKER_STR(CUBLAS_VER_MAJOR)
+#define KVQ_WORKER_STR(x) KVQ_WORKER_STR2(x)
+#define KVQ_WORKER_STR2(x) #x
+#endif
+const Cublas& CublasApi() {
+  static Cublas api;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string name = KVQ_WORKER_CUBLAS_SONAME;
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      const char* e = dlerror();
+      api.error = "cannot load " + name + ": " + (e != nullptr ? e : "unknown error");
+      return;
+    }
+    api.create = reinterpret_cast<Cublas::Create>(dlsym(lib, "cublasCreate_v2"));
+    api.destroy = reinterpret_cast<Cublas::Destroy>(dlsym(lib, "cublasDestroy_v2"));
+    api.set_stream = reinterpret_cast<Cublas::SetStream>(dlsym(lib, "cublasSetStream_v2"));
+    api.gemm_ex = reinterpret_cast<Cublas::GemmEx>(dlsym(lib, "cublasGemmEx"));
+    if (!api.create || !api.destroy || !api.set_stream || !api.gemm_ex) api.error = name + " lacks a cuBLAS entry point";
+  });
+  return api;
+}
 
 __global__ void FloatToHalfKernel(const float* x, __half* y, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -32,7 +79,7 @@ struct CudaMatMul::Impl {
     cudaFree(x32);
     cudaFree(x16);
     cudaFree(y32);
-    if (handle) cublasDestroy(handle);
+    if (handle) CublasApi().destroy(handle);
     if (stream) cudaStreamDestroy(stream);
   }
   std::string Reserve(int64_t in_elems, int64_t out_elems) {
@@ -63,9 +110,11 @@ std::string CudaMatMul::Create(std::unique_ptr<CudaMatMul>* out) {
   m->impl_ = std::make_unique<Impl>();
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) m->name_ = prop.name;
+  const Cublas& cublas = CublasApi();
+  if (!cublas.error.empty()) return cublas.error;
   if (auto e = cudaStreamCreate(&m->impl_->stream); e != cudaSuccess) return CudaErr("cudaStreamCreate", e);
-  if (cublasCreate(&m->impl_->handle) != CUBLAS_STATUS_SUCCESS) return "cublasCreate failed";
-  cublasSetStream(m->impl_->handle, m->impl_->stream);
+  if (cublas.create(&m->impl_->handle) != CUBLAS_STATUS_SUCCESS) return "cublasCreate failed";
+  cublas.set_stream(m->impl_->handle, m->impl_->stream);
   *out = std::move(m);
   return "";
 }
@@ -103,7 +152,7 @@ std::string CudaMatMul::MatMul(int handle, const float* x, int64_t rows, float* 
   if (auto e = cudaGetLastError(); e != cudaSuccess) return CudaErr("convert kernel", e);
   // Column-major view: Y^T [out, rows] = W [out, in] (stored row-major = W^T col-major) ^T * X^T.
   const float alpha = 1.f, beta = 0.f;
-  const cublasStatus_t st = cublasGemmEx(impl_->handle, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(rows), int(w.in), &alpha,
+  const cublasStatus_t st = CublasApi().gemm_ex(impl_->handle, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(rows), int(w.in), &alpha,
                                          w.d, CUDA_R_16F, int(w.in), impl_->x16, CUDA_R_16F, int(w.in), &beta, impl_->y32,
                                          CUDA_R_32F, int(w.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS) return "cublasGemmEx failed (status " + std::to_string(int(st)) + ")";

@@ -19,20 +19,56 @@
 #endif
 #if KVQ_WORKER_HAVE_BLAS
 #include <cblas.h>
-extern "C" void openblas_set_num_threads(int) __attribute__((weak));
-extern "C" char* openblas_get_corename(void) __attribute__((weak));
+#include <dlfcn.h>
 #endif
 #include <strings.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
 namespace kvq::worker {
 
+#if KVQ_WORKER_HAVE_BLAS
+namespace {
+
+// The BLAS library is opened at run time, not linked: every library a process starts with puts its
+// thread-local storage into every thread's stack, and OpenBLAS's (60 KB, with the CUDA runtime's
+// beside it) left the 100 KB stacks of the metrics server's threads (civetweb) too little: the
+// /metrics page came back empty (cuBLAS, linked too, made the server fail to start at all:
+// cuda_matmul.cu). Opened later, its thread-local storage is allocated per thread when used.
+struct BlasApi {
+  decltype(&cblas_sgemm) sgemm = nullptr;
+  void (*set_num_threads)(int) = nullptr;  // OpenBLAS only
+  char* (*get_corename)() = nullptr;       // OpenBLAS only
+};
+
+// The library this was built against (its soname, KVQ_WORKER_BLAS_SONAME), loaded once, never
+// unloaded; without it the products take the packed dot products (MatMul).
+const BlasApi& Blas() {
+  static const BlasApi api = [] {
+    BlasApi a;
+    void* lib = dlopen(KVQ_WORKER_BLAS_SONAME, RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      const char* e = dlerror();
+      std::fprintf(stderr, "kvq-worker: no BLAS (%s): many-row products without it\n", e != nullptr ? e : "");
+      return a;
+    }
+    a.sgemm = reinterpret_cast<decltype(a.sgemm)>(dlsym(lib, "cblas_sgemm"));
+    a.set_num_threads = reinterpret_cast<decltype(a.set_num_threads)>(dlsym(lib, "openblas_set_num_threads"));
+    a.get_corename = reinterpret_cast<decltype(a.get_corename)>(dlsym(lib, "openblas_get_corename"));
+    return a;
+  }();
+  return api;
+}
+
+}  // namespace
+#endif
+
 std::string BlasCoreTypeOverride() {
 #if KVQ_WORKER_HAVE_BLAS && defined(__x86_64__) && defined(__GNUC__)
-  if (openblas_get_corename == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr) return "";
-  const char* name = openblas_get_corename();
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr || Blas().get_corename == nullptr) return "";
+  const char* name = Blas().get_corename();
   if (name == nullptr) return "";
   // the generic x86-64 cores OpenBLAS falls back to, below the AVX2 ones
   static const char* const kGeneric[] = {"prescott", "core2", "penryn", "dunnington", "nehalem", "katmai",
@@ -314,7 +350,7 @@ absl::Status Model::Init(int threads) {
   if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
   pool_ = std::make_unique<ThreadPool>(threads);
 #if KVQ_WORKER_HAVE_BLAS
-  if (openblas_set_num_threads != nullptr) openblas_set_num_threads(1);  // our pool parallelizes
+  if (Blas().set_num_threads != nullptr) Blas().set_num_threads(1);  // our pool parallelizes
 #endif
   return absl::OkStatus();
 }
@@ -335,7 +371,7 @@ void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) 
   }
 #endif
 #if KVQ_WORKER_HAVE_BLAS
-  if (rows >= kBlasMinRows) {
+  if (rows >= kBlasMinRows && Blas().sgemm != nullptr) {
     // Many rows (prefill): dequantize blocks of weight rows and multiply with sgemm.
     constexpr int64_t kBlock = 64;
     const int64_t blocks = (out + kBlock - 1) / kBlock;
@@ -344,7 +380,7 @@ void Model::MatMul(const GgufTensor& w, const float* x, int64_t rows, float* y) 
       for (int64_t b = begin; b < end; ++b) {
         const int64_t o0 = b * kBlock, n = std::min(kBlock, out - o0);
         for (int64_t o = 0; o < n; ++o) DequantizeRow(w.type, w.data + (o0 + o) * row_bytes, wb.data() + o * in, in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(in), 1.0f, x, int(in), wb.data(),
+        Blas().sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(in), 1.0f, x, int(in), wb.data(),
                     int(in), 0.0f, y + o0, int(out));
       }
     });

@@ -1,9 +1,12 @@
 // End to end: a real kvq-store process and a real kvq-worker process on loopback, a tiny
 // generated model, and gRPC clients: deterministic greedy output equal to the in-process run on
 // the same kernels, several concurrent requests, cancellation, sessions kept and continued,
-// KV byte accounting, and bad requests.
+// KV byte accounting, bad requests, and the worker's Prometheus metrics over HTTP.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -83,6 +86,42 @@ struct Child {
   }
 };
 
+// A TCP port on loopback that was free a moment ago (for flags that take no 0 for "any").
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  int port = -1;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+    port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+// The body of GET path from 127.0.0.1:port ("" when nothing answers).
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size())) {
+      char buf[4096];
+      for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) out.append(buf, size_t(n));
+    }
+  }
+  close(fd);
+  return out;
+}
+
 RandomModelSpec TinySpec() {
   RandomModelSpec s;
   s.num_layers = 2;
@@ -109,7 +148,10 @@ class EndToEnd : public ::testing::Test {
     ASSERT_GT(store_port, 0) << store_->log;
     store_target_ = "127.0.0.1:" + std::to_string(store_port);
     worker_ = new Child();
-    const int worker_port = worker_->Start({KVQ_WORKER_BIN, "--port", "0", "--host", "127.0.0.1", "--metrics_port", "0",
+    metrics_port_ = FreePort();
+    ASSERT_GT(metrics_port_, 0);
+    const int worker_port = worker_->Start({KVQ_WORKER_BIN, "--port", "0", "--host", "127.0.0.1", "--metrics_port",
+                                            std::to_string(metrics_port_),
                                             "--store", store_target_, "--model", model_path_, "--default_preset", "fp16",
                                             "--threads", "1", "--max_batch", "8", "--prefill_chunk", "8", "--backend", "cpu"},
                                            "serving on", "127.0.0.1:");
@@ -179,12 +221,33 @@ class EndToEnd : public ::testing::Test {
   static Child* store_;
   static Child* worker_;
   static std::string model_path_, store_target_, worker_target_;
+  static int metrics_port_;
   std::unique_ptr<v1::Worker::Stub> stub_;
   std::unique_ptr<v1::KVStore::Stub> store_stub_;
 };
 Child* EndToEnd::store_ = nullptr;
 Child* EndToEnd::worker_ = nullptr;
 std::string EndToEnd::model_path_, EndToEnd::store_target_, EndToEnd::worker_target_;
+int EndToEnd::metrics_port_ = -1;
+
+// The worker serves its Prometheus metrics (the deployment scrapes them) and counts what it did.
+// (Every CUDA build of kvq-worker once exited at start-up instead: cuBLAS's thread-local storage,
+// linked in, left the metrics server's threads no stack; cuda_matmul.cu.)
+TEST_F(EndToEnd, WorkerServesItsMetrics) {
+  const Reply r = Generate(Req(Prompt(9, 5), 4, "kivi2"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(r.tokens.size(), 4u);
+  const std::string page = HttpGet(metrics_port_, "/metrics");
+  ASSERT_NE(page.find("200 OK"), std::string::npos) << page.substr(0, 200);
+  for (const char* name : {"kvq_worker_generated_tokens_total", "kvq_worker_prompt_tokens_total",
+                           "kvq_worker_store_round_trip_seconds_count", "kvq_worker_step_duration_seconds_count",
+                           "kvq_worker_time_to_first_token_seconds_count"}) {
+    const size_t at = page.find(std::string("\n") + name);
+    ASSERT_NE(at, std::string::npos) << name << " missing from:\n" << page.substr(0, 2000);
+    const double v = std::atof(page.c_str() + page.find(' ', at + 1) + 1);
+    EXPECT_GT(v, 0.0) << name;
+  }
+}
 
 #if KVQ_WORKER_HAVE_LOCAL
 // The same generation in-process on the kernels' CPU reference (the store's CPU backend runs
