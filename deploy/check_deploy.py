@@ -373,6 +373,15 @@ def check_dockerfiles(directory):
         for src in re.findall(r"COPY --from=build (\S+)", text):
             if src.startswith("/out") is False:
                 err(f"{f}: copies {src} from the build stage, expected /out/...")
+    # kvq-worker opens BLAS and cuBLAS at run time (docs/worker.md): ldd does not list them, so the
+    # worker image must package the build's list of them and check it in the runtime stage
+    worker = root / "Dockerfile.worker"
+    if worker.exists():
+        text = worker.read_text()
+        if not re.search(r"collect-runtime\.sh[^\n]*--dlopen\s+\S*kvq-worker\.dlopen", text):
+            err(f"{worker}: collect-runtime.sh must get --dlopen with the build's kvq-worker.dlopen")
+        if "/opt/kvq/kvq-worker.dlopen" not in text:
+            err(f"{worker}: the runtime stage must check the libraries of kvq-worker.dlopen")
 
 
 # ---------------------------------------------------------------------------------------------
