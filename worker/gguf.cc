@@ -308,6 +308,19 @@ __attribute__((always_inline)) inline V8I Widen8(const B* q) {
   return V8I{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
 }
 
+// A block's fp16 scale as float: the F16C conversion in the x86-64-v3 clone (GCC's _Float16; the
+// baseline clone calls libgcc's), where HalfToFloat's branches cost about as much as the block's
+// products; HalfToFloat where the compiler has no _Float16. Exact either way.
+__attribute__((always_inline)) inline float BlockScale(const uint8_t* p) {
+#if defined(__FLT16_MAX__)
+  _Float16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return static_cast<float>(h);
+#else
+  return HalfToFloat(LoadLE<uint16_t>(p));
+#endif
+}
+
 // Per 32-element block of type T (Q4_0, Q4_1, Q8_0): d * sum_j q_j x_j with q the block's unsigned
 // nibbles (low nibbles the first 16 elements, high nibbles the last 16) or signed bytes, in 8 lanes;
 // the block's offset (Q4_1's m, Q4_0's -8 d) enters as offset * xsum[b].
@@ -318,7 +331,7 @@ __attribute__((always_inline)) inline float DotBlocks(const uint8_t* row, const 
   V8F acc = {0, 0, 0, 0, 0, 0, 0, 0};
   float off = 0;
   for (int64_t b = 0; b < blocks; ++b, row += kBlockBytes, x += 32) {
-    const float d = HalfToFloat(LoadLE<uint16_t>(row));
+    const float d = BlockScale(row);
     V8F p;
     if constexpr (T == GgmlType::kQ8_0) {
       const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
@@ -332,7 +345,7 @@ __attribute__((always_inline)) inline float DotBlocks(const uint8_t* row, const 
       p = __builtin_convertvector(a & 0xF, V8F) * LoadV8F(x) + __builtin_convertvector(c & 0xF, V8F) * LoadV8F(x + 8) +
           __builtin_convertvector(a >> 4, V8F) * LoadV8F(x + 16) +
           __builtin_convertvector(c >> 4, V8F) * LoadV8F(x + 24);
-      off += (T == GgmlType::kQ4_1 ? HalfToFloat(LoadLE<uint16_t>(row + 2)) : -8.f * d) * xsum[b];
+      off += (T == GgmlType::kQ4_1 ? BlockScale(row + 2) : -8.f * d) * xsum[b];
     }
     acc += d * p;
   }
