@@ -30,12 +30,8 @@ struct Cublas {
   std::string error;  // why it is not there ("" once loaded)
 };
 
-// The process's cuBLAS (the soname of the one this was built against), loaded once; never unloaded.
-#if !defined(KVQ_WORKER_CUBLAS_SONAME)
-#define KVQ_WORKER_CUBLAS_SONAME "libcublas.so." KVQ_WORKER_STR(CUBLAS_VER_MAJOR)
-#define KVQ_WORKER_STR(x) KVQ_WORKER_STR2(x)
-#define KVQ_WORKER_STR2(x) #x
-#endif
+// The process's cuBLAS (KVQ_WORKER_CUBLAS_SONAME: the soname of the one this was built against,
+// from worker/CMakeLists.txt), loaded once; never unloaded.
 const Cublas& CublasApi() {
   static Cublas api;
   static std::once_flag once;
@@ -66,6 +62,7 @@ std::string CudaErr(const char* what, cudaError_t e) { return std::string(what) 
 }  // namespace
 
 struct CudaMatMul::Impl {
+  const Cublas* cublas = nullptr;  // the loaded cuBLAS, set before its handle is created
   cublasHandle_t handle = nullptr;
   cudaStream_t stream = nullptr;
   struct W { __half* d = nullptr; int64_t out = 0, in = 0; };
@@ -79,7 +76,7 @@ struct CudaMatMul::Impl {
     cudaFree(x32);
     cudaFree(x16);
     cudaFree(y32);
-    if (handle) CublasApi().destroy(handle);
+    if (handle) cublas->destroy(handle);
     if (stream) cudaStreamDestroy(stream);
   }
   std::string Reserve(int64_t in_elems, int64_t out_elems) {
@@ -113,6 +110,7 @@ std::string CudaMatMul::Create(std::unique_ptr<CudaMatMul>* out) {
   const Cublas& cublas = CublasApi();
   if (!cublas.error.empty()) return cublas.error;
   if (auto e = cudaStreamCreate(&m->impl_->stream); e != cudaSuccess) return CudaErr("cudaStreamCreate", e);
+  m->impl_->cublas = &cublas;
   if (cublas.create(&m->impl_->handle) != CUBLAS_STATUS_SUCCESS) return "cublasCreate failed";
   cublas.set_stream(m->impl_->handle, m->impl_->stream);
   *out = std::move(m);
@@ -152,7 +150,7 @@ std::string CudaMatMul::MatMul(int handle, const float* x, int64_t rows, float* 
   if (auto e = cudaGetLastError(); e != cudaSuccess) return CudaErr("convert kernel", e);
   // Column-major view: Y^T [out, rows] = W [out, in] (stored row-major = W^T col-major) ^T * X^T.
   const float alpha = 1.f, beta = 0.f;
-  const cublasStatus_t st = CublasApi().gemm_ex(impl_->handle, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(rows), int(w.in), &alpha,
+  const cublasStatus_t st = impl_->cublas->gemm_ex(impl_->handle, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(rows), int(w.in), &alpha,
                                          w.d, CUDA_R_16F, int(w.in), impl_->x16, CUDA_R_16F, int(w.in), &beta, impl_->y32,
                                          CUDA_R_32F, int(w.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS) return "cublasGemmEx failed (status " + std::to_string(int(st)) + ")";

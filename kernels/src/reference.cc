@@ -526,6 +526,29 @@ KVQ_CPU_CLONES void LoadTile(const uint8_t* arena, const SeqInfo& si, const Stre
   }
 }
 
+// Cephes' expf polynomial after the range reduction: e^(v - k ln 2) for kf = k, on a float or an
+// 8-lane vector (ExpNonPositive and the blocked path's Exp8NonPositive: the same operations, so the
+// same results).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 8-lane vectors by value: inline functions only, no ABI crossing
+#endif
+template <typename F>
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline F ExpReduced(F v, F kf) {
+  const F r = (v - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  F y = F{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  return y * (r * r) + r + 1.f;
+}
+constexpr uint32_t kExpClampBits = 0xC2AE999Au;  // -87.3f: below it e^x is a denormal
+constexpr float kLog2e = 1.44269504088896341f;
+
 // exp(x) for x <= 0 (scores minus the running max), n <= kTile, in a form GCC vectorizes:
 // Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, 2^k by exponent bits),
 // within ~2 ulp of expf; inputs below -87.3 give ~1e-38 instead of a denormal or 0.
@@ -534,22 +557,13 @@ inline void ExpNonPositive(float* x, int n) {
   // pattern; +0 stays 0), which vectorizes where a float compare would not (-ftrapping-math).
   uint32_t bits[kTile];
   std::memcpy(bits, x, size_t(n) * 4);
-  const uint32_t lim = 0xC2AE999Au;  // -87.3f
-  for (int j = 0; j < n; ++j) bits[j] = bits[j] < lim ? bits[j] : lim;
+  for (int j = 0; j < n; ++j) bits[j] = bits[j] < kExpClampBits ? bits[j] : kExpClampBits;
   std::memcpy(x, bits, size_t(n) * 4);
   for (int j = 0; j < n; ++j) {
     const float v = x[j];
-    const float fx = v * 1.44269504088896341f + 0.5f;  // >= -125.5
-    const int32_t k = int32_t(fx + 128.f) - 128;        // floor(fx): truncation of a positive
-    const float kf = float(k);
-    const float r = (v - kf * 0.693359375f) - kf * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    x[j] = y * (r * r) + r + 1.f;
+    const float fx = v * kLog2e + 0.5f;           // >= -125.5
+    const int32_t k = int32_t(fx + 128.f) - 128;  // floor(fx): truncation of a positive
+    x[j] = ExpReduced(v, float(k));
     bits[j] = uint32_t(k + 127) << 23;
   }
   float scale[kTile];
@@ -590,9 +604,6 @@ struct Scratch {
 // for bit. Other compilers take the per-row path everywhere.
 #if defined(__GNUC__)
 #define KVQ_BLOCKED_ATTENTION 1
-#if !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // V8 by value: inline functions only, no ABI crossing
-#endif
 #define KVQ_INLINE inline __attribute__((always_inline))
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t V8i __attribute__((vector_size(32)));
@@ -609,20 +620,12 @@ KVQ_INLINE V8 Exp8NonPositive(const V8& x_in) {
   V8 x = x_in;
   V8u bits;
   std::memcpy(&bits, &x, sizeof x);
-  const V8u lim = V8u{} + 0xC2AE999Au;  // -87.3f
+  const V8u lim = V8u{} + kExpClampBits;
   bits = bits < lim ? bits : lim;
   std::memcpy(&x, &bits, sizeof x);
-  const V8 fx = x * 1.44269504088896341f + 0.5f;
+  const V8 fx = x * kLog2e + 0.5f;
   const V8i k = __builtin_convertvector(fx + 128.f, V8i) - 128;
-  const V8 kf = __builtin_convertvector(k, V8);
-  const V8 r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
-  V8 y = V8{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
+  const V8 y = ExpReduced(x, __builtin_convertvector(k, V8));
   const V8u sb = (__builtin_convertvector(k, V8u) + 127u) << 23;
   V8 scale;
   std::memcpy(&scale, &sb, sizeof scale);
