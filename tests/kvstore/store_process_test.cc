@@ -22,6 +22,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvstore.grpc.pb.h"
+#include "../metrics_scrape.h"
 #include "test_util.h"
 
 #ifndef KVQ_STORE_BINARY
@@ -30,6 +31,9 @@
 
 namespace kvq::store {
 namespace {
+
+using ::kvq::testing_metrics::Metric;
+using ::kvq::testing_metrics::Scrape;
 
 constexpr char kToken[] = "integration-token-1";
 
@@ -107,41 +111,6 @@ class StoreProcess {
   int fd_ = -1;
   int grpc_port_ = 0, metrics_port_ = 0;
 };
-
-// GET /metrics over a plain socket; the body.
-std::string Scrape(int port) {
-  const int s = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(s);
-    return "";
-  }
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(s, req.data(), req.size()) != static_cast<ssize_t>(req.size())) {
-    close(s);
-    return "";
-  }
-  std::string resp;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(s, buf, sizeof(buf))) > 0) resp.append(buf, static_cast<size_t>(n));
-  close(s);
-  const size_t body = resp.find("\r\n\r\n");
-  return body == std::string::npos ? "" : resp.substr(body + 4);
-}
-
-// The value of one sample line (`name{labels} value`), NaN when absent.
-double Metric(const std::string& text, const std::string& sample) {
-  size_t pos = 0;
-  while ((pos = text.find(sample + " ", pos)) != std::string::npos) {
-    if (pos == 0 || text[pos - 1] == '\n') return std::strtod(text.c_str() + pos + sample.size() + 1, nullptr);
-    pos += sample.size();
-  }
-  return std::nan("");
-}
 
 // Runs one raw (untyped) unary call through the generic stub.
 grpc::Status RawUnary(const std::shared_ptr<grpc::Channel>& ch, const std::string& method, const std::string& request,

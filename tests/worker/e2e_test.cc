@@ -21,6 +21,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "../metrics_scrape.h"
 #include "kvstore.grpc.pb.h"
 #include "worker.grpc.pb.h"
 #include "worker/engine.h"
@@ -100,26 +101,6 @@ int FreePort() {
     port = ntohs(a.sin_port);
   close(fd);
   return port;
-}
-
-// The body of GET path from 127.0.0.1:port ("" when nothing answers).
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  std::string out;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size())) {
-      char buf[4096];
-      for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) out.append(buf, size_t(n));
-    }
-  }
-  close(fd);
-  return out;
 }
 
 RandomModelSpec TinySpec() {
@@ -237,15 +218,12 @@ TEST_F(EndToEnd, WorkerServesItsMetrics) {
   const Reply r = Generate(Req(Prompt(9, 5), 4, "kivi2"));
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   ASSERT_EQ(r.tokens.size(), 4u);
-  const std::string page = HttpGet(metrics_port_, "/metrics");
-  ASSERT_NE(page.find("200 OK"), std::string::npos) << page.substr(0, 200);
+  const std::string page = testing_metrics::Scrape(metrics_port_);
+  ASSERT_FALSE(page.empty()) << "no /metrics page on port " << metrics_port_;
   for (const char* name : {"kvq_worker_generated_tokens_total", "kvq_worker_prompt_tokens_total",
                            "kvq_worker_store_round_trip_seconds_count", "kvq_worker_step_duration_seconds_count",
                            "kvq_worker_time_to_first_token_seconds_count"}) {
-    const size_t at = page.find(std::string("\n") + name);
-    ASSERT_NE(at, std::string::npos) << name << " missing from:\n" << page.substr(0, 2000);
-    const double v = std::atof(page.c_str() + page.find(' ', at + 1) + 1);
-    EXPECT_GT(v, 0.0) << name;
+    EXPECT_GT(testing_metrics::Metric(page, name), 0.0) << name << " in:\n" << page.substr(0, 2000);
   }
 }
 
