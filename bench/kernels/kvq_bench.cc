@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma]
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages]
 //                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
@@ -106,6 +106,7 @@ struct Row {
 bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
+bool g_pages = true;           // --no-pages: one-row InnerQ body pages on the per-token path, not in page units
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 // --qa-steps N: consecutive decode steps for the mean quantize-append and step (128: every flush
 // phase of the presets; fewer on the emulated device, where each is a whole emulated step)
@@ -273,6 +274,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_force_generic(g_force_generic);
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
+    runners[k]->set_page_units(g_pages);
     if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
     if (g_fused >= 0) runners[k]->set_fused_step(g_fused == 1);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
@@ -603,13 +605,14 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   row->chunk = runners[0]->stats().chunk_tokens;
   {
     const CudaStepStats& st = runners[0]->stats();
-    // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma]: the decode path's ring depth, the
-    // occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
-    // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores;
+    // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma|-pages]: the decode path's ring depth,
+    // the occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
+    // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores,
+    // or one-row InnerQ body pages in page units (-pages);
     // +pdl: the attention launched as a programmatic dependent; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
-                                                       : st.mma_full ? "-mma" : "")
+                                                       : st.mma_full ? "-mma" : st.page_units > 0 ? "-pages" : "")
                                : "generic";
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
@@ -631,7 +634,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -662,6 +665,8 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
+    } else if (a == "--no-pages") {
+      g_pages = false;
     } else if (a == "--kivi-units" && i + 1 < argc) {
       const std::string u = argv[++i];
       if (u != "codes" && u != "dequant") return Usage();

@@ -75,6 +75,79 @@ __device__ __forceinline__ void CpAsyncWait() {
 #endif
 }
 
+// One-row InnerQ page units (decode_pages.cuh): whole body pages of one KV head copied by the
+// Hopper bulk-copy engine (cp.async.bulk, one instruction per contiguous run, no lane addresses)
+// into the block's ring slots, each slot with an mbarrier that counts the bytes in (complete_tx).
+// KVQ_CUDA_EMU host builds: tests/emu/cuda_emu.h's copies, which land only when a wait completes
+// the slot's phase.
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::MbarInit(bar, count);
+#else
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
+#endif
+}
+// The barriers' initialization visible to the bulk-copy engine (before any copy signals them).
+__device__ __forceinline__ void MbarInitFence() {
+#if !defined(KVQ_CUDA_EMU)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// The calling thread's arrival on the barrier's current phase, which then also waits for `bytes`
+// bytes of bulk copies.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::MbarArriveExpectTx(bar, bytes);
+#else
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+#endif
+}
+// Until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::MbarWait(bar, parity);
+#else
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(b), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) from global to shared memory, counted
+// on bar when they have landed.
+__device__ __forceinline__ void BulkCopy(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::BulkCopy(smem, gmem, bytes, bar);
+#else
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(d),
+               "l"(gmem), "r"(bytes), "r"(b)
+               : "memory");
+#endif
+}
+// The thread's earlier generic-proxy accesses ordered before its later bulk copies: shared memory
+// (a slot read by the warp before a copy refills it) or global memory (pages written by the
+// quantize-append of a fused step, read by bulk copies after the wait for it).
+__device__ __forceinline__ void FenceProxyAsyncShared() {
+#if !defined(KVQ_CUDA_EMU)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void FenceProxyAsyncGlobal() {
+#if !defined(KVQ_CUDA_EMU)
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
+}
+
+
 // cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
 constexpr int kMaxRingStages = 6;
 __device__ __forceinline__ void CpAsyncWaitRing(int stages) {
@@ -198,12 +271,12 @@ __device__ __forceinline__ float UnitAt(const uint32_t* w, int i) {
   return UnitCode<BITS>(lo, hi, sh);
 }
 
-template <int N>
+template <int N, bool SM = false>
 __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   if constexpr (N % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
+      const uint4 v = Ld<SM>(reinterpret_cast<const uint4*>(src) + i);
       dst[4 * i] = v.x;
       dst[4 * i + 1] = v.y;
       dst[4 * i + 2] = v.z;
@@ -212,13 +285,13 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t* dst) {
   } else if constexpr (N % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src) + i);
+      const uint2 v = Ld<SM>(reinterpret_cast<const uint2*>(src) + i);
       dst[2 * i] = v.x;
       dst[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = __ldg(src + i);
+    for (int i = 0; i < N; ++i) dst[i] = Ld<SM>(src + i);
   }
 }
 
@@ -287,15 +360,16 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
 }
 
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
-template <int D, int R, int BITS, typename Smem>
+// SM: b is a staged page in shared memory (decode_pages.cuh).
+template <int D, int R, int BITS, bool SM = false, typename Smem>
 __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b, const DevTensor& x,
                                                int slot, float* sc) {
   constexpr int NG = D / 32;
   constexpr int NW = NG * BITS;
   uint32_t w[NW];
-  LoadWords<NW>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
+  LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
-  LoadScaleZero<NG, false>(b, x, slot * NG, s, z);
+  LoadScaleZero<NG, SM>(b, x, slot * NG, s, z);
   if constexpr (R == 1) {
     // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
     // 16 dp4a per group, the scale once per group
@@ -416,12 +490,12 @@ struct VTokRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS>
+template <int D, int BITS, bool SM = false>
 __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const DevTensor& x, VTokRaw<D>& raw) {
   constexpr int CPL = D / 32;
   const int c0 = lane * CPL;
-  LoadWords<CPL * BITS>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
-  LoadScaleZero<CPL, false>(b, x, c0, raw.s, raw.z);
+  LoadWords<CPL * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
+  LoadScaleZero<CPL, SM>(b, x, c0, raw.s, raw.z);
 }
 
 template <int D, int R, int BITS, typename Smem>
@@ -738,6 +812,7 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
 
 #include "decode_imma.cuh"  // uses the helpers above
 #include "decode_mma.cuh"
+#include "decode_pages.cuh"
 
 namespace kvq {
 namespace cuda {
@@ -848,11 +923,14 @@ constexpr int DecodeMinBlocks() { return R == 1 ? 5 : R <= 4 ? 3 : 2; }
 // The KIVI code units (decode_kivi_codes.cuh) keep no tile in registers or a work area: 5 / 4 / 3
 // blocks at 1 / 4 / 8 rows, as the per-token instances (the ring, ~3 KB per stage and warp at
 // D = 128 and 2 bits, fits).
+// The one-row InnerQ instance with page units (decode_pages.cuh) keeps the per-token instance's
+// 96-register cap (5 blocks), which its per-token units need.
 template <int PATHS, int R, bool IMMA>
 constexpr int DecodeLaunchMinBlocks() {
   return IMMA ? (PATHS == kFamFull              ? 1
                  : PATHS == kFamKivi            ? 2
                  : PATHS == kFamKiviCodes       ? (R <= 4 ? 4 : 3)
+                 : R == 1                       ? DecodeMinBlocks<1>()
                                                 : 4)
               : DecodeMinBlocks<R>();
 }
@@ -946,6 +1024,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int h = unit.kv_head;
+  if constexpr (IMMA && R == 1) {  // one-row InnerQ page units: the first pages go out before the query's set-up
+    if (unit.kind == kUnitImmaBody && tid == 0) PageRingStart(a, s, unit, dec_ring);
+  }
 
   for (int idx = tid; idx < R * D; idx += kDecThreads) {
     const int r = idx / D;
@@ -1012,6 +1093,20 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         KiviCodesBodyUnit<D, R, 2>(sm, a, s, unit, ring, warp, lane);
       } else {
         KiviCodesBodyUnit<D, R, 4>(sm, a, s, unit, ring, warp, lane);
+      }
+      __syncthreads();
+      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+      return;
+    }
+  } else if constexpr (IMMA && R == 1) {
+    static_assert(PATHS == kFamInnerQ, "the one-row tensor-core instance is InnerQ's, with page units");
+    if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
+      if (s.k.bits == 2) {
+        PageBodyUnit<D, 2, 2>(sm, a, s, unit, dec_ring, warp, lane);
+      } else if (s.v.bits == 2) {
+        PageBodyUnit<D, 3, 2>(sm, a, s, unit, dec_ring, warp, lane);
+      } else {
+        PageBodyUnit<D, 3, 3>(sm, a, s, unit, dec_ring, warp, lane);
       }
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
@@ -1328,9 +1423,9 @@ cudaError_t LaunchDecodeFam(const AttnArgs& args, int paths, int num_units, cuda
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
       return LaunchDecodeT<D, DT, R, kFamKivi, true>(args, num_units, stream);
   }
-  if constexpr (R == 4) {
+  if constexpr (R == 4 || R == 1) {  // 4 rows: IMMA body units; one row: page units
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
-      return LaunchDecodeT<D, DT, 4, kFamInnerQ, true>(args, num_units, stream);
+      return LaunchDecodeT<D, DT, R, kFamInnerQ, true>(args, num_units, stream);
   }
   switch (DecodeFamily(paths)) {
     case kFamFull: return LaunchDecodeT<D, DT, R, kFamFull>(args, num_units, stream);
@@ -1350,9 +1445,9 @@ int DecodeBlocksPerSmFam(int paths, int ring_bytes) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamKivi)
       return DecodeBlocksPerSmT<D, DT, R, kFamKivi, true>(ring_bytes);
   }
-  if constexpr (R == 4) {
+  if constexpr (R == 4 || R == 1) {
     if ((paths & kDecodeImmaUnits) && DecodeFamily(paths) == kFamInnerQ)
-      return DecodeBlocksPerSmT<D, DT, 4, kFamInnerQ, true>(ring_bytes);
+      return DecodeBlocksPerSmT<D, DT, R, kFamInnerQ, true>(ring_bytes);
   }
   switch (DecodeFamily(paths)) {
     case kFamFull: return DecodeBlocksPerSmT<D, DT, R, kFamFull>(0);

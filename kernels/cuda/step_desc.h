@@ -82,7 +82,8 @@ struct DevUnit {
 // the K and the V body, on the tensor cores: of an InnerQ-layout sequence (K along_channels, V
 // along_tokens, G = 32) with 2 to 4 rows, bits (K, V) (2, 2), (3, 2), (3, 3) (decode_imma.cuh); or
 // of a KIVI-layout sequence (K along_tokens, V along_channels, G = 32) with 2 to 8 rows, bits
-// (2, 2) and (4, 4) (decode_mma_kivi.cuh).
+// (2, 2) and (4, 4) (decode_mma_kivi.cuh). With one row, an InnerQ-layout body unit holds whole
+// body pages (tok_begin on a page, a multiple of kPageTokens tokens) of the same bits (decode_pages.cuh).
 constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1;
 constexpr int kImmaMaxRows = 4;
 KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
@@ -244,6 +245,14 @@ KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
   return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
+// One-row InnerQ page units (decode_pages.cuh): a block's ring slot holds one KV head's part of a
+// K body page and of a V body page (head_bytes each, 16-byte multiples), laid out as kDecRingWarps
+// "warp slots" of PageSlotBytes so that DecodeRingBytes sizes it; the ring's mbarriers (one per
+// stage, 8 bytes) take the warps' work areas after the slots.
+KVQ_HD int PageSlotBytes(int64_t k_head_bytes, int64_t v_head_bytes) {
+  return static_cast<int>(((k_head_bytes + v_head_bytes + kDecRingWarps - 1) / kDecRingWarps + 15) / 16 * 16);
+}
+constexpr int kPageWorkBytes = 16;
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
 // A decode launch's dynamic shared memory: the warps' rings after ring_offset bytes. The plan sizes
 // its occupancy probes and the launch its allocation with this one formula.

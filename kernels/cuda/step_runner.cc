@@ -574,6 +574,15 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   };
   // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
+  // One row, InnerQ family: the whole body pages of K and V (the same bits as the IMMA units) in
+  // page units (decode_pages.cuh), whose block ring holds a page of one head per slot.
+  const bool page_family = decode_path && imma_enabled_ && page_units_enabled_ &&
+                           cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows == 1;
+  auto page_seq = [&](const QuantConfig& c, const cuda::DevSeq& d) {
+    return page_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
+           c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
+           cuda::ImmaBits(c.k.bits, c.v.bits) && d.k.head_bytes % 16 == 0 && d.v.head_bytes % 16 == 0;
+  };
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
   // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.
   // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; the default, asym K
@@ -614,6 +623,10 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     if (imma_config(c))
       ring_slot_bytes = std::max(ring_slot_bytes, cuda::BodyTileBytes(p.head_dim, c.k.bits, c.k.has_zeros()) +
                                                       cuda::BodyTileBytes(p.head_dim, c.v.bits, c.v.has_zeros()));
+    if (page_seq(c, seqs[i])) {  // a page slot is kDecWarps "warp slots"; the mbarriers after the slots
+      ring_slot_bytes = std::max(ring_slot_bytes, cuda::PageSlotBytes(seqs[i].k.head_bytes, seqs[i].v.head_bytes));
+      ring_work_bytes = cuda::kPageWorkBytes;
+    }
   }
   // Each item's visible tokens as segments of one unit kind: on the InnerQ decode family with <= 4
   // rows, the tiles inside both bodies go to the tensor-core units (decode_imma.cuh), the sink
@@ -626,12 +639,13 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     const QuantConfig& c = configs[items[k].seq];
     const int64_t visible = d.length - d.n_new + (items[k].row0 + items[k].num_rows - 1) / g + 1;
     max_visible = std::max(max_visible, visible);
-    const bool imma_seq = imma_config(c) || kivi_config(c);
+    const bool pages_seq = page_seq(c, d);
+    const bool imma_seq = imma_config(c) || kivi_config(c) || pages_seq;
     const int64_t b0 = d.sink_len + d.to_sink;
-    const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / cuda::kTileTokens *
-                         cuda::kTileTokens;
+    const int64_t whole = pages_seq ? kPageTokens : cuda::kTileTokens;  // page units: whole pages
+    const int64_t body = std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / whole * whole;
     std::vector<Segment>& seg = segments.all;
-    if (imma_seq && body >= cuda::kTileTokens && b0 + body <= visible) {
+    if (imma_seq && body >= whole && b0 + body <= visible) {
       // sink and window: one per-token unit that steps over the body
       if (b0 > 0 || b0 + body < visible) seg.push_back({0, visible, cuda::kUnitTokens, b0, b0 + body});
       seg.push_back({b0, b0 + body, cuda::kUnitImmaBody, 0, 0});
@@ -980,7 +994,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.chunk_tokens = m.chunk;
   stats_.decode_path = decode_path;
   stats_.ring_stages = decode_path ? ring_stages : 0;
-  stats_.imma_units = imma_units;
+  stats_.imma_units = page_family ? 0 : imma_units;
+  stats_.page_units = page_family ? imma_units : 0;
   stats_.mma_full = mma_full;
   stats_.kivi_mma = imma_units > 0 && kivi_family;
   stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;

@@ -71,6 +71,19 @@ void CpAsync(void* dst, const void* src, int n);
 void CpAsyncCommit();
 void CpAsyncWait(int pending_groups);
 
+// mbarrier and cp.async.bulk (.mbarrier::complete_tx::bytes) in the block's dynamic shared memory:
+// a bulk copy's bytes are read from the source when it is issued and land only when a wait finds
+// its barrier's phase complete (every arrival in, the copies' bytes equal to the expected ones),
+// so a slot read before its wait reads the slot's previous bytes. A wait that could never complete
+// (an arrival missing, expected bytes no copy brings), copies still in flight when the block ends,
+// and operands the GPU faults on (addresses not 16-byte aligned, sizes not a multiple of 16, a
+// destination outside the dynamic shared memory, a source outside one device allocation) fail the
+// launch.
+void MbarInit(uint64_t* bar, int count);
+void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes);
+void MbarWait(uint64_t* bar, uint32_t parity);
+void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar);
+
 void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
                  bool bf16);
 void ImmaM16N8K32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);

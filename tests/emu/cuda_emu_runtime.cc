@@ -50,6 +50,20 @@ struct ThreadAsync {
   uint32_t commits = 0;                     // groups committed so far (the open group's number)
 };
 
+// An mbarrier: its expected arrivals, those still missing in the current phase, the transaction
+// bytes expected minus those landed, the current phase's parity, and the bulk copies signalling it.
+struct BulkPending {
+  uint8_t* dst;
+  std::vector<uint8_t> bytes;
+};
+struct Mbar {
+  int count = 0;
+  int pending = 0;
+  long long tx = 0;
+  uint32_t phase = 0;
+  std::vector<BulkPending> copies;
+};
+
 // A 32-byte global sector read by a warp's copies of one group (lanes commit in step).
 struct SectorKey {
   uintptr_t sector;
@@ -81,6 +95,7 @@ struct GridState {
   // per sector a warp's copies of one group read: the 32-byte unit of dynamic shared memory its
   // first 16 bytes went to (CpAsyncOk: the other 16 must go to the same unit)
   std::unordered_map<SectorKey, long long, SectorKeyHash> sector_units;
+  std::unordered_map<uintptr_t, Mbar> mbars;  // the running block's, by address
   // The device allocations at the launch's start, by address: cp.async sources are looked up here
   // without a lock. Other host threads may allocate and free meanwhile (the store's lanes grow
   // their own buffers), but not what this launch reads: its lane's buffers and the arena.
@@ -293,6 +308,7 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
     std::memset(st.dynamic_smem.data() + kGuard + dynamic_smem, kGuardByte, kGuard);
     st.async.assign(threads, ThreadAsync{});
     st.sector_units.clear();
+    st.mbars.clear();
     // every block takes its turns in another order (seeded by its place in the grid)
     const uint32_t seed = in_order ? 0u : 0x9E3779B9u * (1u + x + grid.x * (y + grid.y * z));
     *abandoned = kvq::cuda::warp::RunBlock(static_cast<int>(threads), [&](int) { body(); }, seed);
@@ -302,6 +318,13 @@ cudaError_t RunGrid(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t str
                          "): GridDependencyWait reached by " + std::to_string(*abandoned) + " of its " +
                          std::to_string(threads) + " threads (the emulation needs it block-uniform)";
     }
+    for (const auto& [addr, bar] : st.mbars)
+      if (!bar.copies.empty() && st.error == cudaSuccess) {
+        st.error = cudaErrorLaunchFailure;
+        st.error_message = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
+                           "): " + std::to_string(bar.copies.size()) + " bulk copies to the mbarrier at offset " +
+                           std::to_string(SmemOffset(addr)) + " still in flight when the block ended";
+      }
     if (st.error != cudaSuccess) {
       std::fprintf(stderr, "emulated launch: %s\n", st.error_message.c_str());
       return st.error;
@@ -414,6 +437,102 @@ void CpAsync(void* dst, const void* src, int n) {
   if (n > 0) std::memcpy(p.bytes, src, size_t(n));
   g_grid->async[size_t(CurrentThread())].open.push_back(p);
 }
+namespace {
+
+// The initialized mbarrier at bar, or nullptr after reporting the misuse.
+Mbar* FindMbar(const uint64_t* bar, const char* op) {
+  const auto it = g_grid->mbars.find(Addr(bar));
+  if (it == g_grid->mbars.end()) {
+    Bad(cudaErrorLaunchFailure, "%s on %#zx (offset %lld), not an initialized mbarrier", op, size_t(Addr(bar)),
+        SmemOffset(Addr(bar)));
+    return nullptr;
+  }
+  return &it->second;
+}
+
+}  // namespace
+
+void MbarInit(uint64_t* bar, int count) {
+  if (Addr(bar) % 8 != 0 || !InDynamicShared(Addr(bar), 8)) {
+    Bad(cudaErrorMisalignedAddress, "mbarrier.init at %#zx (offset %lld): not 8-byte aligned inside the %zu bytes of "
+        "dynamic shared memory", size_t(Addr(bar)), SmemOffset(Addr(bar)), g_grid->smem_bytes);
+    return;
+  }
+  Mbar& m = g_grid->mbars[Addr(bar)];
+  if (!m.copies.empty()) {
+    Bad(cudaErrorLaunchFailure, "mbarrier.init at offset %lld with bulk copies in flight", SmemOffset(Addr(bar)));
+    return;
+  }
+  m = Mbar{};
+  m.count = m.pending = count;
+  std::memset(bar, 0, 8);  // the barrier's word, as the kernel's other accesses would see it change
+}
+
+void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  Mbar* m = FindMbar(bar, "mbarrier.arrive.expect_tx");
+  if (!m) return;
+  if (m->pending == 0) {
+    Bad(cudaErrorLaunchFailure, "mbarrier.arrive at offset %lld: more arrivals than its count %d in one phase",
+        SmemOffset(Addr(bar)), m->count);
+    return;
+  }
+  --m->pending;
+  m->tx += bytes;
+}
+
+void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  const uintptr_t d = Addr(dst), s = Addr(src);
+  if (bytes == 0 || bytes % 16 != 0) {
+    Bad(cudaErrorInvalidValue, "cp.async.bulk of %u bytes: not a positive multiple of 16", bytes);
+    return;
+  }
+  if (d % 16 != 0 || s % 16 != 0) {
+    Bad(cudaErrorMisalignedAddress, "cp.async.bulk from %#zx to %#zx (offset %lld): not 16-byte aligned", size_t(s),
+        size_t(d), SmemOffset(d));
+    return;
+  }
+  if (!InDynamicShared(d, bytes)) {
+    Bad(cudaErrorIllegalAddress, "cp.async.bulk destination offset %lld: its %u bytes not inside the %zu bytes of "
+        "dynamic shared memory", SmemOffset(d), bytes, g_grid->smem_bytes);
+    return;
+  }
+  const Alloc* a = AllocBelow(s);
+  if (!a || s - a->begin + bytes > a->size) {
+    Bad(cudaErrorIllegalAddress, "cp.async.bulk source %#zx: its %u bytes not inside one device allocation", size_t(s),
+        bytes);
+    return;
+  }
+  Mbar* m = FindMbar(bar, "cp.async.bulk's complete_tx");
+  if (!m) return;
+  const uint8_t* from = static_cast<const uint8_t*>(src);
+  m->copies.push_back({static_cast<uint8_t*>(dst), std::vector<uint8_t>(from, from + bytes)});
+}
+
+void MbarWait(uint64_t* bar, uint32_t parity) {
+  Mbar* m = FindMbar(bar, "mbarrier.try_wait.parity");
+  if (!m) return;
+  if ((m->phase & 1u) != (parity & 1u)) return;  // that phase completed before
+  if (m->pending > 0) {
+    Bad(cudaErrorLaunchFailure, "mbarrier wait at offset %lld: %d of %d arrivals missing in the phase it waits for "
+        "(a hang on the GPU)", SmemOffset(Addr(bar)), m->pending, m->count);
+    return;
+  }
+  long long landed = 0;
+  for (const BulkPending& c : m->copies) {
+    std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
+    landed += static_cast<long long>(c.bytes.size());
+  }
+  m->copies.clear();
+  if (landed != m->tx) {
+    Bad(cudaErrorLaunchFailure, "mbarrier wait at offset %lld: %lld bytes expected, the copies brought %lld (on the "
+        "GPU a hang, or a phase that completes before its last copy)", SmemOffset(Addr(bar)), m->tx, landed);
+    return;
+  }
+  m->tx = 0;
+  m->pending = m->count;
+  m->phase ^= 1u;
+}
+
 void CpAsyncCommit() {
   ThreadAsync& a = g_grid->async[size_t(CurrentThread())];
   a.groups.push_back(std::move(a.open));
@@ -613,7 +732,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorLaunchFailure:
-      return "unspecified launch failure (emulated: a guard band was overwritten, or a cp.async sector split)";
+      return "unspecified launch failure (emulated: a guard band was overwritten, a cp.async sector split, or an mbarrier misuse)";
     case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     default: return "emulated CUDA error";

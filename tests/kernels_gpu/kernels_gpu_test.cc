@@ -95,6 +95,8 @@ struct Case {
   int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
   int ring_offset = 0;         // CudaStepRunner::set_ring_offset
+  bool page_units = true;      // CudaStepRunner::set_page_units
+  int expect_pages = -1;       // 1: one-row InnerQ body pages must run in page units (decode_pages.cuh), 0: must not
 };
 
 std::string Describe(const Case& c) {
@@ -192,6 +194,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   if (c.min_row_class > 1) {
     EXPECT_EQ(runner.stats().row_class, c.min_row_class) << "kernel instance's rows";
   }
+  if (c.expect_pages >= 0 && !first) {
+    EXPECT_EQ(runner.stats().page_units > 0, c.expect_pages == 1) << "one-row InnerQ page units in the plan";
+  }
   if (c.ring_stages > 0 && !first) {
     EXPECT_EQ(runner.stats().ring_stages, c.ring_stages) << "ring depth of the tensor-core units";
   }
@@ -262,6 +267,7 @@ void RunCase(const Case& c) {
   runner->set_kivi_codes(c.kivi_codes);
   runner->set_min_row_class(c.min_row_class);
   runner->set_ring_offset(c.ring_offset);
+  runner->set_page_units(c.page_units);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1340,6 +1346,74 @@ TEST(KernelsGpu, OneRowKiviValues) {
 // at 4 rows, KIVI on the code units, fp16 on the tensor cores). Then on the one-row instance with
 // the rings 32 bytes past the aligned dynamic shared memory (set_ring_offset, whose experiment
 // times the old placement at 48).
+// One row per unit, InnerQ-shaped formats of the IMMA bits (K along_channels, V along_tokens,
+// G = 32): the whole body pages in page units (bulk copies into the block's ring of page slots,
+// decode_pages.cuh). Bodies from none, one tile and just under one page to 5000 tokens, K bodies
+// that end inside a tile (flush 1), sinks of 0 to 96, ring depths 2 and 3, few long units (many
+// pages per block: every slot reused, both phase parities), every (D, dtype); then the same batch
+// with the page units off must make none.
+TEST(KernelsGpu, OneRowPages) {
+  SKIP_WITHOUT_GPU();
+  const auto fmt = QuantFormat32;
+  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
+  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
+  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
+  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
+  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
+  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
+  b.sink = 64;
+  b.key_norm = true;
+  QuantConfig e;  // 3-bit sym keys, 2-bit hybrid values, sink 96
+  e.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 0, 1);
+  e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
+  e.sink = 96;
+  e.key_norm = true;
+  for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int split : {0, 6}) {
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = 2;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kInnerQ, 5000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 100),
+                   SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 1, 1, 77),
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 1, 9),
+                   SeqSpec(a, 40, 1, 1, 0),    // one body tile
+                   SeqSpec(a, 130, 1, 1, 0),   // a body just under one page
+                   SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};  // no body
+        cs.seed = 9950 + k++;
+        cs.expect_decode = 1;
+        cs.expect_imma = 0;
+        cs.expect_pages = 1;
+        cs.split_blocks = split;
+        cs.ring_stages = split == 0 ? 0 : 2 + k % 2;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  Case off;
+  off.hkv = off.hq = 2;
+  off.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 5)};
+  off.page_units = false;
+  off.expect_pages = 0;
+  RunCase(off);
+  if (HasFatalFailure()) return;
+  // not taken where they do not apply: a KIVI sequence in the batch, or more than one row per unit
+  Case kivi = off;
+  kivi.page_units = true;
+  kivi.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kKivi2, 700, 1, 1, 5)};
+  RunCase(kivi);
+  if (HasFatalFailure()) return;
+  Case rows = kivi;
+  rows.hq = 8;
+  rows.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33)};
+  RunCase(rows);
+}
+
 TEST(KernelsGpu, RowClassOneRow) {
   SKIP_WITHOUT_GPU();
   int k = 0;

@@ -33,6 +33,7 @@ struct CudaStepStats {
   int ring_stages = 0;       // decode path: body tiles per warp ring (kept in flight: ring_stages - 1)
   int blocks_per_sm = 0;     // resident attention blocks per SM the split plan assumed
   int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
+  int page_units = 0;        // one-row InnerQ units of whole body pages by bulk copies (decode_pages.cuh)
   bool mma_full = false;     // fp16 batch: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh)
   bool kivi_mma = false;     // the imma_units are KIVI body units on the fp16 / bf16 tensor cores
                              // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
@@ -129,6 +130,11 @@ class CudaStepRunner {
   // (default on); off, every tile takes the per-token / per-tile paths (tests and the benchmark
   // compare both).
   void set_imma(bool on) { imma_enabled_ = on; }
+  // Decode path, one query row per unit, InnerQ-family batches: the whole body pages of K and V go
+  // to page units (decode_pages.cuh: bulk copies into a ring of page slots per block) where they
+  // fit (default on); off, the per-token path takes every tile (tests and the benchmark compare
+  // both). Needs set_imma on.
+  void set_page_units(bool on) { page_units_enabled_ = on; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
   void set_kivi_mma_min_unit_tokens(int tokens) { kivi_min_unit_tokens_ = tokens; }
@@ -208,6 +214,7 @@ class CudaStepRunner {
   bool force_generic_ = false;
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
+  bool page_units_enabled_ = true;
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
