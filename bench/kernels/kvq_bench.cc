@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages]
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N]
 //                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
@@ -107,6 +107,7 @@ bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_pages = true;           // --no-pages: one-row InnerQ body pages on the per-token path, not in page units
+int g_page_min_pages = -1;     // --page-min-pages N: CudaStepRunner::set_page_min_pages (-1: its default)
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 // --qa-steps N: consecutive decode steps for the mean quantize-append and step (128: every flush
 // phase of the presets; fewer on the emulated device, where each is a whole emulated step)
@@ -275,6 +276,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
     runners[k]->set_page_units(g_pages);
+    if (g_page_min_pages >= 0) runners[k]->set_page_min_pages(g_page_min_pages);
     if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
     if (g_fused >= 0) runners[k]->set_fused_step(g_fused == 1);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
@@ -634,7 +636,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -667,6 +669,8 @@ int main(int argc, char** argv) {
       g_imma = false;
     } else if (a == "--no-pages") {
       g_pages = false;
+    } else if (a == "--page-min-pages" && i + 1 < argc) {
+      g_page_min_pages = std::atoi(argv[++i]);
     } else if (a == "--kivi-units" && i + 1 < argc) {
       const std::string u = argv[++i];
       if (u != "codes" && u != "dequant") return Usage();

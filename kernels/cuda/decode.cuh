@@ -104,10 +104,12 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
 #endif
 }
-// Until the barrier's phase of this parity has completed.
+// Until the barrier's phase of this parity has completed. Every lane of the warp calls it (the
+// emulator's lanes then leave the wait loop together, as its warp operations need).
 __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
 #if defined(KVQ_CUDA_EMU)
-  kvq_emu::MbarWait(bar, parity);
+  while (!__all_sync(0xffffffffu, kvq_emu::MbarTryWait(bar, parity) ? 1 : 0)) {
+  }
 #else
   const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
   uint32_t done;
@@ -1024,8 +1026,8 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int h = unit.kv_head;
-  if constexpr (IMMA && R == 1) {  // one-row InnerQ page units: the first pages go out before the query's set-up
-    if (unit.kind == kUnitImmaBody && tid == 0) PageRingStart(a, s, unit, dec_ring);
+  if constexpr (IMMA && R == 1 && PATHS == kFamInnerQ) {  // page units: the first pages go out before the query's set-up
+    if (unit.kind == kUnitPages && tid == 0) PageRingStart(a, s, unit, dec_ring);
   }
 
   for (int idx = tid; idx < R * D; idx += kDecThreads) {
@@ -1099,8 +1101,8 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       return;
     }
   } else if constexpr (IMMA && R == 1) {
-    static_assert(PATHS == kFamInnerQ, "the one-row tensor-core instance is InnerQ's, with page units");
-    if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
+    static_assert(PATHS == kFamInnerQ, "the one-row InnerQ tensor-core instance: page units");
+    if (unit.kind == kUnitPages) {  // the plan made it only for the (K, V) bits instantiated here
       if (s.k.bits == 2) {
         PageBodyUnit<D, 2, 2>(sm, a, s, unit, dec_ring, warp, lane);
       } else if (s.v.bits == 2) {

@@ -1,15 +1,16 @@
 // Decode fast path, one-row InnerQ page units (included by decode.cuh).
 //
-// A page unit (DevUnit::kind == kUnitImmaBody in the one-row InnerQ instance) holds whole body
+// A page unit (DevUnit::kind == kUnitPages, in the one-row InnerQ instance) holds whole body
 // pages of both K and V of one KV head: its tokens start on a page (the body's first token is
 // slot 0 of body page 0) and are a multiple of kPageTokens. A head's part of a quantized page is
 // one contiguous, 16-byte aligned run (codes, scales, zeros: format.h), so one page of K and V is
 // two bulk copies (cp.async.bulk), issued by one thread into a ring of page slots in the block's
 // dynamic shared memory, each slot with an mbarrier that counts the bytes in. The four warps take
 // one 32-token tile each of every page (warp w: slots 32 w .. 32 w + 31) and compute it from shared
-// memory with the per-token path's integer products (KChannelsToken, VTokensCompute); after a
-// page the block meets once (__syncthreads) and thread 0 refills the slot with the page
-// ring_stages pages ahead.
+// memory with the per-token path's integer products (KChannelsToken, VTokensCompute). The warps
+// do not meet: each counts itself done with a slot, and the last one of a page refills the slot
+// with the page ring_stages pages ahead (a block barrier per page held every warp to the slowest
+// and issued the refill late: 14% of the stall samples at (1,32,32,32768), H100).
 //
 // Why: the per-token path loads each tile from global memory into registers, so a warp waits on
 // DRAM twice per tile, and ~5 resident warps per scheduler (96 registers) do not hide it (0.44-0.46
@@ -19,18 +20,22 @@
 // 12-14 KB of one head, so here a tile's share of the issue is half a copy.
 //
 // Dynamic shared memory: [ring_stages][kDecWarps * ring_slot_bytes] page slots (K's head run, then
-// V's), then ring_stages mbarriers (PageRingBars); the plan sizes ring_slot_bytes as a quarter page
-// rounded up to 16 bytes and ring_work_bytes for the barriers (PageSlotBytes, PageWorkBytes).
+// V's), then ring_stages mbarriers (PageRingBars) and ring_stages counts of the warps done with the
+// slot's page (PageRingDone); the plan sizes ring_slot_bytes as a quarter page rounded up to 16
+// bytes and ring_work_bytes for the rest (PageSlotBytes, kPageWorkBytes).
 #pragma once
 
 namespace kvq {
 namespace cuda {
 
-static_assert(kMaxRingStages * 8 <= kDecWarps * kPageWorkBytes, "the page ring's mbarriers fit the work areas");
+static_assert(kMaxRingStages * 12 <= kDecWarps * kPageWorkBytes, "the page ring's mbarriers and counts fit");
 
 __device__ __forceinline__ int PageSlotStride(const AttnArgs& a) { return kDecWarps * a.ring_slot_bytes; }
 __device__ __forceinline__ uint64_t* PageRingBars(const AttnArgs& a, uint8_t* ring) {
   return reinterpret_cast<uint64_t*>(ring + a.ring_stages * PageSlotStride(a));
+}
+__device__ __forceinline__ int* PageRingDone(const AttnArgs& a, uint8_t* ring) {
+  return reinterpret_cast<int*>(PageRingBars(a, ring) + a.ring_stages);
 }
 
 // Thread 0: page j of the unit (K and V of head h) into slot j % ring_stages.
@@ -49,11 +54,15 @@ __device__ __forceinline__ void PageIssue(const AttnArgs& a, const DevSeq& s, co
 }
 
 // Thread 0, at the unit's start (after any wait for the quantize-append, before the query's set-up,
-// whose block barriers make the initialized mbarriers visible to the other threads): the barriers,
-// then the first ring_stages pages.
+// whose block barriers make the initialized mbarriers and counts visible to the other threads): the
+// barriers, then the first ring_stages pages.
 __device__ __forceinline__ void PageRingStart(const AttnArgs& a, const DevSeq& s, const DevUnit& unit, uint8_t* ring) {
   uint64_t* bars = PageRingBars(a, ring);
-  for (int i = 0; i < a.ring_stages; ++i) MbarInit(bars + i, 1);
+  int* done = PageRingDone(a, ring);
+  for (int i = 0; i < a.ring_stages; ++i) {
+    MbarInit(bars + i, 1);
+    done[i] = 0;
+  }
   MbarInitFence();
   FenceProxyAsyncGlobal();  // a fused step's quantize-append wrote the pages through the generic proxy
   const int pages = (unit.tok_end - unit.tok_begin) / kPageTokens;
@@ -116,11 +125,16 @@ __device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const 
                              s.v, vraw);
     __syncwarp();
     VTokensCompute<D, 1, VB>(sm, warp, s.v, vraw, &psum, beta * (1.f / kFixedScale), acc);
-    // every warp is done with the slot (and with its p bytes) before the slot is refilled
-    __syncthreads();
-    if (threadIdx.x == 0 && j + a.ring_stages < pages) {
-      FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
-      PageIssue(a, s, unit, ring, j + a.ring_stages);
+    // this warp is done with the slot (every lane's reads, and its p bytes before the next page's)
+    __syncwarp();
+    if (lane == 0 && j + a.ring_stages < pages) {
+      __threadfence_block();  // this warp's reads of the slot before its count
+      if (atomicAdd(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+        PageRingDone(a, ring)[slot] = 0;
+        __threadfence_block();
+        FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
+        PageIssue(a, s, unit, ring, j + a.ring_stages);
+      }
     }
     if (++slot == a.ring_stages) {
       slot = 0;

@@ -82,9 +82,10 @@ struct DevUnit {
 // the K and the V body, on the tensor cores: of an InnerQ-layout sequence (K along_channels, V
 // along_tokens, G = 32) with 2 to 4 rows, bits (K, V) (2, 2), (3, 2), (3, 3) (decode_imma.cuh); or
 // of a KIVI-layout sequence (K along_tokens, V along_channels, G = 32) with 2 to 8 rows, bits
-// (2, 2) and (4, 4) (decode_mma_kivi.cuh). With one row, an InnerQ-layout body unit holds whole
-// body pages (tok_begin on a page, a multiple of kPageTokens tokens) of the same bits (decode_pages.cuh).
-constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1;
+// (2, 2) and (4, 4) (decode_mma_kivi.cuh). Or, kUnitPages, with one row: whole body pages of K and
+// V of an InnerQ-layout sequence (tok_begin on a page, a multiple of kPageTokens tokens) of the
+// IMMA bits, which the unit reads as they are, nothing past them (decode_pages.cuh).
+constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1, kUnitPages = 2;
 constexpr int kImmaMaxRows = 4;
 KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
   return (k_bits == 2 && v_bits == 2) || (k_bits == 3 && v_bits == 2) || (k_bits == 3 && v_bits == 3);
@@ -131,6 +132,7 @@ KVQ_HD int FirstStepWriteFrom(const DevSeq& s, int begin) {
 // [tok_begin, tok_begin + 32 * ceil(tokens / 32)); one more tile of margin. The other units (the
 // older body, most of a long sequence) start while the quantize-append still runs.
 KVQ_HD bool UnitWaitsForQuantizeAppend(const DevSeq& s, const DevUnit& u) {
+  if (u.kind == kUnitPages) return RangeMeetsStepWrites(s, u.tok_begin, u.tok_end);  // no tile margin
   const int tiles_end = u.tok_begin + (u.tok_end - u.tok_begin + kTileTokens - 1) / kTileTokens * kTileTokens;
   return RangeMeetsStepWrites(s, u.tok_begin, tiles_end + kTileTokens);
 }
@@ -248,11 +250,11 @@ constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own r
 // One-row InnerQ page units (decode_pages.cuh): a block's ring slot holds one KV head's part of a
 // K body page and of a V body page (head_bytes each, 16-byte multiples), laid out as kDecRingWarps
 // "warp slots" of PageSlotBytes so that DecodeRingBytes sizes it; the ring's mbarriers (one per
-// stage, 8 bytes) take the warps' work areas after the slots.
+// stage, 8 bytes) and its per-slot counts of warps done take the warps' work areas after the slots.
 KVQ_HD int PageSlotBytes(int64_t k_head_bytes, int64_t v_head_bytes) {
   return static_cast<int>(((k_head_bytes + v_head_bytes + kDecRingWarps - 1) / kDecRingWarps + 15) / 16 * 16);
 }
-constexpr int kPageWorkBytes = 16;
+constexpr int kPageWorkBytes = 32;
 KVQ_HD int DecodeWarpRingBytes(const AttnArgs& a) { return a.ring_stages * a.ring_slot_bytes + a.ring_work_bytes; }
 // A decode launch's dynamic shared memory: the warps' rings after ring_offset bytes. The plan sizes
 // its occupancy probes and the launch its allocation with this one formula.

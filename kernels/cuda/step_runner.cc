@@ -576,13 +576,26 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
   // One row, InnerQ family: the whole body pages of K and V (the same bits as the IMMA units) in
   // page units (decode_pages.cuh), whose block ring holds a page of one head per slot.
-  const bool page_family = decode_path && imma_enabled_ && page_units_enabled_ &&
-                           cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows == 1;
+  bool page_family = decode_path && imma_enabled_ && page_units_enabled_ &&
+                     cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows == 1;
   auto page_seq = [&](const QuantConfig& c, const cuda::DevSeq& d) {
     return page_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
            c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
            cuda::ImmaBits(c.k.bits, c.v.bits) && d.k.head_bytes % 16 == 0 && d.v.head_bytes % 16 == 0;
   };
+  // Only where the batch has page_min_pages_ whole body pages per resident block of the per-token
+  // instance: a unit's first pages wait on DRAM before any compute, which a unit of one or two
+  // pages does not win back (page_min_pages for the measurements).
+  if (page_family && page_min_pages_ > 0) {
+    int64_t pages = 0;
+    for (const auto& it : items) {
+      const cuda::DevSeq& d = seqs[it.seq];
+      if (page_seq(configs[it.seq], d))
+        pages += std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / kPageTokens;
+    }
+    const int64_t blocks = int64_t{m.num_sms} * std::max(1, cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, 1, decode_paths, 0));
+    page_family = pages >= page_min_pages_ * blocks;
+  }
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
   // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.
   // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; the default, asym K
@@ -648,14 +661,14 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     if (imma_seq && body >= whole && b0 + body <= visible) {
       // sink and window: one per-token unit that steps over the body
       if (b0 > 0 || b0 + body < visible) seg.push_back({0, visible, cuda::kUnitTokens, b0, b0 + body});
-      seg.push_back({b0, b0 + body, cuda::kUnitImmaBody, 0, 0});
+      seg.push_back({b0, b0 + body, pages_seq ? cuda::kUnitPages : cuda::kUnitImmaBody, 0, 0});
     } else {
       seg.push_back({0, visible, cuda::kUnitTokens, 0, 0});
     }
     segments.EndItem();
   }
   bool has_imma = false;
-  for (const Segment& x : segments.all) has_imma = has_imma || x.kind == cuda::kUnitImmaBody;
+  for (const Segment& x : segments.all) has_imma = has_imma || x.kind != cuda::kUnitTokens;
   // The launch picks the kernel instance with IMMA units (other launch bounds) from this flag.
   if (!has_imma && !mma_full) ring_slot_bytes = ring_work_bytes = 0;  // no ring: no dynamic shared memory
   int launch_paths = decode_paths | (has_imma || mma_full ? cuda::kDecodeImmaUnits : 0) |
@@ -854,7 +867,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   }
   std::vector<cuda::DevUnit>& units = m.units;
   units.clear();
-  int imma_units = 0;
+  int imma_units = 0, page_units = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     auto& it = items[k];
     it.unit0 = static_cast<int32_t>(units.size());
@@ -875,6 +888,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         u.part = static_cast<int32_t>(units.size());
         u.item = static_cast<int32_t>(k);
         imma_units += sg.kind == cuda::kUnitImmaBody ? 1 : 0;
+        page_units += sg.kind == cuda::kUnitPages ? 1 : 0;
         units.push_back(u);
       }
     }
@@ -884,7 +898,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // Launch order: the per-token units first (short where they surround tensor-core bodies), so
   // that any body units beyond one wave start as soon as they finish; the partials keep item order.
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
-  if (imma_units > 0) {
+  if (imma_units + page_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
     for (const cuda::DevUnit& u : units)
@@ -994,8 +1008,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.chunk_tokens = m.chunk;
   stats_.decode_path = decode_path;
   stats_.ring_stages = decode_path ? ring_stages : 0;
-  stats_.imma_units = page_family ? 0 : imma_units;
-  stats_.page_units = page_family ? imma_units : 0;
+  stats_.imma_units = imma_units;
+  stats_.page_units = page_units;
   stats_.mma_full = mma_full;
   stats_.kivi_mma = imma_units > 0 && kivi_family;
   stats_.kivi_codes = imma_units > 0 && kivi_family && kivi_codes;

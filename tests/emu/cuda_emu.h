@@ -81,7 +81,10 @@ void CpAsyncWait(int pending_groups);
 // launch.
 void MbarInit(uint64_t* bar, int count);
 void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes);
-void MbarWait(uint64_t* bar, uint32_t parity);
+// mbarrier.try_wait.parity: true once the phase of that parity has completed (the first try that
+// finds every arrival in lands the phase's copies); a phase that stays incomplete for a million
+// tries fails the launch (a hang on the GPU).
+bool MbarTryWait(uint64_t* bar, uint32_t parity);
 void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar);
 
 void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
@@ -124,6 +127,7 @@ inline T __ldcg(const T* p) {
 inline void __syncthreads() { kvq::cuda::warp::BlockSync(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { kvq::cuda::warp::Sync(); }
 inline void __threadfence() {}
+inline void __threadfence_block() {}
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int off) {
   uint32_t all[32];

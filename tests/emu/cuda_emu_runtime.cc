@@ -61,6 +61,7 @@ struct Mbar {
   int pending = 0;
   long long tx = 0;
   uint32_t phase = 0;
+  long long tries = 0;  // failed tries of the current phase
   std::vector<BulkPending> copies;
 };
 
@@ -508,14 +509,17 @@ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   m->copies.push_back({static_cast<uint8_t*>(dst), std::vector<uint8_t>(from, from + bytes)});
 }
 
-void MbarWait(uint64_t* bar, uint32_t parity) {
+bool MbarTryWait(uint64_t* bar, uint32_t parity) {
   Mbar* m = FindMbar(bar, "mbarrier.try_wait.parity");
-  if (!m) return;
-  if ((m->phase & 1u) != (parity & 1u)) return;  // that phase completed before
+  if (!m) return true;
+  if ((m->phase & 1u) != (parity & 1u)) return true;  // that phase completed before
   if (m->pending > 0) {
-    Bad(cudaErrorLaunchFailure, "mbarrier wait at offset %lld: %d of %d arrivals missing in the phase it waits for "
-        "(a hang on the GPU)", SmemOffset(Addr(bar)), m->pending, m->count);
-    return;
+    if (++m->tries > 1000000) {
+      Bad(cudaErrorLaunchFailure, "mbarrier wait at offset %lld: %d of %d arrivals missing in the phase it waits for, "
+          "after a million tries (a hang on the GPU)", SmemOffset(Addr(bar)), m->pending, m->count);
+      return true;
+    }
+    return false;
   }
   long long landed = 0;
   for (const BulkPending& c : m->copies) {
@@ -526,11 +530,13 @@ void MbarWait(uint64_t* bar, uint32_t parity) {
   if (landed != m->tx) {
     Bad(cudaErrorLaunchFailure, "mbarrier wait at offset %lld: %lld bytes expected, the copies brought %lld (on the "
         "GPU a hang, or a phase that completes before its last copy)", SmemOffset(Addr(bar)), m->tx, landed);
-    return;
+    return true;
   }
   m->tx = 0;
+  m->tries = 0;
   m->pending = m->count;
   m->phase ^= 1u;
+  return true;
 }
 
 void CpAsyncCommit() {

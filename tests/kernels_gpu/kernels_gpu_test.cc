@@ -96,6 +96,7 @@ struct Case {
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
   int ring_offset = 0;         // CudaStepRunner::set_ring_offset
   bool page_units = true;      // CudaStepRunner::set_page_units
+  int page_min_pages = 0;      // CudaStepRunner::set_page_min_pages (0: wherever they fit)
   int expect_pages = -1;       // 1: one-row InnerQ body pages must run in page units (decode_pages.cuh), 0: must not
 };
 
@@ -268,6 +269,7 @@ void RunCase(const Case& c) {
   runner->set_min_row_class(c.min_row_class);
   runner->set_ring_offset(c.ring_offset);
   runner->set_page_units(c.page_units);
+  runner->set_page_min_pages(c.page_min_pages);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;

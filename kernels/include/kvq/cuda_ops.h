@@ -133,8 +133,11 @@ class CudaStepRunner {
   // Decode path, one query row per unit, InnerQ-family batches: the whole body pages of K and V go
   // to page units (decode_pages.cuh: bulk copies into a ring of page slots per block) where they
   // fit (default on); off, the per-token path takes every tile (tests and the benchmark compare
-  // both). Needs set_imma on.
+  // both). Needs set_imma on. Only in batches with at least `min_pages` whole body pages per
+  // resident block (set_page_min_pages; 0: wherever they fit, for tests).
   void set_page_units(bool on) { page_units_enabled_ = on; }
+  static constexpr int kPageMinPagesDefault = 3;
+  void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
   void set_kivi_mma_min_unit_tokens(int tokens) { kivi_min_unit_tokens_ = tokens; }
@@ -215,6 +218,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   bool page_units_enabled_ = true;
+  int page_min_pages_ = kPageMinPagesDefault;
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
