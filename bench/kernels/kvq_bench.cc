@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N]
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N]
 //                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
@@ -107,6 +107,7 @@ bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_pages = true;           // --no-pages: one-row InnerQ body pages on the per-token path, not in page units
+int g_qa_carveout = -2;        // --qa-carveout N: SetQuantizeAppendCarveout(N) before the runs (-2: not set)
 int g_page_min_pages = -1;     // --page-min-pages N: CudaStepRunner::set_page_min_pages (-1: its default)
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
 // --qa-steps N: consecutive decode steps for the mean quantize-append and step (128: every flush
@@ -636,7 +637,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -667,6 +668,8 @@ int main(int argc, char** argv) {
       custom.push_back(sh);
     } else if (a == "--no-imma") {
       g_imma = false;
+    } else if (a == "--qa-carveout" && i + 1 < argc) {
+      g_qa_carveout = std::atoi(argv[++i]);
     } else if (a == "--no-pages") {
       g_pages = false;
     } else if (a == "--page-min-pages" && i + 1 < argc) {
@@ -730,6 +733,13 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) return 1;
+  if (g_qa_carveout >= -1) {
+    const kvq::Result r = kvq::SetQuantizeAppendCarveout(g_qa_carveout);
+    if (!r.ok()) {
+      std::fprintf(stderr, "kvq-bench: %s\n", r.message.c_str());
+      return 1;
+    }
+  }
   std::vector<Shape> shapes = {{1, 32, 32, 4096, 128},  {1, 32, 32, 32768, 128}, {16, 32, 32, 4096, 128},
                                {16, 32, 8, 32768, 128}, {64, 32, 8, 8192, 128},  {1, 9, 3, 8192, 64}};
   if (quick) shapes = {{1, 32, 32, 32768, 128}, {16, 32, 8, 32768, 128}};

@@ -36,6 +36,16 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
 
 }  // namespace
 
+cudaError_t SetQuantizeAppendCarveout(int percent) {
+  cudaError_t e = cudaFuncSetAttribute(KeyNormKernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(QuantizeAppendKernel<false>, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(QuantizeAppendKernel<true>, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e;
+}
+
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:

@@ -290,6 +290,9 @@ void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chun
 // chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks);
 // key_norm: some sequence computes its key-norm factors this step (one small launch first).
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream);
+// The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or
+// cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time.
+cudaError_t SetQuantizeAppendCarveout(int percent);
 // The quantize-append grid: (sequence, KV head, 2 x chunks), z even = K, odd = V.
 inline dim3 QaGrid(int num_seqs, int num_kv_heads, int chunks) {
   return dim3(num_seqs, num_kv_heads, 2 * chunks);

@@ -314,6 +314,12 @@ struct CudaStepRunner::Impl {
   }
 };
 
+Result SetQuantizeAppendCarveout(int percent) {
+  const cudaError_t e = cuda::SetQuantizeAppendCarveout(percent);
+  return e == cudaSuccess ? Result::Ok()
+                          : Result::Error(Code::kInternal, std::string("carveout: ") + cudaGetErrorString(e));
+}
+
 Result CudaStepRunner::Create(std::unique_ptr<CudaStepRunner>* out) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);

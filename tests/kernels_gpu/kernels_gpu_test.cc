@@ -96,7 +96,7 @@ struct Case {
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
   int ring_offset = 0;         // CudaStepRunner::set_ring_offset
   bool page_units = true;      // CudaStepRunner::set_page_units
-  int page_min_pages = 0;      // CudaStepRunner::set_page_min_pages (0: wherever they fit)
+  int page_min_pages = -1;     // CudaStepRunner::set_page_min_pages (0: wherever they fit; -1: its default)
   int expect_pages = -1;       // 1: one-row InnerQ body pages must run in page units (decode_pages.cuh), 0: must not
 };
 
@@ -269,7 +269,7 @@ void RunCase(const Case& c) {
   runner->set_min_row_class(c.min_row_class);
   runner->set_ring_offset(c.ring_offset);
   runner->set_page_units(c.page_units);
-  runner->set_page_min_pages(c.page_min_pages);
+  if (c.page_min_pages >= 0) runner->set_page_min_pages(c.page_min_pages);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1390,6 +1390,7 @@ TEST(KernelsGpu, OneRowPages) {
         cs.expect_decode = 1;
         cs.expect_imma = 0;
         cs.expect_pages = 1;
+        cs.page_min_pages = 0;
         cs.split_blocks = split;
         cs.ring_stages = split == 0 ? 0 : 2 + k % 2;
         RunCase(cs);
@@ -1400,9 +1401,16 @@ TEST(KernelsGpu, OneRowPages) {
   Case off;
   off.hkv = off.hq = 2;
   off.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 5)};
+  off.page_min_pages = 0;
   off.page_units = false;
   off.expect_pages = 0;
   RunCase(off);
+  if (HasFatalFailure()) return;
+  // the default rule: too few pages per resident block for this small batch
+  Case few = off;
+  few.page_units = true;
+  few.page_min_pages = -1;
+  RunCase(few);
   if (HasFatalFailure()) return;
   // not taken where they do not apply: a KIVI sequence in the batch, or more than one row per unit
   Case kivi = off;
@@ -1414,6 +1422,47 @@ TEST(KernelsGpu, OneRowPages) {
   rows.hq = 8;
   rows.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33)};
   RunCase(rows);
+}
+
+// Page units over consecutive decode steps: the step's flush lands in a page unit's pages when it
+// completes one (innerq's values every 4th flush of 32; the custom sequence's keys, whose body
+// trails its values', every 128 steps), and only then may that unit wait for the quantize-append
+// (its reads are exactly its pages: UnitWaitsForQuantizeAppend without a tile margin). With PDL
+// (the emulated device runs the units that skip the wait first), plainly, and as the fused step.
+TEST(KernelsGpu, PageUnitsInSequence) {
+  SKIP_WITHOUT_GPU();
+  QuantConfig trail;  // keys with a longer window than the values: the key body is the shorter
+  trail.k = QuantFormat32(QuantMode::kSym, 3, Grouping::kAlongChannels, 120, 1);
+  trail.v = QuantFormat32(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 10, 32);
+  trail.sink = 32;
+  trail.key_norm = true;
+  ASSERT_EQ(ValidateConfig(trail, 128), "");
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : "fused step");
+    Case c;
+    c.hkv = 2;
+    c.hq = 2;
+    c.seqs = {SeqSpec(Preset::kInnerQ, 700, 1, 1, 3), SeqSpec(trail, 1000, 1, 1, 0),
+              SeqSpec(Preset::kInnerQ2, 400, 1, 1, 90)};
+    c.seed = 7310 + variant;
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    runner->set_page_min_pages(0);
+    runner->set_pdl(variant == 0);
+    runner->set_fused_step(variant == 2);
+    std::mt19937 rng(c.seed);
+    Arena a;
+    std::vector<TSeq> seqs;
+    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    int page_steps = 0;
+    for (int step = 0; step < 140; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
+      if (HasFatalFailure()) return;
+      page_steps += runner->stats().page_units > 0 ? 1 : 0;
+    }
+    EXPECT_EQ(page_steps, 140) << "every step has page units";
+  }
 }
 
 TEST(KernelsGpu, RowClassOneRow) {

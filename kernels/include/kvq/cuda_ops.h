@@ -56,6 +56,11 @@ struct CudaStepStats {
   bool mapped_output = false;  // the last RunStepFromHost's kernels wrote o into host memory
 };
 
+// The quantize-append kernels' preferred shared-memory carveout, process-wide (percent of the SM's
+// largest, -1 the driver's default): an experiment on how they share SMs with the attention's
+// blocks (kvq-bench --qa-carveout).
+Result SetQuantizeAppendCarveout(int percent);
+
 class CudaStepRunner {
  public:
   // Creates a runner for the current CUDA device. Fails (never aborts) without a device.
@@ -136,7 +141,7 @@ class CudaStepRunner {
   // both). Needs set_imma on. Only in batches with at least `min_pages` whole body pages per
   // resident block (set_page_min_pages; 0: wherever they fit, for tests).
   void set_page_units(bool on) { page_units_enabled_ = on; }
-  static constexpr int kPageMinPagesDefault = 3;
+  static constexpr int kPageMinPagesDefault = 4;
   void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
