@@ -1,3 +1,9 @@
+#!/usr/bin/env bash
+# One device call: every step of kvq-bench's 128-step decode chain (--chain-dump) for innerq at
+# (1,32,32,32768) and (1,32,32,16384), on the per-token path (--no-pages), the page units (two
+# launches, PDL) and the fused step (--fused); prints per run the mean of step - attention and the
+# steps where it exceeds 3 us. Raw outputs in $OUT.
+# usage (device tool, carry [".device"]): OUT=$OUT bash bench/device_chain_dump.sh
 set -uo pipefail
 (cd .device && xz -dc b.txz | tar xf -) || exit 1
 mkdir -p "$OUT"
