@@ -812,9 +812,9 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
 }  // namespace cuda
 }  // namespace kvq
 
-#include "decode_imma.cuh"  // uses the helpers above
+#include "decode_pages.cuh"  // uses the helpers above
+#include "decode_imma.cuh"   // uses the helpers above and decode_pages.cuh
 #include "decode_mma.cuh"
-#include "decode_pages.cuh"
 
 namespace kvq {
 namespace cuda {
@@ -1026,7 +1026,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int h = unit.kv_head;
-  if constexpr (IMMA && R == 1 && PATHS == kFamInnerQ) {  // page units: the first pages go out before the query's set-up
+  if constexpr (IMMA && PATHS == kFamInnerQ) {  // page units: the first pages go out before the query's set-up
     if (unit.kind == kUnitPages && tid == 0) PageRingStart(a, s, unit, dec_ring);
   }
 
@@ -1119,11 +1119,23 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
       if (s.k.bits == 2) {
-        ImmaBodyUnit<D, R, 2, 2>(sm, a, s, unit, ring, warp, lane);
+        ImmaBodyUnit<D, R, 2, 2, false>(sm, a, s, unit, ring, warp, lane);
       } else if (s.v.bits == 2) {
-        ImmaBodyUnit<D, R, 3, 2>(sm, a, s, unit, ring, warp, lane);
+        ImmaBodyUnit<D, R, 3, 2, false>(sm, a, s, unit, ring, warp, lane);
       } else {
-        ImmaBodyUnit<D, R, 3, 3>(sm, a, s, unit, ring, warp, lane);
+        ImmaBodyUnit<D, R, 3, 3, false>(sm, a, s, unit, ring, warp, lane);
+      }
+      __syncthreads();
+      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+      return;
+    }
+    if (unit.kind == kUnitPages) {  // the same tiles from the block's ring of whole pages
+      if (s.k.bits == 2) {
+        ImmaBodyUnit<D, R, 2, 2, true>(sm, a, s, unit, dec_ring, warp, lane);
+      } else if (s.v.bits == 2) {
+        ImmaBodyUnit<D, R, 3, 2, true>(sm, a, s, unit, dec_ring, warp, lane);
+      } else {
+        ImmaBodyUnit<D, R, 3, 3, true>(sm, a, s, unit, dec_ring, warp, lane);
       }
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);

@@ -52,7 +52,10 @@ __device__ __forceinline__ void TileAffine(const BodySrc& b, const DevTensor& x,
   for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffine(bits, x.mode, sv[j], zv[j]);
 }
 
-template <int D, int R, int KB, int VB, typename Smem>
+// PAGES: a page unit (kUnitPages, decode_pages.cuh): the tiles come from the block's ring of whole
+// pages (ring = the block's dynamic shared memory) instead of the warp's cp.async ring (ring = the
+// warp's).
+template <int D, int R, int KB, int VB, bool PAGES, typename Smem>
 __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                              uint8_t* ring, int warp, int lane) {
   constexpr int NG = D / 32;
@@ -126,10 +129,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   float2* vab = kab + 32 * NG;                        // [D]
   static_assert(256 + (32 * NG + D) * sizeof(float2) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
 
-  WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int, int slot) {
-    const uint8_t* st = ring + slot * slot_bytes;
-    const BodySrc kb = StagedSrc<D>(st, s.k);
-    const BodySrc vb = StagedSrc<D>(st + k_tile_bytes, s.v);
+  auto tile = [&](const BodySrc& kb, const BodySrc& vb) {
     // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
     TileAffine<NG>(kb, s.k, KB, lane, kab);
     TileAffine<NG>(vb, s.v, VB, lane, vab);
@@ -221,7 +221,16 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
       acc[mc][0] += ab0.x * v0 + ab0.y * psum;
       acc[mc][1] += ab1.x * v1 + ab1.y * psum;
     }
-  });  // (WarpRingTiles' closing __syncwarp: pb and the slot are consumed before the next tile)
+  };
+  // (both loops' __syncwarp after a tile: pb and the slot are consumed before the next tile)
+  if constexpr (PAGES) {
+    PageTiles<D>(a, s, unit, ring, warp, lane, tile);
+  } else {
+    WarpRingTiles(unit.tok_begin + warp * 32, unit.tok_end, stages, issue, [&](int, int slot) {
+      const uint8_t* st = ring + slot * slot_bytes;
+      tile(StagedSrc<D>(st, s.k), StagedSrc<D>(st + k_tile_bytes, s.v));
+    });
+  }
 
   // ---- this warp's state for the block's epilogue (rows t < R)
   if (t < R) {

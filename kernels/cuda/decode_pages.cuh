@@ -69,33 +69,63 @@ __device__ __forceinline__ void PageRingStart(const AttnArgs& a, const DevSeq& s
   for (int j = 0; j < a.ring_stages && j < pages; ++j) PageIssue(a, s, unit, ring, j);
 }
 
-// The unit's pages; leaves this warp's (m, l, o) for DecodeEpilogue as the per-token path does.
-template <int D, int KB, int VB, typename Smem>
-__device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
-                                             uint8_t* ring, int warp, int lane) {
-  constexpr int CPL = D / 32;
+// The unit's pages through the ring: tile(kb, vb) computes this warp's 32-token tile of each page
+// (warp w: slots 32 w .. 32 w + 31) from its K and V sources in the slot (BodySrc, as StagedSrc
+// gives for a staged tile: codes, scales and zeros of the tile's first token / group row). After a
+// tile the warp counts itself done with the slot; the page's last warp refills it.
+template <int D, typename Tile>
+__device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, const DevUnit& unit, uint8_t* ring,
+                                          int warp, int lane, Tile&& tile) {
+  constexpr int NG = D / 32;
   const int pages = (unit.tok_end - unit.tok_begin) / kPageTokens;
   const int stride = PageSlotStride(a);
   uint64_t* bars = PageRingBars(a, ring);
   const int kbytes = s.k.head_bytes;
-  auto& ws = sm.w[warp];
-  // this lane's token in the value bytes (code_bytes.cuh), as on the per-token path
-  const int pslot = SlotOf(VB, lane);
-  const float pscale = kFixedScale / static_cast<float>(1 << SlotShift(VB, pslot));
-  const int vg = warp * D;  // along_tokens: the first group of the warp's tile in the page
-  float m = -INFINITY, l = 0.f, acc[1][CPL];
-#pragma unroll
-  for (int j = 0; j < CPL; ++j) acc[0][j] = 0.f;
+  const int kg = warp * 32 * NG;  // along_channels K: the tile's first group in the page
+  const int vg = warp * D;        // along_tokens V
   int slot = 0;
   uint32_t parity = 0;
   for (int j = 0; j < pages; ++j) {
     MbarWait(bars + slot, parity);
     const uint8_t* kst = ring + slot * stride;
     const uint8_t* vst = kst + kbytes;
-    // ---- scores (lane = token 32 warp + lane of the page)
+    tile(BodySrc{kst + kg * s.k.words_per_group * 4, kst + s.k.scales_offset + 2 * kg, kst + s.k.zeros_offset + 2 * kg},
+         BodySrc{vst + vg * s.v.words_per_group * 4, vst + s.v.scales_offset + 2 * vg, vst + s.v.zeros_offset + 2 * vg});
+    // this warp is done with the slot (every lane's reads, and its per-tile scratch)
+    __syncwarp();
+    if (lane == 0 && j + a.ring_stages < pages) {
+      __threadfence_block();  // this warp's reads of the slot before its count
+      if (atomicAdd(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+        PageRingDone(a, ring)[slot] = 0;
+        __threadfence_block();
+        FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
+        PageIssue(a, s, unit, ring, j + a.ring_stages);
+      }
+    }
+    if (++slot == a.ring_stages) {
+      slot = 0;
+      parity ^= 1u;
+    }
+  }
+}
+
+// One row: the per-token path's integer products on each tile; leaves this warp's (m, l, o) for
+// DecodeEpilogue as the per-token path does.
+template <int D, int KB, int VB, typename Smem>
+__device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
+                                             uint8_t* ring, int warp, int lane) {
+  constexpr int CPL = D / 32;
+  auto& ws = sm.w[warp];
+  // this lane's token in the value bytes (code_bytes.cuh), as on the per-token path
+  const int pslot = SlotOf(VB, lane);
+  const float pscale = kFixedScale / static_cast<float>(1 << SlotShift(VB, pslot));
+  float m = -INFINITY, l = 0.f, acc[1][CPL];
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) acc[0][j] = 0.f;
+  PageTiles<D>(a, s, unit, ring, warp, lane, [&](const BodySrc& kb, const BodySrc& vb) {
+    // ---- scores (lane = token)
     float sc = 0.f;
-    KChannelsToken<D, 1, KB, true>(sm, BodySrc{kst, kst + s.k.scales_offset, kst + s.k.zeros_offset}, s.k,
-                                   warp * 32 + lane, &sc);
+    KChannelsToken<D, 1, KB, true>(sm, kb, s.k, lane, &sc);
     // ---- online softmax (every token of a body page is visible to the row)
     const float x = sc * a.scale_log2;
     float mx = x;
@@ -120,27 +150,10 @@ __device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const 
     ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
     // ---- P.V (lane = CPL channels of the warp's value group)
     VTokRaw<D> vraw;
-    VTokensLoad<D, VB, true>(lane, BodySrc{vst + vg * s.v.words_per_group * 4, vst + s.v.scales_offset + 2 * vg,
-                                          vst + s.v.zeros_offset + 2 * vg},
-                             s.v, vraw);
+    VTokensLoad<D, VB, true>(lane, vb, s.v, vraw);
     __syncwarp();
     VTokensCompute<D, 1, VB>(sm, warp, s.v, vraw, &psum, beta * (1.f / kFixedScale), acc);
-    // this warp is done with the slot (every lane's reads, and its p bytes before the next page's)
-    __syncwarp();
-    if (lane == 0 && j + a.ring_stages < pages) {
-      __threadfence_block();  // this warp's reads of the slot before its count
-      if (atomicAdd(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
-        PageRingDone(a, ring)[slot] = 0;
-        __threadfence_block();
-        FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
-        PageIssue(a, s, unit, ring, j + a.ring_stages);
-      }
-    }
-    if (++slot == a.ring_stages) {
-      slot = 0;
-      parity ^= 1u;
-    }
-  }
+  });
   if (lane == 0) {
     sm.m[warp][0] = m;
     sm.l[warp][0] = l;

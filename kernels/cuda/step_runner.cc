@@ -580,10 +580,11 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   };
   // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
   // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
-  // One row, InnerQ family: the whole body pages of K and V (the same bits as the IMMA units) in
-  // page units (decode_pages.cuh), whose block ring holds a page of one head per slot.
+  // InnerQ family, up to 4 rows: the whole body pages of K and V (the IMMA units' bits) in page
+  // units (decode_pages.cuh), whose block ring holds a page of one head per slot: with one row on
+  // the per-token path's integer products, with 2-4 on the IMMA units' tensor-core tiles.
   bool page_family = decode_path && imma_enabled_ && page_units_enabled_ &&
-                     cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows == 1;
+                     cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows <= cuda::kImmaMaxRows;
   auto page_seq = [&](const QuantConfig& c, const cuda::DevSeq& d) {
     return page_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
            c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
@@ -591,7 +592,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   };
   // Only where the batch has page_min_pages_ whole body pages per resident block of the per-token
   // instance: a unit's first pages wait on DRAM before any compute, which a unit of one or two
-  // pages does not win back (page_min_pages for the measurements).
+  // pages does not win back (one row; kPageMinPagesDefault for the measurements).
   if (page_family && page_min_pages_ > 0) {
     int64_t pages = 0;
     for (const auto& it : items) {
@@ -599,7 +600,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
       if (page_seq(configs[it.seq], d))
         pages += std::min(d.k.body_len + d.k.flush, d.v.body_len + d.v.flush) / kPageTokens;
     }
-    const int64_t blocks = int64_t{m.num_sms} * std::max(1, cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, 1, decode_paths, 0));
+    const int64_t blocks =
+        int64_t{m.num_sms} * std::max(1, cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths, 0));
     page_family = pages >= page_min_pages_ * blocks;
   }
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);

@@ -1050,6 +1050,7 @@ TEST(KernelsGpu, ImmaBody) {
         cs.seed = 9300 + k++;
         cs.expect_decode = 1;
         cs.expect_imma = 1;
+        cs.page_units = false;  // the IMMA units' own rings (RowsPages runs the same tiles from pages)
         RunOnAndOff(cs);
         if (HasFatalFailure()) return;
         if (gqa == 2 && dt == DType::kF16) {
@@ -1412,16 +1413,71 @@ TEST(KernelsGpu, OneRowPages) {
   few.page_min_pages = -1;
   RunCase(few);
   if (HasFatalFailure()) return;
-  // not taken where they do not apply: a KIVI sequence in the batch, or more than one row per unit
+  // not taken where they do not apply: a KIVI sequence in the batch, or more than 4 rows per unit
   Case kivi = off;
   kivi.page_units = true;
   kivi.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kKivi2, 700, 1, 1, 5)};
   RunCase(kivi);
   if (HasFatalFailure()) return;
   Case rows = kivi;
-  rows.hq = 8;
+  rows.hq = 16;
   rows.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33)};
   RunCase(rows);
+}
+
+// 2 to 4 query rows per unit (GQA, or a few query tokens per sequence), the same InnerQ-shaped
+// formats: the whole body pages in page units whose tiles run on the IMMA units' tensor-core
+// products (decode_imma.cuh) from the block's page ring instead of each warp's cp.async ring.
+TEST(KernelsGpu, RowsPages) {
+  SKIP_WITHOUT_GPU();
+  const auto fmt = QuantFormat32;
+  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
+  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
+  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
+  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
+  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
+  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
+  b.sink = 64;
+  b.key_norm = true;
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int hq : {4, 6, 8}) {  // 2, 3, 4 rows per KV head
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = hq;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 100),
+                   SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 1, 1, 77),
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(a, 130, 1, 1, 0),  // a body just under one page
+                   SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};               // no body
+        cs.seed = 9990 + k++;
+        cs.expect_decode = 1;
+        cs.expect_imma = 0;
+        cs.expect_pages = 1;
+        cs.page_min_pages = 0;
+        cs.split_blocks = k % 2 == 0 ? 0 : 6;
+        cs.ring_stages = k % 2 == 0 ? 0 : 2 + k % 3 / 2;
+        RunCase(cs);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  // two query tokens per sequence with one row each: 2 rows, causal within the new tokens
+  Case two;
+  two.hkv = two.hq = 2;
+  two.seqs = {SeqSpec(Preset::kInnerQ, 2000, 2, 2, 33), SeqSpec(b, 1500, 2, 2, 5)};
+  two.expect_pages = 1;
+  two.page_min_pages = 0;
+  RunCase(two);
+  if (HasFatalFailure()) return;
+  // page units off: the IMMA units take the same bodies
+  Case off = two;
+  off.page_units = false;
+  off.expect_pages = 0;
+  off.expect_imma = 1;
+  RunCase(off);
 }
 
 // Page units over consecutive decode steps: the step's flush lands in a page unit's pages when it
