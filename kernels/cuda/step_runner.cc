@@ -590,10 +590,12 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
            c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
            cuda::ImmaBits(c.k.bits, c.v.bits) && d.k.head_bytes % 16 == 0 && d.v.head_bytes % 16 == 0;
   };
-  // Only where the batch has page_min_pages_ whole body pages per resident block of the per-token
-  // instance: a unit's first pages wait on DRAM before any compute, which a unit of one or two
-  // pages does not win back (one row; kPageMinPagesDefault for the measurements).
-  if (page_family && page_min_pages_ > 0) {
+  // Only where the batch has enough whole body pages per resident block of the per-token instance
+  // (set_page_min_pages): a unit computes nothing before its first whole page has landed.
+  const int min_pages = page_min_pages_ >= 0 ? page_min_pages_
+                        : max_rows == 1 ? CudaStepRunner::kPageMinPagesOneRow
+                                        : CudaStepRunner::kPageMinPagesRows;
+  if (page_family && min_pages > 0) {
     int64_t pages = 0;
     for (const auto& it : items) {
       const cuda::DevSeq& d = seqs[it.seq];
@@ -602,7 +604,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     }
     const int64_t blocks =
         int64_t{m.num_sms} * std::max(1, cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths, 0));
-    page_family = pages >= page_min_pages_ * blocks;
+    page_family = pages >= min_pages * blocks;
   }
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
   // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.

@@ -135,13 +135,18 @@ class CudaStepRunner {
   // (default on); off, every tile takes the per-token / per-tile paths (tests and the benchmark
   // compare both).
   void set_imma(bool on) { imma_enabled_ = on; }
-  // Decode path, one query row per unit, InnerQ-family batches: the whole body pages of K and V go
-  // to page units (decode_pages.cuh: bulk copies into a ring of page slots per block) where they
-  // fit (default on); off, the per-token path takes every tile (tests and the benchmark compare
-  // both). Needs set_imma on. Only in batches with at least `min_pages` whole body pages per
-  // resident block (set_page_min_pages; 0: wherever they fit, for tests).
+  // Decode path, InnerQ-family batches with up to 4 query rows per unit: the whole body pages of K
+  // and V go to page units (decode_pages.cuh: bulk copies into a ring of page slots per block; one
+  // row on the per-token path's integer products, 2-4 rows on the IMMA units' tensor-core tiles)
+  // where they fit (default on); off, the per-token path (one row) or the IMMA units' warp rings
+  // take them (tests and the benchmark compare both). Needs set_imma on. Only in batches with at
+  // least `min_pages` whole body pages per resident block of the per-token instance: a page unit
+  // starts computing when its first whole page has landed, which short units do not win back.
+  // Default (-1): 4 for one row, 32 for more (H100: one row 1.06x the per-token path's time at 1.5
+  // pages per block, 0.88x at 12; 4 rows 1.18x the IMMA units' at 5, 0.95x at 80); 0: wherever
+  // they fit (tests).
   void set_page_units(bool on) { page_units_enabled_ = on; }
-  static constexpr int kPageMinPagesDefault = 4;
+  static constexpr int kPageMinPagesOneRow = 4, kPageMinPagesRows = 32;
   void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
   // size heuristic; -1: the default, 0: whenever they fit, for tests).
@@ -223,7 +228,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   bool page_units_enabled_ = true;
-  int page_min_pages_ = kPageMinPagesDefault;
+  int page_min_pages_ = -1;
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
   int pdl_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
