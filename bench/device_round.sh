@@ -93,7 +93,7 @@ if [ $quick = 0 ]; then
   step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
-    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*:*FlushAfter*:*OneRowPages*' \
+    --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*:*FlushAfter*:*OneRowPages*:*RowsPages*' \
     > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
 fi
