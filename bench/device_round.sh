@@ -91,7 +91,7 @@ if [ $quick = 0 ]; then
   fi
   # the quantize-append as its own launch (PDL as the plan picks it) against the fused step of (2)
   step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
-  LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
     --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*:*FlushAfter*:*OneRowPages*:*RowsPages*' \
     > "$OUT/memcheck.txt" 2>&1
