@@ -1010,6 +1010,28 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
   }
 }
 
+// InnerQ-layout configs of the IMMA bits beyond the presets (K along_channels, V along_tokens,
+// G = 32): (2, 2) asym / sym without sink or key norm, (3, 3) hybrid / asym with a 64-token sink,
+// (3, 2) sym / hybrid with a 96-token sink, both with key norm.
+struct ImmaConfigs {
+  QuantConfig a, b, e;
+};
+ImmaConfigs MakeImmaConfigs() {
+  const auto fmt = QuantFormat32;
+  ImmaConfigs c;
+  c.a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
+  c.a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
+  c.b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
+  c.b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
+  c.b.sink = 64;
+  c.b.key_norm = true;
+  c.e.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 0, 1);
+  c.e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
+  c.e.sink = 96;
+  c.e.key_norm = true;
+  return c;
+}
+
 // InnerQ-layout batches (keys along channels, values along tokens, G = 32, 2 to 4 rows per KV
 // head): their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
 // per-token path, both in one launch; with one row the per-token path's dp4a products take all. The presets and explicit configs of every mode the IMMA
@@ -1018,20 +1040,8 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
 // tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
 TEST(KernelsGpu, ImmaBody) {
   SKIP_WITHOUT_GPU();
-  const auto fmt = QuantFormat32;
-  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
-  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
-  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
-  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
-  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
-  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
-  b.sink = 64;
-  b.key_norm = true;
-  QuantConfig e;  // 3-bit sym keys, 2-bit hybrid values, sink 96
-  e.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 0, 1);
-  e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
-  e.sink = 96;
-  e.key_norm = true;
+  const ImmaConfigs ic = MakeImmaConfigs();
+  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e;
   for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
   int k = 0;
   for (int d : {64, 128}) {
@@ -1344,11 +1354,6 @@ TEST(KernelsGpu, OneRowKiviValues) {
   }
 }
 
-// One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units
-// carry empty rows, and the plan takes the unit kinds of those instances (InnerQ on the IMMA units
-// at 4 rows, KIVI on the code units, fp16 on the tensor cores). Then on the one-row instance with
-// the rings 32 bytes past the aligned dynamic shared memory (set_ring_offset, whose experiment
-// times the old placement at 48).
 // One row per unit, InnerQ-shaped formats of the IMMA bits (K along_channels, V along_tokens,
 // G = 32): the whole body pages in page units (bulk copies into the block's ring of page slots,
 // decode_pages.cuh). Bodies from none, one tile and just under one page to 5000 tokens, K bodies
@@ -1357,20 +1362,8 @@ TEST(KernelsGpu, OneRowKiviValues) {
 // with the page units off must make none.
 TEST(KernelsGpu, OneRowPages) {
   SKIP_WITHOUT_GPU();
-  const auto fmt = QuantFormat32;
-  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
-  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
-  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
-  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
-  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
-  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
-  b.sink = 64;
-  b.key_norm = true;
-  QuantConfig e;  // 3-bit sym keys, 2-bit hybrid values, sink 96
-  e.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 0, 1);
-  e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
-  e.sink = 96;
-  e.key_norm = true;
+  const ImmaConfigs ic = MakeImmaConfigs();
+  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e;
   for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
   int k = 0;
   for (int d : {64, 128}) {
@@ -1430,15 +1423,8 @@ TEST(KernelsGpu, OneRowPages) {
 // products (decode_imma.cuh) from the block's page ring instead of each warp's cp.async ring.
 TEST(KernelsGpu, RowsPages) {
   SKIP_WITHOUT_GPU();
-  const auto fmt = QuantFormat32;
-  QuantConfig a;  // 2-bit asym keys, 2-bit sym values, no sink, no key norm
-  a.k = fmt(QuantMode::kAsym, 2, Grouping::kAlongChannels, 5, 1);
-  a.v = fmt(QuantMode::kSym, 2, Grouping::kAlongTokens, 3, 32);
-  QuantConfig b;  // 3-bit hybrid keys, 3-bit asym values, sink 64
-  b.k = fmt(QuantMode::kHybrid, 3, Grouping::kAlongChannels, 40, 1);
-  b.v = fmt(QuantMode::kAsym, 3, Grouping::kAlongTokens, 10, 64);
-  b.sink = 64;
-  b.key_norm = true;
+  const ImmaConfigs ic = MakeImmaConfigs();
+  const QuantConfig &a = ic.a, &b = ic.b;
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -1521,6 +1507,11 @@ TEST(KernelsGpu, PageUnitsInSequence) {
   }
 }
 
+// One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units
+// carry empty rows, and the plan takes the unit kinds of those instances (InnerQ on the IMMA units
+// at 4 rows, KIVI on the code units, fp16 on the tensor cores). Then on the one-row instance with
+// the rings 32 bytes past the aligned dynamic shared memory (set_ring_offset, whose experiment
+// times the old placement at 48).
 TEST(KernelsGpu, RowClassOneRow) {
   SKIP_WITHOUT_GPU();
   int k = 0;
