@@ -106,7 +106,7 @@ struct Row {
 bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
-bool g_pages = true;           // --no-pages: one-row InnerQ body pages on the per-token path, not in page units
+bool g_pages = true;           // --no-pages: InnerQ body pages on the per-token path / IMMA units, not in page units
 int g_qa_carveout = -2;        // --qa-carveout N: SetQuantizeAppendCarveout(N) before the runs (-2: not set)
 int g_page_min_pages = -1;     // --page-min-pages N: CudaStepRunner::set_page_min_pages (-1: its default)
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
@@ -611,7 +611,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     // decode-s<stages>-b<blocks per SM>[-imma|-kmma|-kcodes|-mma|-pages]: the decode path's ring depth,
     // the occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
     // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores,
-    // or one-row InnerQ body pages in page units (-pages);
+    // or InnerQ body pages in page units (-pages);
     // +pdl: the attention launched as a programmatic dependent; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")

@@ -75,7 +75,7 @@ __device__ __forceinline__ void CpAsyncWait() {
 #endif
 }
 
-// One-row InnerQ page units (decode_pages.cuh): whole body pages of one KV head copied by the
+// InnerQ page units (decode_pages.cuh): whole body pages of one KV head copied by the
 // Hopper bulk-copy engine (cp.async.bulk, one instruction per contiguous run, no lane addresses)
 // into the block's ring slots, each slot with an mbarrier that counts the bytes in (complete_tx).
 // KVQ_CUDA_EMU host builds: tests/emu/cuda_emu.h's copies, which land only when a wait completes
@@ -148,7 +148,6 @@ __device__ __forceinline__ void FenceProxyAsyncGlobal() {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
 #endif
 }
-
 
 // cp.async.wait_group with the ring depth known only at run time (2 to kMaxRingStages stages).
 constexpr int kMaxRingStages = 6;

@@ -1,13 +1,14 @@
-// Decode fast path, one-row InnerQ page units (included by decode.cuh).
+// Decode fast path, InnerQ page units (included by decode.cuh).
 //
-// A page unit (DevUnit::kind == kUnitPages, in the one-row InnerQ instance) holds whole body
+// A page unit (DevUnit::kind == kUnitPages, in the InnerQ tensor-core instances) holds whole body
 // pages of both K and V of one KV head: its tokens start on a page (the body's first token is
 // slot 0 of body page 0) and are a multiple of kPageTokens. A head's part of a quantized page is
 // one contiguous, 16-byte aligned run (codes, scales, zeros: format.h), so one page of K and V is
 // two bulk copies (cp.async.bulk), issued by one thread into a ring of page slots in the block's
 // dynamic shared memory, each slot with an mbarrier that counts the bytes in. The four warps take
 // one 32-token tile each of every page (warp w: slots 32 w .. 32 w + 31) and compute it from shared
-// memory with the per-token path's integer products (KChannelsToken, VTokensCompute). The warps
+// memory: one row with the per-token path's integer products (KChannelsToken, VTokensCompute), 2-4
+// rows with the IMMA units' tensor-core tile (ImmaBodyUnit<..., PAGES>, decode_imma.cuh). The warps
 // do not meet: each counts itself done with a slot, and the last one of a page refills the slot
 // with the page ring_stages pages ahead (a block barrier per page held every warp to the slowest
 // and issued the refill late: 14% of the stall samples at (1,32,32,32768), H100).

@@ -82,8 +82,8 @@ struct DevUnit {
 // the K and the V body, on the tensor cores: of an InnerQ-layout sequence (K along_channels, V
 // along_tokens, G = 32) with 2 to 4 rows, bits (K, V) (2, 2), (3, 2), (3, 3) (decode_imma.cuh); or
 // of a KIVI-layout sequence (K along_tokens, V along_channels, G = 32) with 2 to 8 rows, bits
-// (2, 2) and (4, 4) (decode_mma_kivi.cuh). Or, kUnitPages, with one row: whole body pages of K and
-// V of an InnerQ-layout sequence (tok_begin on a page, a multiple of kPageTokens tokens) of the
+// (2, 2) and (4, 4) (decode_mma_kivi.cuh). Or, kUnitPages, with 1 to 4 rows: whole body pages of K
+// and V of an InnerQ-layout sequence (tok_begin on a page, a multiple of kPageTokens tokens) of the
 // IMMA bits, which the unit reads as they are, nothing past them (decode_pages.cuh).
 constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1, kUnitPages = 2;
 constexpr int kImmaMaxRows = 4;
@@ -247,7 +247,7 @@ KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
   return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
 }
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
-// One-row InnerQ page units (decode_pages.cuh): a block's ring slot holds one KV head's part of a
+// InnerQ page units (decode_pages.cuh): a block's ring slot holds one KV head's part of a
 // K body page and of a V body page (head_bytes each, 16-byte multiples), laid out as kDecRingWarps
 // "warp slots" of PageSlotBytes so that DecodeRingBytes sizes it; the ring's mbarriers (one per
 // stage, 8 bytes) and its per-slot counts of warps done take the warps' work areas after the slots.

@@ -33,7 +33,7 @@ struct CudaStepStats {
   int ring_stages = 0;       // decode path: body tiles per warp ring (kept in flight: ring_stages - 1)
   int blocks_per_sm = 0;     // resident attention blocks per SM the split plan assumed
   int imma_units = 0;        // units of InnerQ body tiles on the tensor cores (decode_imma.cuh)
-  int page_units = 0;        // one-row InnerQ units of whole body pages by bulk copies (decode_pages.cuh)
+  int page_units = 0;        // InnerQ units of whole body pages by bulk copies (decode_pages.cuh)
   bool mma_full = false;     // fp16 batch: every unit on the fp16 / bf16 tensor cores (decode_mma.cuh)
   bool kivi_mma = false;     // the imma_units are KIVI body units on the fp16 / bf16 tensor cores
                              // (decode_mma_kivi.cuh or, with kivi_codes, decode_kivi_codes.cuh)
