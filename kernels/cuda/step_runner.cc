@@ -573,22 +573,20 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // (one row: the per-token path's integer products on the codes are cheaper, see decode.cuh)
   const bool imma_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsInnerQ(decode_paths) &&
                            max_rows >= 2 && max_rows <= cuda::kImmaMaxRows;
-  auto imma_config = [&](const QuantConfig& c) {
-    return imma_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
+  // an InnerQ-layout format of the bits the IMMA instances are built for (IMMA and page units)
+  auto imma_shape = [](const QuantConfig& c) {
+    return c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
            c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
            cuda::ImmaBits(c.k.bits, c.v.bits);
   };
-  // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
-  // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
+  auto imma_config = [&](const QuantConfig& c) { return imma_family && imma_shape(c); };
   // InnerQ family, up to 4 rows: the whole body pages of K and V (the IMMA units' bits) in page
   // units (decode_pages.cuh), whose block ring holds a page of one head per slot: with one row on
   // the per-token path's integer products, with 2-4 on the IMMA units' tensor-core tiles.
   bool page_family = decode_path && imma_enabled_ && page_units_enabled_ &&
                      cuda::DecodeFamilyIsInnerQ(decode_paths) && max_rows <= cuda::kImmaMaxRows;
   auto page_seq = [&](const QuantConfig& c, const cuda::DevSeq& d) {
-    return page_family && c.k.quantized() && c.v.quantized() && c.k.grouping == Grouping::kAlongChannels &&
-           c.v.grouping == Grouping::kAlongTokens && c.k.group_size == 32 && c.v.group_size == 32 &&
-           cuda::ImmaBits(c.k.bits, c.v.bits) && d.k.head_bytes % 16 == 0 && d.v.head_bytes % 16 == 0;
+    return page_family && imma_shape(c) && d.k.head_bytes % 16 == 0 && d.v.head_bytes % 16 == 0;
   };
   // Only where the batch has enough whole body pages per resident block of the per-token instance
   // (set_page_min_pages): a unit computes nothing before its first whole page has landed.
@@ -606,6 +604,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         int64_t{m.num_sms} * std::max(1, cuda::DecodeBlocksPerSm(p.head_dim, p.dtype, max_rows, decode_paths, 0));
     page_family = pages >= min_pages * blocks;
   }
+  // fp16-family batches (every token in full precision): every unit on the fp16 / bf16 tensor
+  // cores (decode_mma.cuh), its ring slots holding a K and a V tile of [32][D] activations.
   bool mma_full = decode_path && imma_enabled_ && cuda::DecodeFamilyIsFull(decode_paths);
   // KIVI-family batches: body tiles on the tensor cores, for the sequences whose bits are built.
   // Two kinds of units: the packed codes as operands (decode_kivi_codes.cuh; the default, asym K
