@@ -3,10 +3,10 @@
 # page units against the per-token path, as two launches (PDL), fused into the attention launch
 # (--fused), with the flush after the previous step's attention (--preflush), and with the
 # quantize-append kernels' shared-memory carveout at its largest (--qa-carveout 100).
-# usage (device tool, carry [".device"]): OUT=$OUT bash bench/device_carveout.sh
+# usage (device tool, carry [".device"]): OUT=$OUT bash bench/device_qa_overlap.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-OUT=${OUT:-/tmp/device_carveout}
+OUT=${OUT:-/tmp/device_qa_overlap}
 (cd .device && xz -dc b.txz | tar xf -) || exit 1
 mkdir -p "$OUT/r"
 args=(kernels --presets innerq --shape 1,32,32,32768,128 --shape 1,32,32,16384,128 --shape 16,32,32,4096,128)
