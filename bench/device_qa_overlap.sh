@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: what the quantize-append adds to a decode step (qa_step) with the one-row InnerQ
 # page units against the per-token path, as two launches (PDL), fused into the attention launch
-# (--fused), with the flush after the previous step's attention (--preflush), and with the
-# quantize-append kernels' shared-memory carveout at its largest (--qa-carveout 100).
+# (--fused) and with the flush after the previous step's attention (--preflush); two rounds. (The
+# carveout runs of the same session appended --qa-carveout 100 / 0 to these kvq-bench lines.)
 # usage (device tool, carry [".device"]): OUT=$OUT bash bench/device_qa_overlap.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
