@@ -11,17 +11,22 @@
 #                                                 # under the 64 MiB a device call carries)
 #        BASE_BIN=F BASE_STORE_BIN=G ...          # prebuilt kvq-bench / kvq-bench-store bundled as
 #                                                 # kvq-bench-base / kvq-bench-store-base
+#        EXTRA_BINS="F G" ...                     # more prebuilt binaries (variants for an A/B),
+#                                                 # bundled under their file names
+#        NO_STORE_TESTS=1 ...                     # without the store's two test binaries (room
+#                                                 # for more kvq-bench variants)
 # then:  device tool, carry [".device"], command "bash bench/device_round.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 JOBS=${JOBS:-2}
-targets=(kvq-bench kernels_gpu_test store_cuda_backend_test kvq_store_service_test)
+targets=(kvq-bench kernels_gpu_test)
+[ -z "${NO_STORE_TESTS:-}" ] && targets+=(store_cuda_backend_test kvq_store_service_test)
 [ -n "${STORE_BENCH:-}" ] && targets+=(kvq-bench-store)  # the store lanes benchmark, when wanted
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
-bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_test"
-      "$BUILD/tests/kernels_gpu/store_cuda_backend_test" "$BUILD/tests/kvstore/kvq_store_service_test")
+bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_test")
+[ -z "${NO_STORE_TESTS:-}" ] && bins+=("$BUILD/tests/kernels_gpu/store_cuda_backend_test" "$BUILD/tests/kvstore/kvq_store_service_test")
 [ -n "${STORE_BENCH:-}" ] && bins+=("$BUILD/bench/store/kvq-bench-store")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -43,6 +48,8 @@ if [ -n "${BASE_STORE_BIN:-}" ]; then  # a kvq-bench-store built before, for a s
   cp "$BASE_STORE_BIN" "$tmp/basebin/kvq-bench-store-base"
   bins+=("$tmp/basebin/kvq-bench-store-base")
 fi
+# shellcheck disable=SC2206
+[ -n "${EXTRA_BINS:-}" ] && bins+=(${EXTRA_BINS})
 ../shared/tools/device-bundle.sh "$tmp/bundle" "${bins[@]}"
 strip "$tmp/bundle/bin/"*
 rm -rf .device

@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cfloat>
 #include <mutex>
+#include <type_traits>
 
 #include "code_bytes.cuh"
 #include "device_common.cuh"
@@ -203,23 +204,35 @@ __host__ __device__ constexpr int DecodeFamily(int path_bits) {
                                       : kFamAll;
 }  // tokens whose value loads are in flight together on the per-token path
 
-template <int D, int R>
+// The block's static shared memory. The InnerQ instances (no along_tokens keys, no along_channels
+// values) leave out those tiles' work areas: 8.2 KB less per block at one row and D = 128, so that
+// the page units' ring (decode_pages.cuh) leaves room for more blocks, or a quantize-append block
+// beside them. Their union keeps room for the fused step's error sums and, at 2-4 rows, the IMMA
+// tile state (decode_imma.cuh).
+template <int D, int R, int PATHS>
 struct DecSmem {
   static constexpr int kNG = D / 32;
+  static constexpr bool kKiviTiles = PATHS != kFamInnerQ;
+  struct KTokTile {
+    // along_tokens K tile: word i of channel c's group at codes[i][c], so the words of 4
+    // consecutive channels are one 16-byte read; rows padded by 4 words so the lanes reading
+    // different rows hit different banks
+    uint32_t codes[4][D + 4];
+    float qa[R][D];  // q'_c * a_c
+  };
+  struct VChTile {
+    uint32_t codes[32][D / 32 * 4];  // along_channels V tile: token t's code words
+    float2 ab[32][D / 32];           // and its groups' (a, b) (written after the scores)
+  };
+  struct NoTile {};
+  static constexpr int kRawBytes =
+      R > 1 ? 256 + (32 * kNG + D) * static_cast<int>(sizeof(float2)) : 2 * kMaxGroupSize * static_cast<int>(sizeof(float));
   struct alignas(16) Warp {  // float4 reads of p and qa
     union {
-      struct {
-        // along_tokens K tile: word i of channel c's group at codes[i][c], so the words of 4
-        // consecutive channels are one 16-byte read; rows padded by 4 words so the lanes reading
-        // different rows hit different banks
-        uint32_t codes[4][D + 4];
-        float qa[R][D];         // q'_c * a_c
-      } k;
-      struct {
-        uint32_t codes[32][D / 32 * 4];  // along_channels V tile: token t's code words
-        float2 ab[32][D / 32];           // and its groups' (a, b) (written after the scores)
-      } v;
-      float o[R][D];            // end of the unit: this warp's accumulator
+      std::conditional_t<kKiviTiles, KTokTile, NoTile> k;
+      std::conditional_t<kKiviTiles, VChTile, NoTile> v;
+      float o[R][D];  // end of the unit: this warp's accumulator
+      uint8_t raw[kRawBytes];
     } u;
     float p[R][32];
     alignas(16) uint8_t pb[2][32];  // R = 1, along_tokens V body tile: p as (high, low) bytes in slot order
@@ -994,7 +1007,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
   constexpr int CPL = D / 32;
   constexpr int NG = D / 32;
-  __shared__ __align__(16) DecSmem<D, R> sm;
+  __shared__ __align__(16) DecSmem<D, R, PATHS> sm;
   __shared__ __align__(16) DevSeq seq_s;
 #if defined(KVQ_CUDA_EMU)
   uint8_t* const dec_ring = kvq_emu::DynamicShared() + a.ring_offset;
@@ -1181,11 +1194,13 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     for (int r = 0; r < R; ++r) sc[r] = 0.f;
     // ---- scores (lane = token)
     if (k_tok && tile0 >= b0 && tile0 < kb1) {  // an along_tokens body tile is whole
-      const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
-      switch (s.k.bits) {
-        case 2: KTokensTile<D, R, 2>(sm, warp, lane, kb, s.k, sc); break;
-        case 3: KTokensTile<D, R, 3>(sm, warp, lane, kb, s.k, sc); break;
-        default: KTokensTile<D, R, 4>(sm, warp, lane, kb, s.k, sc); break;
+      if constexpr (DecSmem<D, R, PATHS>::kKiviTiles) {  // (k_tok is false without them)
+        const BodySrc kb = BodyTileSrc<D>(a.arena, a.pages, s.k, h, tile0 - b0);
+        switch (s.k.bits) {
+          case 2: KTokensTile<D, R, 2>(sm, warp, lane, kb, s.k, sc); break;
+          case 3: KTokensTile<D, R, 3>(sm, warp, lane, kb, s.k, sc); break;
+          default: KTokensTile<D, R, 4>(sm, warp, lane, kb, s.k, sc); break;
+        }
       }
     } else if (in) {
       const TokLoc kl = Locate(s, s.k, a.pages, t);
@@ -1268,31 +1283,37 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
     const bool vc_dp4a = R == 1 && vc && vbits != 3;
     float vunit[NG], vzsum[NG];
-    if (vc_dp4a) {
-      if (vbits == 2) {
-        VChannelsStageDp4a<D, 2>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
-      } else {
-        VChannelsStageDp4a<D, 4>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
-      }
-    } else if (vc) {
-      switch (vbits) {
-        case 2: VChannelsStage<D, 2>(sm, warp, lane, s.v, vchraw); break;
-        case 3: VChannelsStage<D, 3>(sm, warp, lane, s.v, vchraw); break;
-        default: VChannelsStage<D, 4>(sm, warp, lane, s.v, vchraw); break;
+    if constexpr (DecSmem<D, R, PATHS>::kKiviTiles) {  // (vc is false without them)
+      if (vc_dp4a) {
+        if (vbits == 2) {
+          VChannelsStageDp4a<D, 2>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
+        } else {
+          VChannelsStageDp4a<D, 4>(sm, warp, lane, s.v, vchraw, vunit, vzsum);
+        }
+      } else if (vc) {
+        switch (vbits) {
+          case 2: VChannelsStage<D, 2>(sm, warp, lane, s.v, vchraw); break;
+          case 3: VChannelsStage<D, 3>(sm, warp, lane, s.v, vchraw); break;
+          default: VChannelsStage<D, 4>(sm, warp, lane, s.v, vchraw); break;
+        }
       }
     }
     __syncwarp();
     if (vc_dp4a) {
-      if (vbits == 2) {
-        VChannelsComputeDp4a<D, 2>(sm, warp, lane, vunit, vzsum, acc);
-      } else {
-        VChannelsComputeDp4a<D, 4>(sm, warp, lane, vunit, vzsum, acc);
+      if constexpr (DecSmem<D, R, PATHS>::kKiviTiles) {
+        if (vbits == 2) {
+          VChannelsComputeDp4a<D, 2>(sm, warp, lane, vunit, vzsum, acc);
+        } else {
+          VChannelsComputeDp4a<D, 4>(sm, warp, lane, vunit, vzsum, acc);
+        }
       }
     } else if (vc) {
-      switch (vbits) {
-        case 2: VChannelsCompute<D, R, 2>(sm, warp, lane, acc); break;
-        case 3: VChannelsCompute<D, R, 3>(sm, warp, lane, acc); break;
-        default: VChannelsCompute<D, R, 4>(sm, warp, lane, acc); break;
+      if constexpr (DecSmem<D, R, PATHS>::kKiviTiles) {
+        switch (vbits) {
+          case 2: VChannelsCompute<D, R, 2>(sm, warp, lane, acc); break;
+          case 3: VChannelsCompute<D, R, 3>(sm, warp, lane, acc); break;
+          default: VChannelsCompute<D, R, 4>(sm, warp, lane, acc); break;
+        }
       }
     } else if (vt) {
       switch (vbits) {
