@@ -15,18 +15,21 @@
 #                                                 # bundled under their file names
 #        NO_STORE_TESTS=1 ...                     # without the store's two test binaries (room
 #                                                 # for more kvq-bench variants)
+#        BENCH_ONLY=1 ...                         # kvq-bench alone, no test binary
 # then:  device tool, carry [".device"], command "bash bench/device_round.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 JOBS=${JOBS:-2}
-targets=(kvq-bench kernels_gpu_test)
-[ -z "${NO_STORE_TESTS:-}" ] && targets+=(store_cuda_backend_test kvq_store_service_test)
+targets=(kvq-bench)
+[ -z "${BENCH_ONLY:-}" ] && targets+=(kernels_gpu_test)
+[ -z "${NO_STORE_TESTS:-}${BENCH_ONLY:-}" ] && targets+=(store_cuda_backend_test kvq_store_service_test)
 [ -n "${STORE_BENCH:-}" ] && targets+=(kvq-bench-store)  # the store lanes benchmark, when wanted
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
-bins=("$BUILD/bench/kernels/kvq-bench" "$BUILD/tests/kernels_gpu/kernels_gpu_test")
-[ -z "${NO_STORE_TESTS:-}" ] && bins+=("$BUILD/tests/kernels_gpu/store_cuda_backend_test" "$BUILD/tests/kvstore/kvq_store_service_test")
+bins=("$BUILD/bench/kernels/kvq-bench")
+[ -z "${BENCH_ONLY:-}" ] && bins+=("$BUILD/tests/kernels_gpu/kernels_gpu_test")
+[ -z "${NO_STORE_TESTS:-}${BENCH_ONLY:-}" ] && bins+=("$BUILD/tests/kernels_gpu/store_cuda_backend_test" "$BUILD/tests/kvstore/kvq_store_service_test")
 [ -n "${STORE_BENCH:-}" ] && bins+=("$BUILD/bench/store/kvq-bench-store")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
