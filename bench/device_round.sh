@@ -14,15 +14,19 @@
 #      row with --kivi-units codes, the launch overlap off (--no-pdl) on the two long shapes and on
 #      (--pdl) on the batched ones;
 #   6. compute-sanitizer memcheck on the quantize-append and tensor-core tests;
+#      with FLUSH_READ=1 then kvq-bench and SDPA again with the timing buffer read instead of
+#      written (kvq-bench --flush read, sdpa_baseline.py --timing busy-read: L2 cold but clean);
 #   7. with NCU_MEM="NAME B,Hq,Hkv,T,D PRESET", bench/ncu_stalls.sh --mem on that launch, and with
 #      NCU_STALLS (same form) bench/ncu_stalls.sh's full sections and stall samples.
 # The whole round stays inside BUDGET seconds (585): a step gets at most what is left, the last
 # ones are skipped when nothing is. Outputs land in $OUT (the device tool brings them back):
 # gpu.txt, gpu_tests.txt, store_tests.txt, service_tests.txt, kvq.json, base.json, preflush.json, pffused.json,
+# kvq_read.json, sdpa_read.txt,
 # kdequant.json, kcodes.json, sdpa.txt, nopdl.json, pdl.json, twol.json, memcheck.txt, ncu_mem.txt, packed at the end into $OUT/round.tgz alone (the
 # device tool brings back a limited number of files);
 # a summary is printed.
 #
+# LEAN=1 leaves out steps 3 and 5.
 # usage (device tool, carry [".device"]): bash bench/device_round.sh [--quick]
 #   --quick: the suite and the two long shapes only (a kernel change's first check)
 set -uo pipefail
@@ -68,10 +72,12 @@ if [ -x .device/bin/kvq-bench-base ]; then
 fi
 # each chain step's flush written beside the attention of the step before (the chain columns:
 # qa_step, step), against (2); at the one-row shapes also as the fused step (one launch + the flush)
-step preflush 140 .device/run kvq-bench kernels --json --preflush "${shapes[@]}" > "$OUT/preflush.json" \
-  2> "$OUT/preflush.err"
-step preflush-fused 60 .device/run kvq-bench kernels --json --preflush --fused --shape 1,32,32,4096,128 \
-  --shape 1,32,32,32768,128 --shape 1,9,3,8192,64 > "$OUT/pffused.json" 2> "$OUT/pffused.err"
+if [ "${LEAN:-0}" != 1 ]; then
+  step preflush 140 .device/run kvq-bench kernels --json --preflush "${shapes[@]}" > "$OUT/preflush.json" \
+    2> "$OUT/preflush.err"
+  step preflush-fused 60 .device/run kvq-bench kernels --json --preflush --fused --shape 1,32,32,4096,128 \
+    --shape 1,32,32,32768,128 --shape 1,9,3,8192,64 > "$OUT/pffused.json" 2> "$OUT/pffused.err"
+fi
 if [ "${OLD_AB:-0}" = 1 ]; then
   step kivi-dequant 70 .device/run kvq-bench kernels --json --kivi-units dequant --presets kivi2,kivi4 \
     "${shapes[@]}" > "$OUT/kdequant.json" 2> "$OUT/kdequant.err"
@@ -90,12 +96,17 @@ if [ $quick = 0 ]; then
       --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 > "$OUT/pdl.json" 2> /dev/null
   fi
   # the quantize-append as its own launch (PDL as the plan picks it) against the fused step of (2)
-  step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
+  [ "${LEAN:-0}" != 1 ] && step two-launches 60 .device/run kvq-bench kernels --json --two-launches > "$OUT/twol.json" 2> /dev/null
   LD_LIBRARY_PATH=$PWD/.device/lib step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     .device/bin/kernels_gpu_test --gtest_brief=1 \
     --gtest_filter='*Quantize*:*MmaFull*:*ImmaBody*:*KiviMmaBody*:*KiviCodesBody*:*DecodeBatch/kivi*:*TailUnitsWait*:*FlushAfter*:*OneRowPages*:*RowsPages*' \
     > "$OUT/memcheck.txt" 2>&1
   tail -2 "$OUT/memcheck.txt"
+  if [ "${FLUSH_READ:-0}" = 1 ]; then  # L2 cold and clean before each timed launch (header)
+    step kvq-bench-read 140 .device/run kvq-bench kernels --json --flush read > "$OUT/kvq_read.json" 2> "$OUT/kvq_read.err"
+    PYTHONUNBUFFERED=1 step sdpa-read 100 python3 bench/kernels/sdpa_baseline.py --timing busy-read \
+      --kvq "$OUT/kvq_read.json" > "$OUT/sdpa_read.txt" 2>&1
+  fi
 fi
 if [ ! -s "$OUT/kvq.json" ]; then
   echo "kvq-bench wrote no table:"; cat "$OUT/kvq.err"
@@ -108,7 +119,7 @@ if [ -s "$OUT/kdequant.json" ] && [ -s "$OUT/kvq.json" ]; then
   echo "KIVI presets, the default code units (kvq.json) against the dequantizing units (kdequant.json):"
   python3 bench/kernels/render.py "$OUT/kvq.json" --base "$OUT/kdequant.json" | sed -n '/against the base/,$p'
 fi
-for alt in preflush pffused nopdl pdl twol; do
+for alt in preflush pffused nopdl pdl twol kvq_read; do
   if [ -s "$OUT/$alt.json" ] && [ -s "$OUT/kvq.json" ]; then
     echo "$alt.json against the plan's launch (kvq.json):"
     python3 bench/kernels/render.py "$OUT/$alt.json" --base "$OUT/kvq.json" | sed -n '/against the base/,$p'

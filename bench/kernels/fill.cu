@@ -43,6 +43,26 @@ __global__ void FillKernel(FillArgs a) {
   }
 }
 
+// Reads n 16-byte words (the busy-timing buffer, --flush read) and writes nothing unless their XOR is
+// a value the buffer's fill never gives: L2 ends full of the buffer's clean lines, where a memset
+// leaves it full of dirty ones that the next kernel's misses must first write back.
+struct ReadFlushArgs {
+  const uint4* p;
+  int64_t n;
+  uint32_t* sink;
+};
+
+__global__ void ReadFlushKernel(ReadFlushArgs a) {
+  const uint4* p = a.p;
+  const int64_t n = a.n;
+  uint32_t x = 0;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const uint4 v = p[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9E3779B9u) *a.sink = x;  // the buffer is filled with repeated bytes: never equal
+}
+
 // A grid that does nothing but let its dependents launch (what the quantize-append does first).
 __global__ void EmptyPrimaryKernel(int) { cuda::GridDependentsLaunch(); }
 
@@ -50,6 +70,11 @@ __global__ void EmptyPrimaryKernel(int) { cuda::GridDependentsLaunch(); }
 
 cudaError_t LaunchEmptyPrimary(dim3 grid, cudaStream_t stream) {
   return cuda::LaunchKernel(EmptyPrimaryKernel, grid, dim3(256), 0, stream, 0, false);
+}
+
+cudaError_t ReadFlush(const void* p, int64_t bytes, uint32_t* sink, cudaStream_t stream) {
+  const ReadFlushArgs a{static_cast<const uint4*>(p), bytes / 16, sink};
+  return cuda::LaunchKernel(ReadFlushKernel, dim3(1056), dim3(512), 0, stream, a, false);
 }
 
 cudaError_t FillRandomActs(void* p, int64_t n, uint64_t seed, bool bf16, int outlier_every,

@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -14,7 +14,10 @@
 // memset of a buffer of 4x L2, so L2 is cold and the GPU is still busy while the host enqueues the
 // launch: the events bracket the kernels' GPU time, not the host's launch latency, which an idle
 // stream adds to a single timed launch. --timing idle times single launches on an idle stream (the
-// method of the results recorded before 2026-12-04).
+// method of the results recorded before 2026-12-04). --flush read: the busy-timing buffer is read
+// (a kernel that XORs it) instead of written, so L2 holds clean lines when the timed launch starts;
+// after the memset (--flush write, the default and the method of every recorded table) the timed
+// kernels' first misses also pay for writing back the L2's dirty lines, up to its whole size.
 // Each row also checks the decode step's output: sequence 0 of the last cache set against the CPU
 // reference (CpuAttention on a host copy of the arena), as the normalized error `err` (the GPU
 // suite's bound is 2e-3 for fp16); a row above it is marked in the table. --no-check skips it.
@@ -43,6 +46,8 @@ namespace bench {
 cudaError_t LaunchEmptyPrimary(dim3 grid, cudaStream_t stream);
 cudaError_t FillRandomActs(void* p, int64_t n, uint64_t seed, bool bf16, int outlier_every,
                            cudaStream_t stream);
+// Reads `bytes` (a multiple of 16) at p; writes *sink only for a value a memset fill never gives.
+cudaError_t ReadFlush(const void* p, int64_t bytes, uint32_t* sink, cudaStream_t stream);
 }  // namespace bench
 }  // namespace kvq
 
@@ -110,6 +115,7 @@ bool g_pages = true;           // --no-pages: InnerQ body pages on the per-token
 int g_qa_carveout = -2;        // --qa-carveout N: SetQuantizeAppendCarveout(N) before the runs (-2: not set)
 int g_page_min_pages = -1;     // --page-min-pages N: CudaStepRunner::set_page_min_pages (-1: its default)
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
+bool g_read_flush = false;     // --flush read (header comment)
 // --qa-steps N: consecutive decode steps for the mean quantize-append and step (128: every flush
 // phase of the presets; fewer on the emulated device, where each is a whole emulated step)
 int g_qa_steps = 128;
@@ -335,7 +341,12 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   // (--preflush chain: the step of what = 2 includes the flush after its attention where prepared;
   // what = 4 is that flush alone, plainly)
   auto time_once = [&](CudaStepRunner& r, int what, int fill, float* us) -> bool {
-    if (g_busy_timing) CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
+    if (g_busy_timing && g_read_flush) {
+      CHECK_CUDA(bench::ReadFlush(g_flush, static_cast<int64_t>(g_flush_bytes),
+                                  reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(g_flush) + g_flush_bytes), stream));
+    } else if (g_busy_timing) {
+      CHECK_CUDA(cudaMemsetAsync(g_flush, fill & 0xff, g_flush_bytes, stream));
+    }
     CHECK_CUDA(cudaEventRecord(e0, stream));
     if (what == 3) CHECK_CUDA(bench::LaunchEmptyPrimary(dim3(sh.b, sh.hkv, 2), stream));
     if (what == 1) CHECK_KVQ(r.LaunchPreparedQuantizeAppend(d_arena, stream));
@@ -637,7 +648,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -712,6 +723,10 @@ int main(int argc, char** argv) {
       const std::string m = argv[++i];
       if (m != "busy" && m != "idle") return Usage();
       g_busy_timing = m == "busy";
+    } else if (a == "--flush" && i + 1 < argc) {
+      const std::string m = argv[++i];
+      if (m != "write" && m != "read") return Usage();
+      g_read_flush = m == "read";
     } else if (a == "--stages" && i + 1 < argc) {
       g_ring_stages = std::atoi(argv[++i]);
     } else if (a == "--iters" && i + 1 < argc) {
@@ -747,7 +762,9 @@ int main(int argc, char** argv) {
   double copy = 0;
   if (!MeasureCopy(&copy)) return 1;
   g_flush_bytes = std::max<size_t>(size_t{4} * prop.l2CacheSize, size_t{256} << 20);
-  if (g_busy_timing && cudaMalloc(&g_flush, g_flush_bytes) != cudaSuccess) {
+  // (+16 bytes: the read flush's sink word)
+  if (g_busy_timing && (cudaMalloc(&g_flush, g_flush_bytes + 16) != cudaSuccess ||
+                        cudaMemset(g_flush, 0x5a, g_flush_bytes + 16) != cudaSuccess)) {
     std::fprintf(stderr, "kvq-bench: cannot allocate the %zu-byte timing buffer\n", g_flush_bytes);
     return 1;
   }
@@ -761,7 +778,7 @@ int main(int argc, char** argv) {
     }
   if (json) {
     std::printf("{\"device\": \"%s\", \"copy_gbps\": %.1f, \"timing\": \"%s\", \"rows\": [\n", prop.name, copy,
-                g_busy_timing ? "busy" : "idle");
+                !g_busy_timing ? "idle" : g_read_flush ? "busy-read" : "busy");
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       std::printf("  {\"b\": %d, \"hq\": %d, \"hkv\": %d, \"t\": %d, \"d\": %d, \"preset\": \"%s\", "
@@ -780,7 +797,9 @@ int main(int argc, char** argv) {
   } else {
     std::printf("device: %s, device-to-device copy bandwidth: %.1f GB/s (read + write)\n", prop.name, copy);
     std::printf("decode step, fp16 activations, one query token per sequence; medians of %d runs; timing %s\n", iters,
-                g_busy_timing ? "busy (GPU time, cold L2)" : "idle (single launches on an idle stream)");
+                !g_busy_timing  ? "idle (single launches on an idle stream)"
+                : g_read_flush ? "busy-read (GPU time, L2 cold and clean: read flush)"
+                               : "busy (GPU time, cold L2)");
     std::printf("qapp_us: quantize-append of the timed step; qa_avg_us: its mean over %d consecutive decode steps\n"
                 "(every flush phase), qa/attn = qa_avg_us / attn_us; step_us: quantize-append + attention;\n"
                 "qa_step: what the quantize-append adds to a step, the mean step minus the mean attention over\n"

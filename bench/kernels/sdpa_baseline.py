@@ -6,9 +6,12 @@ caches so that L2 does not serve repeats. With --kvq FILE (the output of `kvq-be
 --json`) it prints our speedup per preset against the fastest SDPA backend.
 Timing as in kvq-bench (--timing busy, the default): each timed call is preceded by zeroing a
 buffer of 4x L2, so L2 is cold and the events bracket the GPU time alone, not PyTorch's dispatch
-and launch latency; --timing idle times single calls on an idle stream (the earlier method).
+and launch latency; --timing busy-read reads that buffer instead (kvq-bench --flush read: L2 cold
+but clean, so the first misses do not write back a full L2 of dirty lines); --timing idle times
+single calls on an idle stream (the earlier method).
 
-usage: python3 bench/kernels/sdpa_baseline.py [--kvq kvq.json] [--json out.json] [--iters N] [--timing busy|idle]
+usage: python3 bench/kernels/sdpa_baseline.py [--kvq kvq.json] [--json out.json] [--iters N]
+                                              [--timing busy|busy-read|idle]
 """
 import argparse
 import json
@@ -32,7 +35,7 @@ def backends():
     return out
 
 
-def time_one(b, hq, hkv, t, d, iters, backend, flush):
+def time_one(b, hq, hkv, t, d, iters, backend, flush, read_flush):
     from torch.nn.attention import sdpa_kernel
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     set_bytes = 2 * b * hkv * t * d * 2
@@ -51,7 +54,9 @@ def time_one(b, hq, hkv, t, d, iters, backend, flush):
         torch.cuda.synchronize()
         times = []
         for i in range(iters + 3 * sets):
-            if flush is not None:
+            if flush is not None and read_flush:
+                flush.max()  # reads the buffer; the result stays on the device
+            elif flush is not None:
                 flush.zero_()
             e0 = torch.cuda.Event(enable_timing=True)
             e1 = torch.cuda.Event(enable_timing=True)
@@ -72,20 +77,20 @@ def main():
     ap.add_argument("--kvq", help="kvq-bench kernels --json output")
     ap.add_argument("--json", help="write the SDPA results here")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--timing", choices=["busy", "idle"], default="busy")
+    ap.add_argument("--timing", choices=["busy", "busy-read", "idle"], default="busy")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, timing {args.timing}")
     flush = None
-    if args.timing == "busy":
+    if args.timing != "idle":
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
-        flush = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
+        flush = torch.full((max(4 * l2, 256 << 20) // 4,), 0x5A5A5A5A, dtype=torch.int32, device="cuda")
     results = []
     for (b, hq, hkv, t, d) in SHAPES:
         best = None
         per = {}
         for name, be in backends():
             try:
-                us = time_one(b, hq, hkv, t, d, args.iters, be, flush)
+                us = time_one(b, hq, hkv, t, d, args.iters, be, flush, args.timing == "busy-read")
             except Exception as e:  # backend unsupported for this shape
                 per[name] = None
                 continue
