@@ -1000,6 +1000,19 @@ __device__ __forceinline__ void FusedStepOwnOrWait(const AttnArgs& a, int seq, i
 #endif
 }
 
+// The InnerQ body units' (K, V) bits (ImmaBits: 2/2, 3/2, 3/3; the plan makes IMMA and page units
+// only for those): f(kb, vb) with both as std::integral_constant.
+template <typename F>
+__device__ __forceinline__ void InnerQBits(const DevSeq& s, F&& f) {
+  if (s.k.bits == 2) {
+    f(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{});
+  } else if (s.v.bits == 2) {
+    f(std::integral_constant<int, 3>{}, std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 3>{}, std::integral_constant<int, 3>{});
+  }
+}
+
 #pragma nv_diag_suppress 128
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
@@ -1115,13 +1128,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   } else if constexpr (IMMA && R == 1) {
     static_assert(PATHS == kFamInnerQ, "the one-row InnerQ tensor-core instance: page units");
     if (unit.kind == kUnitPages) {  // the plan made it only for the (K, V) bits instantiated here
-      if (s.k.bits == 2) {
-        PageBodyUnit<D, 2, 2>(sm, a, s, unit, dec_ring, warp, lane);
-      } else if (s.v.bits == 2) {
-        PageBodyUnit<D, 3, 2>(sm, a, s, unit, dec_ring, warp, lane);
-      } else {
-        PageBodyUnit<D, 3, 3>(sm, a, s, unit, dec_ring, warp, lane);
-      }
+      InnerQBits(s, [&](auto kb, auto vb) {
+        PageBodyUnit<D, decltype(kb)::value, decltype(vb)::value>(sm, a, s, unit, dec_ring, warp, lane);
+      });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
       return;
@@ -1130,25 +1139,17 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
-      if (s.k.bits == 2) {
-        ImmaBodyUnit<D, R, 2, 2, false>(sm, a, s, unit, ring, warp, lane);
-      } else if (s.v.bits == 2) {
-        ImmaBodyUnit<D, R, 3, 2, false>(sm, a, s, unit, ring, warp, lane);
-      } else {
-        ImmaBodyUnit<D, R, 3, 3, false>(sm, a, s, unit, ring, warp, lane);
-      }
+      InnerQBits(s, [&](auto kb, auto vb) {
+        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, false>(sm, a, s, unit, ring, warp, lane);
+      });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
       return;
     }
     if (unit.kind == kUnitPages) {  // the same tiles from the block's ring of whole pages
-      if (s.k.bits == 2) {
-        ImmaBodyUnit<D, R, 2, 2, true>(sm, a, s, unit, dec_ring, warp, lane);
-      } else if (s.v.bits == 2) {
-        ImmaBodyUnit<D, R, 3, 2, true>(sm, a, s, unit, dec_ring, warp, lane);
-      } else {
-        ImmaBodyUnit<D, R, 3, 3, true>(sm, a, s, unit, dec_ring, warp, lane);
-      }
+      InnerQBits(s, [&](auto kb, auto vb) {
+        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, true>(sm, a, s, unit, dec_ring, warp, lane);
+      });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
       return;
