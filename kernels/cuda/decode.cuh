@@ -204,6 +204,14 @@ __host__ __device__ constexpr int DecodeFamily(int path_bits) {
                                       : kFamAll;
 }  // tokens whose value loads are in flight together on the per-token path
 
+// Sizes of what lives in a warp's union area (DecSmem::Warp::u) beside the tiles: the fused step's
+// flush error sums (FusedQuantizeAppend), and the IMMA units' tile state (decode_imma.cuh: p bytes
+// [8 columns][32 slots], then (a, b) per key (token, group) and per value channel).
+constexpr int kFusedErrBytes = 2 * kMaxGroupSize * static_cast<int>(sizeof(float));
+__host__ __device__ constexpr int ImmaTileStateBytes(int d) {
+  return 256 + (32 * (d / 32) + d) * static_cast<int>(sizeof(float2));
+}
+
 // The block's static shared memory. The InnerQ instances (no along_tokens keys, no along_channels
 // values) leave out those tiles' work areas: 8.2 KB less per block at one row and D = 128, so that
 // the page units' ring (decode_pages.cuh) leaves room for more blocks, or a quantize-append block
@@ -225,8 +233,7 @@ struct DecSmem {
     float2 ab[32][D / 32];           // and its groups' (a, b) (written after the scores)
   };
   struct NoTile {};
-  static constexpr int kRawBytes =
-      R > 1 ? 256 + (32 * kNG + D) * static_cast<int>(sizeof(float2)) : 2 * kMaxGroupSize * static_cast<int>(sizeof(float));
+  static constexpr int kRawBytes = R > 1 && ImmaTileStateBytes(D) > kFusedErrBytes ? ImmaTileStateBytes(D) : kFusedErrBytes;
   struct alignas(16) Warp {  // float4 reads of p and qa
     union {
       std::conditional_t<kKiviTiles, KTokTile, NoTile> k;
@@ -1039,7 +1046,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   // body tokens) waits for it; the others read what was complete before it started (step_desc.h).
   if (UnitWaitsForQuantizeAppend(seq_s, unit)) {
     if (a.fused) {
-      static_assert(sizeof(sm.w[0].u) >= 2 * kMaxGroupSize * sizeof(float), "the flush's error sums fit a warp's area");
+      static_assert(sizeof(sm.w[0].u) >= kFusedErrBytes, "the flush's error sums fit a warp's area");
       FusedStepOwnOrWait(a, unit.seq, unit.kv_head, &sm.qa_owner, reinterpret_cast<float*>(&sm.w[threadIdx.x >> 5].u));
     } else {
       GridDependencyWait();

@@ -127,7 +127,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   uint8_t* pb = reinterpret_cast<uint8_t*>(&ws.u);
   float2* kab = reinterpret_cast<float2*>(pb + 256);  // [32 tokens][NG]
   float2* vab = kab + 32 * NG;                        // [D]
-  static_assert(256 + (32 * NG + D) * sizeof(float2) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
+  static_assert(ImmaTileStateBytes(D) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
 
   auto tile = [&](const BodySrc& kb, const BodySrc& vb) {
     // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
