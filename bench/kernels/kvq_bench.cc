@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -124,11 +124,13 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
                                // -1: the runner's default
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
+int g_bodies_first = -1;       // --bodies-first / --around-first: CudaStepRunner::set_bodies_first
 int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
 bool g_chain_dump = false;     // --chain-dump: the chain's steps one by one on stderr
 bool g_qa_trace = false;       // --qa-trace: the quantize-append's phases per chain step (stderr)
+bool g_unit_trace = false;     // --unit-trace: the decode units' phases, attention alone and the step (stderr)
 int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
@@ -204,6 +206,88 @@ bool CopySeqPages(const uint8_t* d_arena, uint8_t* host, const kvq::SeqWork& w, 
       if (!copy(sv.win_pages[i], L.fp_page_bytes)) return false;
   }
   return copy(w.norm_offset, int64_t{hkv} * d * 4);
+}
+
+// --unit-trace: the prepared attention launch (what 0) and the whole step (what 2) of runner r, three
+// times each with the decode units' phase stamps on (CudaStepRunner::set_unit_trace, kernels built
+// with KVQ_UNIT_TRACE), summarized per unit kind on stderr: when units start (relative to the
+// launch's first), their descriptor loads, their wait for the quantize-append, the first page,
+// the body, the epilogue, the merge, and when they end. time(what, &us) runs one busy-timed launch.
+template <typename TimeOnce>
+bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&& time) {
+  using kvq::CudaStepRunner;
+  constexpr int S = CudaStepRunner::kUnitTraceSlots;
+  if (!CudaStepRunner::unit_trace_built()) {
+    std::fprintf(stderr, "kvq-bench: --unit-trace needs kernels built with -DKVQ_UNIT_TRACE=ON\n");
+    return false;
+  }
+  const int n = r.stats().num_units;
+  int64_t* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, size_t(n) * S * sizeof(int64_t)));
+  std::vector<int64_t> t(size_t(n) * S);
+  bool ok = true;
+  for (int rep = 0; rep < 6 && ok; ++rep) {
+    const int what = rep < 3 ? 0 : 2;
+    CHECK_CUDA(cudaMemset(d, 0, t.size() * sizeof(int64_t)));
+    r.set_unit_trace(d);
+    float us = 0;
+    ok = time(what, &us);
+    r.set_unit_trace(nullptr);
+    if (!ok) break;
+    CHECK_CUDA(cudaMemcpy(t.data(), d, t.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    int64_t t0 = INT64_MAX, t1 = 0;
+    for (int u = 0; u < n; ++u) {
+      const int64_t* x = t.data() + int64_t(u) * S;
+      if (x[1] == 0) continue;
+      t0 = std::min(t0, x[1]);
+      t1 = std::max(t1, std::max(x[6], x[7]));
+    }
+    std::fprintf(stderr, "unittrace %d,%d,%d,%d %s %s: event %.2f us, units %d, first start to last end %.2f us\n", sh.b,
+                 sh.hq, sh.hkv, sh.t, PresetName(preset), what == 0 ? "attn" : "step", us, n, (t1 - t0) / 1e3);
+    for (int kind = 0; kind < 3; ++kind) {
+      // phases in us: start, desc, wait, first page, body, epilogue, merge, end
+      std::vector<float> ph[8];
+      int count = 0, waits = 0, merges = 0, late = 0;
+      std::vector<int> per_sm(1024, 0);
+      for (int u = 0; u < n; ++u) {
+        const int64_t* x = t.data() + int64_t(u) * S;
+        if (x[1] == 0 || ((x[0] >> 8) & 0xf) != kind) continue;
+        ++count;
+        waits += (x[0] >> 12) & 1;
+        const bool merged = (x[0] >> 13) & 1;
+        merges += merged;
+        const float st = (x[1] - t0) / 1e3f;
+        late += st > 2.f;
+        if (st <= 2.f) ++per_sm[x[0] & 0xff];
+        ph[0].push_back(st);
+        ph[1].push_back((x[2] - x[1]) / 1e3f);
+        ph[2].push_back((x[3] - x[2]) / 1e3f);
+        if (x[4] != 0) ph[3].push_back((x[4] - x[3]) / 1e3f);
+        ph[4].push_back((x[5] - x[3]) / 1e3f);
+        ph[5].push_back((x[6] - x[5]) / 1e3f);
+        if (merged) ph[6].push_back((x[7] - x[6]) / 1e3f);
+        ph[7].push_back((std::max(x[6], x[7]) - t0) / 1e3f);
+      }
+      if (count == 0) continue;
+      auto q = [](std::vector<float> v, double f) {
+        if (v.empty()) return 0.0;
+        std::sort(v.begin(), v.end());
+        return double(v[std::min(v.size() - 1, size_t(f * v.size()))]);
+      };
+      const int max_per_sm = *std::max_element(per_sm.begin(), per_sm.end());
+      static const char* kKind[3] = {"tokens", "imma", "pages"};
+      std::fprintf(stderr,
+                   "  %-6s units %d (wait %d, merge %d, start > 2 us %d, at most %d per SM in the first 2 us): "
+                   "start %.2f/%.2f/%.2f desc %.2f/%.2f wait %.2f/%.2f first page %.2f/%.2f body %.2f/%.2f/%.2f "
+                   "epilogue %.2f/%.2f merge %.2f/%.2f end %.2f/%.2f/%.2f (us: min or median/p90/max)\n",
+                   kKind[kind], count, waits, merges, late, max_per_sm, q(ph[0], 0), q(ph[0], 0.5), q(ph[0], 1),
+                   q(ph[1], 0.5), q(ph[1], 1), q(ph[2], 0.5), q(ph[2], 1), q(ph[3], 0.5), q(ph[3], 1), q(ph[4], 0),
+                   q(ph[4], 0.5), q(ph[4], 1), q(ph[5], 0.5), q(ph[5], 1), q(ph[6], 0.5), q(ph[6], 1), q(ph[7], 0.5),
+                   q(ph[7], 0.9), q(ph[7], 1));
+    }
+  }
+  cudaFree(d);
+  return ok;
 }
 
 bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* row) {
@@ -290,6 +374,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
     runners[k]->set_spread_blocks(g_spread_blocks);
+    runners[k]->set_bodies_first(g_bodies_first);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
@@ -371,6 +456,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
   };
   std::vector<float> ta, tq, tstep;
   if (!time_it(0, &ta) || !time_it(1, &tq) || !time_it(2, &tstep)) return false;
+  if (g_unit_trace && !UnitTrace(sh, preset, *runners[0], [&](int what, float* us) {
+        return time_once(*runners[0], what, 0, us);
+      }))
+    return false;
   for (auto& r : runners) CHECK_KVQ(r->Synchronize(stream));
   // Quantize-append of g_qa_steps consecutive decode steps (set 0 continues from its step 2), each
   // timed alone: the mean is the cost per decode step, flushes included at their real rate. Then
@@ -623,13 +712,14 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     // the occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
     // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores,
     // or InnerQ body pages in page units (-pages);
-    // +pdl: the attention launched as a programmatic dependent; -rN: --row-class N; -oN: --ring-offset N
+    // +pdl: the attention launched as a programmatic dependent; +bf: the body units first; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : st.page_units > 0 ? "-pages" : "")
                                : "generic";
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
+    if (st.bodies_first) row->path += "+bf";  // the body units first in the grid (set_bodies_first)
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
     if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
@@ -648,7 +738,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -701,6 +791,12 @@ int main(int argc, char** argv) {
       g_min_row_class = std::atoi(argv[++i]);
     } else if (a == "--spread-blocks") {
       g_spread_blocks = true;
+    } else if (a == "--unit-trace") {
+      g_unit_trace = true;
+    } else if (a == "--bodies-first") {
+      g_bodies_first = 1;
+    } else if (a == "--around-first") {
+      g_bodies_first = 0;
     } else if (a == "--chain-dump") {
       g_chain_dump = true;
     } else if (a == "--qa-trace") {

@@ -777,12 +777,29 @@ __device__ __forceinline__ void StageBodyPair(uint8_t* dst, const AttnArgs& a, c
   CpAsyncCommit();
 }
 
+// kvq-bench --unit-trace: the units' phase stamps (AttnArgs::unit_trace, kUnitTraceSlots), in
+// kernels built with KVQ_UNIT_TRACE only; the other builds have no trace code at all.
+#if defined(KVQ_UNIT_TRACE)
+constexpr bool kUnitTrace = true;
+#else
+constexpr bool kUnitTrace = false;
+#endif
+__device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot, int64_t value) {
+  if constexpr (kUnitTrace) {
+    if (a.unit_trace) a.unit_trace[static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot] = value;
+  }
+}
+__device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot) {
+  if constexpr (kUnitTrace) UnitStamp(a, slot, QaGlobalTimer());
+}
+
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
 // block barrier) become the unit's unnormalized (o, m, l).
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                                int tid) {
   const int part = unit.part;
+  if (kUnitTrace && tid == 0) UnitStamp(a, 5);
   // per row: the combined max, each warp's weight 2^(m_w - m) (0 for a warp that saw no token),
   // and the combined l; then every output element is one weighted sum over the warps
   if (tid < R) {
@@ -818,6 +835,7 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
   if (tid == 0) {
     const DevMergeItem& it = a.items[unit.item];
     sm.merge_last = atomicAdd(a.merge_count + unit.item, 1) == it.num_units - 1 ? 1 : 0;
+    if (kUnitTrace) UnitStamp(a, 6);
   }
   __syncthreads();
   if (sm.merge_last) {
@@ -825,6 +843,11 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
     const DevMergeItem it = a.items[unit.item];
     MergeItemRows<D, DT>(it, s, a.part_o, a.part_ml, a.o, a.num_q_heads, a.group, tid, kDecThreads);
     if (tid == 0) a.merge_count[unit.item] = 0;  // ready for the next launch
+  }
+  if (kUnitTrace && tid == 0) {
+    if (sm.merge_last) UnitStamp(a, 7);
+    UnitStamp(a, 0, QaSmId() | int64_t{unit.kind} << 8 | int64_t{UnitWaitsForQuantizeAppend(s, unit)} << 12 |
+                        int64_t{sm.merge_last != 0} << 13 | int64_t{unit.tok_end - unit.tok_begin} << 16);
   }
 }
 
@@ -1039,9 +1062,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   uint8_t* const dec_ring = dec_ring_base + a.ring_offset;
 #endif
 
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 1);
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
   __syncthreads();
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 2);
   // Only a unit whose tiles meet the quantize-append's writes (new sink or window tokens, flushed
   // body tokens) waits for it; the others read what was complete before it started (step_desc.h).
   if (UnitWaitsForQuantizeAppend(seq_s, unit)) {
@@ -1053,6 +1078,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     }
   }
   if (a.trigger_dependents) GridDependentsLaunchAfterWait();  // the next step's flush may start (AttnArgs)
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 3);
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;

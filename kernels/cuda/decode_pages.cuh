@@ -88,6 +88,7 @@ __device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, co
   uint32_t parity = 0;
   for (int j = 0; j < pages; ++j) {
     MbarWait(bars + slot, parity);
+    if (kUnitTrace && j == 0 && warp == 0 && lane == 0) UnitStamp(a, 4);
     const uint8_t* kst = ring + slot * stride;
     const uint8_t* vst = kst + kbytes;
     tile(BodySrc{kst + kg * s.k.words_per_group * 4, kst + s.k.scales_offset + 2 * kg, kst + s.k.zeros_offset + 2 * kg},

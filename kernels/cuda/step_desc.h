@@ -229,7 +229,19 @@ struct AttnArgs {
   int32_t qa_chunks;
   uint32_t* item_sync;      // [num_seqs * num_kv_heads][2], device memory
   uint32_t epoch;
+  // Benchmark only (null otherwise; last, so that the fields above keep their offsets): the decode
+  // units' phase stamps, kUnitTraceSlots per block in launch order, written only by kernels built
+  // with KVQ_UNIT_TRACE (cmake -DKVQ_UNIT_TRACE=ON; CudaStepRunner::set_unit_trace).
+  int64_t* unit_trace;
 };
+
+// The decode units' phase stamps (global timer, ns) per block: [0] the block's SM | kind << 8 |
+// waited for the quantize-append << 12 | merged its item << 13 | tokens << 16, [1] at the start,
+// [2] once the unit and its sequence's descriptor are loaded, [3] after any wait for the
+// quantize-append, [4] page units: once the first page has landed (warp 0; else 0), [5] at the
+// epilogue's start (the body done), [6] once the partial is written and counted, [7] the merging
+// unit: once the item is merged (else 0).
+constexpr int kUnitTraceSlots = 8;
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),
 // then D/32 or D fp16 scales per tile (2D bytes either way), then as many zeros.

@@ -906,15 +906,18 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   }
   if (units.size() > (size_t{1} << 31)) return Result::Error(Code::kInvalidArgument, "batch too large");
   // Launch order: the per-token units first (short where they surround tensor-core bodies), so
-  // that any body units beyond one wave start as soon as they finish; the partials keep item order.
+  // that any body units beyond one wave start as soon as they finish; or the body units first
+  // (set_bodies_first), so that none of them waits for a resident block held by a per-token unit
+  // that waits for the quantize-append. The partials keep item order.
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
+  const bool bodies_first = imma_units + page_units > 0 && bodies_first_mode_ == 1;
   if (imma_units + page_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
     for (const cuda::DevUnit& u : units)
-      if (u.kind == cuda::kUnitTokens) ordered.push_back(u);
+      if ((u.kind == cuda::kUnitTokens) != bodies_first) ordered.push_back(u);
     for (const cuda::DevUnit& u : units)
-      if (u.kind != cuda::kUnitTokens) ordered.push_back(u);
+      if ((u.kind == cuda::kUnitTokens) == bodies_first) ordered.push_back(u);
     std::swap(units, ordered);
   }
 
@@ -1029,6 +1032,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
+  stats_.bodies_first = bodies_first;
   stats_.longest_waiting_unit = longest_waiting_unit;
   stats_.host_prepare_us = stats_.host_launch_us = stats_.host_wait_us = 0;  // RunStepFromHost sets them
   stats_.mapped_output = false;
@@ -1056,6 +1060,15 @@ cuda::QaArgs MakeQaArgs(uint8_t* arena, const StepParams& p, const cuda::DevSeq*
 }  // namespace
 
 static_assert(CudaStepRunner::kQaTraceSlots == cuda::kQaTraceSlots, "the trace's slots, as step_desc.h lays them out");
+
+static_assert(CudaStepRunner::kUnitTraceSlots == cuda::kUnitTraceSlots, "the unit trace's slots (step_desc.h)");
+bool CudaStepRunner::unit_trace_built() {
+#if defined(KVQ_UNIT_TRACE)
+  return true;
+#else
+  return false;
+#endif
+}
 
 int64_t CudaStepRunner::qa_trace_warps() const {
   const Impl& m = *impl_;
@@ -1144,6 +1157,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.trigger_dependents = m.flush_after && m.decode_path ? 1 : 0;
   a.sm_block_cap = 0;
   a.ring_offset = ring_offset_;
+  a.unit_trace = unit_trace_;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
     const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
     if (cap < m.blocks_per_sm) a.sm_block_cap = cap;

@@ -44,6 +44,7 @@ struct CudaStepStats {
   int row_class = 0;         // decode path: query rows of the kernel instance (1, 4 or 8)
   int early_units = 0;       // decode path: units that read nothing the step's quantize-append
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
+  bool bodies_first = false;  // decode path: the body units came first in the grid (set_bodies_first)
   int longest_waiting_unit = 0;  // decode path: tokens of the longest per-token unit that waits (units
                                  // that step over a body not counted)
   bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
@@ -185,6 +186,12 @@ class CudaStepRunner {
   // quantize-append retires (PDL) cannot pile up on the SMs it frees first. Off by default (an
   // experiment: docs/gpu_notes.md, "PDL costs the batched shapes").
   void set_spread_blocks(bool on) { spread_blocks_ = on; }
+  // Decode path, launches with per-token units around tensor-core or page bodies: the order of the
+  // units in the grid (blocks start in grid order). 0: the per-token units first (short, so that
+  // body units beyond one wave start as soon as they finish); 1: the body units first, so that the
+  // per-token units, which mostly wait for the quantize-append (they cover the new tokens), take
+  // the resident blocks the bodies leave; -1 (the default): the plan decides.
+  void set_bodies_first(int mode) { bodies_first_mode_ = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
   // RunStepFromHost: the kernels write o and the error flag into the runner's pinned host buffer
   // (mapped into the device's address space) where o is at most kMappedOutputMaxBytes, instead of
   // into device memory followed by a device-to-host copy (on by default; off for A/Bs and tests).
@@ -206,6 +213,14 @@ class CudaStepRunner {
   void set_qa_trace(int64_t* device_stamps) { qa_trace_ = device_stamps; }
   // Warps of the prepared step's quantize-append grid (0 before a Prepare).
   int64_t qa_trace_warps() const;
+  // The benchmark's view into the decode units: the attention launches from now on write
+  // kUnitTraceSlots phase stamps per unit (global timer, ns; cuda::kUnitTraceSlots, step_desc.h)
+  // to this device buffer, which must hold stats().num_units x kUnitTraceSlots int64; null (the
+  // default) turns it off. Only kernels built with KVQ_UNIT_TRACE (cmake -DKVQ_UNIT_TRACE=ON,
+  // unit_trace_built()) write them; the others have no trace code.
+  static constexpr int kUnitTraceSlots = 8;
+  void set_unit_trace(int64_t* device_stamps) { unit_trace_ = device_stamps; }
+  static bool unit_trace_built();
 
  private:
   CudaStepRunner() = default;
@@ -235,6 +250,8 @@ class CudaStepRunner {
   int fused_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
+  int bodies_first_mode_ = -1;
+  int64_t* unit_trace_ = nullptr;
   bool mapped_output_ = true;
   int min_row_class_ = 1;
   int ring_offset_ = 0;
