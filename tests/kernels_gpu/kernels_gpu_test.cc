@@ -1486,8 +1486,9 @@ TEST(KernelsGpu, PageUnitsInSequence) {
   trail.sink = 32;
   trail.key_norm = true;
   ASSERT_EQ(ValidateConfig(trail, 128), "");
-  for (int variant = 0; variant < 3; ++variant) {
-    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : "fused step");
+  for (int variant = 0; variant < 4; ++variant) {
+    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : variant == 2 ? "fused step"
+                                                                            : "PDL launch, body units first");
     Case c;
     c.hkv = 2;
     c.hq = 2;
@@ -1497,8 +1498,9 @@ TEST(KernelsGpu, PageUnitsInSequence) {
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     runner->set_page_min_pages(0);
-    runner->set_pdl(variant == 0);
+    runner->set_pdl(variant == 0 || variant == 3);
     runner->set_fused_step(variant == 2);
+    runner->set_bodies_first(variant == 3 ? 1 : 0);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;
@@ -1509,6 +1511,7 @@ TEST(KernelsGpu, PageUnitsInSequence) {
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
       if (HasFatalFailure()) return;
       page_steps += runner->stats().page_units > 0 ? 1 : 0;
+      EXPECT_EQ(runner->stats().bodies_first, variant == 3);
     }
     EXPECT_EQ(page_steps, 140) << "every step has page units";
   }
