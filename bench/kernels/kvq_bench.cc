@@ -1,4 +1,4 @@
-// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N]
+// kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
 //                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
@@ -112,6 +112,7 @@ bool g_force_generic = false;  // --generic
 int g_ring_stages = 0;         // --stages N (decode path ring; 0: the plan's choice)
 bool g_imma = true;            // --no-imma: InnerQ body tiles and fp16 tiles on the per-token paths, not the tensor cores
 bool g_pages = true;           // --no-pages: InnerQ body pages on the per-token path / IMMA units, not in page units
+bool g_early_pages = true;     // --no-early-pages: CudaStepRunner::set_early_pages(false)
 int g_qa_carveout = -2;        // --qa-carveout N: SetQuantizeAppendCarveout(N) before the runs (-2: not set)
 int g_page_min_pages = -1;     // --page-min-pages N: CudaStepRunner::set_page_min_pages (-1: its default)
 bool g_busy_timing = true;     // --timing busy|idle (header comment)
@@ -367,6 +368,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_ring_stages(g_ring_stages);
     runners[k]->set_imma(g_imma);
     runners[k]->set_page_units(g_pages);
+    runners[k]->set_early_pages(g_early_pages);
     if (g_page_min_pages >= 0) runners[k]->set_page_min_pages(g_page_min_pages);
     if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
     if (g_fused >= 0) runners[k]->set_fused_step(g_fused == 1);
@@ -738,7 +740,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -791,6 +793,8 @@ int main(int argc, char** argv) {
       g_min_row_class = std::atoi(argv[++i]);
     } else if (a == "--spread-blocks") {
       g_spread_blocks = true;
+    } else if (a == "--no-early-pages") {
+      g_early_pages = false;
     } else if (a == "--unit-trace") {
       g_unit_trace = true;
     } else if (a == "--bodies-first") {

@@ -1063,6 +1063,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 #endif
 
   if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 1);
+  bool early_page = false;  // thread 0: this page unit's first page is on its way (PageRingEarlyStart)
+  if constexpr (IMMA && PATHS == kFamInnerQ) {
+    if (threadIdx.x == 0 && a.first_pages) early_page = PageRingEarlyStart(a, dec_ring);
+  }
   const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
   __syncthreads();
@@ -1085,7 +1089,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const int warp = tid >> 5;
   const int h = unit.kv_head;
   if constexpr (IMMA && PATHS == kFamInnerQ) {  // page units: the first pages go out before the query's set-up
-    if (unit.kind == kUnitPages && tid == 0) PageRingStart(a, s, unit, dec_ring);
+    if (unit.kind == kUnitPages && tid == 0) PageRingStart(a, s, unit, dec_ring, early_page);
   }
 
   for (int idx = tid; idx < R * D; idx += kDecThreads) {

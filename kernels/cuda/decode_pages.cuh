@@ -54,10 +54,7 @@ __device__ __forceinline__ void PageIssue(const AttnArgs& a, const DevSeq& s, co
   BulkCopy(dst + kbytes, a.arena + vpage + static_cast<int64_t>(unit.kv_head) * vbytes, vbytes, bar);
 }
 
-// Thread 0, at the unit's start (after any wait for the quantize-append, before the query's set-up,
-// whose block barriers make the initialized mbarriers and counts visible to the other threads): the
-// barriers, then the first ring_stages pages.
-__device__ __forceinline__ void PageRingStart(const AttnArgs& a, const DevSeq& s, const DevUnit& unit, uint8_t* ring) {
+__device__ __forceinline__ void PageRingInit(const AttnArgs& a, uint8_t* ring) {
   uint64_t* bars = PageRingBars(a, ring);
   int* done = PageRingDone(a, ring);
   for (int i = 0; i < a.ring_stages; ++i) {
@@ -65,9 +62,30 @@ __device__ __forceinline__ void PageRingStart(const AttnArgs& a, const DevSeq& s
     done[i] = 0;
   }
   MbarInitFence();
+}
+
+// Thread 0, as the block starts (AttnArgs::first_pages): when the plan gave this block's unit an
+// early first page, the barriers and that page's copies into slot 0; whether it did.
+__device__ __forceinline__ bool PageRingEarlyStart(const AttnArgs& a, uint8_t* ring) {
+  const DevFirstPage f = a.first_pages[blockIdx.x];
+  if (f.k_bytes == 0) return false;
+  PageRingInit(a, ring);
+  uint64_t* bar = PageRingBars(a, ring);
+  MbarArriveExpectTx(bar, static_cast<uint32_t>(f.k_bytes + f.v_bytes));
+  BulkCopy(ring, a.arena + f.k_src, static_cast<uint32_t>(f.k_bytes), bar);
+  BulkCopy(ring + f.k_bytes, a.arena + f.v_src, static_cast<uint32_t>(f.v_bytes), bar);
+  return true;
+}
+
+// Thread 0, at the unit's start (after any wait for the quantize-append, before the query's set-up,
+// whose block barriers make the initialized mbarriers and counts visible to the other threads): the
+// barriers, then the first ring_stages pages; after PageRingEarlyStart (early), the rest of them.
+__device__ __forceinline__ void PageRingStart(const AttnArgs& a, const DevSeq& s, const DevUnit& unit, uint8_t* ring,
+                                              bool early) {
+  if (!early) PageRingInit(a, ring);
   FenceProxyAsyncGlobal();  // a fused step's quantize-append wrote the pages through the generic proxy
   const int pages = (unit.tok_end - unit.tok_begin) / kPageTokens;
-  for (int j = 0; j < a.ring_stages && j < pages; ++j) PageIssue(a, s, unit, ring, j);
+  for (int j = early ? 1 : 0; j < a.ring_stages && j < pages; ++j) PageIssue(a, s, unit, ring, j);
 }
 
 // The unit's pages through the ring: tile(kb, vb) computes this warp's 32-token tile of each page

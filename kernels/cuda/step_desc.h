@@ -179,11 +179,24 @@ inline int64_t QaTraceWarps(int num_seqs, int num_kv_heads, int chunks) {
   return int64_t{num_seqs} * num_kv_heads * 2 * chunks * (kQaThreads / 32);
 }
 
+// Decode path, a page unit that does not wait for the quantize-append: its first page's two runs
+// (K and V of the unit's head), so that the block issues that page's copies as it starts, before
+// its unit and sequence descriptors and the page table have come in (three dependent loads from
+// DRAM fewer ahead of the first page). k_bytes = 0: none (other units).
+struct DevFirstPage {
+  int64_t k_src;    // arena offsets of the runs
+  int64_t v_src;
+  int32_t k_bytes;  // their lengths (DevTensor::head_bytes)
+  int32_t v_bytes;
+  int32_t pad[2];
+};
+
 struct AttnArgs {
   const uint8_t* arena;
   const DevSeq* seqs;
   const int64_t* pages;
   const DevUnit* units;
+  const DevFirstPage* first_pages;  // [units] in launch order, or null (CudaStepRunner::set_early_pages)
   const uint16_t* q;        // [rows, Hq, D]
   float* part_o;            // [units][kRowsPerUnit][D]
   float* part_ml;           // [units][kRowsPerUnit][2] (max in log2 units, sum)

@@ -164,6 +164,7 @@ struct CudaStepRunner::Impl {
   bool flush_key_norm = false;
   const cuda::DevSeq* d_fseqs = nullptr;
   const int64_t* d_fpages = nullptr;
+  const cuda::DevFirstPage* d_first_pages = nullptr;  // [units] or null (set_early_pages)
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
@@ -174,6 +175,7 @@ struct CudaStepRunner::Impl {
   // The plan's scratch, kept between steps so that a step allocates nothing on the host.
   std::vector<cuda::DevSeq> seqs, fseqs;
   std::vector<int64_t> pages, fpages;
+  std::vector<cuda::DevFirstPage> first_pages;
   std::vector<cuda::DevMergeItem> items;
   std::vector<cuda::DevUnit> units, units_ordered;
   SegmentLists segments, split;
@@ -921,18 +923,39 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     std::swap(units, ordered);
   }
 
+  // Page units that do not wait for the quantize-append: their first page's runs, so that the
+  // block issues its copies before reading any descriptor (set_early_pages; launch order).
+  std::vector<cuda::DevFirstPage>& first_pages = m.first_pages;
+  first_pages.clear();
+  if (page_units > 0 && early_pages_) {
+    first_pages.resize(units.size());
+    for (size_t i = 0; i < units.size(); ++i) {
+      const cuda::DevUnit& u = units[i];
+      cuda::DevFirstPage& f = first_pages[i];
+      f = cuda::DevFirstPage{};
+      const cuda::DevSeq& d = seqs[u.seq];
+      if (u.kind != cuda::kUnitPages || cuda::UnitWaitsForQuantizeAppend(d, u)) continue;
+      const int64_t p0 = (u.tok_begin - (d.sink_len + d.to_sink)) / kPageTokens;
+      f.k_src = pages[d.k.body_pages + p0] + int64_t{u.kv_head} * d.k.head_bytes;
+      f.v_src = pages[d.v.body_pages + p0] + int64_t{u.kv_head} * d.v.head_bytes;
+      f.k_bytes = d.k.head_bytes;
+      f.v_bytes = d.v.head_bytes;
+    }
+  }
   const int64_t off_pages = Align16(int64_t(seqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_units = off_pages + Align16(int64_t(pages.size() * sizeof(int64_t)));
   const int64_t off_items = off_units + Align16(int64_t(units.size() * sizeof(cuda::DevUnit)));
   const int64_t off_fseqs = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
   const int64_t off_fpages = off_fseqs + Align16(int64_t(fseqs.size() * sizeof(cuda::DevSeq)));
-  const int64_t meta_end = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
+  const int64_t off_first = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
+  const int64_t meta_end = off_first + Align16(int64_t(first_pages.size() * sizeof(cuda::DevFirstPage)));
   m.sections = {{0, int64_t(seqs.size() * sizeof(cuda::DevSeq))},
                 {off_pages, int64_t(pages.size() * sizeof(int64_t))},
                 {off_units, int64_t(units.size() * sizeof(cuda::DevUnit))},
                 {off_items, int64_t(items.size() * sizeof(cuda::DevMergeItem))},
                 {off_fseqs, int64_t(fseqs.size() * sizeof(cuda::DevSeq))},
-                {off_fpages, int64_t(fpages.size() * sizeof(int64_t))}};
+                {off_fpages, int64_t(fpages.size() * sizeof(int64_t))},
+                {off_first, int64_t(first_pages.size() * sizeof(cuda::DevFirstPage))}};
   // RunStepFromHost's inputs after the descriptors, each 256-byte aligned (the kernels' 16-byte
   // loads of q and the new tokens need 16)
   auto align256 = [](int64_t x) { return (x + 255) / 256 * 256; };
@@ -950,6 +973,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   if (!items.empty()) std::memcpy(m.staging + off_items, items.data(), items.size() * sizeof(cuda::DevMergeItem));
   if (!fseqs.empty()) std::memcpy(m.staging + off_fseqs, fseqs.data(), fseqs.size() * sizeof(cuda::DevSeq));
   if (!fpages.empty()) std::memcpy(m.staging + off_fpages, fpages.data(), fpages.size() * sizeof(int64_t));
+  if (!first_pages.empty())
+    std::memcpy(m.staging + off_first, first_pages.data(), first_pages.size() * sizeof(cuda::DevFirstPage));
   if (in) {
     std::memcpy(m.staging + off_q, in->q, in->q_bytes);
     std::memcpy(m.staging + off_k, in->k, in->kv_bytes);
@@ -1011,6 +1036,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   m.d_items = reinterpret_cast<const cuda::DevMergeItem*>(m.meta + off_items);
   m.d_fseqs = reinterpret_cast<const cuda::DevSeq*>(m.meta + off_fseqs);
   m.d_fpages = reinterpret_cast<const int64_t*>(m.meta + off_fpages);
+  m.d_first_pages = first_pages.empty() ? nullptr : reinterpret_cast<const cuda::DevFirstPage*>(m.meta + off_first);
   // Not after a fused step: few long sequences whose attention fills every SM, so the flush would
   // run after it, not beside it (an H100 measured 1.2-2.9 us more per step at (1,32,32,32768)
   // kivi2 / kivi4); the next step then flushes as usual.
@@ -1140,6 +1166,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.seqs = m.d_seqs;
   a.pages = m.d_pages;
   a.units = m.d_units;
+  a.first_pages = m.d_first_pages;
   a.q = static_cast<const uint16_t*>(p.q);
   a.part_o = m.part_o;
   a.part_ml = m.part_ml;

@@ -1487,7 +1487,7 @@ TEST(KernelsGpu, PageUnitsInSequence) {
   trail.key_norm = true;
   ASSERT_EQ(ValidateConfig(trail, 128), "");
   for (int variant = 0; variant < 4; ++variant) {
-    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch" : variant == 2 ? "fused step"
+    SCOPED_TRACE(variant == 0 ? "PDL launch" : variant == 1 ? "plain launch, no early pages" : variant == 2 ? "fused step"
                                                                             : "PDL launch, body units first");
     Case c;
     c.hkv = 2;
@@ -1501,6 +1501,7 @@ TEST(KernelsGpu, PageUnitsInSequence) {
     runner->set_pdl(variant == 0 || variant == 3);
     runner->set_fused_step(variant == 2);
     runner->set_bodies_first(variant == 3 ? 1 : 0);
+    runner->set_early_pages(variant != 1);  // the plain launch's page units read their first page's place
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;

@@ -147,6 +147,10 @@ class CudaStepRunner {
   // pages per block, 0.88x at 12; 4 rows 1.18x the IMMA units' at 5, 0.95x at 80); 0: wherever
   // they fit (tests).
   void set_page_units(bool on) { page_units_enabled_ = on; }
+  // Page units that do not wait for the quantize-append issue their first page's copies as their
+  // block starts, from runs the plan looked up (default on); off, after reading the unit's and the
+  // sequence's descriptors and the page table (tests and the benchmark compare both).
+  void set_early_pages(bool on) { early_pages_ = on; }
   static constexpr int kPageMinPagesOneRow = 4, kPageMinPagesRows = 32;
   void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
@@ -243,6 +247,7 @@ class CudaStepRunner {
   int ring_stages_ = 0;
   bool imma_enabled_ = true;
   bool page_units_enabled_ = true;
+  bool early_pages_ = true;
   int page_min_pages_ = -1;
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
