@@ -912,7 +912,20 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // (set_bodies_first), so that none of them waits for a resident block held by a per-token unit
   // that waits for the quantize-append. The partials keep item order.
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
-  const bool bodies_first = imma_units + page_units > 0 && bodies_first_mode_ == 1;
+  // The plan puts the bodies first where they all fit in one wave beside some free resident blocks
+  // and there are at most 8 per-token units per free block: the per-token units (sink and window,
+  // in full precision: ~76 MB of the 468 at (64,32,8,8192)) then stream beside the bodies instead of
+  // before them; with more per-token units per free block their queue outlasts the bodies. H100,
+  // attention (raw/2026-12-06f/call1): (16,32,8,32768) innerq 216.5 -> 195.5 us, kivi2 262 -> 251
+  // (1 free block per 8 units), (16,32,32,4096) innerq 112.7 -> 110 (3.5); at 32 per free block
+  // (64,32,8,8192) innerq 218.6 -> 222.5 but kivi2 278 -> 258.
+  const int64_t resident_blocks = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
+  const int64_t body_units = imma_units + page_units;
+  const int64_t around_units = int64_t(units.size()) - body_units;
+  const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks &&
+                                 body_units < resident_blocks && around_units <= 8 * (resident_blocks - body_units);
+  const bool bodies_first =
+      body_units > 0 && (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto);
   if (imma_units + page_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
@@ -1006,11 +1019,13 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   m.ring_stages = ring_stages;
   m.blocks_per_sm = blocks_per_sm;
   {  // PDL off where it measured slower: a quantize-append grid over more than one block per SM
-     // followed by less than 1.5 waves of attention units (cuda_ops.h, set_pdl)
+     // followed by less than 1.5 waves of attention units (cuda_ops.h, set_pdl), unless the bodies
+     // go first: then the units that wait for it queue behind bodies that do not ((16,32,8,32768),
+     // H100: step innerq 202.7 -> 201.7 us, kivi2 259.8 -> 256.7; qa_step 10.6 -> 7.8, 10.1 -> 6.9)
     const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, m.qa_chunks);
     const int64_t qa_blocks = int64_t{qa.x} * qa.y * qa.z;
-    const int64_t resident = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
-    const bool pdl_auto = !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident);
+    const bool pdl_auto =
+        bodies_first || !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident_blocks);
     m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
   }
   // One pass over the units for the rule the kernels wait by: the stats, and for a fused step the

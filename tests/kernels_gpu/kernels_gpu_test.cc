@@ -1518,6 +1518,66 @@ TEST(KernelsGpu, PageUnitsInSequence) {
   }
 }
 
+// The plan's unit order (set_bodies_first(-1), the default): a batch with more units than resident
+// blocks, whose body units fit in one wave with free blocks beside them for its per-token units,
+// puts the bodies first and launches as a programmatic dependent; a batch whose units all fit keeps
+// the per-token units first; forcing either order gives the same outputs. Every step checked
+// against the reference.
+TEST(KernelsGpu, BodiesFirstPolicy) {
+  SKIP_WITHOUT_GPU();
+  int dev = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  struct Want {
+    int num_seqs;
+    int forced;  // -1 the plan, 0 around first, 1 bodies first
+    bool bodies_first;
+  };
+  auto run = [&](const Want& w, int* blocks_per_sm) {
+    SCOPED_TRACE("seqs " + std::to_string(w.num_seqs) + " forced " + std::to_string(w.forced));
+    Case c;
+    c.hkv = 2;
+    c.hq = 2;
+    for (int i = 0; i < w.num_seqs; ++i) c.seqs.push_back(SeqSpec(Preset::kInnerQ, 600 + 37 * (i % 5), 1, 1, i % 3));
+    c.seed = 6300 + w.num_seqs + w.forced;
+    std::unique_ptr<CudaStepRunner> runner;
+    ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
+    runner->set_page_min_pages(0);
+    runner->set_fused_step(false);
+    runner->set_bodies_first(w.forced);
+    std::mt19937 rng(c.seed);
+    Arena a;
+    std::vector<TSeq> seqs;
+    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    for (int step = 0; step < 3; ++step) {
+      RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
+      if (HasFatalFailure()) return;
+      if (step == 0) continue;  // the first step flushes the initial windows
+      const CudaStepStats& st = runner->stats();
+      SCOPED_TRACE("units " + std::to_string(st.num_units) + " pages " + std::to_string(st.page_units) +
+                   " blocks per SM " + std::to_string(st.blocks_per_sm));
+      ASSERT_GT(st.page_units, 0);
+      *blocks_per_sm = st.blocks_per_sm;
+      EXPECT_EQ(st.bodies_first, w.bodies_first);
+      if (w.forced < 0 && w.bodies_first) {
+        EXPECT_GT(st.num_units, sms * st.blocks_per_sm);
+        EXPECT_TRUE(st.pdl);  // behind bodies that do not wait, the units that wait queue harmlessly
+      }
+    }
+  };
+  // one sequence of 2 KV heads: a body unit and a per-token unit each, all resident
+  int bps = 0;
+  run(Want{1, -1, false}, &bps);
+  if (HasFatalFailure()) return;
+  ASSERT_GT(bps, 0);
+  // 0.7 x the resident blocks of items (2 per sequence): one body unit each, in one wave with free
+  // blocks beside them, and as many per-token units, which overflow the wave
+  const int many = std::max(2, (7 * sms * bps / 10 + 1) / 2);
+  run(Want{many, -1, true}, &bps);
+  run(Want{many, 0, false}, &bps);
+  run(Want{1, 1, true}, &bps);
+}
+
 // One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units
 // carry empty rows, and the plan takes the unit kinds of those instances (InnerQ on the IMMA units
 // at 4 rows, KIVI on the code units, fp16 on the tensor cores). Then on the one-row instance with

@@ -167,9 +167,9 @@ class CudaStepRunner {
   // are launched while the quantize-append finishes and wait for it on the device. set_pdl forces
   // it on or off; by default (set_pdl_auto) the plan decides per step: on, except where the
   // quantize-append's grid covers more than one block per SM and the attention's units fill less
-  // than 1.5 waves of resident blocks. There the H200 measured PDL 5-30 us slower per step
-  // ((16,32,32,4096), (16,32,8,32768); docs/gpu_notes.md), elsewhere 1-3 us faster. Either call
-  // applies from the next Prepare.
+  // than 1.5 waves of resident blocks (unless the body units go first, set_bodies_first). There the
+  // H200 measured PDL 5-30 us slower per step ((16,32,32,4096), (16,32,8,32768); docs/gpu_notes.md),
+  // elsewhere 1-3 us faster. Either call applies from the next Prepare.
   void set_pdl(bool on) { pdl_mode_ = on ? 1 : 0; }
   void set_pdl_auto() { pdl_mode_ = -1; }
   // The fused step (decode path): RunStep / LaunchPreparedStep run the quantize-append inside the
@@ -194,7 +194,9 @@ class CudaStepRunner {
   // units in the grid (blocks start in grid order). 0: the per-token units first (short, so that
   // body units beyond one wave start as soon as they finish); 1: the body units first, so that the
   // per-token units, which mostly wait for the quantize-append (they cover the new tokens), take
-  // the resident blocks the bodies leave; -1 (the default): the plan decides.
+  // the resident blocks the bodies leave; -1 (the default): the plan decides (bodies first where
+  // the launch has more units than resident blocks, the bodies fit in one wave and there are at
+  // most 8 per-token units per block they leave free; PDL is then on too).
   void set_bodies_first(int mode) { bodies_first_mode_ = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
   // RunStepFromHost: the kernels write o and the error flag into the runner's pinned host buffer
   // (mapped into the device's address space) where o is at most kMappedOutputMaxBytes, instead of
