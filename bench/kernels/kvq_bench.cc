@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--chain|--no-chain] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -126,7 +126,6 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
 int g_bodies_first = -1;       // --bodies-first / --around-first: CudaStepRunner::set_bodies_first
-int g_chain = -1;              // --chain / --no-chain: CudaStepRunner::set_chain_units
 int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
@@ -378,7 +377,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_bodies_first(g_bodies_first);
-    runners[k]->set_chain_units(g_chain);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
@@ -716,7 +714,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     // the occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
     // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores,
     // or InnerQ body pages in page units (-pages);
-    // +pdl: the attention launched as a programmatic dependent; +bf: the body units first; +chain: units chained; -rN: --row-class N; -oN: --ring-offset N
+    // +pdl: the attention launched as a programmatic dependent; +bf: the body units first; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : st.page_units > 0 ? "-pages" : "")
@@ -724,7 +722,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (st.bodies_first) row->path += "+bf";  // the body units first in the grid (set_bodies_first)
-    if (st.chained_units > 0) row->path += "+chain";  // per-token units run after bodies (set_chain_units)
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
     if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
@@ -743,7 +740,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--chain|--no-chain] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -800,10 +797,6 @@ int main(int argc, char** argv) {
       g_early_pages = false;
     } else if (a == "--unit-trace") {
       g_unit_trace = true;
-    } else if (a == "--chain") {
-      g_chain = 1;
-    } else if (a == "--no-chain") {
-      g_chain = 0;
     } else if (a == "--bodies-first") {
       g_bodies_first = 1;
     } else if (a == "--around-first") {

@@ -784,13 +784,13 @@ constexpr bool kUnitTrace = true;
 #else
 constexpr bool kUnitTrace = false;
 #endif
-__device__ __forceinline__ void UnitStamp(const AttnArgs& a, const DevUnit& unit, int slot, int64_t value) {
+__device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot, int64_t value) {
   if constexpr (kUnitTrace) {
-    if (a.unit_trace) a.unit_trace[static_cast<int64_t>(unit.part) * kUnitTraceSlots + slot] = value;
+    if (a.unit_trace) a.unit_trace[static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot] = value;
   }
 }
-__device__ __forceinline__ void UnitStamp(const AttnArgs& a, const DevUnit& unit, int slot) {
-  if constexpr (kUnitTrace) UnitStamp(a, unit, slot, QaGlobalTimer());
+__device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot) {
+  if constexpr (kUnitTrace) UnitStamp(a, slot, QaGlobalTimer());
 }
 
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
@@ -799,7 +799,7 @@ template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                                int tid) {
   const int part = unit.part;
-  if (kUnitTrace && tid == 0) UnitStamp(a, unit, 5);
+  if (kUnitTrace && tid == 0) UnitStamp(a, 5);
   // per row: the combined max, each warp's weight 2^(m_w - m) (0 for a warp that saw no token),
   // and the combined l; then every output element is one weighted sum over the warps
   if (tid < R) {
@@ -835,7 +835,7 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
   if (tid == 0) {
     const DevMergeItem& it = a.items[unit.item];
     sm.merge_last = atomicAdd(a.merge_count + unit.item, 1) == it.num_units - 1 ? 1 : 0;
-    if (kUnitTrace) UnitStamp(a, unit, 6);
+    if (kUnitTrace) UnitStamp(a, 6);
   }
   __syncthreads();
   if (sm.merge_last) {
@@ -845,8 +845,8 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
     if (tid == 0) a.merge_count[unit.item] = 0;  // ready for the next launch
   }
   if (kUnitTrace && tid == 0) {
-    if (sm.merge_last) UnitStamp(a, unit, 7);
-    UnitStamp(a, unit, 0, QaSmId() | int64_t{unit.kind} << 8 | int64_t{UnitWaitsForQuantizeAppend(s, unit)} << 12 |
+    if (sm.merge_last) UnitStamp(a, 7);
+    UnitStamp(a, 0, QaSmId() | int64_t{unit.kind} << 8 | int64_t{UnitWaitsForQuantizeAppend(s, unit)} << 12 |
                         int64_t{sm.merge_last != 0} << 13 | int64_t{unit.tok_end - unit.tok_begin} << 16);
   }
 }
@@ -1044,26 +1044,33 @@ __device__ __forceinline__ void InnerQBits(const DevSeq& s, F&& f) {
 }
 
 #pragma nv_diag_suppress 128
-// Unit `ui` of the launch (DecodeKernel); returns the unit the plan chained behind it (DevUnit::next).
-template <int D, DType DT, int R, int PATHS, bool IMMA>
-__device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, R, PATHS>& sm, DevSeq& seq_s,
-                                          uint8_t* dec_ring) {
+template <int D, DType DT, int R, int PATHS, bool IMMA = false>
+__global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(R >= 1 && R <= kRowsPerUnit, "rows per unit");
   constexpr int CPL = D / 32;
   constexpr int NG = D / 32;
-  const int64_t t_start = kUnitTrace ? QaGlobalTimer() : 0;
+  __shared__ __align__(16) DecSmem<D, R, PATHS> sm;
+  __shared__ __align__(16) DevSeq seq_s;
+#if defined(KVQ_CUDA_EMU)
+  uint8_t* const dec_ring = kvq_emu::DynamicShared() + a.ring_offset;
+#else
+  // [warp][stage][ring_slot_bytes], 128-byte aligned: at 16 the rings began where the static memory
+  // ended, 16 bytes off a 32-byte unit in the one-row instance, and a global sector whose halves land
+  // in two units is fetched from L2 twice (one-row fp16 0.88x on an H100, docs/gpu_notes.md)
+  extern __shared__ __align__(128) uint8_t dec_ring_base[];
+  uint8_t* const dec_ring = dec_ring_base + a.ring_offset;
+#endif
+
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 1);
   bool early_page = false;  // thread 0: this page unit's first page is on its way (PageRingEarlyStart)
   if constexpr (IMMA && PATHS == kFamInnerQ) {
-    if (threadIdx.x == 0 && a.first_pages) early_page = PageRingEarlyStart(a, ui, dec_ring);
+    if (threadIdx.x == 0 && a.first_pages) early_page = PageRingEarlyStart(a, dec_ring);
   }
-  const DevUnit unit = a.units[ui];
+  const DevUnit unit = a.units[blockIdx.x];
   LoadSeqToShared<kDecThreads>(a.seqs + unit.seq, &seq_s);
   __syncthreads();
-  if (kUnitTrace && threadIdx.x == 0) {
-    UnitStamp(a, unit, 1, t_start);
-    UnitStamp(a, unit, 2);
-  }
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 2);
   // Only a unit whose tiles meet the quantize-append's writes (new sink or window tokens, flushed
   // body tokens) waits for it; the others read what was complete before it started (step_desc.h).
   if (UnitWaitsForQuantizeAppend(seq_s, unit)) {
@@ -1075,7 +1082,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
     }
   }
   if (a.trigger_dependents) GridDependentsLaunchAfterWait();  // the next step's flush may start (AttnArgs)
-  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, unit, 3);
+  if (kUnitTrace && threadIdx.x == 0) UnitStamp(a, 3);
   const DevSeq& s = seq_s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -1130,7 +1137,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
     MmaFullUnit<D, DT, R>(sm, a, s, unit, dec_ring + warp * DecodeWarpRingBytes(a), warp, lane);
     __syncthreads();
     DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-    return unit.next;
+    return;
   } else if constexpr (IMMA && PATHS == kFamKivi) {
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
@@ -1141,7 +1148,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
       }
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-      return unit.next;
+      return;
     }
   } else if constexpr (IMMA && PATHS == kFamKiviCodes) {
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for 2- or 4-bit asym K and V
@@ -1153,7 +1160,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
       }
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-      return unit.next;
+      return;
     }
   } else if constexpr (IMMA && R == 1) {
     static_assert(PATHS == kFamInnerQ, "the one-row InnerQ tensor-core instance: page units");
@@ -1163,7 +1170,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-      return unit.next;
+      return;
     }
   } else if constexpr (IMMA) {
     static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
@@ -1174,7 +1181,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-      return unit.next;
+      return;
     }
     if (unit.kind == kUnitPages) {  // the same tiles from the block's ring of whole pages
       InnerQBits(s, [&](auto kb, auto vb) {
@@ -1182,7 +1189,7 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-      return unit.next;
+      return;
     }
   }
 
@@ -1377,33 +1384,6 @@ __device__ __forceinline__ int DecodeUnit(const AttnArgs& a, int ui, DecSmem<D, 
     for (int j = 0; j < CPL; ++j) ws.u.o[r][lane * CPL + j] = acc[r][j];
   __syncthreads();
   DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
-  return unit.next;
-}
-
-template <int D, DType DT, int R, int PATHS, bool IMMA = false>
-__global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
-  __shared__ __align__(16) DecSmem<D, R, PATHS> sm;
-  __shared__ __align__(16) DevSeq seq_s;
-#if defined(KVQ_CUDA_EMU)
-  uint8_t* const dec_ring = kvq_emu::DynamicShared() + a.ring_offset;
-#else
-  // [warp][stage][ring_slot_bytes], 128-byte aligned: at 16 the rings began where the static memory
-  // ended, 16 bytes off a 32-byte unit in the one-row instance, and a global sector whose halves land
-  // in two units is fetched from L2 twice (one-row fp16 0.88x on an H100, docs/gpu_notes.md)
-  extern __shared__ __align__(128) uint8_t dec_ring_base[];
-  uint8_t* const dec_ring = dec_ring_base + a.ring_offset;
-#endif
-  if constexpr (IMMA) {
-    // the plan may chain a per-token unit behind a body unit (DevUnit::next): this block runs it
-    // after the body, when whatever it waits for is long done, instead of a block of its own
-    for (int ui = blockIdx.x;;) {
-      ui = DecodeUnit<D, DT, R, PATHS, IMMA>(a, ui, sm, seq_s, dec_ring);
-      if (ui < 0) break;
-      __syncthreads();  // every thread is done with the shared state before the next unit writes it
-    }
-  } else {
-    DecodeUnit<D, DT, R, PATHS, IMMA>(a, blockIdx.x, sm, seq_s, dec_ring);
-  }
 }
 
 #pragma nv_diag_default 128

@@ -64,10 +64,10 @@ __device__ __forceinline__ void PageRingInit(const AttnArgs& a, uint8_t* ring) {
   MbarInitFence();
 }
 
-// Thread 0, as unit ui starts (AttnArgs::first_pages): when the plan gave it an early first page,
-// the barriers and that page's copies into slot 0; whether it did.
-__device__ __forceinline__ bool PageRingEarlyStart(const AttnArgs& a, int ui, uint8_t* ring) {
-  const DevFirstPage f = a.first_pages[ui];
+// Thread 0, as the block starts (AttnArgs::first_pages): when the plan gave this block's unit an
+// early first page, the barriers and that page's copies into slot 0; whether it did.
+__device__ __forceinline__ bool PageRingEarlyStart(const AttnArgs& a, uint8_t* ring) {
+  const DevFirstPage f = a.first_pages[blockIdx.x];
   if (f.k_bytes == 0) return false;
   PageRingInit(a, ring);
   uint64_t* bar = PageRingBars(a, ring);
@@ -106,7 +106,7 @@ __device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, co
   uint32_t parity = 0;
   for (int j = 0; j < pages; ++j) {
     MbarWait(bars + slot, parity);
-    if (kUnitTrace && j == 0 && warp == 0 && lane == 0) UnitStamp(a, unit, 4);
+    if (kUnitTrace && j == 0 && warp == 0 && lane == 0) UnitStamp(a, 4);
     const uint8_t* kst = ring + slot * stride;
     const uint8_t* vst = kst + kbytes;
     tile(BodySrc{kst + kg * s.k.words_per_group * 4, kst + s.k.scales_offset + 2 * kg, kst + s.k.zeros_offset + 2 * kg},

@@ -77,9 +77,6 @@ struct DevUnit {
   int32_t skip_end;         // left to the item's kUnitImmaBody units (32-aligned; empty: 0, 0)
   int32_t part;             // decode path: index of the unit's partial (o, m, l) (launch order may differ)
   int32_t item;             // its merge item
-  int32_t next;             // decode path, tensor-core instances: the unit (index into the launch's
-                            // units) that this unit's block runs after it; -1: none. Units chained
-                            // so are after the grid's (the grid covers the units not chained).
 };
 // Unit kinds: any tokens (the per-token / per-tile paths), or only whole 32-token tiles inside both
 // the K and the V body, on the tensor cores: of an InnerQ-layout sequence (K along_channels, V
@@ -199,7 +196,7 @@ struct AttnArgs {
   const DevSeq* seqs;
   const int64_t* pages;
   const DevUnit* units;
-  const DevFirstPage* first_pages;  // [units] as `units`, or null (CudaStepRunner::set_early_pages)
+  const DevFirstPage* first_pages;  // [units] in launch order, or null (CudaStepRunner::set_early_pages)
   const uint16_t* q;        // [rows, Hq, D]
   float* part_o;            // [units][kRowsPerUnit][D]
   float* part_ml;           // [units][kRowsPerUnit][2] (max in log2 units, sum)
@@ -246,12 +243,12 @@ struct AttnArgs {
   uint32_t* item_sync;      // [num_seqs * num_kv_heads][2], device memory
   uint32_t epoch;
   // Benchmark only (null otherwise; last, so that the fields above keep their offsets): the decode
-  // units' phase stamps, kUnitTraceSlots per unit (DevUnit::part), written only by kernels built
+  // units' phase stamps, kUnitTraceSlots per block in launch order, written only by kernels built
   // with KVQ_UNIT_TRACE (cmake -DKVQ_UNIT_TRACE=ON; CudaStepRunner::set_unit_trace).
   int64_t* unit_trace;
 };
 
-// The decode units' phase stamps (global timer, ns) per unit (at DevUnit::part): [0] the block's SM | kind << 8 |
+// The decode units' phase stamps (global timer, ns) per block: [0] the block's SM | kind << 8 |
 // waited for the quantize-append << 12 | merged its item << 13 | tokens << 16, [1] at the start,
 // [2] once the unit and its sequence's descriptor are loaded, [3] after any wait for the
 // quantize-append, [4] page units: once the first page has landed (warp 0; else 0), [5] at the

@@ -178,7 +178,6 @@ struct CudaStepRunner::Impl {
   std::vector<cuda::DevFirstPage> first_pages;
   std::vector<cuda::DevMergeItem> items;
   std::vector<cuda::DevUnit> units, units_ordered;
-  std::vector<int32_t> unit_after, chain_tails, unit_pos;  // the plan's unit chains (set_chain_units)
   SegmentLists segments, split;
   std::vector<char> owned;
   std::vector<std::pair<int64_t, int64_t>> length_runs;
@@ -203,7 +202,6 @@ struct CudaStepRunner::Impl {
   StepParams params;
   int num_seqs = 0;
   int num_units = 0;
-  int grid_units = 0;  // decode path: the launch's blocks (the units not chained behind another)
   int num_items = 0;
   int chunk = 0;
   bool decode_path = false;
@@ -926,59 +924,9 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   const int64_t around_units = int64_t(units.size()) - body_units;
   const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks &&
                                  body_units < resident_blocks && around_units <= 8 * (resident_blocks - body_units);
-  // Where the bodies fit in one wave but too many per-token units would share the free blocks, the
-  // plan chains each item's per-token units behind its body units instead (set_chain_units): the
-  // body's block runs them after the body, so they neither hold a block at the start nor queue
-  // for the few free ones, and the grid is the bodies (DevUnit::next).
-  const bool chain_auto = decode_path && !fused && !bodies_first_auto && int64_t(units.size()) > resident_blocks &&
-                          body_units <= resident_blocks;
-  // (never as a programmatic dependent: a chained unit that waits for the quantize-append would wait
-  // in the middle of its block, after the body's partial is counted, where the emulated device's
-  // model of PDL, which sets aside a block that waits and runs it again later, cannot follow)
-  const bool chain =
-      body_units > 0 && !fused && pdl_mode_ != 1 && (chain_mode_ >= 0 ? chain_mode_ == 1 : chain_auto);
   const bool bodies_first =
-      body_units > 0 && (chain || (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto));
-  for (cuda::DevUnit& u : units) u.next = -1;
-  int64_t grid_units = int64_t(units.size());
-  if (chain) {
-    // after[i]: the unit (item order) that unit i follows in its block, -1 for a block's first unit;
-    // each item's per-token units go round-robin behind its body units' chains
-    std::vector<int32_t>& after = m.unit_after;
-    std::vector<int32_t>& tails = m.chain_tails;
-    after.assign(units.size(), -1);
-    for (const auto& it : items) {
-      tails.clear();
-      for (int32_t i = it.unit0; i < it.unit0 + it.num_units; ++i)
-        if (units[i].kind != cuda::kUnitTokens) tails.push_back(i);
-      size_t next_tail = 0;
-      for (int32_t i = it.unit0; i < it.unit0 + it.num_units && !tails.empty(); ++i) {
-        if (units[i].kind != cuda::kUnitTokens) continue;
-        after[i] = tails[next_tail];
-        tails[next_tail] = i;
-        next_tail = (next_tail + 1) % tails.size();
-      }
-    }
-    // the grid: blocks' first units, bodies first; then the chained units; next as final positions
-    std::vector<cuda::DevUnit>& ordered = m.units_ordered;
-    std::vector<int32_t>& pos = m.unit_pos;
-    ordered.clear();
-    pos.assign(units.size(), -1);
-    for (int pass = 0; pass < 3; ++pass)
-      for (size_t i = 0; i < units.size(); ++i) {
-        const bool first = after[i] < 0, token = units[i].kind == cuda::kUnitTokens;
-        if ((pass == 0 && first && !token) || (pass == 1 && first && token) || (pass == 2 && !first)) {
-          pos[i] = static_cast<int32_t>(ordered.size());
-          ordered.push_back(units[i]);
-        }
-      }
-    grid_units = 0;
-    for (size_t i = 0; i < units.size(); ++i) {
-      if (after[i] >= 0) ordered[pos[after[i]]].next = pos[i];
-      grid_units += after[i] < 0 ? 1 : 0;
-    }
-    std::swap(units, ordered);
-  } else if (imma_units + page_units > 0) {
+      body_units > 0 && (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto);
+  if (imma_units + page_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
     for (const cuda::DevUnit& u : units)
@@ -1061,7 +1009,6 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   m.flush_chunks = flush_chunks;
   m.flush_key_norm = flush_key_norm;
   m.num_units = static_cast<int>(units.size());
-  m.grid_units = static_cast<int>(grid_units);
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
   m.decode_path = decode_path;
@@ -1078,7 +1025,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, m.qa_chunks);
     const int64_t qa_blocks = int64_t{qa.x} * qa.y * qa.z;
     const bool pdl_auto =
-        !chain && (bodies_first || !(qa_blocks > m.num_sms && 2 * grid_units < 3 * resident_blocks));
+        bodies_first || !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident_blocks);
     m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
   }
   // One pass over the units for the rule the kernels wait by: the stats, and for a fused step the
@@ -1127,7 +1074,6 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
   stats_.bodies_first = bodies_first;
-  stats_.chained_units = static_cast<int>(int64_t(units.size()) - grid_units);
   stats_.longest_waiting_unit = longest_waiting_unit;
   stats_.host_prepare_us = stats_.host_launch_us = stats_.host_wait_us = 0;  // RunStepFromHost sets them
   stats_.mapped_output = false;
@@ -1255,7 +1201,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.ring_offset = ring_offset_;
   a.unit_trace = unit_trace_;
   if (spread_blocks_ && m.decode_path && m.num_sms > 0) {  // one wave: at most ceil(units / SMs) per SM
-    const int cap = (m.grid_units + m.num_sms - 1) / m.num_sms;
+    const int cap = (m.num_units + m.num_sms - 1) / m.num_sms;
     if (cap < m.blocks_per_sm) a.sm_block_cap = cap;
   }
   if (fused_qa) {  // the fused step (decode path): each head's first waiting unit runs its quantize-append
@@ -1270,7 +1216,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
     if (m.fused_launched && stream != m.fused_stream) KVQ_CUDA_RETURN(cudaStreamWaitEvent(stream, m.done, 0));
   }
   if (m.decode_path) {  // the merge is fused into the decode launch
-    KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.grid_units, stream));
+    KVQ_CUDA_RETURN(cuda::LaunchDecode(a, p.head_dim, p.dtype, m.max_rows, m.decode_paths, m.num_units, stream));
     if (fused_qa) {
       m.epoch = a.epoch;
       m.fused_stream = stream;

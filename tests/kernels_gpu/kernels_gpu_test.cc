@@ -1518,12 +1518,11 @@ TEST(KernelsGpu, PageUnitsInSequence) {
   }
 }
 
-// The plan's unit order (set_bodies_first(-1), set_chain_units(-1), the defaults): a batch with more
-// units than resident blocks, whose body units fit in one wave with free blocks beside them for
-// its per-token units (at most 8 per free block), puts the bodies first; with more per-token units
-// per free block, each item's per-token unit runs in its body's block after the body (chained). The
-// bodies-first launch is a programmatic dependent, the chained one plain. A batch whose units all fit keeps the per-token units first;
-// forcing an order gives the same outputs. Every step checked against the reference.
+// The plan's unit order (set_bodies_first(-1), the default): a batch with more units than resident
+// blocks, whose body units fit in one wave with free blocks beside them for its per-token units,
+// puts the bodies first and launches as a programmatic dependent; a batch whose units all fit keeps
+// the per-token units first; forcing either order gives the same outputs. Every step checked
+// against the reference.
 TEST(KernelsGpu, BodiesFirstPolicy) {
   SKIP_WITHOUT_GPU();
   int dev = 0, sms = 0;
@@ -1531,23 +1530,21 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   struct Want {
     int num_seqs;
-    int bodies_first, chain;  // forced: -1 the plan, 0 off, 1 on
-    bool want_bodies_first, want_chain;
+    int forced;  // -1 the plan, 0 around first, 1 bodies first
+    bool bodies_first;
   };
   auto run = [&](const Want& w, int* blocks_per_sm) {
-    SCOPED_TRACE("seqs " + std::to_string(w.num_seqs) + " forced " + std::to_string(w.bodies_first) + "," +
-                 std::to_string(w.chain));
+    SCOPED_TRACE("seqs " + std::to_string(w.num_seqs) + " forced " + std::to_string(w.forced));
     Case c;
     c.hkv = 2;
     c.hq = 2;
     for (int i = 0; i < w.num_seqs; ++i) c.seqs.push_back(SeqSpec(Preset::kInnerQ, 600 + 37 * (i % 5), 1, 1, i % 3));
-    c.seed = 6300 + w.num_seqs + 3 * w.bodies_first + w.chain;
+    c.seed = 6300 + w.num_seqs + w.forced;
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     runner->set_page_min_pages(0);
     runner->set_fused_step(false);
-    runner->set_bodies_first(w.bodies_first);
-    runner->set_chain_units(w.chain);
+    runner->set_bodies_first(w.forced);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs;
@@ -1561,34 +1558,24 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
                    " blocks per SM " + std::to_string(st.blocks_per_sm));
       ASSERT_GT(st.page_units, 0);
       *blocks_per_sm = st.blocks_per_sm;
-      EXPECT_EQ(st.bodies_first, w.want_bodies_first);
-      // chained: every item's per-token unit (one per item here) behind its page unit
-      EXPECT_EQ(st.chained_units, w.want_chain ? st.num_units - st.page_units : 0);
-      if (w.bodies_first < 0 && w.chain < 0 && w.want_bodies_first) {
+      EXPECT_EQ(st.bodies_first, w.bodies_first);
+      if (w.forced < 0 && w.bodies_first) {
         EXPECT_GT(st.num_units, sms * st.blocks_per_sm);
-        // behind bodies that do not wait, the units that wait queue harmlessly; chained, they
-        // would wait in mid-block: plain launches
-        EXPECT_EQ(st.pdl, !w.want_chain);
+        EXPECT_TRUE(st.pdl);  // behind bodies that do not wait, the units that wait queue harmlessly
       }
-      if (w.want_chain) EXPECT_FALSE(st.pdl);
     }
   };
   // one sequence of 2 KV heads: a body unit and a per-token unit each, all resident
   int bps = 0;
-  run(Want{1, -1, -1, false, false}, &bps);
+  run(Want{1, -1, false}, &bps);
   if (HasFatalFailure()) return;
   ASSERT_GT(bps, 0);
-  const int resident = sms * bps;
   // 0.7 x the resident blocks of items (2 per sequence): one body unit each, in one wave with free
   // blocks beside them, and as many per-token units, which overflow the wave
-  const int many = std::max(2, (7 * resident / 10 + 1) / 2);
-  run(Want{many, -1, -1, true, false}, &bps);
-  run(Want{many, 0, 0, false, false}, &bps);
-  run(Want{many, -1, 1, true, true}, &bps);
-  // as many items as resident blocks: no free block for the per-token units, which are chained
-  run(Want{resident / 2, -1, -1, true, true}, &bps);
-  run(Want{1, 1, -1, true, false}, &bps);
-  run(Want{1, -1, 1, true, true}, &bps);
+  const int many = std::max(2, (7 * sms * bps / 10 + 1) / 2);
+  run(Want{many, -1, true}, &bps);
+  run(Want{many, 0, false}, &bps);
+  run(Want{1, 1, true}, &bps);
 }
 
 // One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units

@@ -45,7 +45,6 @@ struct CudaStepStats {
   int early_units = 0;       // decode path: units that read nothing the step's quantize-append
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
   bool bodies_first = false;  // decode path: the body units came first in the grid (set_bodies_first)
-  int chained_units = 0;      // decode path: units run by another unit's block after it (set_chain_units)
   int longest_waiting_unit = 0;  // decode path: tokens of the longest per-token unit that waits (units
                                  // that step over a body not counted)
   bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
@@ -199,13 +198,6 @@ class CudaStepRunner {
   // the launch has more units than resident blocks, the bodies fit in one wave and there are at
   // most 8 per-token units per block they leave free; PDL is then on too).
   void set_bodies_first(int mode) { bodies_first_mode_ = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
-  // Decode path, launches with body units: each item's per-token units chained behind its body
-  // units (the body's block runs them after it; the grid is the bodies, first): 1 wherever there
-  // are body units, 0 never, -1 (the default): the plan decides (where the units outnumber the
-  // resident blocks, the bodies fit in one wave and the bodies-first order is not taken). Not in
-  // fused steps, nor where set_pdl forces PDL on; a chained launch is never a programmatic
-  // dependent (the chained units would wait for the quantize-append in mid-block).
-  void set_chain_units(int mode) { chain_mode_ = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
   // RunStepFromHost: the kernels write o and the error flag into the runner's pinned host buffer
   // (mapped into the device's address space) where o is at most kMappedOutputMaxBytes, instead of
   // into device memory followed by a device-to-host copy (on by default; off for A/Bs and tests).
@@ -266,7 +258,6 @@ class CudaStepRunner {
   int split_blocks_ = 0;
   bool spread_blocks_ = false;
   int bodies_first_mode_ = -1;
-  int chain_mode_ = -1;
   int64_t* unit_trace_ = nullptr;
   bool mapped_output_ = true;
   int min_row_class_ = 1;
