@@ -247,7 +247,7 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
                  sh.hq, sh.hkv, sh.t, PresetName(preset), what == 0 ? "attn" : "step", us, n, (t1 - t0) / 1e3);
     for (int kind = 0; kind < 3; ++kind) {
       // phases in us: start, desc, wait, first page, body, epilogue, merge, end
-      std::vector<float> ph[8];
+      std::vector<float> ph[8], tokens;
       int count = 0, waits = 0, merges = 0, late = 0;
       std::vector<int> per_sm(1024, 0);
       for (int u = 0; u < n; ++u) {
@@ -261,6 +261,7 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
         late += st > 2.f;
         if (st <= 2.f) ++per_sm[x[0] & 0xff];
         ph[0].push_back(st);
+        tokens.push_back(static_cast<float>(x[0] >> 16));
         ph[1].push_back((x[2] - x[1]) / 1e3f);
         ph[2].push_back((x[3] - x[2]) / 1e3f);
         if (x[4] != 0) ph[3].push_back((x[4] - x[3]) / 1e3f);
@@ -278,10 +279,11 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
       const int max_per_sm = *std::max_element(per_sm.begin(), per_sm.end());
       static const char* kKind[3] = {"tokens", "imma", "pages"};
       std::fprintf(stderr,
-                   "  %-6s units %d (wait %d, merge %d, start > 2 us %d, at most %d per SM in the first 2 us): "
-                   "start %.2f/%.2f/%.2f desc %.2f/%.2f wait %.2f/%.2f first page %.2f/%.2f body %.2f/%.2f/%.2f "
+                   "  %-6s units %d (wait %d, merge %d, start > 2 us %d, at most %d per SM in the first 2 us, "
+                   "tokens %.0f/%.0f): start %.2f/%.2f/%.2f desc %.2f/%.2f wait %.2f/%.2f first page %.2f/%.2f body %.2f/%.2f/%.2f "
                    "epilogue %.2f/%.2f merge %.2f/%.2f end %.2f/%.2f/%.2f (us: min or median/p90/max)\n",
-                   kKind[kind], count, waits, merges, late, max_per_sm, q(ph[0], 0), q(ph[0], 0.5), q(ph[0], 1),
+                   kKind[kind], count, waits, merges, late, max_per_sm, q(tokens, 0.5), q(tokens, 1), q(ph[0], 0),
+                   q(ph[0], 0.5), q(ph[0], 1),
                    q(ph[1], 0.5), q(ph[1], 1), q(ph[2], 0.5), q(ph[2], 1), q(ph[3], 0.5), q(ph[3], 1), q(ph[4], 0),
                    q(ph[4], 0.5), q(ph[4], 1), q(ph[5], 0.5), q(ph[5], 1), q(ph[6], 0.5), q(ph[6], 1), q(ph[7], 0.5),
                    q(ph[7], 0.9), q(ph[7], 1));

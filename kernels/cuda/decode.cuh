@@ -847,7 +847,8 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
   if (kUnitTrace && tid == 0) {
     if (sm.merge_last) UnitStamp(a, 7);
     UnitStamp(a, 0, QaSmId() | int64_t{unit.kind} << 8 | int64_t{UnitWaitsForQuantizeAppend(s, unit)} << 12 |
-                        int64_t{sm.merge_last != 0} << 13 | int64_t{unit.tok_end - unit.tok_begin} << 16);
+                        int64_t{sm.merge_last != 0} << 13 |
+                        int64_t{unit.tok_end - unit.tok_begin - (unit.skip_end - unit.skip_begin)} << 16);
   }
 }
 

@@ -249,7 +249,8 @@ struct AttnArgs {
 };
 
 // The decode units' phase stamps (global timer, ns) per block: [0] the block's SM | kind << 8 |
-// waited for the quantize-append << 12 | merged its item << 13 | tokens << 16, [1] at the start,
+// waited for the quantize-append << 12 | merged its item << 13 | tokens (not counting the
+// body it steps over) << 16, [1] at the start,
 // [2] once the unit and its sequence's descriptor are loaded, [3] after any wait for the
 // quantize-append, [4] page units: once the first page has landed (warp 0; else 0), [5] at the
 // epilogue's start (the body done), [6] once the partial is written and counted, [7] the merging
