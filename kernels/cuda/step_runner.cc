@@ -907,18 +907,16 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
     it.num_units = static_cast<int32_t>(units.size()) - it.unit0;
   }
   if (units.size() > (size_t{1} << 31)) return Result::Error(Code::kInvalidArgument, "batch too large");
-  // Launch order: the per-token units first (short where they surround tensor-core bodies), so
-  // that any body units beyond one wave start as soon as they finish; or the body units first
-  // (set_bodies_first), so that none of them waits for a resident block held by a per-token unit
-  // that waits for the quantize-append. The partials keep item order.
+  // Launch order (the partials keep item order): the per-token units around the bodies (sink and
+  // window, in full precision: ~76 MB of the 468 at (64,32,8,8192)) first, so that body units
+  // beyond one wave start as soon as they finish; or the bodies first (set_bodies_first), where
+  // they all fit in one wave beside free resident blocks and at most 8 per-token units share each
+  // free block: those then stream beside the bodies instead of before them (and, with PDL, wait
+  // for the quantize-append without holding a block a body needs); with more per free block their
+  // queue outlasts the bodies. H100, attention (raw/2026-12-06f/call1): (16,32,8,32768) innerq
+  // 216.5 -> 195.5 us, kivi2 262 -> 251 (8 per free block), (16,32,32,4096) innerq 112.7 -> 110
+  // (3.5); at 32 per free block (64,32,8,8192) innerq 218.6 -> 222.5 but kivi2 278 -> 258.
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
-  // The plan puts the bodies first where they all fit in one wave beside some free resident blocks
-  // and there are at most 8 per-token units per free block: the per-token units (sink and window,
-  // in full precision: ~76 MB of the 468 at (64,32,8,8192)) then stream beside the bodies instead of
-  // before them; with more per-token units per free block their queue outlasts the bodies. H100,
-  // attention (raw/2026-12-06f/call1): (16,32,8,32768) innerq 216.5 -> 195.5 us, kivi2 262 -> 251
-  // (1 free block per 8 units), (16,32,32,4096) innerq 112.7 -> 110 (3.5); at 32 per free block
-  // (64,32,8,8192) innerq 218.6 -> 222.5 but kivi2 278 -> 258.
   const int64_t resident_blocks = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
   const int64_t body_units = imma_units + page_units;
   const int64_t around_units = int64_t(units.size()) - body_units;
@@ -926,7 +924,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
                                  body_units < resident_blocks && around_units <= 8 * (resident_blocks - body_units);
   const bool bodies_first =
       body_units > 0 && (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto);
-  if (imma_units + page_units > 0) {
+  if (body_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
     for (const cuda::DevUnit& u : units)

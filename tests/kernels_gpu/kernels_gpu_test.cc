@@ -669,6 +669,13 @@ TEST(KernelsGpu, TailUnitsWait) {
   }
 }
 
+// The current device's SM count (the plan's policies are stated in resident blocks).
+void DeviceSms(int* sms) {
+  int dev = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev));
+}
+
 // The plan's PDL choice (set_pdl_auto, the default) for steps launched as two kernels
 // (set_fused_step(false)), each checked against the reference: one sequence of one KV head (a
 // quantize-append grid of 2 blocks, never more than the SMs) launches as a programmatic dependent;
@@ -676,9 +683,8 @@ TEST(KernelsGpu, TailUnitsWait) {
 // waves of attention units, launches plainly; set_pdl overrides the plan either way.
 TEST(KernelsGpu, PdlPolicy) {
   SKIP_WITHOUT_GPU();
-  int dev = 0, sms = 0;
-  CUDA_OK(cudaGetDevice(&dev));
-  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int sms = 0;
+  ASSERT_NO_FATAL_FAILURE(DeviceSms(&sms));
   struct Want {
     int num_seqs;
     int forced;  // -1 the plan, 0 off, 1 on
@@ -1525,9 +1531,8 @@ TEST(KernelsGpu, PageUnitsInSequence) {
 // against the reference.
 TEST(KernelsGpu, BodiesFirstPolicy) {
   SKIP_WITHOUT_GPU();
-  int dev = 0, sms = 0;
-  CUDA_OK(cudaGetDevice(&dev));
-  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int sms = 0;
+  ASSERT_NO_FATAL_FAILURE(DeviceSms(&sms));
   struct Want {
     int num_seqs;
     int forced;  // -1 the plan, 0 around first, 1 bodies first
