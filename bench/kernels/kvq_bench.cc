@@ -245,6 +245,12 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
     }
     std::fprintf(stderr, "unittrace %d,%d,%d,%d %s %s: event %.2f us, units %d, first start to last end %.2f us\n", sh.b,
                  sh.hq, sh.hkv, sh.t, PresetName(preset), what == 0 ? "attn" : "step", us, n, (t1 - t0) / 1e3);
+    // units that started in the first 2 us per SM, every kind: a unit's SM load
+    std::vector<int> sm_load(1024, 0);
+    for (int u = 0; u < n; ++u) {
+      const int64_t* x = t.data() + int64_t(u) * S;
+      if (x[1] != 0 && x[1] - t0 <= 2000) ++sm_load[x[0] & 0xff];
+    }
     for (int kind = 0; kind < 3; ++kind) {
       // phases in us: start, desc, wait, first page, body, epilogue, merge, end
       std::vector<float> ph[8], tokens;
@@ -287,6 +293,22 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
                    q(ph[1], 0.5), q(ph[1], 1), q(ph[2], 0.5), q(ph[2], 1), q(ph[3], 0.5), q(ph[3], 1), q(ph[4], 0),
                    q(ph[4], 0.5), q(ph[4], 1), q(ph[5], 0.5), q(ph[5], 1), q(ph[6], 0.5), q(ph[6], 1), q(ph[7], 0.5),
                    q(ph[7], 0.9), q(ph[7], 1));
+      // the body and the end against how many units share the unit's SM (started in the first 2 us):
+      // whether an SM's share of the bandwidth, not the unit's own work, sets when it ends
+      std::fprintf(stderr, "  %-6s by units on the SM:", kKind[kind]);
+      for (int load = 1; load <= 32; ++load) {
+        std::vector<float> body, end;
+        for (int u = 0; u < n; ++u) {
+          const int64_t* x = t.data() + int64_t(u) * S;
+          if (x[1] == 0 || ((x[0] >> 8) & 0xf) != kind || x[1] - t0 > 2000 || sm_load[x[0] & 0xff] != load) continue;
+          body.push_back((x[5] - x[3]) / 1e3f);
+          end.push_back((std::max(x[6], x[7]) - t0) / 1e3f);
+        }
+        if (!body.empty())
+          std::fprintf(stderr, " %d: %zu units, body %.2f/%.2f end %.2f/%.2f;", load, body.size(), q(body, 0.5),
+                       q(body, 1), q(end, 0.5), q(end, 1));
+      }
+      std::fprintf(stderr, " (us: median/max)\n");
     }
   }
   cudaFree(d);
