@@ -793,6 +793,138 @@ __device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot) {
   if constexpr (kUnitTrace) UnitStamp(a, slot, QaGlobalTimer());
 }
 
+// The fused merge, in the item's last unit: its rows' partials combined by every warp of the block,
+// wpr = kDecWarps / rows warps per row (1 from 4 rows up, the rows then in passes of 4), each over
+// every wpr-th unit of its row. A lane loads each of its units' (m, l) together with its share of
+// the unit's partial row, up to 8 units in flight, and keeps an online maximum; the warps of a row
+// meet in shared memory (sm.w[w].u.o, sm.m, sm.l: free once the unit's own partial is written).
+// MergeItemRows' arithmetic up to the order of the sums. Why: the merge ends the launch, so its
+// chain of round trips to L2 is exposed; MergeItemRows (one warp per row) reads the (m, l) pairs
+// twice (the maximum, then the weights) before the partial rows go out eight at a time: 3.8-4.7 us
+// per merge at (1,32,32,32768), the unit trace (docs/gpu_notes.md). Called by every thread.
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void MergeItemBlock(Smem& sm, const DevMergeItem& it, const DevSeq& s, const AttnArgs& a,
+                                               int tid) {
+  static_assert(D % 4 == 0 && D <= 128, "a unit's row is at most one float4 per lane");
+  constexpr int kLanesPerUnit = D / 4;
+  constexpr int kUnitsPerStep = 32 / kLanesPerUnit;  // units side by side in a warp (2 at D = 64)
+  constexpr int K = 8;                               // units per lane in flight
+  const int warp = tid >> 5, lane = tid & 31;
+  const int rows = it.num_rows;
+  const int wpr = rows >= kDecWarps ? 1 : kDecWarps / rows;
+  const int rpp = kDecWarps / wpr;  // rows per pass
+  const int k = warp % wpr;
+  const int sub = lane / kLanesPerUnit;
+  const int c = (lane % kLanesPerUnit) * 4;
+  const int n = it.num_units;
+  const int stride = wpr * kUnitsPerStep;  // between a lane's units
+  for (int pass = 0; pass * rpp < rows; ++pass) {
+    const int r = pass * rpp + warp / wpr;
+    float m = -INFINITY, l = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows) {  // warp-uniform
+      const float2* ml = reinterpret_cast<const float2*>(a.part_ml) + static_cast<int64_t>(it.unit0) * kRowsPerUnit + r;
+      const float* po = a.part_o + (static_cast<int64_t>(it.unit0) * kRowsPerUnit + r) * D + c;
+      for (int u0 = k * kUnitsPerStep; u0 < n; u0 += K * stride) {
+        float2 x[K];
+        float4 v[K];
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+          const int u = u0 + sub + i * stride;
+          if (u < n) {
+            x[i] = __ldcg(ml + static_cast<int64_t>(u) * kRowsPerUnit);
+            v[i] = __ldcg(reinterpret_cast<const float4*>(po + static_cast<int64_t>(u) * kRowsPerUnit * D));
+          } else {
+            x[i] = make_float2(-INFINITY, 0.f);
+            v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+        }
+        float mm = m;
+#pragma unroll
+        for (int i = 0; i < K; ++i) mm = fmaxf(mm, x[i].x);
+        if (mm != -INFINITY) {  // (a unit that saw none of the row's tokens: m = -inf, l = 0, weight 0)
+          const float sc = m == -INFINITY ? 0.f : exp2f(m - mm);
+          l *= sc;
+          acc.x *= sc;
+          acc.y *= sc;
+          acc.z *= sc;
+          acc.w *= sc;
+#pragma unroll
+          for (int i = 0; i < K; ++i) {
+            const float w = x[i].x == -INFINITY ? 0.f : exp2f(x[i].x - mm);
+            l += w * x[i].y;
+            acc.x += w * v[i].x;
+            acc.y += w * v[i].y;
+            acc.z += w * v[i].z;
+            acc.w += w * v[i].w;
+          }
+          m = mm;
+        }
+      }
+    }
+    // the units side by side in the warp (D = 64) into one state
+#pragma unroll
+    for (int off = kLanesPerUnit; off < 32; off <<= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m, off);
+      const float lo = __shfl_xor_sync(0xffffffffu, l, off);
+      float4 ao;
+      ao.x = __shfl_xor_sync(0xffffffffu, acc.x, off);
+      ao.y = __shfl_xor_sync(0xffffffffu, acc.y, off);
+      ao.z = __shfl_xor_sync(0xffffffffu, acc.z, off);
+      ao.w = __shfl_xor_sync(0xffffffffu, acc.w, off);
+      const float mm = fmaxf(m, mo);
+      const float s0 = m == -INFINITY ? 0.f : exp2f(m - mm), s1 = mo == -INFINITY ? 0.f : exp2f(mo - mm);
+      l = l * s0 + lo * s1;
+      acc.x = acc.x * s0 + ao.x * s1;
+      acc.y = acc.y * s0 + ao.y * s1;
+      acc.z = acc.z * s0 + ao.z * s1;
+      acc.w = acc.w * s0 + ao.w * s1;
+      m = mm;
+    }
+    if (wpr > 1) {  // block-uniform (rows <= 2: one pass): the row's warps meet
+      if (sub == 0) {
+        float* x = &sm.w[warp].u.o[0][c];
+        x[0] = acc.x;
+        x[1] = acc.y;
+        x[2] = acc.z;
+        x[3] = acc.w;
+      }
+      if (lane == 0) {
+        sm.m[warp][0] = m;
+        sm.l[warp][0] = l;
+      }
+      __syncthreads();
+      if (k == 0) {
+        float mm = -INFINITY;
+        for (int kk = 0; kk < wpr; ++kk) mm = fmaxf(mm, sm.m[warp + kk][0]);
+        l = 0.f;
+        acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int kk = 0; kk < wpr; ++kk) {
+          const float mk = sm.m[warp + kk][0];
+          const float w = mk == -INFINITY ? 0.f : exp2f(mk - mm);
+          const float* x = &sm.w[warp + kk].u.o[0][c];
+          l += w * sm.l[warp + kk][0];
+          acc.x += w * x[0];
+          acc.y += w * x[1];
+          acc.z += w * x[2];
+          acc.w += w * x[3];
+        }
+      }
+    }
+    if (k == 0 && sub == 0 && r < rows) {
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = it.row0 + r;
+      const int i = row / a.group;
+      const int hq = it.kv_head * a.group + row % a.group;
+      uint16_t* out = a.o + ((s.q_row + i) * a.num_q_heads + hq) * D + c;
+      out[0] = FloatToAct<DT>(acc.x * inv);
+      out[1] = FloatToAct<DT>(acc.y * inv);
+      out[2] = FloatToAct<DT>(acc.z * inv);
+      out[3] = FloatToAct<DT>(acc.w * inv);
+    }
+  }
+}
+
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
 // block barrier) become the unit's unnormalized (o, m, l).
 template <int D, DType DT, int R, typename Smem>
@@ -841,7 +973,7 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
   if (sm.merge_last) {
     __threadfence();
     const DevMergeItem it = a.items[unit.item];
-    MergeItemRows<D, DT>(it, s, a.part_o, a.part_ml, a.o, a.num_q_heads, a.group, tid, kDecThreads);
+    MergeItemBlock<D, DT, R>(sm, it, s, a, tid);
     if (tid == 0) a.merge_count[unit.item] = 0;  // ready for the next launch
   }
   if (kUnitTrace && tid == 0) {

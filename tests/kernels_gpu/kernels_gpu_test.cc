@@ -453,6 +453,31 @@ TEST(KernelsGpu, LongUnits) {
   }
 }
 
+// Many units per merge item (a short chunk over a long sequence): the fused merge's warps take
+// their units eight at a time per lane, so over 32 units per row it runs more than one batch, with
+// 1, 2, 4 and 8 rows per item (4 warps to a row, 2, 1, and rows in two passes), D 128 and 64 (two
+// units side by side in a warp).
+TEST(KernelsGpu, ManyUnitsPerItem) {
+  SKIP_WITHOUT_GPU();
+  int k = 0;
+  for (int rows : {1, 2, 4, 8}) {
+    for (int d : {128, 64}) {
+      const Preset p = k % 2 == 0 ? Preset::kInnerQ : Preset::kFp16;
+      SCOPED_TRACE(std::string(PresetName(p)) + " rows " + std::to_string(rows) + " D " + std::to_string(d));
+      Case c;
+      c.hkv = 1;
+      c.hq = rows;
+      c.d = d;
+      c.seqs = {{p, 9000, 1, 1, 7}};
+      c.seed = 5150 + k++;
+      c.expect_decode = 1;
+      c.split_blocks = 100;  // ~70 units of 128 tokens
+      RunCase(c);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // Every ring depth the tensor-core units take (cp.async.wait_group with 1 to 5 groups in flight):
 // the KIVI units 2 to 6 stages, the InnerQ IMMA units and the fp16 units 2 and 3; 4 rows per KV
 // head, bodies of one tile to 3000 tokens.
