@@ -927,7 +927,12 @@ __device__ __forceinline__ void MergeItemBlock(Smem& sm, const DevMergeItem& it,
 
 // The end of a unit: the 4 warps' partial states (sm.m, sm.l, sm.w[w].u.o, written before the
 // block barrier) become the unit's unnormalized (o, m, l).
-template <int D, DType DT, int R, typename Smem>
+// kBlockMerge: the item's last unit merges with MergeItemBlock (every instance but the KIVI code
+// units'), else with MergeItemRows. H100, same call against MergeItemRows everywhere
+// (raw/2026-12-06g/call3): one-row and small shapes 1-4% faster (innerq (1,9,3,8192) 18.2 -> 17.5
+// us, (1,32,32,4096) 23.3 -> 22.9, (1,32,32,32768) 59.0 -> 58.3), but the KIVI code units 1.4-2.2%
+// slower at every shape (kivi2 (16,32,8,32768) 252.1 -> 255.8), their registers unchanged.
+template <int D, DType DT, int R, bool kBlockMerge = true, typename Smem>
 __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                                int tid) {
   const int part = unit.part;
@@ -973,7 +978,11 @@ __device__ __forceinline__ void DecodeEpilogue(Smem& sm, const AttnArgs& a, cons
   if (sm.merge_last) {
     __threadfence();
     const DevMergeItem it = a.items[unit.item];
-    MergeItemBlock<D, DT, R>(sm, it, s, a, tid);
+    if constexpr (kBlockMerge) {
+      MergeItemBlock<D, DT, R>(sm, it, s, a, tid);
+    } else {
+      MergeItemRows<D, DT>(it, s, a.part_o, a.part_ml, a.o, a.num_q_heads, a.group, tid, kDecThreads);
+    }
     if (tid == 0) a.merge_count[unit.item] = 0;  // ready for the next launch
   }
   if (kUnitTrace && tid == 0) {
@@ -1292,7 +1301,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         KiviCodesBodyUnit<D, R, 4>(sm, a, s, unit, ring, warp, lane);
       }
       __syncthreads();
-      DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+      DecodeEpilogue<D, DT, R, false>(sm, a, s, unit, tid);
       return;
     }
   } else if constexpr (IMMA && R == 1) {
@@ -1516,7 +1525,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 #pragma unroll
     for (int j = 0; j < CPL; ++j) ws.u.o[r][lane * CPL + j] = acc[r][j];
   __syncthreads();
-  DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
+  DecodeEpilogue<D, DT, R, !(IMMA && PATHS == kFamKiviCodes)>(sm, a, s, unit, tid);
 }
 
 #pragma nv_diag_default 128

@@ -916,12 +916,19 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // queue outlasts the bodies. H100, attention (raw/2026-12-06f/call1): (16,32,8,32768) innerq
   // 216.5 -> 195.5 us, kivi2 262 -> 251 (8 per free block), (16,32,32,4096) innerq 112.7 -> 110
   // (3.5); at 32 per free block (64,32,8,8192) innerq 218.6 -> 222.5 but kivi2 278 -> 258.
+  // KIVI code units (issue-bound: they leave the DRAM bandwidth the per-token units need) take the
+  // bodies first at up to 32 per-token units per free block: (64,32,8,8192), H100, attention
+  // around first / bodies first (raw/2026-12-06g/call1, call3): kivi2 283.5 / 264.9 and 281.0 /
+  // 263.0 us (step 288.8 / 277.9), kivi4 408.1 / 387.5 and 398.2 / 381.3 (step 408.5 / 392.4); the
+  // InnerQ page units, bandwidth-bound, keep their limit of 8 (innerq 218.3 / 223.2, step 231.0 /
+  // 240.8).
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
   const int64_t resident_blocks = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
   const int64_t body_units = imma_units + page_units;
   const int64_t around_units = int64_t(units.size()) - body_units;
-  const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks &&
-                                 body_units < resident_blocks && around_units <= 8 * (resident_blocks - body_units);
+  const int64_t around_per_free = imma_units > 0 && page_units == 0 && kivi_family && kivi_codes ? 32 : 8;
+  const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks && body_units < resident_blocks &&
+                                 around_units <= around_per_free * (resident_blocks - body_units);
   const bool bodies_first =
       body_units > 0 && (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto);
   if (body_units > 0) {

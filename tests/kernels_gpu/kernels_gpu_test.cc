@@ -1552,8 +1552,9 @@ TEST(KernelsGpu, PageUnitsInSequence) {
 // The plan's unit order (set_bodies_first(-1), the default): a batch with more units than resident
 // blocks, whose body units fit in one wave with free blocks beside them for its per-token units,
 // puts the bodies first and launches as a programmatic dependent; a batch whose units all fit keeps
-// the per-token units first; forcing either order gives the same outputs. Every step checked
-// against the reference.
+// the per-token units first; forcing either order gives the same outputs; with ~15 per-token units
+// per free block, KIVI code units take the bodies first and InnerQ page units do not. Every step
+// checked against the reference.
 TEST(KernelsGpu, BodiesFirstPolicy) {
   SKIP_WITHOUT_GPU();
   int sms = 0;
@@ -1562,17 +1563,22 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
     int num_seqs;
     int forced;  // -1 the plan, 0 around first, 1 bodies first
     bool bodies_first;
+    Preset preset = Preset::kInnerQ;  // InnerQ: page units; KIVI: code units
+    int hkv = 2;
   };
   auto run = [&](const Want& w, int* blocks_per_sm) {
-    SCOPED_TRACE("seqs " + std::to_string(w.num_seqs) + " forced " + std::to_string(w.forced));
+    SCOPED_TRACE(std::string(PresetName(w.preset)) + " seqs " + std::to_string(w.num_seqs) + " KV heads " +
+                 std::to_string(w.hkv) + " forced " + std::to_string(w.forced));
+    const bool kivi = w.preset != Preset::kInnerQ;
     Case c;
-    c.hkv = 2;
-    c.hq = 2;
-    for (int i = 0; i < w.num_seqs; ++i) c.seqs.push_back(SeqSpec(Preset::kInnerQ, 600 + 37 * (i % 5), 1, 1, i % 3));
-    c.seed = 6300 + w.num_seqs + w.forced;
+    c.hkv = w.hkv;
+    c.hq = w.hkv;
+    for (int i = 0; i < w.num_seqs; ++i) c.seqs.push_back(SeqSpec(w.preset, 600 + 37 * (i % 5), 1, 1, i % 3));
+    c.seed = 6300 + w.num_seqs + w.forced + (kivi ? 50 : 0);
     std::unique_ptr<CudaStepRunner> runner;
     ASSERT_TRUE(CudaStepRunner::Create(&runner).ok());
     runner->set_page_min_pages(0);
+    runner->set_kivi_mma_min_unit_tokens(0);
     runner->set_fused_step(false);
     runner->set_bodies_first(w.forced);
     std::mt19937 rng(c.seed);
@@ -1586,7 +1592,12 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
       const CudaStepStats& st = runner->stats();
       SCOPED_TRACE("units " + std::to_string(st.num_units) + " pages " + std::to_string(st.page_units) +
                    " blocks per SM " + std::to_string(st.blocks_per_sm));
-      ASSERT_GT(st.page_units, 0);
+      if (kivi) {
+        ASSERT_GT(st.imma_units, 0);
+        ASSERT_TRUE(st.kivi_codes);
+      } else {
+        ASSERT_GT(st.page_units, 0);
+      }
       *blocks_per_sm = st.blocks_per_sm;
       EXPECT_EQ(st.bodies_first, w.bodies_first);
       if (w.forced < 0 && w.bodies_first) {
@@ -1606,6 +1617,19 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
   run(Want{many, -1, true}, &bps);
   run(Want{many, 0, false}, &bps);
   run(Want{1, 1, true}, &bps);
+  // one KV head per sequence, one body unit each, one resident block in 16 free: ~15 per-token
+  // units per free block. KIVI code units (issue-bound) take the bodies first up to 32 per free
+  // block, InnerQ page units only up to 8.
+  for (Preset p : {Preset::kInnerQ, Preset::kKivi2}) {
+    if (HasFatalFailure()) return;
+    int b = 0;
+    run(Want{1, -1, false, p, 1}, &b);  // the instance's resident blocks per SM
+    if (HasFatalFailure()) return;
+    const int resident = sms * b;
+    const int dense = resident - std::max(1, resident / 16);
+    ASSERT_GT(dense, 8 * (resident - dense));
+    run(Want{dense, -1, p == Preset::kKivi2, p, 1}, &b);
+  }
 }
 
 // One query row per KV head on the 4- and 8-row kernel instances (set_min_row_class): the units

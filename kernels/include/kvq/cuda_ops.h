@@ -196,7 +196,8 @@ class CudaStepRunner {
   // per-token units, which mostly wait for the quantize-append (they cover the new tokens), take
   // the resident blocks the bodies leave; -1 (the default): the plan decides (bodies first where
   // the launch has more units than resident blocks, the bodies fit in one wave and there are at
-  // most 8 per-token units per block they leave free; PDL is then on too).
+  // most 8 per-token units per block they leave free, 32 beside KIVI code units; PDL is then on
+  // too).
   void set_bodies_first(int mode) { bodies_first_mode_ = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
   // RunStepFromHost: the kernels write o and the error flag into the runner's pinned host buffer
   // (mapped into the device's address space) where o is at most kMappedOutputMaxBytes, instead of
