@@ -911,17 +911,7 @@ __device__ __forceinline__ void MergeItemBlock(Smem& sm, const DevMergeItem& it,
         }
       }
     }
-    if (k == 0 && sub == 0 && r < rows) {
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = it.row0 + r;
-      const int i = row / a.group;
-      const int hq = it.kv_head * a.group + row % a.group;
-      uint16_t* out = a.o + ((s.q_row + i) * a.num_q_heads + hq) * D + c;
-      out[0] = FloatToAct<DT>(acc.x * inv);
-      out[1] = FloatToAct<DT>(acc.y * inv);
-      out[2] = FloatToAct<DT>(acc.z * inv);
-      out[3] = FloatToAct<DT>(acc.w * inv);
-    }
+    if (k == 0 && sub == 0 && r < rows) StoreMergedRow<D, DT>(it, s, a.o, a.num_q_heads, a.group, r, c, acc, l);
   }
 }
 

@@ -287,6 +287,22 @@ __device__ __forceinline__ float UnitQuery(const uint16_t* q, int num_q_heads, i
   return ActToFloat<DT>(q[((s.q_row + i) * num_q_heads + hq) * D + c]);
 }
 
+// The merged row r of an item: channels c .. c + 3 of its sum of weighted partial rows (acc) over
+// the sum of weights l, into the output row of the query token and head it belongs to.
+template <int D, DType DT>
+__device__ __forceinline__ void StoreMergedRow(const DevMergeItem& it, const DevSeq& s, uint16_t* o, int num_q_heads,
+                                               int group, int r, int c, float4 acc, float l) {
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const int row = it.row0 + r;
+  const int i = row / group;
+  const int hq = it.kv_head * group + row % group;
+  uint16_t* out = o + ((s.q_row + i) * num_q_heads + hq) * D + c;
+  out[0] = FloatToAct<DT>(acc.x * inv);
+  out[1] = FloatToAct<DT>(acc.y * inv);
+  out[2] = FloatToAct<DT>(acc.z * inv);
+  out[3] = FloatToAct<DT>(acc.w * inv);
+}
+
 // Combines the units' unnormalized (o, m, l) of one merge item into the final output rows, with
 // the threads of a block: one warp per row. The lanes first read the units' (m, l) pairs 32 at a
 // time (the row's maximum, then each unit's weight 2^(m_u - m)); then a unit's partial row is one
@@ -350,15 +366,7 @@ __device__ __forceinline__ void MergeItemRows(const DevMergeItem& it, const DevS
       acc.w += __shfl_xor_sync(0xffffffffu, acc.w, off);
     }
     if (sub == 0) {
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = it.row0 + r;
-      const int i = row / group;
-      const int hq = it.kv_head * group + row % group;
-      uint16_t* out = o + ((s.q_row + i) * num_q_heads + hq) * D + c;
-      out[0] = FloatToAct<DT>(acc.x * inv);
-      out[1] = FloatToAct<DT>(acc.y * inv);
-      out[2] = FloatToAct<DT>(acc.z * inv);
-      out[3] = FloatToAct<DT>(acc.w * inv);
+      StoreMergedRow<D, DT>(it, s, o, num_q_heads, group, r, c, acc, l);
     }
   }
 }

@@ -913,15 +913,13 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // they all fit in one wave beside free resident blocks and at most 8 per-token units share each
   // free block: those then stream beside the bodies instead of before them (and, with PDL, wait
   // for the quantize-append without holding a block a body needs); with more per free block their
-  // queue outlasts the bodies. H100, attention (raw/2026-12-06f/call1): (16,32,8,32768) innerq
-  // 216.5 -> 195.5 us, kivi2 262 -> 251 (8 per free block), (16,32,32,4096) innerq 112.7 -> 110
-  // (3.5); at 32 per free block (64,32,8,8192) innerq 218.6 -> 222.5 but kivi2 278 -> 258.
-  // KIVI code units (issue-bound: they leave the DRAM bandwidth the per-token units need) take the
-  // bodies first at up to 32 per-token units per free block: (64,32,8,8192), H100, attention
-  // around first / bodies first (raw/2026-12-06g/call1, call3): kivi2 283.5 / 264.9 and 281.0 /
-  // 263.0 us (step 288.8 / 277.9), kivi4 408.1 / 387.5 and 398.2 / 381.3 (step 408.5 / 392.4); the
-  // InnerQ page units, bandwidth-bound, keep their limit of 8 (innerq 218.3 / 223.2, step 231.0 /
-  // 240.8).
+  // queue outlasts the bodies, except beside KIVI code units: issue-bound, they leave the DRAM
+  // bandwidth the per-token units need, so there the limit is 32. H100, attention around first ->
+  // bodies first: (16,32,8,32768) innerq 216.5 -> 195.5 us, kivi2 262 -> 251 (8 per free block),
+  // (16,32,32,4096) innerq 112.7 -> 110 (3.5) (raw/2026-12-06f/call1); at 32 per free block
+  // ((64,32,8,8192), raw/2026-12-06g/call3) kivi2 281.0 -> 263.0 (step 288.8 -> 277.9), kivi4 398.2
+  // -> 381.3 (step 408.5 -> 392.4), but the bandwidth-bound InnerQ page units innerq 218.3 -> 223.2
+  // (step 231.0 -> 240.8).
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
   const int64_t resident_blocks = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
   const int64_t body_units = imma_units + page_units;

@@ -107,6 +107,13 @@ std::string Describe(const Case& c) {
   return os.str();
 }
 
+// The case's sequences, drawn into the arena (testing::MakeSeq per SeqSpec).
+std::vector<TSeq> MakeCaseSeqs(const Case& c, Arena& a, std::mt19937& rng) {
+  std::vector<TSeq> seqs;
+  for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+  return seqs;
+}
+
 float Threshold(DType dt) { return dt == DType::kF16 ? 2e-3f : 8e-3f; }
 
 // Runs one batched step on CPU and GPU from the same arena; compares everything. Returns the
@@ -543,8 +550,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
@@ -613,8 +619,7 @@ TEST(KernelsGpu, FlushAfterAttention) {
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     int min_early = 1 << 30, fused_steps = 0, flush_steps = 0, done_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
@@ -678,8 +683,7 @@ TEST(KernelsGpu, TailUnitsWait) {
   runner->set_split_blocks(32);  // 4 items x 8 <= 32: the few-items plan; chunks of ~700 tokens
   std::mt19937 rng(c.seed);
   Arena a;
-  std::vector<TSeq> seqs;
-  for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+  std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
   for (int step = 0; step < 36; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
@@ -730,8 +734,7 @@ TEST(KernelsGpu, PdlPolicy) {
     runner->set_fused_step(false);
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     RunAndCompare(c, a, &seqs, true, rng, *runner);
     if (HasFatalFailure()) return;
     EXPECT_EQ(runner->stats().pdl, w.pdl);
@@ -767,8 +770,7 @@ TEST(KernelsGpu, FusedStepPolicy) {
     if (w.forced == 1) runner->set_fused_step(true);
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     for (int step = 0; step < 3; ++step) {
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
       if (HasFatalFailure()) return;
@@ -1535,8 +1537,7 @@ TEST(KernelsGpu, PageUnitsInSequence) {
     runner->set_early_pages(variant != 1);  // the plain launch's page units read their first page's place
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     int page_steps = 0;
     for (int step = 0; step < 140; ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
@@ -1583,8 +1584,7 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
     runner->set_bodies_first(w.forced);
     std::mt19937 rng(c.seed);
     Arena a;
-    std::vector<TSeq> seqs;
-    for (const auto& sp : c.seqs) seqs.push_back(testing::MakeSeq(a, sp.config, c.hkv, c.d, c.dt, sp.L0, sp.win_first, rng));
+    std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
     for (int step = 0; step < 3; ++step) {
       RunAndCompare(c, a, &seqs, step == 0, rng, *runner);
       if (HasFatalFailure()) return;
