@@ -25,11 +25,11 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
   KeyNormBlock(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x);
 }
 
-template <bool kTrace>
+template <bool kTrace, bool kLanes>
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
-  QuantizeAppendBlock<kTrace>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x,
+  QuantizeAppendBlock<kTrace, kLanes>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x,
                               err[threadIdx.x >> 5]);
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
@@ -38,15 +38,17 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
 
 cudaError_t SetQuantizeAppendCarveout(int percent) {
   cudaError_t e = cudaFuncSetAttribute(KeyNormKernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
-  if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(QuantizeAppendKernel<false>, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
-  if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(QuantizeAppendKernel<true>, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  for (const void* f : {reinterpret_cast<const void*>(QuantizeAppendKernel<false, false>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, false>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<false, true>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, true>)})
+    if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
 }
 
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream) {
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, bool lanes,
+                                 cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:
   // with the key-norm launch first, both run plainly after it.
@@ -59,8 +61,11 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, b
   }
   const bool pdl = a.wait_at_end != 0;
   const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, chunks);
-  return a.trace ? LaunchKernel(QuantizeAppendKernel<true>, grid, dim3(kQaThreads), 0, stream, a, pdl)
-                 : LaunchKernel(QuantizeAppendKernel<false>, grid, dim3(kQaThreads), 0, stream, a, pdl);
+  if (lanes)
+    return a.trace ? LaunchKernel(QuantizeAppendKernel<true, true>, grid, dim3(kQaThreads), 0, stream, a, pdl)
+                   : LaunchKernel(QuantizeAppendKernel<false, true>, grid, dim3(kQaThreads), 0, stream, a, pdl);
+  return a.trace ? LaunchKernel(QuantizeAppendKernel<true, false>, grid, dim3(kQaThreads), 0, stream, a, pdl)
+                 : LaunchKernel(QuantizeAppendKernel<false, false>, grid, dim3(kQaThreads), 0, stream, a, pdl);
 }
 
 }  // namespace cuda

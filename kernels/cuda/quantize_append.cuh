@@ -129,6 +129,67 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   }
 }
 
+// Flush of along_tokens groups of 32 tokens, one group per lane: lane l of the warp quantizes group
+// gi0 + l (tokens tb * 32 .. + 31 of channel c, where gi = tb * D + c), so a warp takes 32
+// adjacent channels of one 32-token block. Each lane loads its 32 values (the warp reads 64
+// contiguous bytes per token) and quantizes them alone with the reference's own QuantizeGroupRef
+// and PackCodes (kvq/quant.h): the same codes, scales and zeros as the CPU by construction, and no
+// warp reductions, shared memory or per-group chain of dependent loads. The warp stores its 32
+// groups' words, scales and zeros as contiguous runs (group index = c within the 32-token block).
+// One launch then needs D / 32 warps per block of 32 tokens instead of D (QaPlan::lane_chunks):
+// at (16,32,32,4096) innerq the value flush of every 32nd step is 2 blocks per head, not 64.
+// tr: the warp's trace slots (QaArgs::trace) when this is its first task, else null.
+KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi0, bool norm, const float* knorm,
+                              int lane, int64_t* tr) {
+  constexpr int G = 32;
+  const int D = a.head_dim;
+  const DType dtype = static_cast<DType>(a.dtype);
+  const int gi = gi0 + lane;  // D is a multiple of 32: every lane has a group
+  const int tb = gi / D;
+  const int c = gi % D;
+  const int w0 = x.win_first + tb * G;
+  const float f = norm ? knorm[c] : 1.f;
+  float v[G];
+  KVQ_UNROLL
+  for (int t = 0; t < G; ++t) {
+    const int w = w0 + t;
+    const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
+    v[t] = norm ? DivRn(raw, f) : raw;
+  }
+  const int body_tok = x.body_len + tb * G;
+  const int group = ((body_tok % kPageTokens) / G) * D + c;
+  // the destination page's entry loads while the lane quantizes
+  const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
+  if (tr) {  // as FlushGroup's: the vote waits for the window values
+    bool arrived = true;
+    KVQ_UNROLL
+    for (int t = 0; t < G; ++t) arrived = arrived && v[t] == v[t];
+    if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
+  }
+  uint8_t codes[G];
+  uint16_t scale_bits = 0, zero_bits = 0;
+  const bool quantized =
+      QuantizeGroupRef(v, G, x.bits, static_cast<QuantMode>(x.mode), codes, &scale_bits, &zero_bits);
+  if (tr && lane == 0) tr[4] = QaClock();
+  if (!quantized) {
+    warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+  } else {
+    uint32_t words[G * 8 / 32];  // up to 8 bits
+    PackCodes(codes, G, x.bits, words);
+    uint8_t* head = a.arena + body_page + static_cast<int64_t>(h) * x.head_bytes;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * x.words_per_group;
+    for (int w = 0; w < x.words_per_group; ++w) dst[w] = words[w];
+    reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
+    if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+  }
+  if (tr && lane == 0) tr[5] = QaClock();
+}
+
+// Whether a tensor's flush goes through FlushLaneGroups in a launch with lane flushes on.
+KVQ_WARP bool LaneFlush(const DevTensor& x) {
+  return x.grouping == static_cast<int>(Grouping::kAlongTokens) && x.group_size == 32;
+}
+
 constexpr int kQaWarps = kQaThreads / 32;
 
 // Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that
@@ -160,7 +221,10 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // quantization; the append's store waits until after the flush.
 // kTrace: the instance that writes QaArgs::trace's stamps (the benchmark's); the other one has no
 // trace code at all (the stamps' pointer and clocks cost it 13 registers).
-template <bool kTrace = false>
+// kLanes: along_tokens flushes of G = 32 go one group per lane (FlushLaneGroups), 32 groups per
+// warp task; the launch's chunks are QaPlan::lane_chunks. Off (the fused step's instance and
+// QaPlan::chunks): one group per warp everywhere.
+template <bool kTrace = false, bool kLanes = false>
 KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err) {
   const DevSeq& s = a.seqs[seq];
   QaPrefetchL1(&s, sizeof(DevSeq), tid);
@@ -213,14 +277,19 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       const bool norm = is_k && s.key_norm;
       // factors of this step's KeyNormKernel, or of an earlier step
       const float* knorm = norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D : nullptr;
-      for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
-        int64_t* gtr = groups == 0 ? tr : nullptr;
-        if (G == 32) {
-          FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane, gtr);
-        } else if (G == 64) {
-          FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane, gtr);
-        } else {
-          FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane, gtr);
+      if (kLanes && LaneFlush(x)) {
+        for (int t = chunk * kQaWarps + warp; t * 32 < num_groups; t += num_chunks * kQaWarps, ++groups)
+          FlushLaneGroups(a, x, h, t * 32, norm, knorm, lane, groups == 0 ? tr : nullptr);
+      } else {
+        for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
+          int64_t* gtr = groups == 0 ? tr : nullptr;
+          if (G == 32) {
+            FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane, gtr);
+          } else if (G == 64) {
+            FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane, gtr);
+          } else {
+            FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane, gtr);
+          }
         }
       }
     }

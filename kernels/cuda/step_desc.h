@@ -172,7 +172,8 @@ struct QaArgs {
 // (ns) at the block's start, [1] SM clock at the start, [2] once the flush decision is read (the
 // step descriptors loaded), [3] once the warp's first flushed group's window values arrived, [4]
 // after that group's quantizer, [5] after its codes, scale and zero were stored, [6] at the end
-// (after the append), [7] global timer at the end, [8] the SM, [9] groups the warp flushed. Slots
+// (after the append), [7] global timer at the end, [8] the SM, [9] flush tasks the warp ran (a group
+// each, or 32 groups each in the lane instance's along_tokens flushes). Slots
 // 3-5 stay 0 for a warp that flushes nothing.
 constexpr int kQaTraceSlots = 10;
 inline int64_t QaTraceWarps(int num_seqs, int num_kv_heads, int chunks) {
@@ -308,14 +309,25 @@ struct MergeArgs {
 Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                     std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
-// The quantize-append grid of a flattened batch: blocks per (sequence, KV head, tensor) and
-// whether KeyNormKernel runs first (some sequence computes its key-norm factors this step).
-void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chunks, bool* key_norm);
+// The quantize-append grid of a flattened batch. chunks: blocks per (sequence, KV head, tensor)
+// with one warp per flush group (the fused step's instance); lane_chunks: the same with along_tokens
+// groups of 32 flushed one per lane, 32 per warp (QuantizeAppendBlock's kLanes); lanes: some
+// tensor flushes such groups (else lane_chunks == chunks and the lane instance gains nothing);
+// key_norm: KeyNormKernel runs first (some sequence computes its key-norm factors this step).
+struct QaPlan {
+  int chunks = 1;
+  int lane_chunks = 1;
+  bool lanes = false;
+  bool key_norm = false;
+};
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim);
 
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
-// chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks);
-// key_norm: some sequence computes its key-norm factors this step (one small launch first).
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, cudaStream_t stream);
+// chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks; with
+// lanes, QaPlan::lane_chunks); key_norm: some sequence computes its key-norm factors this step
+// (one small launch first); lanes: the instance that flushes along_tokens G = 32 one group per lane.
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, bool lanes,
+                                 cudaStream_t stream);
 // The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or
 // cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time.
 cudaError_t SetQuantizeAppendCarveout(int percent);

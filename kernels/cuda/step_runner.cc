@@ -162,6 +162,7 @@ struct CudaStepRunner::Impl {
   bool flush_prepared = false;    // a flush-after batch with something to flush is in meta
   int flush_chunks = 1;
   bool flush_key_norm = false;
+  bool flush_lanes = false;  // its launch flushes along_tokens groups of 32 one per lane
   const cuda::DevSeq* d_fseqs = nullptr;
   const int64_t* d_fpages = nullptr;
   const cuda::DevFirstPage* d_first_pages = nullptr;  // [units] or null (set_early_pages)
@@ -218,6 +219,7 @@ struct CudaStepRunner::Impl {
   bool attention_ready = false;  // every sequence has n_new >= 1
   int qa_chunks = 1;             // quantize-append blocks per (sequence, KV head, tensor)
   bool qa_key_norm = false;      // some sequence computes its key-norm factors this step
+  bool qa_lanes = false;         // the launch flushes along_tokens groups of 32 one per lane
 
   ~Impl() {
     if (done) cudaEventSynchronize(done);
@@ -476,20 +478,26 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
-void PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int* chunks, bool* key_norm) {
-  int64_t groups = 0;  // most flush groups of one head of one tensor
-  *key_norm = false;
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim) {
+  QaPlan plan;
+  int64_t groups = 0, lane_tasks = 0;  // most flush groups (warp tasks) of one head of one tensor
   for (const DevSeq& d : seqs) {
     for (const DevTensor* t : {&d.k, &d.v}) {
       if (t->flush <= 0 || t->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
       const bool along_channels = t->grouping == static_cast<int32_t>(Grouping::kAlongChannels);
-      groups = std::max<int64_t>(groups, along_channels ? int64_t{t->flush} * (head_dim / t->group_size)
-                                                        : int64_t{t->flush / t->group_size} * head_dim);
+      const int64_t n = along_channels ? int64_t{t->flush} * (head_dim / t->group_size)
+                                       : int64_t{t->flush / t->group_size} * head_dim;
+      const bool lane = !along_channels && t->group_size == 32;
+      groups = std::max(groups, n);
+      lane_tasks = std::max(lane_tasks, lane ? (n + 31) / 32 : n);
+      plan.lanes = plan.lanes || lane;
     }
-    *key_norm = *key_norm ||
-                (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
+    plan.key_norm = plan.key_norm ||
+                    (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
   }
-  *chunks = QaChunks(groups);
+  plan.chunks = QaChunks(groups);
+  plan.lane_chunks = QaChunks(lane_tasks);
+  return plan;
 }
 
 }  // namespace cuda
@@ -517,8 +525,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   std::vector<int64_t>& fpages = m.fpages;
   fseqs.clear();
   fpages.clear();
-  int flush_chunks = 1;
-  bool flush_key_norm = false, flush_any = false;
+  cuda::QaPlan flush_plan;
+  bool flush_any = false;
   if (flush_after) {
     bool unused = false;
     KVQ_RETURN_IF_ERROR(cuda::FlattenBatch(p, flush_after, configs, num_seqs, &fseqs, &fpages, &unused));
@@ -527,7 +535,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         return Result::Error(Code::kInvalidArgument, "a flush after the attention appends nothing: every n_new must be 0");
       flush_any = flush_any || d.k.flush > 0 || d.v.flush > 0 || d.compute_norm;
     }
-    cuda::PlanQuantizeAppend(fseqs, p.head_dim, &flush_chunks, &flush_key_norm);
+    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim);
     if (!flush_any) fseqs.clear(), fpages.clear();  // nothing to quantize (fp16 sessions): no launch
   }
 
@@ -561,10 +569,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  int qa_chunks = 1;
-  bool qa_key_norm = false;
-  cuda::PlanQuantizeAppend(seqs, p.head_dim, &qa_chunks, &qa_key_norm);
-  const bool fused_possible = decode_path && !qa_key_norm && qa_chunks <= 2;
+  const cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim);
+  const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
   const int decode_paths = DecodePaths(configs, num_seqs);
@@ -999,8 +1005,12 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
 
-  m.qa_chunks = qa_chunks;
-  m.qa_key_norm = qa_key_norm;
+  // The quantize-append's own launch: along_tokens groups of 32 one per lane where some are flushed
+  // (set_qa_lanes); the fused step's instance keeps one group per warp (qa_plan.chunks <= 2 there,
+  // so it flushes no along_tokens groups anyway).
+  m.qa_lanes = qa_lanes_ && qa_plan.lanes && !fused;
+  m.qa_chunks = m.qa_lanes ? qa_plan.lane_chunks : qa_plan.chunks;
+  m.qa_key_norm = qa_plan.key_norm;
   m.params = p;
   if (in) {
     m.params.q = m.meta + off_q;
@@ -1009,8 +1019,9 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   }
   m.num_seqs = num_seqs;
   m.flush_prepared = flush_any;
-  m.flush_chunks = flush_chunks;
-  m.flush_key_norm = flush_key_norm;
+  m.flush_lanes = qa_lanes_ && flush_plan.lanes;
+  m.flush_chunks = m.flush_lanes ? flush_plan.lane_chunks : flush_plan.chunks;
+  m.flush_key_norm = flush_plan.key_norm;
   m.num_units = static_cast<int>(units.size());
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
@@ -1073,6 +1084,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.blocks_per_sm = blocks_per_sm;
   stats_.pdl = m.pdl && !m.fused;
   stats_.fused = m.fused;
+  stats_.qa_lanes = m.qa_lanes;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
@@ -1126,7 +1138,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
   const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.flag(), qa_trace_);
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, m.qa_lanes, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
@@ -1135,7 +1147,7 @@ Result CudaStepRunner::LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t 
   Impl& m = *impl_;
   cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.flag(), nullptr);
   a.wait_at_end = dependent ? 1 : 0;
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_chunks, m.flush_key_norm, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_chunks, m.flush_key_norm, m.flush_lanes, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }

@@ -518,7 +518,8 @@ TEST(KernelsGpu, RingDepths) {
 
 // Many consecutive decode steps of one batch (every flush phase of innerq and kivi2 comes by:
 // innerq's values flush every 32 steps), each checked against the reference. Two launches, the
-// attention as a programmatic dependent of the quantize-append; then without PDL; then with PDL
+// attention as a programmatic dependent of the quantize-append; then without PDL and with the
+// along_tokens groups flushed one per warp (set_qa_lanes(false); elsewhere one per lane); then with PDL
 // and the blocks spread by padded shared memory (set_spread_blocks: at most one block per SM for
 // this small batch); then with PDL and the items split into many short units, most of which read
 // only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
@@ -531,7 +532,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     const bool fused = variant >= 4;
     const bool pdl = !fused && variant != 1, spread = variant == 2, split = variant == 3 || variant == 5;
     SCOPED_TRACE(variant == 0   ? "PDL launch"
-                 : variant == 1 ? "plain launch"
+                 : variant == 1 ? "plain launch, groups per warp"
                  : variant == 2 ? "PDL launch, blocks spread"
                  : variant == 3 ? "PDL launch, short units"
                  : variant == 4 ? "fused step"
@@ -547,11 +548,12 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_fused_step(fused);
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
+    runner->set_qa_lanes(variant != 1);
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
-    int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0;
+    int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0, lane_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
 #endif
@@ -564,6 +566,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
         EXPECT_FALSE(st.fused);
       }
       fused_steps += st.fused ? 1 : 0;
+      lane_steps += st.qa_lanes ? 1 : 0;
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
       min_early = std::min(min_early, st.early_units);
       max_early = std::max(max_early, st.early_units);
@@ -573,6 +576,12 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     // first step also flushes the initial windows): the other steps are one launch each
     if (fused) {
       EXPECT_GE(fused_steps, 60);
+    }
+    // those steps' own launches flush along_tokens groups of 32, one per lane unless turned off
+    if (variant == 1) {
+      EXPECT_EQ(lane_steps, 0);
+    } else {
+      EXPECT_GE(lane_steps, 3);  // innerq's values at steps 0, 32 and 64 at least
     }
     if (split) {
       EXPECT_GT(min_early, 0) << "short units over the older body start without waiting";
@@ -586,8 +595,8 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     EXPECT_EQ(kvq_emu::PdlEarlyLaunches() - early_launches, pdl ? 70u : 0u);
 #endif
     std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step; the "
-                "longest that waits: %d tokens; fused steps: %d of 70\n", variant, min_early, max_early, longest_waiting,
-                fused_steps);
+                "longest that waits: %d tokens; fused steps: %d of 70; lane flushes: %d\n", variant, min_early, max_early,
+                longest_waiting, fused_steps, lane_steps);
   }
 }
 

@@ -34,7 +34,8 @@ struct SeqCase {
 };
 
 // Runs the steps of a batch through the emulated kernels and the reference; compares the arenas.
-void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed) {
+// min_fewer_chunks: steps whose lane flush must take fewer blocks than one group per warp.
+void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, int min_fewer_chunks = 0) {
   std::mt19937 rng(seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -43,7 +44,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
   }
   const size_t num_steps = cases[0].n_new.size();
-  int blocks_run = 0, traced_flushing_warps = 0;
+  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -78,82 +79,102 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     const Result r = CpuQuantizeAppend(p, works.data(), cfgs.data(), n, ref.data(), 1);
     ASSERT_TRUE(r.ok()) << r.message;
 
-    std::vector<uint8_t> emu = a.bytes();
     std::vector<cuda::DevSeq> ds;
     std::vector<int64_t> pages;
     bool ready = false;
     const Result fr = cuda::FlattenBatch(p, works.data(), cfgs.data(), n, &ds, &pages, &ready);
     ASSERT_TRUE(fr.ok()) << fr.message;
-    int chunks = 0;
-    bool key_norm = false;
-    cuda::PlanQuantizeAppend(ds, d, &chunks, &key_norm);
-    int32_t flag = 0;
-    cuda::QaArgs qa{};
-    qa.arena = emu.data();
-    qa.seqs = ds.data();
-    qa.pages = pages.data();
-    qa.k_new = kn.data();
-    qa.v_new = vn.data();
-    qa.num_kv_heads = hkv;
-    qa.head_dim = d;
-    qa.dtype = static_cast<int32_t>(dt);
-    qa.error_flag = &flag;
-    // Odd steps run with the benchmark's phase trace on: the codes must not change, and every warp
-    // writes its stamps in order.
-    const bool trace = step % 2 == 1;
-    const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, chunks);
-    std::vector<int64_t> stamps(trace ? trace_warps * cuda::kQaTraceSlots : 0, -1);
-    qa.trace = trace ? stamps.data() : nullptr;
-    if (key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
+    const cuda::QaPlan plan = cuda::PlanQuantizeAppend(ds, d);
+    // Both instances of the launch where they differ (some along_tokens groups of 32 flushed): one
+    // group per warp on QaPlan::chunks, one per lane on QaPlan::lane_chunks, and one per lane on a
+    // single chunk per tensor (each warp then walks many 32-group tasks).
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool lanes = variant > 0;
+      if (lanes && !plan.lanes) break;
+      SCOPED_TRACE(variant == 0 ? "groups per warp" : variant == 1 ? "groups per lane" : "groups per lane, one chunk");
+      const int chunks = variant == 0 ? plan.chunks : variant == 1 ? plan.lane_chunks : 1;
+      if (variant == 1) {
+        lane_steps++;
+        EXPECT_LE(plan.lane_chunks, plan.chunks);
+        fewer_chunks += plan.lane_chunks < plan.chunks ? 1 : 0;
+      }
+      std::vector<uint8_t> emu = a.bytes();
+      int32_t flag = 0;
+      cuda::QaArgs qa{};
+      qa.arena = emu.data();
+      qa.seqs = ds.data();
+      qa.pages = pages.data();
+      qa.k_new = kn.data();
+      qa.v_new = vn.data();
+      qa.num_kv_heads = hkv;
+      qa.head_dim = d;
+      qa.dtype = static_cast<int32_t>(dt);
+      qa.error_flag = &flag;
+      // Odd steps run with the benchmark's phase trace on: the codes must not change, and every warp
+      // writes its stamps in order.
+      const bool trace = step % 2 == 1;
+      const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, chunks);
+      std::vector<int64_t> stamps(trace ? trace_warps * cuda::kQaTraceSlots : 0, -1);
+      qa.trace = trace ? stamps.data() : nullptr;
+      if (plan.key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
+        for (int s = 0; s < n; ++s)
+          for (int h = 0; h < hkv; ++h)
+            for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
       for (int s = 0; s < n; ++s)
         for (int h = 0; h < hkv; ++h)
-          for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
-    for (int s = 0; s < n; ++s)
-      for (int h = 0; h < hkv; ++h)
-        for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
-          std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
-          cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
-            float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
-            if (trace) {
-              cuda::QuantizeAppendBlock<true>(qa, s, h, z, chunks, tid, werr);
-            } else {
-              cuda::QuantizeAppendBlock<false>(qa, s, h, z, chunks, tid, werr);
-            }
-          });
+          for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
+            std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
+            cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
+              float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
+              if (trace && lanes) {
+                cuda::QuantizeAppendBlock<true, true>(qa, s, h, z, chunks, tid, werr);
+              } else if (trace) {
+                cuda::QuantizeAppendBlock<true, false>(qa, s, h, z, chunks, tid, werr);
+              } else if (lanes) {
+                cuda::QuantizeAppendBlock<false, true>(qa, s, h, z, chunks, tid, werr);
+              } else {
+                cuda::QuantizeAppendBlock<false, false>(qa, s, h, z, chunks, tid, werr);
+              }
+            });
+          }
+      EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
+      for (int64_t w = 0; trace && w < trace_warps; ++w) {
+        const int64_t* t = stamps.data() + w * cuda::kQaTraceSlots;
+        SCOPED_TRACE("trace warp " + std::to_string(w));
+        ASSERT_GT(t[0], 0);
+        EXPECT_LE(t[1], t[2]);
+        EXPECT_LE(t[2], t[6]);
+        EXPECT_LE(t[0], t[7]);
+        EXPECT_EQ(t[8], 0);
+        ASSERT_GE(t[9], 0);
+        if (t[9] > 0) {  // the first group's stamps, in order
+          ++traced_flushing_warps;
+          EXPECT_LE(t[2], t[3]);
+          EXPECT_LE(t[3], t[4]);
+          EXPECT_LE(t[4], t[5]);
+          EXPECT_LE(t[5], t[6]);
+        } else {
+          EXPECT_EQ(t[3], -1);
         }
-    EXPECT_EQ(flag, 0) << "the emulated kernel reported a bad value";
-    for (int64_t w = 0; trace && w < trace_warps; ++w) {
-      const int64_t* t = stamps.data() + w * cuda::kQaTraceSlots;
-      SCOPED_TRACE("trace warp " + std::to_string(w));
-      ASSERT_GT(t[0], 0);
-      EXPECT_LE(t[1], t[2]);
-      EXPECT_LE(t[2], t[6]);
-      EXPECT_LE(t[0], t[7]);
-      EXPECT_EQ(t[8], 0);
-      ASSERT_GE(t[9], 0);
-      if (t[9] > 0) {  // the first group's stamps, in order
-        ++traced_flushing_warps;
-        EXPECT_LE(t[2], t[3]);
-        EXPECT_LE(t[3], t[4]);
-        EXPECT_LE(t[4], t[5]);
-        EXPECT_LE(t[5], t[6]);
-      } else {
-        EXPECT_EQ(t[3], -1);
       }
+      int64_t diffs = 0, first = -1;
+      for (size_t i = 0; i < emu.size(); ++i)
+        if (emu[i] != ref[i]) {
+          if (first < 0) first = int64_t(i);
+          ++diffs;
+        }
+      ASSERT_EQ(diffs, 0) << "emulated quantize-append differs from the reference in " << diffs
+                          << " bytes, first at " << first << " (" << chunks << " chunks)";
     }
-    int64_t diffs = 0, first = -1;
-    for (size_t i = 0; i < emu.size(); ++i)
-      if (emu[i] != ref[i]) {
-        if (first < 0) first = int64_t(i);
-        ++diffs;
-      }
-    ASSERT_EQ(diffs, 0) << "emulated quantize-append differs from the reference in " << diffs
-                        << " bytes, first at " << first << " (" << chunks << " chunks)";
     a.bytes() = ref;
     for (size_t i = 0; i < seqs.size(); ++i) seqs[i] = steps[i].next;
   }
   EXPECT_GT(blocks_run, 0);
   EXPECT_GT(traced_flushing_warps, 0);
+  EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
+  if (min_fewer_chunks > 0) {
+    EXPECT_GE(fewer_chunks, min_fewer_chunks) << "steps whose lane flush needs fewer blocks";
+  }
 }
 
 // Presets in one batch (different configs per sequence, as the store batches sessions), fp16 and
@@ -195,7 +216,7 @@ TEST(QuantizeAppendEmulation, CustomConfigsMatchTheReference) {
   ASSERT_EQ(ValidateConfig(b, 128), "");
   ASSERT_EQ(ValidateConfig(c, 128), "");
   const std::vector<int> steps(40, 1);
-  CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77);
+  CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77, 1);
 }
 
 }  // namespace

@@ -49,6 +49,8 @@ struct CudaStepStats {
                                  // that step over a body not counted)
   bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
                              // flush_after, when it flushes something and the step is not fused)
+  bool qa_lanes = false;     // the step's own quantize-append launch flushes along_tokens groups of
+                             // 32 one per lane (set_qa_lanes, and some are flushed this step)
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
@@ -181,6 +183,12 @@ class CudaStepRunner {
   // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
   // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
   void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
+  // The quantize-append's own launches (not the fused step's) flush along_tokens groups of 32
+  // (InnerQ's values, KIVI's keys: every 32 or 128 steps) one group per lane, 32 groups per warp,
+  // instead of one per warp: D / 32 warps per 32-token block instead of D, each lane running the
+  // reference quantizer on its group (same codes). On by default; off for A/Bs and tests of the
+  // per-warp path. Applies from the next Prepare.
+  void set_qa_lanes(bool on) { qa_lanes_ = on; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -264,6 +272,7 @@ class CudaStepRunner {
   int min_row_class_ = 1;
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
+  bool qa_lanes_ = true;
 };
 
 }  // namespace kvq
