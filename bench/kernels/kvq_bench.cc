@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -134,6 +134,7 @@ bool g_qa_trace = false;       // --qa-trace: the quantize-append's phases per c
 bool g_unit_trace = false;     // --unit-trace: the decode units' phases, attention alone and the step (stderr)
 int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
 bool g_qa_lanes = true;        // off with --qa-warp-groups: CudaStepRunner::set_qa_lanes
+bool g_qa_split = true;        // off with --qa-same-chunks: CudaStepRunner::set_qa_split_chunks
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 bool g_preflush = false;       // --preflush: each chain step's flush beside the attention before it (Row::pf_avg_us)
@@ -398,6 +399,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_pdl >= 0) runners[k]->set_pdl(g_pdl == 1);
     if (g_fused >= 0) runners[k]->set_fused_step(g_fused == 1);
     runners[k]->set_qa_lanes(g_qa_lanes);
+    runners[k]->set_qa_split_chunks(g_qa_split);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
@@ -766,7 +768,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -837,6 +839,8 @@ int main(int argc, char** argv) {
       g_fused = 0;
     } else if (a == "--qa-warp-groups") {
       g_qa_lanes = false;
+    } else if (a == "--qa-same-chunks") {
+      g_qa_split = false;
     } else if (a == "--no-pdl") {
       g_pdl = 0;
     } else if (a == "--pdl") {

@@ -8,9 +8,9 @@
 //      sign of a zero matches; the hybrid L1 errors summed in element order from shared memory),
 //      so codes, scales and zeros are bit-identical;
 //   2. append: the new tokens go to the sink first, then after the window's last token.
-// Grid (sequence, KV head, 2 x chunks): z even = K, odd = V; the chunks of a tensor split its
-// groups between blocks (a 32-token along_tokens flush at D = 128 is 128 groups per head), and
-// chunk 0 also appends. Existing pages are never moved; the flushed window slots are left as they
+// Grid (sequence, KV head, K's chunks then V's, QaPlan): the chunks of a tensor split its groups
+// between blocks (a 32-token along_tokens flush at D = 128 is 128 groups per head, 4 warps' worth
+// one per lane), and chunk 0 also appends. Existing pages are never moved; the flushed window slots are left as they
 // are (the planner frees emptied window pages).
 #include "device_common.cuh"
 #include "kvq/numeric.h"
@@ -29,8 +29,8 @@ template <bool kTrace, bool kLanes>
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
-  QuantizeAppendBlock<kTrace, kLanes>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z >> 1, threadIdx.x,
-                              err[threadIdx.x >> 5]);
+  QuantizeAppendGridBlock<kTrace, kLanes>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x,
+                                          err[threadIdx.x >> 5]);
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
@@ -47,21 +47,21 @@ cudaError_t SetQuantizeAppendCarveout(int percent) {
   return e;
 }
 
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, bool lanes,
-                                 cudaStream_t stream) {
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:
   // with the key-norm launch first, both run plainly after it.
   QaArgs a = args;
-  if (key_norm) {
+  a.k_chunks = plan.k_chunks;
+  if (plan.key_norm) {
     a.wait_at_end = 0;
     const cudaError_t e =
         LaunchKernel(KeyNormKernel, dim3(num_seqs, a.num_kv_heads), dim3(kQaThreads), 0, stream, a, false);
     if (e != cudaSuccess) return e;
   }
   const bool pdl = a.wait_at_end != 0;
-  const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, chunks);
-  if (lanes)
+  const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
+  if (plan.lanes)
     return a.trace ? LaunchKernel(QuantizeAppendKernel<true, true>, grid, dim3(kQaThreads), 0, stream, a, pdl)
                    : LaunchKernel(QuantizeAppendKernel<false, true>, grid, dim3(kQaThreads), 0, stream, a, pdl);
   return a.trace ? LaunchKernel(QuantizeAppendKernel<true, false>, grid, dim3(kQaThreads), 0, stream, a, pdl)

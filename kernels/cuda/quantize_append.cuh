@@ -212,9 +212,12 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
   }
 }
 
-// One block (seq, h, z) of QuantizeAppendKernel's grid (z even K, odd V; chunk z / 2 of
-// num_chunks), thread tid of kQaThreads; err: the calling warp's 2 * kMaxGroupSize floats of shared
-// memory. No block barrier: the fused step runs two of these blocks in one attention block. Its
+// One block of a tensor's share of a head's quantize-append: z even K, odd V, chunk z / 2 of that
+// tensor's num_chunks (QuantizeAppendGridBlock maps QuantizeAppendKernel's grid onto this; the
+// fused step runs z = 0 .. 2 * chunks - 1 with one count for both), thread tid of kQaThreads; err:
+// the calling warp's 2 * kMaxGroupSize floats of shared memory; trace_block: the block's place in
+// QaArgs::trace (kTrace only). No block barrier: the fused step runs two of these blocks in one
+// attention block. Its
 // global loads are mostly cold and each step's chain of them sets its time, so the
 // independent ones go out together: the append's first row with the flush's window values and
 // key-norm factors (read by each lane from the arena), the destination page entry before the
@@ -222,10 +225,10 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // kTrace: the instance that writes QaArgs::trace's stamps (the benchmark's); the other one has no
 // trace code at all (the stamps' pointer and clocks cost it 13 registers).
 // kLanes: along_tokens flushes of G = 32 go one group per lane (FlushLaneGroups), 32 groups per
-// warp task; the launch's chunks are QaPlan::lane_chunks. Off (the fused step's instance and
-// QaPlan::chunks): one group per warp everywhere.
+// warp task (QaPlan with lanes). Off (the fused step's instance): one group per warp everywhere.
 template <bool kTrace = false, bool kLanes = false>
-KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err) {
+KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err,
+                                  int64_t trace_block = 0) {
   const DevSeq& s = a.seqs[seq];
   QaPrefetchL1(&s, sizeof(DevSeq), tid);
   const bool is_k = (z & 1) == 0;
@@ -234,9 +237,7 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
   const int D = a.head_dim;
   const int hkv = a.num_kv_heads;
   const int warp = tid >> 5, lane = tid & 31;
-  int64_t* tr = kTrace && a.trace ? a.trace + (((static_cast<int64_t>(seq) * hkv + h) * 2 * num_chunks + z) * kQaWarps + warp) *
-                                        kQaTraceSlots
-                        : nullptr;
+  int64_t* tr = kTrace && a.trace ? a.trace + (trace_block * kQaWarps + warp) * kQaTraceSlots : nullptr;
   if (tr && lane == 0) {
     tr[0] = QaGlobalTimer();
     tr[1] = QaClock();
@@ -307,6 +308,16 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
     tr[7] = QaGlobalTimer();
     tr[9] = groups;
   }
+}
+
+// Block (seq, h, zi) of QuantizeAppendKernel's grid of grid_z blocks per (sequence, KV head): the
+// first a.k_chunks are K's chunks, the rest V's (QaPlan::k_chunks / v_chunks).
+template <bool kTrace, bool kLanes>
+KVQ_WARP void QuantizeAppendGridBlock(const QaArgs& a, int seq, int h, int zi, int grid_z, int tid, float* err) {
+  const bool is_v = zi >= a.k_chunks;
+  const int chunk = is_v ? zi - a.k_chunks : zi;
+  QuantizeAppendBlock<kTrace, kLanes>(a, seq, h, 2 * chunk + (is_v ? 1 : 0), is_v ? grid_z - a.k_chunks : a.k_chunks,
+                                      tid, err, (static_cast<int64_t>(seq) * a.num_kv_heads + h) * grid_z + zi);
 }
 
 }  // namespace cuda

@@ -166,7 +166,12 @@ struct QaArgs {
   // nothing that kernel touches, so it runs beside it and waits for it only at its end, so that its
   // completion still implies that kernel's (the next step relies on both being done).
   int32_t wait_at_end;
+  // QuantizeAppendKernel's grid: its first k_chunks blocks per (sequence, KV head) are K's, the
+  // rest V's (QaPlan). In the struct's tail padding: AttnArgs (which holds a QaArgs) keeps its
+  // layout, and the fused step, which runs K and V with one count (AttnArgs::qa_chunks), ignores it.
+  int32_t k_chunks;
 };
+static_assert(sizeof(QaArgs) == 80, "QaArgs::k_chunks must stay in the tail padding (AttnArgs' layout)");
 
 // The quantize-append's phase stamps per warp (CudaStepRunner::set_qa_trace): [0] global timer
 // (ns) at the block's start, [1] SM clock at the start, [2] once the flush decision is read (the
@@ -176,8 +181,10 @@ struct QaArgs {
 // each, or 32 groups each in the lane instance's along_tokens flushes). Slots
 // 3-5 stay 0 for a warp that flushes nothing.
 constexpr int kQaTraceSlots = 10;
-inline int64_t QaTraceWarps(int num_seqs, int num_kv_heads, int chunks) {
-  return int64_t{num_seqs} * num_kv_heads * 2 * chunks * (kQaThreads / 32);
+// grid_z: the launch's blocks per (sequence, KV head), QaGrid's z; the stamps of block (s, h, z)
+// start at warp ((s * num_kv_heads + h) * grid_z + z) * (kQaThreads / 32).
+inline int64_t QaTraceWarps(int num_seqs, int num_kv_heads, int grid_z) {
+  return int64_t{num_seqs} * num_kv_heads * grid_z * (kQaThreads / 32);
 }
 
 // Decode path, a page unit that does not wait for the quantize-append: its first page's two runs
@@ -310,30 +317,32 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
                     std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
 // The quantize-append grid of a flattened batch. chunks: blocks per (sequence, KV head, tensor)
-// with one warp per flush group (the fused step's instance); lane_chunks: the same with along_tokens
-// groups of 32 flushed one per lane, 32 per warp (QuantizeAppendBlock's kLanes); lanes: some
-// tensor flushes such groups (else lane_chunks == chunks and the lane instance gains nothing);
-// key_norm: KeyNormKernel runs first (some sequence computes its key-norm factors this step).
+// with one count for K and V and one warp per flush group (the fused step's, AttnArgs::qa_chunks);
+// k_chunks / v_chunks: the quantize-append's own launch, each tensor with the blocks its largest
+// flush needs (K's every-step one-token flush is 4 groups at D = 128, V's along_tokens flush 128:
+// one count for both started 64 blocks of K per head that only read their descriptors) and, with
+// lanes, along_tokens groups of 32 one per lane, 32 per warp (QuantizeAppendBlock's kLanes);
+// lanes: lanes were allowed and some tensor flushes such groups; key_norm: KeyNormKernel runs
+// first (some sequence computes its key-norm factors this step).
 struct QaPlan {
   int chunks = 1;
-  int lane_chunks = 1;
+  int k_chunks = 1;
+  int v_chunks = 1;
   bool lanes = false;
   bool key_norm = false;
 };
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim);
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, bool lanes);
 
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
-// chunks: blocks per (sequence, KV head, tensor) that share the flush's groups (QaChunks; with
-// lanes, QaPlan::lane_chunks); key_norm: some sequence computes its key-norm factors this step
-// (one small launch first); lanes: the instance that flushes along_tokens G = 32 one group per lane.
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, int chunks, bool key_norm, bool lanes,
-                                 cudaStream_t stream);
+// The quantize-append as planned (QaPlan: K's and V's blocks per (sequence, KV head), the lane
+// instance, KeyNormKernel first); args.k_chunks is set from the plan.
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream);
 // The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or
 // cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time.
 cudaError_t SetQuantizeAppendCarveout(int percent);
-// The quantize-append grid: (sequence, KV head, 2 x chunks), z even = K, odd = V.
-inline dim3 QaGrid(int num_seqs, int num_kv_heads, int chunks) {
-  return dim3(num_seqs, num_kv_heads, 2 * chunks);
+// The quantize-append grid: (sequence, KV head, K's chunks then V's).
+inline dim3 QaGrid(int num_seqs, int num_kv_heads, int k_chunks, int v_chunks) {
+  return dim3(num_seqs, num_kv_heads, k_chunks + v_chunks);
 }
 // Blocks per (sequence, KV head, tensor) for a flush of at most max_groups groups per head.
 inline int QaChunks(int64_t max_groups) {

@@ -160,9 +160,7 @@ struct CudaStepRunner::Impl {
   // (flush_after) unless the step is fused or it flushes nothing.
   bool flush_after = false;
   bool flush_prepared = false;    // a flush-after batch with something to flush is in meta
-  int flush_chunks = 1;
-  bool flush_key_norm = false;
-  bool flush_lanes = false;  // its launch flushes along_tokens groups of 32 one per lane
+  cuda::QaPlan flush_plan;        // its launch's grid
   const cuda::DevSeq* d_fseqs = nullptr;
   const int64_t* d_fpages = nullptr;
   const cuda::DevFirstPage* d_first_pages = nullptr;  // [units] or null (set_early_pages)
@@ -217,9 +215,7 @@ struct CudaStepRunner::Impl {
   const cuda::DevMergeItem* d_items = nullptr;
   bool prepared = false;
   bool attention_ready = false;  // every sequence has n_new >= 1
-  int qa_chunks = 1;             // quantize-append blocks per (sequence, KV head, tensor)
-  bool qa_key_norm = false;      // some sequence computes its key-norm factors this step
-  bool qa_lanes = false;         // the launch flushes along_tokens groups of 32 one per lane
+  cuda::QaPlan qa_plan;          // the quantize-append's grid (its chunks: the fused step's)
 
   ~Impl() {
     if (done) cudaEventSynchronize(done);
@@ -478,25 +474,30 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim) {
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, bool lanes) {
   QaPlan plan;
-  int64_t groups = 0, lane_tasks = 0;  // most flush groups (warp tasks) of one head of one tensor
+  // most flush groups of one head, and warp tasks per tensor (a group, or 32 with lanes)
+  int64_t groups = 0, tasks[2] = {0, 0};
+  bool lane_groups = false;
   for (const DevSeq& d : seqs) {
-    for (const DevTensor* t : {&d.k, &d.v}) {
-      if (t->flush <= 0 || t->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
-      const bool along_channels = t->grouping == static_cast<int32_t>(Grouping::kAlongChannels);
-      const int64_t n = along_channels ? int64_t{t->flush} * (head_dim / t->group_size)
-                                       : int64_t{t->flush / t->group_size} * head_dim;
-      const bool lane = !along_channels && t->group_size == 32;
+    for (int v = 0; v < 2; ++v) {
+      const DevTensor& t = v ? d.v : d.k;
+      if (t.flush <= 0 || t.mode == static_cast<int32_t>(QuantMode::kFull)) continue;
+      const bool along_channels = t.grouping == static_cast<int32_t>(Grouping::kAlongChannels);
+      const int64_t n = along_channels ? int64_t{t.flush} * (head_dim / t.group_size)
+                                       : int64_t{t.flush / t.group_size} * head_dim;
+      const bool lane = lanes && !along_channels && t.group_size == 32;
       groups = std::max(groups, n);
-      lane_tasks = std::max(lane_tasks, lane ? (n + 31) / 32 : n);
-      plan.lanes = plan.lanes || lane;
+      tasks[v] = std::max(tasks[v], lane ? (n + 31) / 32 : n);
+      lane_groups = lane_groups || lane;
     }
     plan.key_norm = plan.key_norm ||
                     (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
   }
   plan.chunks = QaChunks(groups);
-  plan.lane_chunks = QaChunks(lane_tasks);
+  plan.k_chunks = QaChunks(tasks[0]);
+  plan.v_chunks = QaChunks(tasks[1]);
+  plan.lanes = lane_groups;
   return plan;
 }
 
@@ -535,7 +536,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         return Result::Error(Code::kInvalidArgument, "a flush after the attention appends nothing: every n_new must be 0");
       flush_any = flush_any || d.k.flush > 0 || d.v.flush > 0 || d.compute_norm;
     }
-    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim);
+    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim, qa_lanes_);
+    if (!qa_split_chunks_) flush_plan.k_chunks = flush_plan.v_chunks = std::max(flush_plan.k_chunks, flush_plan.v_chunks);
     if (!flush_any) fseqs.clear(), fpages.clear();  // nothing to quantize (fp16 sessions): no launch
   }
 
@@ -569,7 +571,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  const cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim);
+  cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim, qa_lanes_);
+  if (!qa_split_chunks_) qa_plan.k_chunks = qa_plan.v_chunks = std::max(qa_plan.k_chunks, qa_plan.v_chunks);
   const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
@@ -1005,12 +1008,9 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
 
-  // The quantize-append's own launch: along_tokens groups of 32 one per lane where some are flushed
-  // (set_qa_lanes); the fused step's instance keeps one group per warp (qa_plan.chunks <= 2 there,
-  // so it flushes no along_tokens groups anyway).
-  m.qa_lanes = qa_lanes_ && qa_plan.lanes && !fused;
-  m.qa_chunks = m.qa_lanes ? qa_plan.lane_chunks : qa_plan.chunks;
-  m.qa_key_norm = qa_plan.key_norm;
+  // The fused step runs K and V with one count, one group per warp (qa_plan.chunks <= 2 there, so
+  // it flushes no along_tokens groups); the quantize-append's own launch runs the plan's grid.
+  m.qa_plan = qa_plan;
   m.params = p;
   if (in) {
     m.params.q = m.meta + off_q;
@@ -1019,9 +1019,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   }
   m.num_seqs = num_seqs;
   m.flush_prepared = flush_any;
-  m.flush_lanes = qa_lanes_ && flush_plan.lanes;
-  m.flush_chunks = m.flush_lanes ? flush_plan.lane_chunks : flush_plan.chunks;
-  m.flush_key_norm = flush_plan.key_norm;
+  m.flush_plan = flush_plan;
   m.num_units = static_cast<int>(units.size());
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
@@ -1036,7 +1034,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
      // followed by less than 1.5 waves of attention units (cuda_ops.h, set_pdl), unless the bodies
      // go first: then the units that wait for it queue behind bodies that do not ((16,32,8,32768),
      // H100: step innerq 202.7 -> 201.7 us, kivi2 259.8 -> 256.7; qa_step 10.6 -> 7.8, 10.1 -> 6.9)
-    const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, m.qa_chunks);
+    const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, qa_plan.k_chunks, qa_plan.v_chunks);
     const int64_t qa_blocks = int64_t{qa.x} * qa.y * qa.z;
     const bool pdl_auto =
         bodies_first || !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident_blocks);
@@ -1084,7 +1082,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.blocks_per_sm = blocks_per_sm;
   stats_.pdl = m.pdl && !m.fused;
   stats_.fused = m.fused;
-  stats_.qa_lanes = m.qa_lanes;
+  stats_.qa_lanes = m.qa_plan.lanes && !m.fused;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
@@ -1128,7 +1126,7 @@ bool CudaStepRunner::unit_trace_built() {
 
 int64_t CudaStepRunner::qa_trace_warps() const {
   const Impl& m = *impl_;
-  return m.prepared ? cuda::QaTraceWarps(m.num_seqs, m.params.num_kv_heads, m.qa_chunks) : 0;
+  return m.prepared ? cuda::QaTraceWarps(m.num_seqs, m.params.num_kv_heads, m.qa_plan.k_chunks + m.qa_plan.v_chunks) : 0;
 }
 
 Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream) {
@@ -1138,7 +1136,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
   const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.flag(), qa_trace_);
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_chunks, m.qa_key_norm, m.qa_lanes, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_plan, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
@@ -1147,7 +1145,7 @@ Result CudaStepRunner::LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t 
   Impl& m = *impl_;
   cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.flag(), nullptr);
   a.wait_at_end = dependent ? 1 : 0;
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_chunks, m.flush_key_norm, m.flush_lanes, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_plan, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
@@ -1222,7 +1220,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   if (fused_qa) {  // the fused step (decode path): each head's first waiting unit runs its quantize-append
     a.qa = *fused_qa;
     a.fused = 1;
-    a.qa_chunks = m.qa_chunks;
+    a.qa_chunks = m.qa_plan.chunks;
     a.item_sync = m.item_sync;
     a.epoch = m.epoch + 1 == 0 ? 1 : m.epoch + 1;
     a.pdl = 0;  // plain: nothing before it in the stream is left to wait for on the device

@@ -1,5 +1,6 @@
 // The CUDA quantize-append run on the CPU: the batch flattened and planned by the runner's own
-// FlattenBatch / PlanQuantizeAppend, then every block of KeyNormKernel and QuantizeAppendKernel
+// FlattenBatch / PlanQuantizeAppend, then every block of KeyNormKernel and QuantizeAppendKernel on
+// each of its grids (one group per warp or per lane, K and V with their own block counts or one)
 // (their bodies, kernels/cuda/quantize_append.cuh, the code the kernels run) executed on
 // emulated threads (tests/kernels/warp_emu.h: each block's 256 threads as fibers, warp operations
 // and the block barrier emulated) over a real arena. After each step the whole arena must be
@@ -34,8 +35,9 @@ struct SeqCase {
 };
 
 // Runs the steps of a batch through the emulated kernels and the reference; compares the arenas.
-// min_fewer_chunks: steps whose lane flush must take fewer blocks than one group per warp.
-void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, int min_fewer_chunks = 0) {
+// grids_differ: some step must give K and V different block counts, and some step's lane plan
+// fewer blocks than the per-warp one.
+void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, bool grids_differ = false) {
   std::mt19937 rng(seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -44,7 +46,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
   }
   const size_t num_steps = cases[0].n_new.size();
-  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0;
+  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -84,20 +86,31 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     bool ready = false;
     const Result fr = cuda::FlattenBatch(p, works.data(), cfgs.data(), n, &ds, &pages, &ready);
     ASSERT_TRUE(fr.ok()) << fr.message;
-    const cuda::QaPlan plan = cuda::PlanQuantizeAppend(ds, d);
-    // Both instances of the launch where they differ (some along_tokens groups of 32 flushed): one
-    // group per warp on QaPlan::chunks, one per lane on QaPlan::lane_chunks, and one per lane on a
-    // single chunk per tensor (each warp then walks many 32-group tasks).
-    for (int variant = 0; variant < 3; ++variant) {
-      const bool lanes = variant > 0;
-      if (lanes && !plan.lanes) break;
-      SCOPED_TRACE(variant == 0 ? "groups per warp" : variant == 1 ? "groups per lane" : "groups per lane, one chunk");
-      const int chunks = variant == 0 ? plan.chunks : variant == 1 ? plan.lane_chunks : 1;
-      if (variant == 1) {
+    // The launch's grids: one group per warp with K's and V's own block counts (QaPlan), then with
+    // one count for both (the fused step's, set_qa_split_chunks(false)); where some along_tokens
+    // groups of 32 are flushed, one group per lane on the lane plan's counts and on one block per
+    // tensor (each warp then walks many 32-group tasks).
+    const cuda::QaPlan warp_plan = cuda::PlanQuantizeAppend(ds, d, false);
+    const cuda::QaPlan lane_plan = cuda::PlanQuantizeAppend(ds, d, true);
+    EXPECT_FALSE(warp_plan.lanes);
+    EXPECT_EQ(warp_plan.chunks, std::max(warp_plan.k_chunks, warp_plan.v_chunks));
+    split_steps += warp_plan.k_chunks != warp_plan.v_chunks ? 1 : 0;
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool lanes = variant >= 2;
+      if (lanes && !lane_plan.lanes) break;
+      SCOPED_TRACE(variant == 0   ? "groups per warp"
+                   : variant == 1 ? "groups per warp, one count"
+                   : variant == 2 ? "groups per lane"
+                                  : "groups per lane, one block per tensor");
+      cuda::QaPlan plan = lanes ? lane_plan : warp_plan;
+      if (variant == 1) plan.k_chunks = plan.v_chunks = plan.chunks;
+      if (variant == 3) plan.k_chunks = plan.v_chunks = 1;
+      if (variant == 2) {
         lane_steps++;
-        EXPECT_LE(plan.lane_chunks, plan.chunks);
-        fewer_chunks += plan.lane_chunks < plan.chunks ? 1 : 0;
+        EXPECT_LE(plan.k_chunks + plan.v_chunks, warp_plan.k_chunks + warp_plan.v_chunks);
+        fewer_chunks += plan.k_chunks + plan.v_chunks < warp_plan.k_chunks + warp_plan.v_chunks ? 1 : 0;
       }
+      const int grid_z = plan.k_chunks + plan.v_chunks;
       std::vector<uint8_t> emu = a.bytes();
       int32_t flag = 0;
       cuda::QaArgs qa{};
@@ -110,10 +123,11 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
       qa.head_dim = d;
       qa.dtype = static_cast<int32_t>(dt);
       qa.error_flag = &flag;
+      qa.k_chunks = plan.k_chunks;
       // Odd steps run with the benchmark's phase trace on: the codes must not change, and every warp
       // writes its stamps in order.
       const bool trace = step % 2 == 1;
-      const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, chunks);
+      const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, grid_z);
       std::vector<int64_t> stamps(trace ? trace_warps * cuda::kQaTraceSlots : 0, -1);
       qa.trace = trace ? stamps.data() : nullptr;
       if (plan.key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
@@ -122,18 +136,18 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
             for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
       for (int s = 0; s < n; ++s)
         for (int h = 0; h < hkv; ++h)
-          for (int z = 0; z < 2 * chunks; ++z, ++blocks_run) {
+          for (int z = 0; z < grid_z; ++z, ++blocks_run) {
             std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
             cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
               float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
               if (trace && lanes) {
-                cuda::QuantizeAppendBlock<true, true>(qa, s, h, z, chunks, tid, werr);
+                cuda::QuantizeAppendGridBlock<true, true>(qa, s, h, z, grid_z, tid, werr);
               } else if (trace) {
-                cuda::QuantizeAppendBlock<true, false>(qa, s, h, z, chunks, tid, werr);
+                cuda::QuantizeAppendGridBlock<true, false>(qa, s, h, z, grid_z, tid, werr);
               } else if (lanes) {
-                cuda::QuantizeAppendBlock<false, true>(qa, s, h, z, chunks, tid, werr);
+                cuda::QuantizeAppendGridBlock<false, true>(qa, s, h, z, grid_z, tid, werr);
               } else {
-                cuda::QuantizeAppendBlock<false, false>(qa, s, h, z, chunks, tid, werr);
+                cuda::QuantizeAppendGridBlock<false, false>(qa, s, h, z, grid_z, tid, werr);
               }
             });
           }
@@ -164,7 +178,8 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
           ++diffs;
         }
       ASSERT_EQ(diffs, 0) << "emulated quantize-append differs from the reference in " << diffs
-                          << " bytes, first at " << first << " (" << chunks << " chunks)";
+                          << " bytes, first at " << first << " (" << plan.k_chunks << " + " << plan.v_chunks
+                          << " blocks)";
     }
     a.bytes() = ref;
     for (size_t i = 0; i < seqs.size(); ++i) seqs[i] = steps[i].next;
@@ -172,8 +187,9 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   EXPECT_GT(blocks_run, 0);
   EXPECT_GT(traced_flushing_warps, 0);
   EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
-  if (min_fewer_chunks > 0) {
-    EXPECT_GE(fewer_chunks, min_fewer_chunks) << "steps whose lane flush needs fewer blocks";
+  if (grids_differ) {
+    EXPECT_GT(split_steps, 0) << "no step gave K and V different block counts";
+    EXPECT_GT(fewer_chunks, 0) << "no step's lane flush needed fewer blocks";
   }
 }
 
@@ -216,7 +232,7 @@ TEST(QuantizeAppendEmulation, CustomConfigsMatchTheReference) {
   ASSERT_EQ(ValidateConfig(b, 128), "");
   ASSERT_EQ(ValidateConfig(c, 128), "");
   const std::vector<int> steps(40, 1);
-  CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77, 1);
+  CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77, true);
 }
 
 }  // namespace

@@ -189,6 +189,11 @@ class CudaStepRunner {
   // reference quantizer on its group (same codes). On by default; off for A/Bs and tests of the
   // per-warp path. Applies from the next Prepare.
   void set_qa_lanes(bool on) { qa_lanes_ = on; }
+  // The quantize-append's own launches give K and V each the blocks per (sequence, KV head) its
+  // flush needs (K's every-step flush: 2 blocks at D = 128; V's 32-token flush: 64, or 2 with
+  // lanes); set_qa_split_chunks(false) gives both the larger count (A/Bs, tests). Applies from the
+  // next Prepare.
+  void set_qa_split_chunks(bool on) { qa_split_chunks_ = on; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -273,6 +278,7 @@ class CudaStepRunner {
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
   bool qa_lanes_ = true;
+  bool qa_split_chunks_ = true;
 };
 
 }  // namespace kvq
