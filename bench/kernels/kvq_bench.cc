@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -133,7 +133,7 @@ bool g_chain_dump = false;     // --chain-dump: the chain's steps one by one on 
 bool g_qa_trace = false;       // --qa-trace: the quantize-append's phases per chain step (stderr)
 bool g_unit_trace = false;     // --unit-trace: the decode units' phases, attention alone and the step (stderr)
 int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_fused_step (-1: the default)
-bool g_qa_lanes = true;        // off with --qa-warp-groups: CudaStepRunner::set_qa_lanes
+int g_qa_lanes = -1;           // --qa-lanes auto|on|off: CudaStepRunner::set_qa_lanes (-1 the plan decides)
 bool g_qa_split = true;        // off with --qa-same-chunks: CudaStepRunner::set_qa_split_chunks
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
@@ -768,7 +768,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-warp-groups] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -837,8 +837,13 @@ int main(int argc, char** argv) {
       g_fused = 1;
     } else if (a == "--two-launches") {
       g_fused = 0;
-    } else if (a == "--qa-warp-groups") {
-      g_qa_lanes = false;
+    } else if (a == "--qa-lanes" && i + 1 < argc) {
+      const std::string m = argv[++i];
+      if (m != "auto" && m != "on" && m != "off") {
+        std::fprintf(stderr, "kvq-bench: --qa-lanes takes auto, on or off\n");
+        return 2;
+      }
+      g_qa_lanes = m == "auto" ? -1 : m == "on" ? 1 : 0;
     } else if (a == "--qa-same-chunks") {
       g_qa_split = false;
     } else if (a == "--no-pdl") {

@@ -47,6 +47,24 @@ cudaError_t SetQuantizeAppendCarveout(int percent) {
   return e;
 }
 
+int QuantizeAppendBlocksPerSm() {
+  static OccupancyMemo memo;  // per device (key 0)
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (memo.Find(dev, 0, &n)) return n;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, QuantizeAppendKernel<false, false>, kQaThreads, 0) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  n = n > 0 ? n : 1;
+  memo.Put(dev, 0, n);
+  return n;
+}
+
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:

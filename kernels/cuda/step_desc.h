@@ -322,8 +322,9 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
 // flush needs (K's every-step one-token flush is 4 groups at D = 128, V's along_tokens flush 128:
 // one count for both started 64 blocks of K per head that only read their descriptors) and, with
 // lanes, along_tokens groups of 32 one per lane, 32 per warp (QuantizeAppendBlock's kLanes);
-// lanes: lanes were allowed and some tensor flushes such groups; key_norm: KeyNormKernel runs
-// first (some sequence computes its key-norm factors this step).
+// lanes: the batch flushes at least min_lane_groups such groups (summed over its sequences, per
+// KV head; < 0: never); key_norm: KeyNormKernel runs first (some sequence computes its key-norm
+// factors this step).
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
@@ -331,7 +332,16 @@ struct QaPlan {
   bool lanes = false;
   bool key_norm = false;
 };
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, bool lanes);
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups);
+// Resident blocks per SM of the quantize-append's per-warp instance (occupancy API, per device).
+int QuantizeAppendBlocksPerSm();
+// Lanes only where the per-warp flush would take more than this many waves of the device's
+// resident quantize-append warps: a lane quantizes its 32 values alone, so a warp's task is longer
+// and runs ~14,000 instructions of straight code, which few warps per SM fetch for themselves. H100
+// (2026-12-07, bench/results/raw/2026-12-07a/call1): qa_step 1.1-1.5 us lower at 21 waves
+// ((16,32,32,4096), (64,32,8,8192)), 0.5-1.1 us higher at 5 waves ((16,32,8,32768) innerq,
+// (1,32,32,*)) and 2.8 us at (1,9,3,8192) innerq.
+constexpr int kQaLaneWaves = 8;
 
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
 // The quantize-append as planned (QaPlan: K's and V's blocks per (sequence, KV head), the lane

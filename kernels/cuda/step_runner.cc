@@ -474,11 +474,11 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, bool lanes) {
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups) {
   QaPlan plan;
-  // most flush groups of one head, and warp tasks per tensor (a group, or 32 with lanes)
-  int64_t groups = 0, tasks[2] = {0, 0};
-  bool lane_groups = false;
+  // most flush groups of one head; warp tasks per tensor, one group per warp and with lanes (32
+  // along_tokens groups of 32 per warp); such groups summed over the batch (per KV head)
+  int64_t groups = 0, tasks[2] = {0, 0}, lane_tasks[2] = {0, 0}, lane_groups = 0;
   for (const DevSeq& d : seqs) {
     for (int v = 0; v < 2; ++v) {
       const DevTensor& t = v ? d.v : d.k;
@@ -486,18 +486,19 @@ QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, bool la
       const bool along_channels = t.grouping == static_cast<int32_t>(Grouping::kAlongChannels);
       const int64_t n = along_channels ? int64_t{t.flush} * (head_dim / t.group_size)
                                        : int64_t{t.flush / t.group_size} * head_dim;
-      const bool lane = lanes && !along_channels && t.group_size == 32;
+      const bool lane = !along_channels && t.group_size == 32;
       groups = std::max(groups, n);
-      tasks[v] = std::max(tasks[v], lane ? (n + 31) / 32 : n);
-      lane_groups = lane_groups || lane;
+      tasks[v] = std::max(tasks[v], n);
+      lane_tasks[v] = std::max(lane_tasks[v], lane ? (n + 31) / 32 : n);
+      lane_groups += lane ? n : 0;
     }
     plan.key_norm = plan.key_norm ||
                     (d.compute_norm && d.key_norm && d.k.flush > 0 && d.k.mode != static_cast<int32_t>(QuantMode::kFull));
   }
+  plan.lanes = min_lane_groups >= 0 && lane_groups > 0 && lane_groups >= min_lane_groups;
   plan.chunks = QaChunks(groups);
-  plan.k_chunks = QaChunks(tasks[0]);
-  plan.v_chunks = QaChunks(tasks[1]);
-  plan.lanes = lane_groups;
+  plan.k_chunks = QaChunks(plan.lanes ? lane_tasks[0] : tasks[0]);
+  plan.v_chunks = QaChunks(plan.lanes ? lane_tasks[1] : tasks[1]);
   return plan;
 }
 
@@ -526,6 +527,13 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   std::vector<int64_t>& fpages = m.fpages;
   fseqs.clear();
   fpages.clear();
+  // Along_tokens groups of 32 one per lane (set_qa_lanes): by default where one group per warp would
+  // take more than kQaLaneWaves waves of the device's resident quantize-append warps.
+  const int64_t min_lane_groups =
+      qa_lanes_mode_ == 0   ? -1
+      : qa_lanes_mode_ == 1 ? 0
+                            : (int64_t{cuda::kQaLaneWaves} * m.num_sms * cuda::QuantizeAppendBlocksPerSm() *
+                                   (cuda::kQaThreads / 32) + p.num_kv_heads - 1) / p.num_kv_heads;
   cuda::QaPlan flush_plan;
   bool flush_any = false;
   if (flush_after) {
@@ -536,7 +544,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         return Result::Error(Code::kInvalidArgument, "a flush after the attention appends nothing: every n_new must be 0");
       flush_any = flush_any || d.k.flush > 0 || d.v.flush > 0 || d.compute_norm;
     }
-    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim, qa_lanes_);
+    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim, min_lane_groups);
     if (!qa_split_chunks_) flush_plan.k_chunks = flush_plan.v_chunks = std::max(flush_plan.k_chunks, flush_plan.v_chunks);
     if (!flush_any) fseqs.clear(), fpages.clear();  // nothing to quantize (fp16 sessions): no launch
   }
@@ -571,7 +579,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim, qa_lanes_);
+  cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim, min_lane_groups);
   if (!qa_split_chunks_) qa_plan.k_chunks = qa_plan.v_chunks = std::max(qa_plan.k_chunks, qa_plan.v_chunks);
   const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);

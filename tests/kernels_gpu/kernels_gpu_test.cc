@@ -519,7 +519,8 @@ TEST(KernelsGpu, RingDepths) {
 // Many consecutive decode steps of one batch (every flush phase of innerq and kivi2 comes by:
 // innerq's values flush every 32 steps), each checked against the reference. Two launches, the
 // attention as a programmatic dependent of the quantize-append; then without PDL and with the
-// along_tokens groups flushed one per warp (set_qa_lanes(false); elsewhere one per lane); then with PDL
+// along_tokens groups flushed one per warp (set_qa_lanes(0); elsewhere forced to one per lane: the
+// plan takes lanes only for far larger batches); then with PDL
 // and the blocks spread by padded shared memory (set_spread_blocks: at most one block per SM for
 // this small batch); then with PDL and the items split into many short units, most of which read
 // only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
@@ -548,7 +549,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_fused_step(fused);
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
-    runner->set_qa_lanes(variant != 1);
+    runner->set_qa_lanes(variant == 1 ? 0 : 1);
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;

@@ -90,8 +90,8 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     // one count for both (the fused step's, set_qa_split_chunks(false)); where some along_tokens
     // groups of 32 are flushed, one group per lane on the lane plan's counts and on one block per
     // tensor (each warp then walks many 32-group tasks).
-    const cuda::QaPlan warp_plan = cuda::PlanQuantizeAppend(ds, d, false);
-    const cuda::QaPlan lane_plan = cuda::PlanQuantizeAppend(ds, d, true);
+    const cuda::QaPlan warp_plan = cuda::PlanQuantizeAppend(ds, d, -1);
+    const cuda::QaPlan lane_plan = cuda::PlanQuantizeAppend(ds, d, 0);
     EXPECT_FALSE(warp_plan.lanes);
     EXPECT_EQ(warp_plan.chunks, std::max(warp_plan.k_chunks, warp_plan.v_chunks));
     split_steps += warp_plan.k_chunks != warp_plan.v_chunks ? 1 : 0;
@@ -233,6 +233,42 @@ TEST(QuantizeAppendEmulation, CustomConfigsMatchTheReference) {
   ASSERT_EQ(ValidateConfig(c, 128), "");
   const std::vector<int> steps(40, 1);
   CheckBatch({{a, 300, 100, steps}, {b, 260, 3, steps}, {c, 90, 0, steps}}, DType::kF16, 2, 128, 77, true);
+}
+
+// The plan's rule for lanes: one group per lane only where the batch flushes at least the given
+// number of along_tokens groups of 32 per KV head (summed over its sequences), and then the counts
+// of those warp tasks; the rest of the plan as one group per warp would have it.
+TEST(QuantizeAppendPlan, LanesOnlyFromTheGivenGroupCount) {
+  const int d = 128;
+  cuda::DevSeq s{};
+  s.v.flush = 32;  // innerq's value flush: 32 tokens x 128 channels = 128 groups per head
+  s.v.mode = static_cast<int32_t>(QuantMode::kHybrid);
+  s.v.grouping = static_cast<int32_t>(Grouping::kAlongTokens);
+  s.v.group_size = 32;
+  s.k.flush = 1;  // innerq's key flush: 4 along_channels groups per head
+  s.k.mode = static_cast<int32_t>(QuantMode::kSym);
+  s.k.grouping = static_cast<int32_t>(Grouping::kAlongChannels);
+  s.k.group_size = 32;
+  const std::vector<cuda::DevSeq> batch(16, s);  // 2,048 such groups per KV head
+  const cuda::QaPlan never = cuda::PlanQuantizeAppend(batch, d, -1);
+  EXPECT_FALSE(never.lanes);
+  EXPECT_EQ(never.chunks, 64);
+  EXPECT_EQ(never.k_chunks, 2);
+  EXPECT_EQ(never.v_chunks, 64);
+  for (const int64_t min_groups : {int64_t{0}, int64_t{2048}}) {
+    const cuda::QaPlan p = cuda::PlanQuantizeAppend(batch, d, min_groups);
+    EXPECT_TRUE(p.lanes) << min_groups;
+    EXPECT_EQ(p.chunks, 64);    // the fused step's count does not change
+    EXPECT_EQ(p.k_chunks, 2);   // along_channels: one group per warp still
+    EXPECT_EQ(p.v_chunks, 2);   // 4 warp tasks of 32 groups
+  }
+  const cuda::QaPlan below = cuda::PlanQuantizeAppend(batch, d, 2049);
+  EXPECT_FALSE(below.lanes);
+  EXPECT_EQ(below.v_chunks, 64);
+  // nothing flushed along tokens: no lanes, whatever the count
+  std::vector<cuda::DevSeq> keys_only = batch;
+  for (cuda::DevSeq& x : keys_only) x.v.flush = 0;
+  EXPECT_FALSE(cuda::PlanQuantizeAppend(keys_only, d, 0).lanes);
 }
 
 }  // namespace

@@ -183,12 +183,14 @@ class CudaStepRunner {
   // few items of long KIVI or fp16 sequences, where it measured faster (step_runner.cc);
   // set_fused_step forces it on or off (tests, the benchmark). Applies from the next Prepare.
   void set_fused_step(bool on) { fused_mode_ = on ? 1 : 0; }
-  // The quantize-append's own launches (not the fused step's) flush along_tokens groups of 32
+  // The quantize-append's own launches (not the fused step's) may flush along_tokens groups of 32
   // (InnerQ's values, KIVI's keys: every 32 or 128 steps) one group per lane, 32 groups per warp,
   // instead of one per warp: D / 32 warps per 32-token block instead of D, each lane running the
-  // reference quantizer on its group (same codes). On by default; off for A/Bs and tests of the
-  // per-warp path. Applies from the next Prepare.
-  void set_qa_lanes(bool on) { qa_lanes_ = on; }
+  // reference quantizer on its group (same codes). -1 (the default): where one group per warp
+  // would take more than kQaLaneWaves waves of the device's resident quantize-append warps (512
+  // KV heads of 32-token value flushes on an H100; fewer measured slower); 0 never; 1 wherever
+  // such groups are flushed (tests). Applies from the next Prepare.
+  void set_qa_lanes(int mode) { qa_lanes_mode_ = mode; }
   // The quantize-append's own launches give K and V each the blocks per (sequence, KV head) its
   // flush needs (K's every-step flush: 2 blocks at D = 128; V's 32-token flush: 64, or 2 with
   // lanes); set_qa_split_chunks(false) gives both the larger count (A/Bs, tests). Applies from the
@@ -277,7 +279,7 @@ class CudaStepRunner {
   int min_row_class_ = 1;
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
-  bool qa_lanes_ = true;
+  int qa_lanes_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   bool qa_split_chunks_ = true;
 };
 
