@@ -66,6 +66,16 @@ KVQ_WARP float LoadActDev(const uint8_t* arena, int64_t page, int slot, int h, i
   return LoadAct(p, dtype);
 }
 
+// The trace's stamp [3] once the warp's window values v have arrived: the vote waits for them, the
+// clock is read after the branch on it.
+template <int N>
+KVQ_WARP void StampValuesArrived(const float (&v)[N], int lane, int64_t* tr) {
+  bool arrived = true;
+  KVQ_UNROLL
+  for (int j = 0; j < N; ++j) arrived = arrived && v[j] == v[j];
+  if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
+}
+
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
 // factors in the arena, read beside the window values). tr: the warp's trace slots for its first
 // group (QaArgs::trace), else null.
@@ -105,12 +115,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   }
   // the destination page's entry loads while the warp quantizes
   const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
-  if (tr) {  // the vote waits for the window values; the clock is read after the branch on it
-    bool arrived = true;
-    KVQ_UNROLL
-    for (int j = 0; j < J; ++j) arrived = arrived && v[j] == v[j];
-    if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
-  }
+  if (tr) StampValuesArrived(v, lane, tr);
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
@@ -160,12 +165,7 @@ KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi
   const int group = ((body_tok % kPageTokens) / G) * D + c;
   // the destination page's entry loads while the lane quantizes
   const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
-  if (tr) {  // as FlushGroup's: the vote waits for the window values
-    bool arrived = true;
-    KVQ_UNROLL
-    for (int t = 0; t < G; ++t) arrived = arrived && v[t] == v[t];
-    if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
-  }
+  if (tr) StampValuesArrived(v, lane, tr);
   uint8_t codes[G];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
