@@ -407,20 +407,8 @@ __global__ void __launch_bounds__(kAttnThreads, 5) AttentionKernel(AttnArgs a) {
 
 template <int D, DType DT>
 int AttentionBlocksPerSmT() {
-  static OccupancyMemo memo;  // per device; the kernel takes no dynamic shared memory (key 0)
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  if (memo.Find(dev, 0, &n)) return n;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, AttentionKernel<D, DT>, kAttnThreads, 0) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  n = n > 0 ? n : 1;
-  memo.Put(dev, 0, n);
-  return n;
+  static OccupancyMemo memo;  // per device; the kernel takes no dynamic shared memory
+  return BlocksPerSmNoSmem(&memo, AttentionKernel<D, DT>, kAttnThreads);
 }
 
 template <int D, DType DT>

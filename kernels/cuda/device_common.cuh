@@ -48,6 +48,25 @@ class OccupancyMemo {
   std::vector<Entry> entries_;
 };
 
+// Resident blocks per SM of a kernel launched without dynamic shared memory, asked of the
+// occupancy API once per device (memo: the caller's, one per kernel, key 0); 1 when the API fails.
+template <typename Kernel>
+int BlocksPerSmNoSmem(OccupancyMemo* memo, Kernel kernel, int threads) {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (memo->Find(dev, 0, &n)) return n;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  n = n > 0 ? n : 1;
+  memo->Put(dev, 0, n);
+  return n;
+}
+
 template <DType DT>
 __device__ __forceinline__ float ActToFloat(uint16_t bits) {
   if constexpr (DT == DType::kF16) {

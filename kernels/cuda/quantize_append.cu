@@ -48,21 +48,8 @@ cudaError_t SetQuantizeAppendCarveout(int percent) {
 }
 
 int QuantizeAppendBlocksPerSm() {
-  static OccupancyMemo memo;  // per device (key 0)
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  if (memo.Find(dev, 0, &n)) return n;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, QuantizeAppendKernel<false, false>, kQaThreads, 0) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  n = n > 0 ? n : 1;
-  memo.Put(dev, 0, n);
-  return n;
+  static OccupancyMemo memo;  // per device
+  return BlocksPerSmNoSmem(&memo, QuantizeAppendKernel<false, false>, kQaThreads);
 }
 
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream) {

@@ -141,7 +141,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
 // and PackCodes (kvq/quant.h): the same codes, scales and zeros as the CPU by construction, and no
 // warp reductions, shared memory or per-group chain of dependent loads. The warp stores its 32
 // groups' words, scales and zeros as contiguous runs (group index = c within the 32-token block).
-// One launch then needs D / 32 warps per block of 32 tokens instead of D (QaPlan::lane_chunks):
+// One launch then needs D / 32 warps per block of 32 tokens instead of D (QaPlan with lanes):
 // at (16,32,32,4096) innerq the value flush of every 32nd step is 2 blocks per head, not 64.
 // tr: the warp's trace slots (QaArgs::trace) when this is its first task, else null.
 KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi0, bool norm, const float* knorm,
