@@ -185,11 +185,6 @@ KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi
   if (tr && lane == 0) tr[5] = QaClock();
 }
 
-// Whether a tensor's flush goes through FlushLaneGroups in a launch with lane flushes on.
-KVQ_WARP bool LaneFlush(const DevTensor& x) {
-  return x.grouping == static_cast<int>(Grouping::kAlongTokens) && x.group_size == 32;
-}
-
 constexpr int kQaWarps = kQaThreads / 32;
 
 // Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that

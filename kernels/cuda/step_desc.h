@@ -87,6 +87,12 @@ struct DevUnit {
 // IMMA bits, which the unit reads as they are, nothing past them (decode_pages.cuh).
 constexpr int32_t kUnitTokens = 0, kUnitImmaBody = 1, kUnitPages = 2;
 constexpr int kImmaMaxRows = 4;
+// Whether the quantize-append's lane instance flushes this tensor's groups one per lane
+// (FlushLaneGroups: along_tokens groups of 32); KVQ_HD so the plan counts what the kernel does.
+KVQ_HD bool LaneFlush(const DevTensor& x) {
+  return x.grouping == static_cast<int32_t>(Grouping::kAlongTokens) && x.group_size == 32;
+}
+
 KVQ_HD bool ImmaBits(int k_bits, int v_bits) {
   return (k_bits == 2 && v_bits == 2) || (k_bits == 3 && v_bits == 2) || (k_bits == 3 && v_bits == 3);
 }

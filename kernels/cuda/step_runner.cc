@@ -486,7 +486,7 @@ QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t
       const bool along_channels = t.grouping == static_cast<int32_t>(Grouping::kAlongChannels);
       const int64_t n = along_channels ? int64_t{t.flush} * (head_dim / t.group_size)
                                        : int64_t{t.flush / t.group_size} * head_dim;
-      const bool lane = !along_channels && t.group_size == 32;
+      const bool lane = LaneFlush(t);
       groups = std::max(groups, n);
       tasks[v] = std::max(tasks[v], n);
       lane_tasks[v] = std::max(lane_tasks[v], lane ? (n + 31) / 32 : n);
@@ -534,6 +534,11 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
       : qa_lanes_mode_ == 1 ? 0
                             : (int64_t{cuda::kQaLaneWaves} * m.num_sms * cuda::QuantizeAppendBlocksPerSm() *
                                    (cuda::kQaThreads / 32) + p.num_kv_heads - 1) / p.num_kv_heads;
+  auto plan_qa = [&](const std::vector<cuda::DevSeq>& batch) {
+    cuda::QaPlan plan = cuda::PlanQuantizeAppend(batch, p.head_dim, min_lane_groups);
+    if (!qa_split_chunks_) plan.k_chunks = plan.v_chunks = std::max(plan.k_chunks, plan.v_chunks);
+    return plan;
+  };
   cuda::QaPlan flush_plan;
   bool flush_any = false;
   if (flush_after) {
@@ -544,8 +549,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
         return Result::Error(Code::kInvalidArgument, "a flush after the attention appends nothing: every n_new must be 0");
       flush_any = flush_any || d.k.flush > 0 || d.v.flush > 0 || d.compute_norm;
     }
-    flush_plan = cuda::PlanQuantizeAppend(fseqs, p.head_dim, min_lane_groups);
-    if (!qa_split_chunks_) flush_plan.k_chunks = flush_plan.v_chunks = std::max(flush_plan.k_chunks, flush_plan.v_chunks);
+    flush_plan = plan_qa(fseqs);
     if (!flush_any) fseqs.clear(), fpages.clear();  // nothing to quantize (fp16 sessions): no launch
   }
 
@@ -579,8 +583,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  cuda::QaPlan qa_plan = cuda::PlanQuantizeAppend(seqs, p.head_dim, min_lane_groups);
-  if (!qa_split_chunks_) qa_plan.k_chunks = qa_plan.v_chunks = std::max(qa_plan.k_chunks, qa_plan.v_chunks);
+  const cuda::QaPlan qa_plan = plan_qa(seqs);
   const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
