@@ -34,6 +34,24 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
+// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head_warps).
+template <bool kTrace, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
+  GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
+  __shared__ float err[kWarps][2 * kMaxGroupSize];
+  QuantizeAppendHeadBlock<kTrace, kWarps>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
+                                          static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
+  if (a.qa.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
+}
+
+template <int kWarps>
+cudaError_t LaunchHead(const QaArgs& qa, int num_seqs, const DevQaHead* heads, bool pdl, cudaStream_t stream) {
+  const dim3 grid(num_seqs, qa.num_kv_heads);
+  const QaHeadArgs a{qa, heads};
+  return qa.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWarps>, grid, dim3(kWarps * 32), 0, stream, a, pdl)
+                  : LaunchKernel(QuantizeAppendHeadKernel<false, kWarps>, grid, dim3(kWarps * 32), 0, stream, a, pdl);
+}
+
 }  // namespace
 
 cudaError_t SetQuantizeAppendCarveout(int percent) {
@@ -41,7 +59,11 @@ cudaError_t SetQuantizeAppendCarveout(int percent) {
   for (const void* f : {reinterpret_cast<const void*>(QuantizeAppendKernel<false, false>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<true, false>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<false, true>),
-                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, true>)})
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, true>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, 2>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, 2>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, 4>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, 4>)})
     if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
@@ -52,7 +74,8 @@ int QuantizeAppendBlocksPerSm() {
   return BlocksPerSmNoSmem(&memo, QuantizeAppendKernel<false, false>, kQaThreads);
 }
 
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream) {
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
+                                 cudaStream_t stream) {
   if (num_seqs <= 0) return cudaSuccess;
   // A dependent (wait_at_end) launches as one only when it is the first kernel after its primary:
   // with the key-norm launch first, both run plainly after it.
@@ -65,6 +88,12 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan&
     if (e != cudaSuccess) return e;
   }
   const bool pdl = a.wait_at_end != 0;
+  if (plan.head_warps > 0) {  // the plan never asks for it with key-norm factors to compute
+    if (!heads) return cudaErrorInvalidValue;
+    return plan.head_warps == 2   ? LaunchHead<2>(a, num_seqs, heads, pdl, stream)
+           : plan.head_warps == 4 ? LaunchHead<4>(a, num_seqs, heads, pdl, stream)
+                                  : cudaErrorInvalidValue;
+  }
   const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
   if (plan.lanes)
     return a.trace ? LaunchKernel(QuantizeAppendKernel<true, true>, grid, dim3(kQaThreads), 0, stream, a, pdl)

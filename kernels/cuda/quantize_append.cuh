@@ -76,6 +76,30 @@ KVQ_WARP void StampValuesArrived(const float (&v)[N], int lane, int64_t* tr) {
   if (warp::Ballot(arrived) != 0u && lane == 0) tr[3] = QaClock();
 }
 
+// The warp's group of values v quantized and stored as group `group` of the body page's head data
+// at `head` (format fields as in DevTensor); error flag 2 instead where the reference fails
+// (non-finite input, a scale or zero beyond fp16 range). tr: trace slots [4], [5] (or null).
+template <int J>
+KVQ_WARP void QuantizeStoreGroup(const float (&v)[J], int bits, int mode, int words_per_group, int scales_offset,
+                                 int has_zeros, int zeros_offset, uint8_t* head, int group, int32_t* error_flag,
+                                 float* err, int lane, int64_t* tr) {
+  uint32_t code[J];
+  uint16_t scale_bits = 0, zero_bits = 0;
+  const bool quantized =
+      WarpQuantizeGroup<J>(v, bits, static_cast<QuantMode>(mode), err, lane, code, &scale_bits, &zero_bits);
+  if (tr && lane == 0) tr[4] = QaClock();
+  if (!quantized) {
+    if (lane == 0) warp::SetFlag(error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+    return;
+  }
+  WarpPackStore<J>(code, bits, lane, reinterpret_cast<uint32_t*>(head) + group * words_per_group);
+  if (lane == 0) {
+    reinterpret_cast<uint16_t*>(head + scales_offset)[group] = scale_bits;
+    if (has_zeros) reinterpret_cast<uint16_t*>(head + zeros_offset)[group] = zero_bits;
+    if (tr) tr[5] = QaClock();
+  }
+}
+
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
 // factors in the arena, read beside the window values). tr: the warp's trace slots for its first
 // group (QaArgs::trace), else null.
@@ -116,6 +140,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   // the destination page's entry loads while the warp quantizes
   const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
   if (tr) StampValuesArrived(v, lane, tr);
+  // (QuantizeStoreGroup's steps, written out: the decode objects' fused step keeps its registers)
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
@@ -313,6 +338,85 @@ KVQ_WARP void QuantizeAppendGridBlock(const QaArgs& a, int seq, int h, int zi, i
   const int chunk = is_v ? zi - a.k_chunks : zi;
   QuantizeAppendBlock<kTrace, kLanes>(a, seq, h, 2 * chunk + (is_v ? 1 : 0), is_v ? grid_z - a.k_chunks : a.k_chunks,
                                       tid, err, (static_cast<int64_t>(seq) * a.num_kv_heads + h) * grid_z + zi);
+}
+
+// One block of QuantizeAppendHeadKernel: the whole quantize-append of sequence seq's KV head h in a
+// step that QaHeadFits (QaPlan::head_warps), kWarps warps. The flush groups of K, then of V, are
+// the block's tasks, task i on warp i % kWarps; each warp loads all of its tasks' window values (and
+// key-norm factors) before it quantizes the first, so its loads go out together. The append's new
+// rows of K and V (one 16-byte piece per thread) load beside them and are stored after the flush,
+// as QuantizeAppendBlock does. Every address comes from the host (DevQaHead), so the chain is the
+// descriptor, the values, the quantizer, the stores; the codes are FlushGroup<1>'s (the same
+// quantizer and stores, the same values and key-norm division). err: the calling warp's
+// 2 * kMaxGroupSize floats of shared memory; trace_block: seq * Hkv + h (kTrace only).
+template <bool kTrace, int kWarps>
+KVQ_WARP void QuantizeAppendHeadBlock(const QaArgs& a, const DevQaHead* heads, int seq, int h, int tid, float* err,
+                                      int64_t trace_block) {
+  static_assert(kWarps >= 1 && kWarps <= kQaHeadMaxWarps, "QuantizeAppendHeadBlock: warps");
+  const DevQaHead* hd = heads + 2 * seq;
+  QaPrefetchL1(hd, 2 * sizeof(DevQaHead), tid);
+  const int D = a.head_dim;
+  const int hkv = a.num_kv_heads;
+  const int warp = tid >> 5, lane = tid & 31;
+  const DType dtype = static_cast<DType>(a.dtype);
+  const int64_t row_stride = int64_t{kPageTokens} * D * 2;  // one head's rows in a full-precision page
+  int64_t* tr = kTrace && a.trace ? a.trace + (trace_block * kWarps + warp) * kQaTraceSlots : nullptr;
+  if (tr && lane == 0) {
+    tr[0] = QaGlobalTimer();
+    tr[1] = QaClock();
+    tr[8] = QaSmId();
+  }
+
+  // Append: thread i < D / 8 copies 16 bytes of K's new row, the next D / 8 threads V's (the plan
+  // asks for 2 * D / 8 <= kWarps * 32).
+  const int row_chunks = D / 8;
+  uint4 row{};
+  uint8_t* row_dst = nullptr;
+  if (tid < 2 * row_chunks) {
+    const int ti = tid < row_chunks ? 0 : 1;
+    const int c0 = (tid - ti * row_chunks) * 8;
+    const DevQaHead& x = hd[ti];
+    if (x.append_row >= 0) {
+      row = *reinterpret_cast<const uint4*>((ti ? a.v_new : a.k_new) + (int64_t{x.append_row} * hkv + h) * D + c0);
+      row_dst = a.arena + x.append_dst + h * row_stride + c0 * 2;
+    }
+  }
+
+  // Flush: the warp's tasks' values (channel c of the flushed token, divided by its key-norm factor).
+  const int nk = hd[0].groups;
+  const int tasks = nk + hd[1].groups;
+  if (tr && lane == 0) tr[2] = QaClock();
+  float v[kQaHeadGroupsPerWarp][1];
+  KVQ_UNROLL
+  for (int j = 0; j < kQaHeadGroupsPerWarp; ++j) {
+    const int t = warp + j * kWarps;
+    if (t < tasks) {
+      const DevQaHead& x = hd[t < nk ? 0 : 1];
+      const int c = (t < nk ? t : t - nk) * 32 + lane;
+      const float raw = LoadAct(reinterpret_cast<const uint16_t*>(a.arena + x.flush_src + h * row_stride) + c, dtype);
+      v[j][0] = x.norm >= 0 ? DivRn(raw, reinterpret_cast<const float*>(a.arena + x.norm)[h * D + c]) : raw;
+    }
+  }
+  int groups = 0;
+  KVQ_UNROLL
+  for (int j = 0; j < kQaHeadGroupsPerWarp; ++j) {
+    const int t = warp + j * kWarps;
+    if (t < tasks) {  // warp-uniform
+      const DevQaHead& x = hd[t < nk ? 0 : 1];
+      int64_t* gtr = j == 0 ? tr : nullptr;
+      if (gtr) StampValuesArrived(v[j], lane, gtr);
+      QuantizeStoreGroup<1>(v[j], x.bits, x.mode, x.words_per_group, x.scales_offset, x.has_zeros, x.zeros_offset,
+                            a.arena + x.flush_dst + static_cast<int64_t>(h) * x.head_bytes,
+                            x.group0 + (t < nk ? t : t - nk), a.error_flag, err, lane, gtr);
+      ++groups;
+    }
+  }
+  if (row_dst) *reinterpret_cast<uint4*>(row_dst) = row;
+  if (tr && lane == 0) {
+    tr[6] = QaClock();
+    tr[7] = QaGlobalTimer();
+    tr[9] = groups;
+  }
 }
 
 }  // namespace cuda

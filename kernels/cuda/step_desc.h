@@ -189,6 +189,7 @@ static_assert(sizeof(QaArgs) == 80, "QaArgs::k_chunks must stay in the tail padd
 constexpr int kQaTraceSlots = 10;
 // grid_z: the launch's blocks per (sequence, KV head), QaGrid's z; the stamps of block (s, h, z)
 // start at warp ((s * num_kv_heads + h) * grid_z + z) * (kQaThreads / 32).
+// QuantizeAppendHeadKernel's stamps: block (s, h) of W warps starts at warp (s * num_kv_heads + h) * W.
 inline int64_t QaTraceWarps(int num_seqs, int num_kv_heads, int grid_z) {
   return int64_t{num_seqs} * num_kv_heads * grid_z * (kQaThreads / 32);
 }
@@ -322,6 +323,49 @@ struct MergeArgs {
 Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                     std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
+// One block per (sequence, KV head) for the whole quantize-append of a step (QaPlan::head_warps):
+// per (sequence, tensor), what the step's flush and append touch, with the page-table lookups done
+// on the host, so that a flushing warp's first dependent load is its window values (the per-tensor
+// grid's warps load the sequence's descriptor, then the page table, then the values: ~1,100 of
+// their ~6,500 cycles at (16,32,32,4096) innerq went to the descriptor alone). Offsets are head
+// 0's: head h's rows lie h * kPageTokens * D * 2 bytes further in a full-precision page
+// (FullTokenOffset), its body data h * head_bytes further in a body page. Steps it covers
+// (QaHeadFits): one new token or none per sequence, each tensor flushing nothing or one token of
+// along_channels groups of 32, no key-norm factors to compute: every decode step of the presets
+// but the along_tokens flush every 32 or 128 steps.
+struct DevQaHead {
+  int64_t flush_src;      // arena offset of the flushed token's row (head 0) in its window page
+  int64_t flush_dst;      // arena offset of the body page it is quantized into
+  int64_t append_dst;     // arena offset of the new token's row (head 0) in its sink or window page
+  int64_t norm;           // arena offset of the key-norm factors (float [Hkv][D]), -1: none
+  int32_t groups;         // flush groups per head (D / 32), 0: no flush
+  int32_t group0;         // the flushed token's first group in the body page (slot * D / 32)
+  int32_t append_row;     // row of k_new / v_new, -1: nothing appended
+  int32_t bits;
+  int32_t mode;           // QuantMode
+  int32_t words_per_group;
+  int32_t scales_offset;  // bytes from the head's start in a body page
+  int32_t zeros_offset;
+  int32_t head_bytes;
+  int32_t has_zeros;
+  int32_t pad[2];
+};
+static_assert(sizeof(DevQaHead) % 16 == 0, "DevQaHead: 16-byte multiples in the staging buffer");
+// QuantizeAppendHeadKernel's argument.
+struct QaHeadArgs {
+  QaArgs qa;
+  const DevQaHead* heads;  // [num_seqs][2]
+};
+// Most warps QuantizeAppendHeadKernel is built with, and flush groups per warp (the plan's limit).
+constexpr int kQaHeadMaxWarps = 4;
+constexpr int kQaHeadGroupsPerWarp = 2;
+// Whether one block per (sequence, KV head) of `warps` warps covers the step's quantize-append.
+bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim, int warps);
+// The per-(sequence, tensor) descriptors of such a step: [num_seqs][2] (K, V), from the flattened
+// batch and its page table.
+void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& pages, int head_dim,
+                  std::vector<DevQaHead>* heads);
+
 // The quantize-append grid of a flattened batch. chunks: blocks per (sequence, KV head, tensor)
 // with one count for K and V and one warp per flush group (the fused step's, AttnArgs::qa_chunks);
 // k_chunks / v_chunks: the quantize-append's own launch, each tensor with the blocks its largest
@@ -331,14 +375,21 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
 // lanes: the batch flushes at least min_lane_groups such groups (summed over its sequences, per
 // KV head; < 0: never); key_norm: KeyNormKernel runs first (some sequence computes its key-norm
 // factors this step).
+// head_warps: > 0 where the step's quantize-append runs as one block per (sequence, KV head) of
+// that many warps (QuantizeAppendHeadKernel, DevQaHead; asked for by the caller's head_warps and
+// QaHeadFits), else 0 (the grid above).
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
   int v_chunks = 1;
   bool lanes = false;
   bool key_norm = false;
+  int head_warps = 0;
 };
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups);
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, int head_warps = 0);
+// Blocks of the planned quantize-append launch (KeyNormKernel's aside), and its warps (the trace's).
+int64_t QaPlanBlocks(const QaPlan& plan, int num_seqs, int num_kv_heads);
+int64_t QaPlanTraceWarps(const QaPlan& plan, int num_seqs, int num_kv_heads);
 // Resident blocks per SM of the quantize-append's per-warp instance (occupancy API, per device).
 int QuantizeAppendBlocksPerSm();
 // Lanes only where the per-warp flush would take more than this many waves of the device's
@@ -352,7 +403,9 @@ constexpr int kQaLaneWaves = 8;
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
 // The quantize-append as planned (QaPlan: K's and V's blocks per (sequence, KV head), the lane
 // instance, KeyNormKernel first); args.k_chunks is set from the plan.
-cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, cudaStream_t stream);
+// heads: the step's DevQaHead array in device memory where plan.head_warps > 0 (else unused).
+cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
+                                 cudaStream_t stream);
 // The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or
 // cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time.
 cudaError_t SetQuantizeAppendCarveout(int percent);

@@ -164,6 +164,8 @@ struct CudaStepRunner::Impl {
   const cuda::DevSeq* d_fseqs = nullptr;
   const int64_t* d_fpages = nullptr;
   const cuda::DevFirstPage* d_first_pages = nullptr;  // [units] or null (set_early_pages)
+  const cuda::DevQaHead* d_heads = nullptr;   // [seqs][2] where qa_plan.head_warps > 0, else null
+  const cuda::DevQaHead* d_fheads = nullptr;  // the same for the flush after the attention
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
   bool done_recorded = false;
@@ -175,6 +177,7 @@ struct CudaStepRunner::Impl {
   std::vector<cuda::DevSeq> seqs, fseqs;
   std::vector<int64_t> pages, fpages;
   std::vector<cuda::DevFirstPage> first_pages;
+  std::vector<cuda::DevQaHead> heads, fheads;
   std::vector<cuda::DevMergeItem> items;
   std::vector<cuda::DevUnit> units, units_ordered;
   SegmentLists segments, split;
@@ -474,7 +477,69 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups) {
+bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim, int warps) {
+  if ((warps != 2 && warps != kQaHeadMaxWarps) || 2 * (head_dim / 8) > warps * 32) return false;  // the built instances
+  for (const DevSeq& d : seqs) {
+    if (d.n_new > 1 || d.kv_row > INT32_MAX || (d.compute_norm && d.key_norm && d.k.flush > 0)) return false;
+    int groups = 0;
+    for (const DevTensor* x : {&d.k, &d.v}) {
+      if (x->flush <= 0 || x->mode == static_cast<int32_t>(QuantMode::kFull)) continue;
+      if (x->flush != 1 || x->grouping != static_cast<int32_t>(Grouping::kAlongChannels) || x->group_size != 32)
+        return false;
+      groups += head_dim / 32;
+    }
+    if (groups > warps * kQaHeadGroupsPerWarp) return false;
+  }
+  return true;
+}
+
+void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& pages, int head_dim,
+                  std::vector<DevQaHead>* heads) {
+  heads->assign(seqs.size() * 2, DevQaHead{});
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const DevSeq& d = seqs[i];
+    for (int ti = 0; ti < 2; ++ti) {
+      const DevTensor& x = ti ? d.v : d.k;
+      DevQaHead& o = (*heads)[2 * i + ti];
+      o.flush_src = o.flush_dst = o.append_dst = o.norm = -1;
+      o.append_row = -1;
+      o.bits = x.bits;
+      o.mode = x.mode;
+      o.words_per_group = x.words_per_group;
+      o.scales_offset = x.scales_offset;
+      o.zeros_offset = x.zeros_offset;
+      o.head_bytes = x.head_bytes;
+      o.has_zeros = x.has_zeros;
+      if (x.flush > 0 && x.mode != static_cast<int32_t>(QuantMode::kFull)) {  // one token (QaHeadFits)
+        o.groups = head_dim / x.group_size;
+        o.flush_src = pages[x.win_pages + x.win_first / kPageTokens] + FullTokenOffset(x.win_first % kPageTokens, 0, head_dim);
+        o.flush_dst = pages[x.body_pages + x.body_len / kPageTokens];
+        o.group0 = (x.body_len % kPageTokens) * (head_dim / x.group_size);
+        o.norm = ti == 0 && d.key_norm ? d.norm_offset : -1;
+      }
+      if (d.n_new > 0) {  // the first new token (QaHeadFits: the only one)
+        if (d.to_sink > 0) {
+          o.append_dst = x.sink_page + FullTokenOffset(d.sink_len, 0, head_dim);
+        } else {
+          const int w = x.win_first + x.win_len;
+          o.append_dst = pages[x.win_pages + w / kPageTokens] + FullTokenOffset(w % kPageTokens, 0, head_dim);
+        }
+        o.append_row = static_cast<int32_t>(d.kv_row);
+      }
+    }
+  }
+}
+
+int64_t QaPlanBlocks(const QaPlan& plan, int num_seqs, int num_kv_heads) {
+  return int64_t{num_seqs} * num_kv_heads * (plan.head_warps > 0 ? 1 : plan.k_chunks + plan.v_chunks);
+}
+
+int64_t QaPlanTraceWarps(const QaPlan& plan, int num_seqs, int num_kv_heads) {
+  return plan.head_warps > 0 ? int64_t{num_seqs} * num_kv_heads * plan.head_warps
+                             : QaTraceWarps(num_seqs, num_kv_heads, plan.k_chunks + plan.v_chunks);
+}
+
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, int head_warps) {
   QaPlan plan;
   // most flush groups of one head; warp tasks per tensor, one group per warp and with lanes (32
   // along_tokens groups of 32 per warp); such groups summed over the batch (per KV head)
@@ -499,6 +564,7 @@ QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t
   plan.chunks = QaChunks(groups);
   plan.k_chunks = QaChunks(plan.lanes ? lane_tasks[0] : tasks[0]);
   plan.v_chunks = QaChunks(plan.lanes ? lane_tasks[1] : tasks[1]);
+  plan.head_warps = !plan.key_norm && QaHeadFits(seqs, head_dim, head_warps) ? head_warps : 0;
   return plan;
 }
 
@@ -534,8 +600,11 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
       : qa_lanes_mode_ == 1 ? 0
                             : (int64_t{cuda::kQaLaneWaves} * m.num_sms * cuda::QuantizeAppendBlocksPerSm() *
                                    (cuda::kQaThreads / 32) + p.num_kv_heads - 1) / p.num_kv_heads;
+  // One block per (sequence, KV head) where the step allows (set_qa_head_warps; by default
+  // kQaHeadWarpsAuto warps).
+  const int head_warps = qa_head_mode_ < 0 ? kQaHeadWarpsAuto : qa_head_mode_;
   auto plan_qa = [&](const std::vector<cuda::DevSeq>& batch) {
-    cuda::QaPlan plan = cuda::PlanQuantizeAppend(batch, p.head_dim, min_lane_groups);
+    cuda::QaPlan plan = cuda::PlanQuantizeAppend(batch, p.head_dim, min_lane_groups, head_warps);
     if (!qa_split_chunks_) plan.k_chunks = plan.v_chunks = std::max(plan.k_chunks, plan.v_chunks);
     return plan;
   };
@@ -984,14 +1053,25 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   const int64_t off_fseqs = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
   const int64_t off_fpages = off_fseqs + Align16(int64_t(fseqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_first = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
-  const int64_t meta_end = off_first + Align16(int64_t(first_pages.size() * sizeof(cuda::DevFirstPage)));
+  // the one-block-per-head quantize-append's descriptors (QaPlan::head_warps), the step's and the flush's
+  std::vector<cuda::DevQaHead>& heads = m.heads;
+  std::vector<cuda::DevQaHead>& fheads = m.fheads;
+  heads.clear();
+  fheads.clear();
+  if (qa_plan.head_warps > 0) cuda::BuildQaHeads(seqs, pages, p.head_dim, &heads);
+  if (flush_plan.head_warps > 0 && !fseqs.empty()) cuda::BuildQaHeads(fseqs, fpages, p.head_dim, &fheads);
+  const int64_t off_heads = off_first + Align16(int64_t(first_pages.size() * sizeof(cuda::DevFirstPage)));
+  const int64_t off_fheads = off_heads + int64_t(heads.size() * sizeof(cuda::DevQaHead));
+  const int64_t meta_end = off_fheads + int64_t(fheads.size() * sizeof(cuda::DevQaHead));
   m.sections = {{0, int64_t(seqs.size() * sizeof(cuda::DevSeq))},
                 {off_pages, int64_t(pages.size() * sizeof(int64_t))},
                 {off_units, int64_t(units.size() * sizeof(cuda::DevUnit))},
                 {off_items, int64_t(items.size() * sizeof(cuda::DevMergeItem))},
                 {off_fseqs, int64_t(fseqs.size() * sizeof(cuda::DevSeq))},
                 {off_fpages, int64_t(fpages.size() * sizeof(int64_t))},
-                {off_first, int64_t(first_pages.size() * sizeof(cuda::DevFirstPage))}};
+                {off_first, int64_t(first_pages.size() * sizeof(cuda::DevFirstPage))},
+                {off_heads, int64_t(heads.size() * sizeof(cuda::DevQaHead))},
+                {off_fheads, int64_t(fheads.size() * sizeof(cuda::DevQaHead))}};
   // RunStepFromHost's inputs after the descriptors, each 256-byte aligned (the kernels' 16-byte
   // loads of q and the new tokens need 16)
   auto align256 = [](int64_t x) { return (x + 255) / 256 * 256; };
@@ -1011,6 +1091,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   if (!fpages.empty()) std::memcpy(m.staging + off_fpages, fpages.data(), fpages.size() * sizeof(int64_t));
   if (!first_pages.empty())
     std::memcpy(m.staging + off_first, first_pages.data(), first_pages.size() * sizeof(cuda::DevFirstPage));
+  if (!heads.empty()) std::memcpy(m.staging + off_heads, heads.data(), heads.size() * sizeof(cuda::DevQaHead));
+  if (!fheads.empty()) std::memcpy(m.staging + off_fheads, fheads.data(), fheads.size() * sizeof(cuda::DevQaHead));
   if (in) {
     std::memcpy(m.staging + off_q, in->q, in->q_bytes);
     std::memcpy(m.staging + off_k, in->k, in->kv_bytes);
@@ -1045,8 +1127,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
      // followed by less than 1.5 waves of attention units (cuda_ops.h, set_pdl), unless the bodies
      // go first: then the units that wait for it queue behind bodies that do not ((16,32,8,32768),
      // H100: step innerq 202.7 -> 201.7 us, kivi2 259.8 -> 256.7; qa_step 10.6 -> 7.8, 10.1 -> 6.9)
-    const dim3 qa = cuda::QaGrid(num_seqs, p.num_kv_heads, qa_plan.k_chunks, qa_plan.v_chunks);
-    const int64_t qa_blocks = int64_t{qa.x} * qa.y * qa.z;
+    const int64_t qa_blocks = cuda::QaPlanBlocks(qa_plan, num_seqs, p.num_kv_heads);
     const bool pdl_auto =
         bodies_first || !(qa_blocks > m.num_sms && 2 * int64_t(units.size()) < 3 * resident_blocks);
     m.pdl = pdl_mode_ >= 0 ? pdl_mode_ == 1 : pdl_auto;
@@ -1075,6 +1156,8 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   m.d_fseqs = reinterpret_cast<const cuda::DevSeq*>(m.meta + off_fseqs);
   m.d_fpages = reinterpret_cast<const int64_t*>(m.meta + off_fpages);
   m.d_first_pages = first_pages.empty() ? nullptr : reinterpret_cast<const cuda::DevFirstPage*>(m.meta + off_first);
+  m.d_heads = heads.empty() ? nullptr : reinterpret_cast<const cuda::DevQaHead*>(m.meta + off_heads);
+  m.d_fheads = fheads.empty() ? nullptr : reinterpret_cast<const cuda::DevQaHead*>(m.meta + off_fheads);
   // Not after a fused step: few long sequences whose attention fills every SM, so the flush would
   // run after it, not beside it (an H100 measured 1.2-2.9 us more per step at (1,32,32,32768)
   // kivi2 / kivi4); the next step then flushes as usual.
@@ -1094,6 +1177,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.pdl = m.pdl && !m.fused;
   stats_.fused = m.fused;
   stats_.qa_lanes = m.qa_plan.lanes && !m.fused;
+  stats_.qa_head_warps = m.fused ? 0 : m.qa_plan.head_warps;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
@@ -1137,7 +1221,7 @@ bool CudaStepRunner::unit_trace_built() {
 
 int64_t CudaStepRunner::qa_trace_warps() const {
   const Impl& m = *impl_;
-  return m.prepared ? cuda::QaTraceWarps(m.num_seqs, m.params.num_kv_heads, m.qa_plan.k_chunks + m.qa_plan.v_chunks) : 0;
+  return m.prepared ? cuda::QaPlanTraceWarps(m.qa_plan, m.num_seqs, m.params.num_kv_heads) : 0;
 }
 
 Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t stream) {
@@ -1147,7 +1231,7 @@ Result CudaStepRunner::LaunchPreparedQuantizeAppend(uint8_t* arena, cudaStream_t
   if (!arena || !m.params.k_new || !m.params.v_new)
     return Result::Error(Code::kInvalidArgument, "null arena or k_new/v_new");
   const cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_seqs, m.d_pages, m.flag(), qa_trace_);
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_plan, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.qa_plan, m.d_heads, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }
@@ -1156,7 +1240,7 @@ Result CudaStepRunner::LaunchFlush(uint8_t* arena, bool dependent, cudaStream_t 
   Impl& m = *impl_;
   cuda::QaArgs a = MakeQaArgs(arena, m.params, m.d_fseqs, m.d_fpages, m.flag(), nullptr);
   a.wait_at_end = dependent ? 1 : 0;
-  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_plan, stream));
+  KVQ_CUDA_RETURN(cuda::LaunchQuantizeAppend(a, m.num_seqs, m.flush_plan, m.d_fheads, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
   return Result::Ok();
 }

@@ -525,8 +525,11 @@ TEST(KernelsGpu, RingDepths) {
 // this small batch); then with PDL and the items split into many short units, most of which read
 // only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
 // (one launch, the default), with the plan's units and with the short ones. A misplaced wait would
-// let the attention read pages the flush is still writing. (The emulated device runs the units
-// that skip the wait before the quantize-append's writes, for PDL and the fused step alike.)
+// let the attention read pages the flush is still writing. The quantize-append's own launches run
+// one block per (sequence, KV head) on the steps that allow it (set_qa_head_warps: 2 warps in
+// variants 0 and 3, 4 in variant 2), the per-tensor grid in variant 1. (The emulated device runs
+// the units that skip the wait before the quantize-append's writes, for PDL and the fused step
+// alike.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
   SKIP_WITHOUT_GPU();
   for (int variant = 0; variant < 6; ++variant) {
@@ -550,11 +553,13 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
     runner->set_qa_lanes(variant == 1 ? 0 : 1);
+    const int head_warps = variant == 1 ? 0 : variant == 2 ? 4 : 2;
+    runner->set_qa_head_warps(head_warps);
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
     std::vector<TSeq> seqs = MakeCaseSeqs(c, a, rng);
-    int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0, lane_steps = 0;
+    int min_early = 1 << 30, max_early = 0, longest_waiting = 0, fused_steps = 0, lane_steps = 0, head_steps = 0;
 #if defined(KVQ_EMU_SUITE)
     const uint64_t early_launches = kvq_emu::PdlEarlyLaunches();
 #endif
@@ -568,6 +573,11 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       }
       fused_steps += st.fused ? 1 : 0;
       lane_steps += st.qa_lanes ? 1 : 0;
+      if (st.qa_head_warps > 0) {
+        EXPECT_EQ(st.qa_head_warps, head_warps);
+        EXPECT_FALSE(st.qa_lanes);
+        ++head_steps;
+      }
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";
       min_early = std::min(min_early, st.early_units);
       max_early = std::max(max_early, st.early_units);
@@ -584,6 +594,12 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     } else {
       EXPECT_GE(lane_steps, 3);  // innerq's values at steps 0, 32 and 64 at least
     }
+    // the other steps' own launches: one block per head where asked for (steps 1-69 but 32 and 64)
+    if (head_warps == 0) {
+      EXPECT_EQ(head_steps, 0);
+    } else if (!fused) {
+      EXPECT_GE(head_steps, 60);
+    }
     if (split) {
       EXPECT_GT(min_early, 0) << "short units over the older body start without waiting";
       // units of 128 tokens at this split: the ones over the step's writes are as short
@@ -596,8 +612,8 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     EXPECT_EQ(kvq_emu::PdlEarlyLaunches() - early_launches, pdl ? 70u : 0u);
 #endif
     std::printf("[ variant %d ] units that start without waiting for the quantize-append: %d to %d per step; the "
-                "longest that waits: %d tokens; fused steps: %d of 70; lane flushes: %d\n", variant, min_early, max_early,
-                longest_waiting, fused_steps, lane_steps);
+                "longest that waits: %d tokens; fused steps: %d of 70; lane flushes: %d; one block per head: %d\n", variant,
+                min_early, max_early, longest_waiting, fused_steps, lane_steps, head_steps);
   }
 }
 

@@ -36,8 +36,11 @@ struct SeqCase {
 
 // Runs the steps of a batch through the emulated kernels and the reference; compares the arenas.
 // grids_differ: some step must give K and V different block counts, and some step's lane plan
-// fewer blocks than the per-warp one.
-void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, bool grids_differ = false) {
+// fewer blocks than the per-warp one. head_steps: some step must run as one block per (sequence,
+// KV head) (QaHeadFits; both instances, 2 and 4 warps), else some step must flush along_tokens
+// groups of 32 (the lane instance).
+void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, bool grids_differ = false,
+                bool head_steps = false) {
   std::mt19937 rng(seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -46,7 +49,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
   }
   const size_t num_steps = cases[0].n_new.size();
-  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0;
+  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0, head_runs = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -89,19 +92,32 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     // The launch's grids: one group per warp with K's and V's own block counts (QaPlan), then with
     // one count for both (the fused step's, set_qa_split_chunks(false)); where some along_tokens
     // groups of 32 are flushed, one group per lane on the lane plan's counts and on one block per
-    // tensor (each warp then walks many 32-group tasks).
+    // tensor (each warp then walks many 32-group tasks); where the step allows, one block per
+    // (sequence, KV head) of 2 and of 4 warps (QuantizeAppendHeadBlock, DevQaHead).
     const cuda::QaPlan warp_plan = cuda::PlanQuantizeAppend(ds, d, -1);
+    std::vector<cuda::DevQaHead> heads;
+    if (cuda::QaHeadFits(ds, d, 2) || cuda::QaHeadFits(ds, d, 4)) cuda::BuildQaHeads(ds, pages, d, &heads);
     const cuda::QaPlan lane_plan = cuda::PlanQuantizeAppend(ds, d, 0);
     EXPECT_FALSE(warp_plan.lanes);
     EXPECT_EQ(warp_plan.chunks, std::max(warp_plan.k_chunks, warp_plan.v_chunks));
     split_steps += warp_plan.k_chunks != warp_plan.v_chunks ? 1 : 0;
-    for (int variant = 0; variant < 4; ++variant) {
-      const bool lanes = variant >= 2;
-      if (lanes && !lane_plan.lanes) break;
+    for (int variant = 0; variant < 6; ++variant) {
+      const bool lanes = variant == 2 || variant == 3;
+      const int head_warps = variant == 4 ? 2 : variant == 5 ? 4 : 0;
+      if (lanes && !lane_plan.lanes) continue;
+      if (head_warps > 0) {
+        const cuda::QaPlan hp = cuda::PlanQuantizeAppend(ds, d, -1, head_warps);
+        EXPECT_EQ(hp.head_warps, cuda::QaHeadFits(ds, d, head_warps) && !hp.key_norm ? head_warps : 0);
+        if (hp.head_warps == 0) continue;
+        EXPECT_EQ(cuda::QaPlanBlocks(hp, n, hkv), int64_t{n} * hkv);
+        ++head_runs;
+      }
       SCOPED_TRACE(variant == 0   ? "groups per warp"
                    : variant == 1 ? "groups per warp, one count"
                    : variant == 2 ? "groups per lane"
-                                  : "groups per lane, one block per tensor");
+                   : variant == 3 ? "groups per lane, one block per tensor"
+                   : variant == 4 ? "one block of 2 warps per head"
+                                  : "one block of 4 warps per head");
       cuda::QaPlan plan = lanes ? lane_plan : warp_plan;
       if (variant == 1) plan.k_chunks = plan.v_chunks = plan.chunks;
       if (variant == 3) plan.k_chunks = plan.v_chunks = 1;
@@ -110,6 +126,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         EXPECT_LE(plan.k_chunks + plan.v_chunks, warp_plan.k_chunks + warp_plan.v_chunks);
         fewer_chunks += plan.k_chunks + plan.v_chunks < warp_plan.k_chunks + warp_plan.v_chunks ? 1 : 0;
       }
+      plan.head_warps = head_warps;
       const int grid_z = plan.k_chunks + plan.v_chunks;
       std::vector<uint8_t> emu = a.bytes();
       int32_t flag = 0;
@@ -127,14 +144,29 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
       // Odd steps run with the benchmark's phase trace on: the codes must not change, and every warp
       // writes its stamps in order.
       const bool trace = step % 2 == 1;
-      const int64_t trace_warps = cuda::QaTraceWarps(n, hkv, grid_z);
+      const int64_t trace_warps = cuda::QaPlanTraceWarps(plan, n, hkv);
       std::vector<int64_t> stamps(trace ? trace_warps * cuda::kQaTraceSlots : 0, -1);
       qa.trace = trace ? stamps.data() : nullptr;
       if (plan.key_norm)  // KeyNormKernel: no warp operations, its threads run one after the other
         for (int s = 0; s < n; ++s)
           for (int h = 0; h < hkv; ++h)
             for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
-      for (int s = 0; s < n; ++s)
+      for (int s = 0; s < n && head_warps > 0; ++s)
+        for (int h = 0; h < hkv; ++h, ++blocks_run) {
+          std::vector<float> err(size_t(head_warps) * 2 * kMaxGroupSize, std::nanf(""));
+          cuda::warp::RunBlock(head_warps * 32, [&](int tid) {
+            float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
+            const int64_t tb = int64_t{s} * hkv + h;
+            if (head_warps == 2) {
+              trace ? cuda::QuantizeAppendHeadBlock<true, 2>(qa, heads.data(), s, h, tid, werr, tb)
+                    : cuda::QuantizeAppendHeadBlock<false, 2>(qa, heads.data(), s, h, tid, werr, tb);
+            } else {
+              trace ? cuda::QuantizeAppendHeadBlock<true, 4>(qa, heads.data(), s, h, tid, werr, tb)
+                    : cuda::QuantizeAppendHeadBlock<false, 4>(qa, heads.data(), s, h, tid, werr, tb);
+            }
+          });
+        }
+      for (int s = 0; s < n && head_warps == 0; ++s)
         for (int h = 0; h < hkv; ++h)
           for (int z = 0; z < grid_z; ++z, ++blocks_run) {
             std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
@@ -186,7 +218,11 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   }
   EXPECT_GT(blocks_run, 0);
   EXPECT_GT(traced_flushing_warps, 0);
-  EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
+  if (head_steps) {
+    EXPECT_GE(head_runs, 2) << "no step ran as one block per head";
+  } else {
+    EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
+  }
   if (grids_differ) {
     EXPECT_GT(split_steps, 0) << "no step gave K and V different block counts";
     EXPECT_GT(fewer_chunks, 0) << "no step's lane flush needed fewer blocks";
@@ -209,6 +245,26 @@ TEST(QuantizeAppendEmulation, PresetBatchesMatchTheReference) {
     cases.push_back({PresetConfig(Preset::kKivi4), 129, 1, steps});
     CheckBatch(cases, dt, 2, 64, 31 + static_cast<uint32_t>(dt));
     if (HasFatalFailure()) return;
+  }
+}
+
+// Decode steps of one token (the steps one block per (sequence, KV head) covers): the presets in one
+// batch, the sink filling up (innerq2 from 20 tokens), the first key-norm step and the along_tokens
+// flushes in between going to the grid, D = 128 (2 flush groups per warp of 2) and 64, fp16 and bf16.
+TEST(QuantizeAppendEmulation, OneBlockPerHeadMatchesTheReference) {
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    for (int d : {128, 64}) {
+      SCOPED_TRACE(std::string(DTypeName(dt)) + " D=" + std::to_string(d));
+      const std::vector<int> steps(36, 1);
+      std::vector<SeqCase> cases;
+      cases.push_back({PresetConfig(Preset::kInnerQ), 300, 5, steps});
+      cases.push_back({PresetConfig(Preset::kKivi2), 250, 0, steps});
+      cases.push_back({PresetConfig(Preset::kInnerQ2), 20, 0, steps});
+      cases.push_back({PresetConfig(Preset::kFp16), 40, 100, steps});
+      cases.push_back({PresetConfig(Preset::kKivi4), 129, 1, steps});
+      CheckBatch(cases, dt, 2, d, 101 + static_cast<uint32_t>(dt) + d, false, true);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 

@@ -51,6 +51,8 @@ struct CudaStepStats {
                              // flush_after, when it flushes something and the step is not fused)
   bool qa_lanes = false;     // the step's own quantize-append launch flushes along_tokens groups of
                              // 32 one per lane (set_qa_lanes, and some are flushed this step)
+  int qa_head_warps = 0;     // the step's own quantize-append launch ran one block of this many warps
+                             // per (sequence, KV head) (set_qa_head_warps); 0: its per-tensor grid
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
@@ -196,6 +198,15 @@ class CudaStepRunner {
   // lanes); set_qa_split_chunks(false) gives both the larger count (A/Bs, tests). Applies from the
   // next Prepare.
   void set_qa_split_chunks(bool on) { qa_split_chunks_ = on; }
+  // The quantize-append's own launches on the steps that append one token or none and flush nothing
+  // or one token of along_channels groups of 32 (every decode step of the presets but the 32- or
+  // 128-token along_tokens flush and the first key-norm step): one block of `warps` warps per
+  // (sequence, KV head) for K and V together, with the page-table lookups done on the host
+  // (DevQaHead), instead of the per-tensor grid (at D = 128, 2 blocks for K's 4 groups and one for
+  // V's append). warps 2 or 4 (at most 2 flush groups per warp); 0 never; -1 (the default)
+  // kQaHeadWarpsAuto. Applies from the next Prepare.
+  void set_qa_head_warps(int warps) { qa_head_mode_ = warps; }
+  static constexpr int kQaHeadWarpsAuto = 2;
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -280,6 +291,7 @@ class CudaStepRunner {
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
   int qa_lanes_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
+  int qa_head_mode_ = -1;   // -1 kQaHeadWarpsAuto, 0 off, else the warps
   bool qa_split_chunks_ = true;
 };
 
