@@ -204,9 +204,13 @@ class CudaStepRunner {
   // (sequence, KV head) for K and V together, with the page-table lookups done on the host
   // (DevQaHead), instead of the per-tensor grid (at D = 128, 2 blocks for K's 4 groups and one for
   // V's append). warps 2 or 4 (at most 2 flush groups per warp); 0 never; -1 (the default)
-  // kQaHeadWarpsAuto. Applies from the next Prepare.
+  // kQaHeadWarpsAuto = 4, one flush group per warp at D = 128: on an H100 (2026-12-07,
+  // bench/results/raw/2026-12-07b/call2) qa_step 9.4 -> 7.1 us at (16,32,32,4096) innerq, 11.6 ->
+  // 8.1 at (64,32,8,8192), 14.6 -> 11.2 kivi2 there, 3.3 -> 3.0 at (1,32,32,32768); two warps (two
+  // groups each, one after the other) measured slower than four at every shape. Applies from the
+  // next Prepare.
   void set_qa_head_warps(int warps) { qa_head_mode_ = warps; }
-  static constexpr int kQaHeadWarpsAuto = 2;
+  static constexpr int kQaHeadWarpsAuto = 4;
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
