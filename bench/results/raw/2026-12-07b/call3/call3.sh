@@ -1,5 +1,5 @@
 # Third device call (2026-12-07, twenty-first session): the final build (main with the quantize-append
-# of one-token steps as one block of four warps per (sequence, KV head), 493484f) in a lean round:
+# of one-token steps as one block of four warps per (sequence, KV head), 6278eb9) in a lean round:
 # the GPU suite, the store's CUDA backend and service tests (now on the new default), the whole
 # kvq-bench table against a1ffac8's (kvq-bench-base), PyTorch SDPA, memcheck as time allows.
 # bundle: BUILD=build BASE_BIN=<kvq-bench of a1ffac8> bash scripts/device_bundle.sh
