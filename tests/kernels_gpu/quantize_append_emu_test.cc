@@ -327,5 +327,57 @@ TEST(QuantizeAppendPlan, LanesOnlyFromTheGivenGroupCount) {
   EXPECT_FALSE(cuda::PlanQuantizeAppend(keys_only, d, 0).lanes);
 }
 
+// Which steps one block per (sequence, KV head) covers (QaHeadFits, and the plan's head_warps):
+// one new token or none, each tensor flushing nothing or one token of along_channels groups of 32,
+// at most two groups per warp, no key-norm factors to compute, the built instances (2, 4 warps).
+TEST(QuantizeAppendPlan, OneBlockPerHeadOnlyWhereItFits) {
+  cuda::DevSeq s{};  // innerq's every-step flush: one key token, 4 along_channels groups at D = 128
+  s.n_new = 1;
+  s.k.flush = 1;
+  s.k.mode = static_cast<int32_t>(QuantMode::kSym);
+  s.k.grouping = static_cast<int32_t>(Grouping::kAlongChannels);
+  s.k.group_size = 32;
+  s.v.mode = static_cast<int32_t>(QuantMode::kHybrid);
+  s.v.grouping = static_cast<int32_t>(Grouping::kAlongTokens);
+  s.v.group_size = 32;
+  const std::vector<cuda::DevSeq> batch(16, s);
+  for (int w : {2, 4}) {
+    EXPECT_TRUE(cuda::QaHeadFits(batch, 128, w)) << w;
+    const cuda::QaPlan p = cuda::PlanQuantizeAppend(batch, 128, -1, w);
+    EXPECT_EQ(p.head_warps, w);
+    EXPECT_EQ(cuda::QaPlanBlocks(p, 16, 8), 16 * 8);
+    EXPECT_EQ(cuda::QaPlanTraceWarps(p, 16, 8), 16 * 8 * w);
+  }
+  EXPECT_EQ(cuda::PlanQuantizeAppend(batch, 128, -1).head_warps, 0);  // not asked for
+  EXPECT_FALSE(cuda::QaHeadFits(batch, 128, 3));                       // no such instance
+  EXPECT_FALSE(cuda::QaHeadFits(batch, 128, 1));
+  auto fits_with = [&](auto change, int d, int w) {
+    std::vector<cuda::DevSeq> b = batch;
+    change(b.back());
+    return cuda::QaHeadFits(b, d, w);
+  };
+  // the value flush of 32 tokens along tokens (every 32nd step) goes to the grid
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32; }, 128, 4));
+  // fp16 values flush nothing that needs a quantizer
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32, x.v.mode = static_cast<int32_t>(QuantMode::kFull); }, 128, 4));
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.n_new = 2; }, 128, 4));       // two new tokens
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.n_new = 0; }, 128, 4));        // the flush after the attention
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.flush = 2; }, 128, 4));     // two key tokens
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.group_size = 64; }, 128, 4));
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.compute_norm = x.key_norm = 1; }, 128, 4));
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.key_norm = 1; }, 128, 4));     // factors already there
+  // K and V both along channels at D = 128: 8 groups, two per warp of four, too many for two warps
+  auto both = [](cuda::DevSeq& x) {
+    x.v.flush = 1;
+    x.v.grouping = static_cast<int32_t>(Grouping::kAlongChannels);
+  };
+  EXPECT_TRUE(fits_with(both, 128, 4));
+  EXPECT_FALSE(fits_with(both, 128, 2));
+  EXPECT_TRUE(fits_with(both, 64, 2));
+  // D = 256: one key token is 8 groups (four warps), and the appends need 64 threads
+  EXPECT_TRUE(cuda::QaHeadFits(batch, 256, 4));
+  EXPECT_FALSE(cuda::QaHeadFits(batch, 256, 2));
+}
+
 }  // namespace
 }  // namespace kvq
