@@ -34,22 +34,14 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
-// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head_warps).
-template <bool kTrace, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
+// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head).
+template <bool kTrace>
+__global__ void __launch_bounds__(kQaHeadWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
-  __shared__ float err[kWarps][2 * kMaxGroupSize];
-  QuantizeAppendHeadBlock<kTrace, kWarps>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
-                                          static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
+  __shared__ float err[kQaHeadWarps][2 * kMaxGroupSize];
+  QuantizeAppendHeadBlock<kTrace>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
+                                  static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
   if (a.qa.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
-}
-
-template <int kWarps>
-cudaError_t LaunchHead(const QaArgs& qa, int num_seqs, const DevQaHead* heads, bool pdl, cudaStream_t stream) {
-  const dim3 grid(num_seqs, qa.num_kv_heads);
-  const QaHeadArgs a{qa, heads};
-  return qa.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWarps>, grid, dim3(kWarps * 32), 0, stream, a, pdl)
-                  : LaunchKernel(QuantizeAppendHeadKernel<false, kWarps>, grid, dim3(kWarps * 32), 0, stream, a, pdl);
 }
 
 }  // namespace
@@ -60,10 +52,8 @@ cudaError_t SetQuantizeAppendCarveout(int percent) {
                         reinterpret_cast<const void*>(QuantizeAppendKernel<true, false>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<false, true>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<true, true>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, 2>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, 2>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, 4>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, 4>)})
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true>)})
     if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
@@ -88,11 +78,13 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan&
     if (e != cudaSuccess) return e;
   }
   const bool pdl = a.wait_at_end != 0;
-  if (plan.head_warps > 0) {  // the plan never asks for it with key-norm factors to compute
+  if (plan.head) {  // the plan never asks for it with key-norm factors to compute
     if (!heads) return cudaErrorInvalidValue;
-    return plan.head_warps == 2   ? LaunchHead<2>(a, num_seqs, heads, pdl, stream)
-           : plan.head_warps == 4 ? LaunchHead<4>(a, num_seqs, heads, pdl, stream)
-                                  : cudaErrorInvalidValue;
+    const dim3 grid(num_seqs, a.num_kv_heads);
+    const QaHeadArgs h{a, heads};
+    const dim3 block(kQaHeadWarps * 32);
+    return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true>, grid, block, 0, stream, h, pdl)
+                   : LaunchKernel(QuantizeAppendHeadKernel<false>, grid, block, 0, stream, h, pdl);
   }
   const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
   if (plan.lanes)

@@ -341,18 +341,18 @@ KVQ_WARP void QuantizeAppendGridBlock(const QaArgs& a, int seq, int h, int zi, i
 }
 
 // One block of QuantizeAppendHeadKernel: the whole quantize-append of sequence seq's KV head h in a
-// step that QaHeadFits (QaPlan::head_warps), kWarps warps. The flush groups of K, then of V, are
-// the block's tasks, task i on warp i % kWarps; each warp loads all of its tasks' window values (and
+// step that QaHeadFits (QaPlan::head), kQaHeadWarps warps. The flush groups of K, then of V, are
+// the block's tasks, task i on warp i % kQaHeadWarps; each warp loads all of its tasks' window values (and
 // key-norm factors) before it quantizes the first, so its loads go out together. The append's new
 // rows of K and V (one 16-byte piece per thread) load beside them and are stored after the flush,
 // as QuantizeAppendBlock does. Every address comes from the host (DevQaHead), so the chain is the
 // descriptor, the values, the quantizer, the stores; the codes are FlushGroup<1>'s (the same
 // quantizer and stores, the same values and key-norm division). err: the calling warp's
 // 2 * kMaxGroupSize floats of shared memory; trace_block: seq * Hkv + h (kTrace only).
-template <bool kTrace, int kWarps>
+template <bool kTrace>
 KVQ_WARP void QuantizeAppendHeadBlock(const QaArgs& a, const DevQaHead* heads, int seq, int h, int tid, float* err,
                                       int64_t trace_block) {
-  static_assert(kWarps >= 1 && kWarps <= kQaHeadMaxWarps, "QuantizeAppendHeadBlock: warps");
+  constexpr int kWarps = kQaHeadWarps;
   const DevQaHead* hd = heads + 2 * seq;
   QaPrefetchL1(hd, 2 * sizeof(DevQaHead), tid);
   const int D = a.head_dim;

@@ -323,7 +323,7 @@ struct MergeArgs {
 Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig* configs, int num_seqs,
                     std::vector<DevSeq>* seqs, std::vector<int64_t>* pages, bool* attention_ready);
 
-// One block per (sequence, KV head) for the whole quantize-append of a step (QaPlan::head_warps):
+// One block per (sequence, KV head) for the whole quantize-append of a step (QaPlan::head):
 // per (sequence, tensor), what the step's flush and append touch, with the page-table lookups done
 // on the host, so that a flushing warp's first dependent load is its window values (the per-tensor
 // grid's warps load the sequence's descriptor, then the page table, then the values: ~1,100 of
@@ -356,11 +356,13 @@ struct QaHeadArgs {
   QaArgs qa;
   const DevQaHead* heads;  // [num_seqs][2]
 };
-// Most warps QuantizeAppendHeadKernel is built with, and flush groups per warp (the plan's limit).
-constexpr int kQaHeadMaxWarps = 4;
+// QuantizeAppendHeadKernel's warps, and flush groups per warp (the plan's limit). Four warps, one
+// group each at D = 128, measured faster than two at every benchmark shape (H100, 2026-12-07,
+// bench/results/raw/2026-12-07b/call2), so two are not built.
+constexpr int kQaHeadWarps = 4;
 constexpr int kQaHeadGroupsPerWarp = 2;
-// Whether one block per (sequence, KV head) of `warps` warps covers the step's quantize-append.
-bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim, int warps);
+// Whether one block per (sequence, KV head) covers the step's quantize-append.
+bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim);
 // The per-(sequence, tensor) descriptors of such a step: [num_seqs][2] (K, V), from the flattened
 // batch and its page table.
 void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& pages, int head_dim,
@@ -375,18 +377,18 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 // lanes: the batch flushes at least min_lane_groups such groups (summed over its sequences, per
 // KV head; < 0: never); key_norm: KeyNormKernel runs first (some sequence computes its key-norm
 // factors this step).
-// head_warps: > 0 where the step's quantize-append runs as one block per (sequence, KV head) of
-// that many warps (QuantizeAppendHeadKernel, DevQaHead; asked for by the caller's head_warps and
-// QaHeadFits), else 0 (the grid above).
+// head: the step's quantize-append runs as one block per (sequence, KV head)
+// (QuantizeAppendHeadKernel, DevQaHead; where the caller asks for it and QaHeadFits), else the
+// grid above.
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
   int v_chunks = 1;
   bool lanes = false;
   bool key_norm = false;
-  int head_warps = 0;
+  bool head = false;
 };
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, int head_warps = 0);
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, bool head = false);
 // Blocks of the planned quantize-append launch (KeyNormKernel's aside), and its warps (the trace's).
 int64_t QaPlanBlocks(const QaPlan& plan, int num_seqs, int num_kv_heads);
 int64_t QaPlanTraceWarps(const QaPlan& plan, int num_seqs, int num_kv_heads);
@@ -403,7 +405,7 @@ constexpr int kQaLaneWaves = 8;
 // Launchers (one .cu per instantiation group). They return the launch error, never abort.
 // The quantize-append as planned (QaPlan: K's and V's blocks per (sequence, KV head), the lane
 // instance, KeyNormKernel first); args.k_chunks is set from the plan.
-// heads: the step's DevQaHead array in device memory where plan.head_warps > 0 (else unused).
+// heads: the step's DevQaHead array in device memory where plan.head (else unused).
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
                                  cudaStream_t stream);
 // The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or

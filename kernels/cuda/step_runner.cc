@@ -164,7 +164,7 @@ struct CudaStepRunner::Impl {
   const cuda::DevSeq* d_fseqs = nullptr;
   const int64_t* d_fpages = nullptr;
   const cuda::DevFirstPage* d_first_pages = nullptr;  // [units] or null (set_early_pages)
-  const cuda::DevQaHead* d_heads = nullptr;   // [seqs][2] where qa_plan.head_warps > 0, else null
+  const cuda::DevQaHead* d_heads = nullptr;   // [seqs][2] where qa_plan.head, else null
   const cuda::DevQaHead* d_fheads = nullptr;  // the same for the flush after the attention
   int64_t merge_cap = 0;
   cudaEvent_t done = nullptr;  // recorded after the last launch that used staging/meta/workspace
@@ -477,8 +477,8 @@ Result FlattenBatch(const StepParams& p, const SeqWork* works, const QuantConfig
   return Result::Ok();
 }
 
-bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim, int warps) {
-  if ((warps != 2 && warps != kQaHeadMaxWarps) || 2 * (head_dim / 8) > warps * 32) return false;  // the built instances
+bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim) {
+  if (2 * (head_dim / 8) > kQaHeadWarps * 32) return false;  // a thread per 16 bytes of the two new rows
   for (const DevSeq& d : seqs) {
     if (d.n_new > 1 || d.kv_row > INT32_MAX || (d.compute_norm && d.key_norm && d.k.flush > 0)) return false;
     int groups = 0;
@@ -488,7 +488,7 @@ bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim, int warps) {
         return false;
       groups += head_dim / 32;
     }
-    if (groups > warps * kQaHeadGroupsPerWarp) return false;
+    if (groups > kQaHeadWarps * kQaHeadGroupsPerWarp) return false;
   }
   return true;
 }
@@ -531,15 +531,15 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 }
 
 int64_t QaPlanBlocks(const QaPlan& plan, int num_seqs, int num_kv_heads) {
-  return int64_t{num_seqs} * num_kv_heads * (plan.head_warps > 0 ? 1 : plan.k_chunks + plan.v_chunks);
+  return int64_t{num_seqs} * num_kv_heads * (plan.head ? 1 : plan.k_chunks + plan.v_chunks);
 }
 
 int64_t QaPlanTraceWarps(const QaPlan& plan, int num_seqs, int num_kv_heads) {
-  return plan.head_warps > 0 ? int64_t{num_seqs} * num_kv_heads * plan.head_warps
-                             : QaTraceWarps(num_seqs, num_kv_heads, plan.k_chunks + plan.v_chunks);
+  return plan.head ? int64_t{num_seqs} * num_kv_heads * kQaHeadWarps
+                   : QaTraceWarps(num_seqs, num_kv_heads, plan.k_chunks + plan.v_chunks);
 }
 
-QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, int head_warps) {
+QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, bool head) {
   QaPlan plan;
   // most flush groups of one head; warp tasks per tensor, one group per warp and with lanes (32
   // along_tokens groups of 32 per warp); such groups summed over the batch (per KV head)
@@ -564,7 +564,7 @@ QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t
   plan.chunks = QaChunks(groups);
   plan.k_chunks = QaChunks(plan.lanes ? lane_tasks[0] : tasks[0]);
   plan.v_chunks = QaChunks(plan.lanes ? lane_tasks[1] : tasks[1]);
-  plan.head_warps = !plan.key_norm && QaHeadFits(seqs, head_dim, head_warps) ? head_warps : 0;
+  plan.head = head && !plan.key_norm && QaHeadFits(seqs, head_dim);
   return plan;
 }
 
@@ -600,11 +600,10 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
       : qa_lanes_mode_ == 1 ? 0
                             : (int64_t{cuda::kQaLaneWaves} * m.num_sms * cuda::QuantizeAppendBlocksPerSm() *
                                    (cuda::kQaThreads / 32) + p.num_kv_heads - 1) / p.num_kv_heads;
-  // One block per (sequence, KV head) where the step allows (set_qa_head_warps; by default
-  // kQaHeadWarpsAuto warps).
-  const int head_warps = qa_head_mode_ < 0 ? kQaHeadWarpsAuto : qa_head_mode_;
+  // One block per (sequence, KV head) where the step allows (set_qa_head; on by default).
+  const bool head = qa_head_mode_ != 0;
   auto plan_qa = [&](const std::vector<cuda::DevSeq>& batch) {
-    cuda::QaPlan plan = cuda::PlanQuantizeAppend(batch, p.head_dim, min_lane_groups, head_warps);
+    cuda::QaPlan plan = cuda::PlanQuantizeAppend(batch, p.head_dim, min_lane_groups, head);
     if (!qa_split_chunks_) plan.k_chunks = plan.v_chunks = std::max(plan.k_chunks, plan.v_chunks);
     return plan;
   };
@@ -1053,13 +1052,13 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   const int64_t off_fseqs = off_items + Align16(int64_t(items.size() * sizeof(cuda::DevMergeItem)));
   const int64_t off_fpages = off_fseqs + Align16(int64_t(fseqs.size() * sizeof(cuda::DevSeq)));
   const int64_t off_first = off_fpages + Align16(int64_t(fpages.size() * sizeof(int64_t)));
-  // the one-block-per-head quantize-append's descriptors (QaPlan::head_warps), the step's and the flush's
+  // the one-block-per-head quantize-append's descriptors (QaPlan::head), the step's and the flush's
   std::vector<cuda::DevQaHead>& heads = m.heads;
   std::vector<cuda::DevQaHead>& fheads = m.fheads;
   heads.clear();
   fheads.clear();
-  if (qa_plan.head_warps > 0) cuda::BuildQaHeads(seqs, pages, p.head_dim, &heads);
-  if (flush_plan.head_warps > 0 && !fseqs.empty()) cuda::BuildQaHeads(fseqs, fpages, p.head_dim, &fheads);
+  if (qa_plan.head) cuda::BuildQaHeads(seqs, pages, p.head_dim, &heads);
+  if (flush_plan.head && !fseqs.empty()) cuda::BuildQaHeads(fseqs, fpages, p.head_dim, &fheads);
   const int64_t off_heads = off_first + Align16(int64_t(first_pages.size() * sizeof(cuda::DevFirstPage)));
   const int64_t off_fheads = off_heads + int64_t(heads.size() * sizeof(cuda::DevQaHead));
   const int64_t meta_end = off_fheads + int64_t(fheads.size() * sizeof(cuda::DevQaHead));
@@ -1177,7 +1176,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.pdl = m.pdl && !m.fused;
   stats_.fused = m.fused;
   stats_.qa_lanes = m.qa_plan.lanes && !m.fused;
-  stats_.qa_head_warps = m.fused ? 0 : m.qa_plan.head_warps;
+  stats_.qa_head = !m.fused && m.qa_plan.head;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;

@@ -526,8 +526,8 @@ TEST(KernelsGpu, RingDepths) {
 // only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
 // (one launch, the default), with the plan's units and with the short ones. A misplaced wait would
 // let the attention read pages the flush is still writing. The quantize-append's own launches run
-// one block per (sequence, KV head) on the steps that allow it (set_qa_head_warps: 2 warps in
-// variants 0 and 3, 4 in variant 2), the per-tensor grid in variant 1. (The emulated device runs
+// one block per (sequence, KV head) on the steps that allow it (set_qa_head, the default), the
+// per-tensor grid in variant 1. (The emulated device runs
 // the units that skip the wait before the quantize-append's writes, for PDL and the fused step
 // alike.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
@@ -553,8 +553,8 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_pdl(pdl);
     runner->set_spread_blocks(spread);
     runner->set_qa_lanes(variant == 1 ? 0 : 1);
-    const int head_warps = variant == 1 ? 0 : variant == 2 ? 4 : 2;
-    runner->set_qa_head_warps(head_warps);
+    const bool head = variant != 1;
+    runner->set_qa_head(head ? 1 : 0);
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
@@ -573,8 +573,8 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       }
       fused_steps += st.fused ? 1 : 0;
       lane_steps += st.qa_lanes ? 1 : 0;
-      if (st.qa_head_warps > 0) {
-        EXPECT_EQ(st.qa_head_warps, head_warps);
+      if (st.qa_head) {
+        EXPECT_TRUE(head);
         EXPECT_FALSE(st.qa_lanes);
         ++head_steps;
       }
@@ -595,7 +595,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       EXPECT_GE(lane_steps, 3);  // innerq's values at steps 0, 32 and 64 at least
     }
     // the other steps' own launches: one block per head where asked for (steps 1-69 but 32 and 64)
-    if (head_warps == 0) {
+    if (!head) {
       EXPECT_EQ(head_steps, 0);
     } else if (!fused) {
       EXPECT_GE(head_steps, 60);

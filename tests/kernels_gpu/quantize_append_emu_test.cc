@@ -37,8 +37,8 @@ struct SeqCase {
 // Runs the steps of a batch through the emulated kernels and the reference; compares the arenas.
 // Some step must flush along_tokens groups of 32 (the lane instance). grids_differ: some step must
 // give K and V different block counts, and some step's lane plan fewer blocks than the per-warp
-// one. head_steps: some step must run as one block per (sequence, KV head) (QaHeadFits; both
-// instances, 2 and 4 warps).
+// one. head_steps: some step must run as one block per (sequence, KV head) (QaHeadFits), and at
+// D = 128 some step must give one of its warps two flush groups.
 void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uint32_t seed, bool grids_differ = false,
                 bool head_steps = false) {
   std::mt19937 rng(seed);
@@ -49,7 +49,8 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     testing::FillEdgeWindow(a, seqs.back(), hkv, d, dt, rng);
   }
   const size_t num_steps = cases[0].n_new.size();
-  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0, head_runs = 0;
+  int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0, head_runs = 0,
+      two_group_warps = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -93,31 +94,32 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     // one count for both (the fused step's, set_qa_split_chunks(false)); where some along_tokens
     // groups of 32 are flushed, one group per lane on the lane plan's counts and on one block per
     // tensor (each warp then walks many 32-group tasks); where the step allows, one block per
-    // (sequence, KV head) of 2 and of 4 warps (QuantizeAppendHeadBlock, DevQaHead).
+    // (sequence, KV head) (QuantizeAppendHeadBlock, DevQaHead).
     const cuda::QaPlan warp_plan = cuda::PlanQuantizeAppend(ds, d, -1);
     std::vector<cuda::DevQaHead> heads;
-    if (cuda::QaHeadFits(ds, d, 2) || cuda::QaHeadFits(ds, d, 4)) cuda::BuildQaHeads(ds, pages, d, &heads);
+    if (cuda::QaHeadFits(ds, d)) cuda::BuildQaHeads(ds, pages, d, &heads);
     const cuda::QaPlan lane_plan = cuda::PlanQuantizeAppend(ds, d, 0);
     EXPECT_FALSE(warp_plan.lanes);
     EXPECT_EQ(warp_plan.chunks, std::max(warp_plan.k_chunks, warp_plan.v_chunks));
     split_steps += warp_plan.k_chunks != warp_plan.v_chunks ? 1 : 0;
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
       const bool lanes = variant == 2 || variant == 3;
-      const int head_warps = variant == 4 ? 2 : variant == 5 ? 4 : 0;
+      const bool head = variant == 4;
       if (lanes && !lane_plan.lanes) continue;
-      if (head_warps > 0) {
-        const cuda::QaPlan hp = cuda::PlanQuantizeAppend(ds, d, -1, head_warps);
-        EXPECT_EQ(hp.head_warps, cuda::QaHeadFits(ds, d, head_warps) && !hp.key_norm ? head_warps : 0);
-        if (hp.head_warps == 0) continue;
+      if (head) {
+        const cuda::QaPlan hp = cuda::PlanQuantizeAppend(ds, d, -1, true);
+        EXPECT_EQ(hp.head, cuda::QaHeadFits(ds, d) && !hp.key_norm);
+        if (!hp.head) continue;
         EXPECT_EQ(cuda::QaPlanBlocks(hp, n, hkv), int64_t{n} * hkv);
         ++head_runs;
+        for (size_t i = 0; i < ds.size(); ++i)
+          two_group_warps += heads[2 * i].groups + heads[2 * i + 1].groups > cuda::kQaHeadWarps ? 1 : 0;
       }
       SCOPED_TRACE(variant == 0   ? "groups per warp"
                    : variant == 1 ? "groups per warp, one count"
                    : variant == 2 ? "groups per lane"
                    : variant == 3 ? "groups per lane, one block per tensor"
-                   : variant == 4 ? "one block of 2 warps per head"
-                                  : "one block of 4 warps per head");
+                                  : "one block per head");
       cuda::QaPlan plan = lanes ? lane_plan : warp_plan;
       if (variant == 1) plan.k_chunks = plan.v_chunks = plan.chunks;
       if (variant == 3) plan.k_chunks = plan.v_chunks = 1;
@@ -126,7 +128,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         EXPECT_LE(plan.k_chunks + plan.v_chunks, warp_plan.k_chunks + warp_plan.v_chunks);
         fewer_chunks += plan.k_chunks + plan.v_chunks < warp_plan.k_chunks + warp_plan.v_chunks ? 1 : 0;
       }
-      plan.head_warps = head_warps;
+      plan.head = head;
       const int grid_z = plan.k_chunks + plan.v_chunks;
       std::vector<uint8_t> emu = a.bytes();
       int32_t flag = 0;
@@ -151,22 +153,17 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         for (int s = 0; s < n; ++s)
           for (int h = 0; h < hkv; ++h)
             for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
-      for (int s = 0; s < n && head_warps > 0; ++s)
+      for (int s = 0; s < n && head; ++s)
         for (int h = 0; h < hkv; ++h, ++blocks_run) {
-          std::vector<float> err(size_t(head_warps) * 2 * kMaxGroupSize, std::nanf(""));
-          cuda::warp::RunBlock(head_warps * 32, [&](int tid) {
+          std::vector<float> err(size_t(cuda::kQaHeadWarps) * 2 * kMaxGroupSize, std::nanf(""));
+          cuda::warp::RunBlock(cuda::kQaHeadWarps * 32, [&](int tid) {
             float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
             const int64_t tb = int64_t{s} * hkv + h;
-            if (head_warps == 2) {
-              trace ? cuda::QuantizeAppendHeadBlock<true, 2>(qa, heads.data(), s, h, tid, werr, tb)
-                    : cuda::QuantizeAppendHeadBlock<false, 2>(qa, heads.data(), s, h, tid, werr, tb);
-            } else {
-              trace ? cuda::QuantizeAppendHeadBlock<true, 4>(qa, heads.data(), s, h, tid, werr, tb)
-                    : cuda::QuantizeAppendHeadBlock<false, 4>(qa, heads.data(), s, h, tid, werr, tb);
-            }
+            trace ? cuda::QuantizeAppendHeadBlock<true>(qa, heads.data(), s, h, tid, werr, tb)
+                  : cuda::QuantizeAppendHeadBlock<false>(qa, heads.data(), s, h, tid, werr, tb);
           });
         }
-      for (int s = 0; s < n && head_warps == 0; ++s)
+      for (int s = 0; s < n && !head; ++s)
         for (int h = 0; h < hkv; ++h)
           for (int z = 0; z < grid_z; ++z, ++blocks_run) {
             std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
@@ -221,6 +218,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
   if (head_steps) {
     EXPECT_GE(head_runs, 2) << "no step ran as one block per head";
+    if (d == 128) EXPECT_GT(two_group_warps, 0) << "no step gave a warp of the block per head two flush groups";
   }
   if (grids_differ) {
     EXPECT_GT(split_steps, 0) << "no step gave K and V different block counts";
@@ -249,7 +247,8 @@ TEST(QuantizeAppendEmulation, PresetBatchesMatchTheReference) {
 
 // Decode steps of one token (the steps one block per (sequence, KV head) covers): the presets in one
 // batch, the sink filling up (innerq2 from 20 tokens), the first key-norm step and the along_tokens
-// flushes in between going to the grid, D = 128 (2 flush groups per warp of 2) and 64, fp16 and bf16.
+// flushes in between going to the grid, and a config that flushes K and V along channels every step
+// (at D = 128 eight groups: two for each of the block's warps), D = 128 and 64, fp16 and bf16.
 TEST(QuantizeAppendEmulation, OneBlockPerHeadMatchesTheReference) {
   for (DType dt : {DType::kF16, DType::kBF16}) {
     for (int d : {128, 64}) {
@@ -261,6 +260,12 @@ TEST(QuantizeAppendEmulation, OneBlockPerHeadMatchesTheReference) {
       cases.push_back({PresetConfig(Preset::kInnerQ2), 20, 0, steps});
       cases.push_back({PresetConfig(Preset::kFp16), 40, 100, steps});
       cases.push_back({PresetConfig(Preset::kKivi4), 129, 1, steps});
+      QuantConfig both;
+      both.k = Fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 32, 4, 1);
+      both.v = Fmt(QuantMode::kHybrid, 2, Grouping::kAlongChannels, 32, 3, 1);
+      both.sink = 2;
+      ASSERT_EQ(ValidateConfig(both, d), "");
+      cases.push_back({both, 60, 7, steps});
       CheckBatch(cases, dt, 2, d, 101 + static_cast<uint32_t>(dt) + d, false, true);
       if (HasFatalFailure()) return;
     }
@@ -326,9 +331,9 @@ TEST(QuantizeAppendPlan, LanesOnlyFromTheGivenGroupCount) {
   EXPECT_FALSE(cuda::PlanQuantizeAppend(keys_only, d, 0).lanes);
 }
 
-// Which steps one block per (sequence, KV head) covers (QaHeadFits, and the plan's head_warps):
+// Which steps one block per (sequence, KV head) covers (QaHeadFits, and the plan's head):
 // one new token or none, each tensor flushing nothing or one token of along_channels groups of 32,
-// at most two groups per warp, no key-norm factors to compute, the built instances (2, 4 warps).
+// at most two groups per warp, no key-norm factors to compute.
 TEST(QuantizeAppendPlan, OneBlockPerHeadOnlyWhereItFits) {
   cuda::DevSeq s{};  // innerq's every-step flush: one key token, 4 along_channels groups at D = 128
   s.n_new = 1;
@@ -340,42 +345,36 @@ TEST(QuantizeAppendPlan, OneBlockPerHeadOnlyWhereItFits) {
   s.v.grouping = static_cast<int32_t>(Grouping::kAlongTokens);
   s.v.group_size = 32;
   const std::vector<cuda::DevSeq> batch(16, s);
-  for (int w : {2, 4}) {
-    EXPECT_TRUE(cuda::QaHeadFits(batch, 128, w)) << w;
-    const cuda::QaPlan p = cuda::PlanQuantizeAppend(batch, 128, -1, w);
-    EXPECT_EQ(p.head_warps, w);
-    EXPECT_EQ(cuda::QaPlanBlocks(p, 16, 8), 16 * 8);
-    EXPECT_EQ(cuda::QaPlanTraceWarps(p, 16, 8), 16 * 8 * w);
-  }
-  EXPECT_EQ(cuda::PlanQuantizeAppend(batch, 128, -1).head_warps, 0);  // not asked for
-  EXPECT_FALSE(cuda::QaHeadFits(batch, 128, 3));                       // no such instance
-  EXPECT_FALSE(cuda::QaHeadFits(batch, 128, 1));
-  auto fits_with = [&](auto change, int d, int w) {
+  EXPECT_TRUE(cuda::QaHeadFits(batch, 128));
+  const cuda::QaPlan p = cuda::PlanQuantizeAppend(batch, 128, -1, true);
+  EXPECT_TRUE(p.head);
+  EXPECT_EQ(cuda::QaPlanBlocks(p, 16, 8), 16 * 8);
+  EXPECT_EQ(cuda::QaPlanTraceWarps(p, 16, 8), 16 * 8 * cuda::kQaHeadWarps);
+  EXPECT_FALSE(cuda::PlanQuantizeAppend(batch, 128, -1).head);  // not asked for
+  auto fits_with = [&](auto change, int d) {
     std::vector<cuda::DevSeq> b = batch;
     change(b.back());
-    return cuda::QaHeadFits(b, d, w);
+    return cuda::QaHeadFits(b, d);
   };
   // the value flush of 32 tokens along tokens (every 32nd step) goes to the grid
-  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32; }, 128, 4));
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32; }, 128));
   // fp16 values flush nothing that needs a quantizer
-  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32, x.v.mode = static_cast<int32_t>(QuantMode::kFull); }, 128, 4));
-  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.n_new = 2; }, 128, 4));       // two new tokens
-  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.n_new = 0; }, 128, 4));        // the flush after the attention
-  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.flush = 2; }, 128, 4));     // two key tokens
-  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.group_size = 64; }, 128, 4));
-  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.compute_norm = x.key_norm = 1; }, 128, 4));
-  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.key_norm = 1; }, 128, 4));     // factors already there
-  // K and V both along channels at D = 128: 8 groups, two per warp of four, too many for two warps
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.v.flush = 32, x.v.mode = static_cast<int32_t>(QuantMode::kFull); }, 128));
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.n_new = 2; }, 128));       // two new tokens
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.n_new = 0; }, 128));        // the flush after the attention
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.flush = 2; }, 128));     // two key tokens
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.k.group_size = 64; }, 128));
+  EXPECT_FALSE(fits_with([](cuda::DevSeq& x) { x.compute_norm = x.key_norm = 1; }, 128));
+  EXPECT_TRUE(fits_with([](cuda::DevSeq& x) { x.key_norm = 1; }, 128));     // factors already there
+  // K and V both along channels: 8 groups at D = 128 (two per warp), 16 at D = 256 (too many)
   auto both = [](cuda::DevSeq& x) {
     x.v.flush = 1;
     x.v.grouping = static_cast<int32_t>(Grouping::kAlongChannels);
   };
-  EXPECT_TRUE(fits_with(both, 128, 4));
-  EXPECT_FALSE(fits_with(both, 128, 2));
-  EXPECT_TRUE(fits_with(both, 64, 2));
-  // D = 256: one key token is 8 groups (four warps), and the appends need 64 threads
-  EXPECT_TRUE(cuda::QaHeadFits(batch, 256, 4));
-  EXPECT_FALSE(cuda::QaHeadFits(batch, 256, 2));
+  EXPECT_TRUE(fits_with(both, 128));
+  EXPECT_TRUE(fits_with(both, 64));
+  EXPECT_FALSE(fits_with(both, 256));
+  EXPECT_TRUE(cuda::QaHeadFits(batch, 256));  // one key token at D = 256: 8 groups
 }
 
 }  // namespace

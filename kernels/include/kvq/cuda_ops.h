@@ -51,8 +51,8 @@ struct CudaStepStats {
                              // flush_after, when it flushes something and the step is not fused)
   bool qa_lanes = false;     // the step's own quantize-append launch flushes along_tokens groups of
                              // 32 one per lane (set_qa_lanes, and some are flushed this step)
-  int qa_head_warps = 0;     // the step's own quantize-append launch ran one block of this many warps
-                             // per (sequence, KV head) (set_qa_head_warps); 0: its per-tensor grid
+  bool qa_head = false;      // the step's own quantize-append launch ran one block per (sequence, KV
+                             // head) (set_qa_head); false: its per-tensor grid
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
@@ -200,17 +200,14 @@ class CudaStepRunner {
   void set_qa_split_chunks(bool on) { qa_split_chunks_ = on; }
   // The quantize-append's own launches on the steps that append one token or none and flush nothing
   // or one token of along_channels groups of 32 (every decode step of the presets but the 32- or
-  // 128-token along_tokens flush and the first key-norm step): one block of `warps` warps per
+  // 128-token along_tokens flush and the first key-norm step): one block of four warps per
   // (sequence, KV head) for K and V together, with the page-table lookups done on the host
   // (DevQaHead), instead of the per-tensor grid (at D = 128, 2 blocks for K's 4 groups and one for
-  // V's append). warps 2 or 4 (at most 2 flush groups per warp); 0 never; -1 (the default)
-  // kQaHeadWarpsAuto = 4, one flush group per warp at D = 128: on an H100 (2026-12-07,
-  // bench/results/raw/2026-12-07b/call2) qa_step 9.4 -> 7.1 us at (16,32,32,4096) innerq, 11.6 ->
-  // 8.1 at (64,32,8,8192), 14.6 -> 11.2 kivi2 there, 3.3 -> 3.0 at (1,32,32,32768); two warps (two
-  // groups each, one after the other) measured slower than four at every shape. Applies from the
-  // next Prepare.
-  void set_qa_head_warps(int warps) { qa_head_mode_ = warps; }
-  static constexpr int kQaHeadWarpsAuto = 4;
+  // V's append). On an H100 (2026-12-07, bench/results/raw/2026-12-07b/call2) qa_step 9.4 -> 7.1 us
+  // at (16,32,32,4096) innerq, 11.6 -> 8.1 at (64,32,8,8192), 14.6 -> 11.2 kivi2 there, 3.3 -> 3.0
+  // at (1,32,32,32768). -1 (the default) and 1 on, 0 never (the grid: A/Bs, tests). Applies from
+  // the next Prepare.
+  void set_qa_head(int mode) { qa_head_mode_ = mode; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -295,7 +292,7 @@ class CudaStepRunner {
   int ring_offset_ = 0;
   int64_t* qa_trace_ = nullptr;
   int qa_lanes_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
-  int qa_head_mode_ = -1;   // -1 kQaHeadWarpsAuto, 0 off, else the warps
+  int qa_head_mode_ = -1;   // -1 (on) or 1 on, 0 off
   bool qa_split_chunks_ = true;
 };
 
