@@ -18,3 +18,5 @@ timeout 60 .device/run kvq-bench kernels --presets innerq,kivi2 --shape 16,32,32
   --qa-steps 64 --chain-dump > $OUT/chain.txt 2>&1; echo "chain rc=$?"
 grep -E 'step (0|1|2|31|32|33):' $OUT/chain.txt
 xz -9 $OUT/chain.txt
+timeout 50 .device/run store_cuda_backend_test --gtest_brief=1 > $OUT/store.txt 2>&1; echo "store rc=$?"; tail -2 $OUT/store.txt
+timeout 50 .device/run kvq_store_service_test --gtest_brief=1 --gtest_filter='*cuda*' > $OUT/service.txt 2>&1; echo "service rc=$?"; tail -2 $OUT/service.txt
