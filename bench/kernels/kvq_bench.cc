@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-head-blocks N] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -136,7 +136,6 @@ int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_
 int g_qa_lanes = -1;           // --qa-lanes auto|on|off: CudaStepRunner::set_qa_lanes (-1 the plan decides)
 bool g_qa_split = true;        // off with --qa-same-chunks: CudaStepRunner::set_qa_split_chunks
 int g_qa_head = -1;            // --qa-head auto|on|off: CudaStepRunner::set_qa_head (-1 its default)
-int64_t g_qa_head_blocks = -1;    // --qa-head-blocks N: CudaStepRunner::set_qa_head_blocks (-1 its default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 bool g_preflush = false;       // --preflush: each chain step's flush beside the attention before it (Row::pf_avg_us)
@@ -403,7 +402,6 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_qa_lanes(g_qa_lanes);
     runners[k]->set_qa_split_chunks(g_qa_split);
     runners[k]->set_qa_head(g_qa_head);
-    runners[k]->set_qa_head_blocks(g_qa_head_blocks);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
@@ -622,7 +620,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
                    "qa_after_attn %.2f%s\n", sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0],
                    step_sum - sums0[1], attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
                    r.stats().pdl ? " pdl" : "", again, after_attn,
-                   r.stats().qa_head ? (" head " + std::to_string(r.stats().qa_head_blocks)).c_str() : "");
+                   r.stats().qa_head ? " head" : "");
     }
     if (g_qa_trace && (!trace_once(r, 0, j) || !trace_once(r, 1, j))) return false;
   }
@@ -773,7 +771,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-head-blocks N] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -856,12 +854,6 @@ int main(int argc, char** argv) {
         return 2;
       }
       g_qa_head = m == "auto" ? -1 : m == "on" ? 1 : 0;
-    } else if (a == "--qa-head-blocks" && i + 1 < argc) {
-      g_qa_head_blocks = std::atoll(argv[++i]);
-      if (g_qa_head_blocks < 0) {
-        std::fprintf(stderr, "kvq-bench: --qa-head-blocks takes a block count (0: one block per head)\n");
-        return 2;
-      }
     } else if (a == "--qa-same-chunks") {
       g_qa_split = false;
     } else if (a == "--no-pdl") {

@@ -34,15 +34,13 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
-// The whole step's quantize-append, one block per (sequence, KV head) or fewer blocks that walk
-// them (QaPlan::head, head_grid). Small enough to sit beside a full wave of the attention
-// (kQaHeadMinBlocks): 32 registers, 1 KB of shared memory (groups of 32 only, QaHeadFits).
+// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head).
 template <bool kTrace>
-__global__ void __launch_bounds__(kQaHeadWarps * 32, kQaHeadMinBlocks) QuantizeAppendHeadKernel(QaHeadArgs a) {
+__global__ void __launch_bounds__(kQaHeadWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
-  __shared__ float err[kQaHeadWarps][2 * 32];
-  QuantizeAppendHeadBlocks<kTrace>(a.qa, a.heads, a.num_heads, blockIdx.x, gridDim.x, threadIdx.x,
-                                   err[threadIdx.x >> 5]);
+  __shared__ float err[kQaHeadWarps][2 * kMaxGroupSize];
+  QuantizeAppendHeadBlock<kTrace>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
+                                  static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
   if (a.qa.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
@@ -82,10 +80,8 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan&
   const bool pdl = a.wait_at_end != 0;
   if (plan.head) {  // the plan never asks for it with key-norm factors to compute
     if (!heads) return cudaErrorInvalidValue;
-    const int64_t blocks = QaPlanBlocks(plan, num_seqs, a.num_kv_heads);
-    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    const dim3 grid(static_cast<unsigned>(blocks));
-    const QaHeadArgs h{a, heads, int64_t{num_seqs} * a.num_kv_heads};
+    const dim3 grid(num_seqs, a.num_kv_heads);
+    const QaHeadArgs h{a, heads};
     const dim3 block(kQaHeadWarps * 32);
     return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true>, grid, block, 0, stream, h, pdl)
                    : LaunchKernel(QuantizeAppendHeadKernel<false>, grid, block, 0, stream, h, pdl);

@@ -419,17 +419,5 @@ KVQ_WARP void QuantizeAppendHeadBlock(const QaArgs& a, const DevQaHead* heads, i
   }
 }
 
-// Block `block` of a QuantizeAppendHeadKernel launch of `grid` blocks (QaPlan::head_grid): the
-// (sequence, KV head) pairs block, block + grid, ... of the batch's num_heads (seq * Hkv + h), one
-// after another (grid = num_heads: one each). The warps share no memory between them, so they go
-// on to the next pair without a barrier.
-template <bool kTrace>
-KVQ_WARP void QuantizeAppendHeadBlocks(const QaArgs& a, const DevQaHead* heads, int64_t num_heads, int64_t block,
-                                       int64_t grid, int tid, float* err) {
-  for (int64_t b = block; b < num_heads; b += grid)
-    QuantizeAppendHeadBlock<kTrace>(a, heads, static_cast<int>(b / a.num_kv_heads), static_cast<int>(b % a.num_kv_heads),
-                                    tid, err, b);
-}
-
 }  // namespace cuda
 }  // namespace kvq

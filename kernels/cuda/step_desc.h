@@ -355,17 +355,12 @@ static_assert(sizeof(DevQaHead) % 16 == 0, "DevQaHead: 16-byte multiples in the 
 struct QaHeadArgs {
   QaArgs qa;
   const DevQaHead* heads;  // [num_seqs][2]
-  int64_t num_heads;       // num_seqs * num_kv_heads
 };
 // QuantizeAppendHeadKernel's warps, and flush groups per warp (the plan's limit). Four warps, one
 // group each at D = 128, measured faster than two at every benchmark shape (H100, 2026-12-07,
 // bench/results/raw/2026-12-07b/call2), so two are not built.
 constexpr int kQaHeadWarps = 4;
 constexpr int kQaHeadGroupsPerWarp = 2;
-// Its resident blocks per SM as the compiler sees it (__launch_bounds__): 16 caps it at 32
-// registers, so a block (4,096 registers) fits in what a full wave of the one-row InnerQ page units
-// leaves on an SM (5 blocks of 96 registers: 61,440 of 65,536).
-constexpr int kQaHeadMinBlocks = 16;
 // Whether one block per (sequence, KV head) covers the step's quantize-append.
 bool QaHeadFits(const std::vector<DevSeq>& seqs, int head_dim);
 // The per-(sequence, tensor) descriptors of such a step: [num_seqs][2] (K, V), from the flattened
@@ -385,8 +380,6 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 // head: the step's quantize-append runs as one block per (sequence, KV head)
 // (QuantizeAppendHeadKernel, DevQaHead; where the caller asks for it and QaHeadFits), else the
 // grid above.
-// head_grid: with head, the launch's blocks when fewer than the (sequence, KV head) pairs (each
-// block then walks pairs block, block + head_grid, ...); 0: one block per pair.
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
@@ -394,7 +387,6 @@ struct QaPlan {
   bool lanes = false;
   bool key_norm = false;
   bool head = false;
-  int64_t head_grid = 0;
 };
 QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, bool head = false);
 // Blocks of the planned quantize-append launch (KeyNormKernel's aside), and its warps (the trace's).

@@ -531,9 +531,7 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 }
 
 int64_t QaPlanBlocks(const QaPlan& plan, int num_seqs, int num_kv_heads) {
-  const int64_t pairs = int64_t{num_seqs} * num_kv_heads;
-  if (plan.head) return plan.head_grid > 0 ? std::min(plan.head_grid, pairs) : pairs;
-  return pairs * (plan.k_chunks + plan.v_chunks);
+  return int64_t{num_seqs} * num_kv_heads * (plan.head ? 1 : plan.k_chunks + plan.v_chunks);
 }
 
 int64_t QaPlanTraceWarps(const QaPlan& plan, int num_seqs, int num_kv_heads) {
@@ -653,7 +651,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  cuda::QaPlan qa_plan = plan_qa(seqs);
+  const cuda::QaPlan qa_plan = plan_qa(seqs);
   const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
@@ -1102,8 +1100,6 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   KVQ_CUDA_RETURN(cudaMemcpyAsync(m.meta, m.staging, total, cudaMemcpyHostToDevice, stream));
   KVQ_RETURN_IF_ERROR(m.MarkBusy(stream));
 
-  // The one-block-per-head launch's blocks (set_qa_head_blocks).
-  if (qa_plan.head && qa_head_blocks_ > 0) qa_plan.head_grid = qa_head_blocks_;
   // The fused step runs K and V with one count, one group per warp (qa_plan.chunks <= 2 there, so
   // it flushes no along_tokens groups); the quantize-append's own launch runs the plan's grid.
   m.qa_plan = qa_plan;
@@ -1181,7 +1177,6 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.fused = m.fused;
   stats_.qa_lanes = m.qa_plan.lanes && !m.fused;
   stats_.qa_head = !m.fused && m.qa_plan.head;
-  stats_.qa_head_blocks = stats_.qa_head ? cuda::QaPlanBlocks(m.qa_plan, num_seqs, p.num_kv_heads) : 0;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;

@@ -526,8 +526,8 @@ TEST(KernelsGpu, RingDepths) {
 // only the older body and start without waiting (UnitWaitsForQuantizeAppend). Then the fused step
 // (one launch, the default), with the plan's units and with the short ones. A misplaced wait would
 // let the attention read pages the flush is still writing. The quantize-append's own launches run
-// one block per (sequence, KV head) on the steps that allow it (set_qa_head, the default), in
-// variant 2 three blocks that walk the pairs (set_qa_head_blocks), the per-tensor grid in variant 1. (The emulated device runs
+// one block per (sequence, KV head) on the steps that allow it (set_qa_head, the default), the
+// per-tensor grid in variant 1. (The emulated device runs
 // the units that skip the wait before the quantize-append's writes, for PDL and the fused step
 // alike.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
@@ -555,7 +555,6 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_qa_lanes(variant == 1 ? 0 : 1);
     const bool head = variant != 1;
     runner->set_qa_head(head ? 1 : 0);
-    if (spread) runner->set_qa_head_blocks(3);  // 3 blocks walk the 8 (sequence, KV head) pairs
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
@@ -577,7 +576,6 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       if (st.qa_head) {
         EXPECT_TRUE(head);
         EXPECT_FALSE(st.qa_lanes);
-        EXPECT_EQ(st.qa_head_blocks, spread ? 3 : 8);
         ++head_steps;
       }
       EXPECT_LT(st.early_units, st.num_units) << "the units over the new tokens wait";

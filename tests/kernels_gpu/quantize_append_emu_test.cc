@@ -50,7 +50,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   }
   const size_t num_steps = cases[0].n_new.size();
   int blocks_run = 0, traced_flushing_warps = 0, lane_steps = 0, fewer_chunks = 0, split_steps = 0, head_runs = 0,
-      two_group_warps = 0, walk_runs = 0;
+      two_group_warps = 0;
   for (size_t step = 0; step < num_steps; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     std::vector<TStep> steps;
@@ -102,29 +102,24 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
     EXPECT_FALSE(warp_plan.lanes);
     EXPECT_EQ(warp_plan.chunks, std::max(warp_plan.k_chunks, warp_plan.v_chunks));
     split_steps += warp_plan.k_chunks != warp_plan.v_chunks ? 1 : 0;
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
       const bool lanes = variant == 2 || variant == 3;
-      const bool head = variant >= 4;
+      const bool head = variant == 4;
       if (lanes && !lane_plan.lanes) continue;
       if (head) {
         const cuda::QaPlan hp = cuda::PlanQuantizeAppend(ds, d, -1, true);
         EXPECT_EQ(hp.head, cuda::QaHeadFits(ds, d) && !hp.key_norm);
         if (!hp.head) continue;
         EXPECT_EQ(cuda::QaPlanBlocks(hp, n, hkv), int64_t{n} * hkv);
-        if (variant == 5) {
-          walk_runs += int64_t{n} * hkv > 2 ? 1 : 0;  // a block takes two pairs or more
-        } else {
-          ++head_runs;
-          for (size_t i = 0; i < ds.size(); ++i)
-            two_group_warps += heads[2 * i].groups + heads[2 * i + 1].groups > cuda::kQaHeadWarps ? 1 : 0;
-        }
+        ++head_runs;
+        for (size_t i = 0; i < ds.size(); ++i)
+          two_group_warps += heads[2 * i].groups + heads[2 * i + 1].groups > cuda::kQaHeadWarps ? 1 : 0;
       }
       SCOPED_TRACE(variant == 0   ? "groups per warp"
                    : variant == 1 ? "groups per warp, one count"
                    : variant == 2 ? "groups per lane"
                    : variant == 3 ? "groups per lane, one block per tensor"
-                   : variant == 4 ? "one block per head"
-                                  : "blocks that walk the heads");
+                                  : "one block per head");
       cuda::QaPlan plan = lanes ? lane_plan : warp_plan;
       if (variant == 1) plan.k_chunks = plan.v_chunks = plan.chunks;
       if (variant == 3) plan.k_chunks = plan.v_chunks = 1;
@@ -134,8 +129,6 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         fewer_chunks += plan.k_chunks + plan.v_chunks < warp_plan.k_chunks + warp_plan.v_chunks ? 1 : 0;
       }
       plan.head = head;
-      // variant 5: two blocks, or one, walking the (sequence, KV head) pairs (QaPlan::head_grid)
-      if (variant == 5) plan.head_grid = std::max<int64_t>(1, std::min<int64_t>(2, int64_t{n} * hkv - 1));
       const int grid_z = plan.k_chunks + plan.v_chunks;
       std::vector<uint8_t> emu = a.bytes();
       int32_t flag = 0;
@@ -160,21 +153,16 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
         for (int s = 0; s < n; ++s)
           for (int h = 0; h < hkv; ++h)
             for (int tid = 0; tid < cuda::kQaThreads; ++tid) cuda::KeyNormBlock(qa, s, h, tid, cuda::kQaThreads);
-      const int64_t head_blocks = head ? cuda::QaPlanBlocks(plan, n, hkv) : 0;
-      if (variant == 4) {
-        EXPECT_EQ(head_blocks, int64_t{n} * hkv);
-      } else if (variant == 5) {
-        EXPECT_EQ(head_blocks, plan.head_grid);
-      }
-      for (int64_t b = 0; b < head_blocks; ++b, ++blocks_run) {
-        // the kernel's shared memory: 2 x 32 floats per warp (groups of 32 only)
-        std::vector<float> err(size_t(cuda::kQaHeadWarps) * 2 * 32, std::nanf(""));
-        cuda::warp::RunBlock(cuda::kQaHeadWarps * 32, [&](int tid) {
-          float* werr = err.data() + (tid >> 5) * 2 * 32;
-          trace ? cuda::QuantizeAppendHeadBlocks<true>(qa, heads.data(), int64_t{n} * hkv, b, head_blocks, tid, werr)
-                : cuda::QuantizeAppendHeadBlocks<false>(qa, heads.data(), int64_t{n} * hkv, b, head_blocks, tid, werr);
-        });
-      }
+      for (int s = 0; s < n && head; ++s)
+        for (int h = 0; h < hkv; ++h, ++blocks_run) {
+          std::vector<float> err(size_t(cuda::kQaHeadWarps) * 2 * kMaxGroupSize, std::nanf(""));
+          cuda::warp::RunBlock(cuda::kQaHeadWarps * 32, [&](int tid) {
+            float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
+            const int64_t tb = int64_t{s} * hkv + h;
+            trace ? cuda::QuantizeAppendHeadBlock<true>(qa, heads.data(), s, h, tid, werr, tb)
+                  : cuda::QuantizeAppendHeadBlock<false>(qa, heads.data(), s, h, tid, werr, tb);
+          });
+        }
       for (int s = 0; s < n && !head; ++s)
         for (int h = 0; h < hkv; ++h)
           for (int z = 0; z < grid_z; ++z, ++blocks_run) {
@@ -230,10 +218,7 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
   if (head_steps) {
     EXPECT_GE(head_runs, 2) << "no step ran as one block per head";
-    EXPECT_GE(walk_runs, 2) << "no step ran as blocks that walk several heads";
-    if (d == 128) {
-      EXPECT_GT(two_group_warps, 0) << "no step gave a warp of the block per head two flush groups";
-    }
+    if (d == 128) EXPECT_GT(two_group_warps, 0) << "no step gave a warp of the block per head two flush groups";
   }
   if (grids_differ) {
     EXPECT_GT(split_steps, 0) << "no step gave K and V different block counts";

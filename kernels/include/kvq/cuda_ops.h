@@ -53,8 +53,6 @@ struct CudaStepStats {
                              // 32 one per lane (set_qa_lanes, and some are flushed this step)
   bool qa_head = false;      // the step's own quantize-append launch ran one block per (sequence, KV
                              // head) (set_qa_head); false: its per-tensor grid
-  int64_t qa_head_blocks = 0;  // with qa_head, that launch's blocks (fewer than the pairs: each
-                               // walks several, set_qa_head_blocks)
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
@@ -210,10 +208,6 @@ class CudaStepRunner {
   // at (1,32,32,32768). -1 (the default) and 1 on, 0 never (the grid: A/Bs, tests). Applies from
   // the next Prepare.
   void set_qa_head(int mode) { qa_head_mode_ = mode; }
-  // That launch's blocks: at most `blocks`, each walking (sequence, KV head) pairs one after
-  // another, so that it takes fewer of the resident places the attention's blocks need; 0: one
-  // block per pair. -1 (the default): 0. Applies from the next Prepare.
-  void set_qa_head_blocks(int64_t blocks) { qa_head_blocks_ = blocks; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -299,7 +293,6 @@ class CudaStepRunner {
   int64_t* qa_trace_ = nullptr;
   int qa_lanes_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int qa_head_mode_ = -1;   // -1 (on) or 1 on, 0 off
-  int64_t qa_head_blocks_ = -1;  // -1 the plan decides, 0 one per pair, n at most n blocks
   bool qa_split_chunks_ = true;
 };
 
