@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -136,6 +136,7 @@ int g_fused = -1;              // --fused / --two-launches: CudaStepRunner::set_
 int g_qa_lanes = -1;           // --qa-lanes auto|on|off: CudaStepRunner::set_qa_lanes (-1 the plan decides)
 bool g_qa_split = true;        // off with --qa-same-chunks: CudaStepRunner::set_qa_split_chunks
 int g_qa_head = -1;            // --qa-head auto|on|off: CudaStepRunner::set_qa_head (-1 its default)
+int g_qa_wide = -1;            // --qa-wide auto|on|off: CudaStepRunner::set_qa_wide_carveout (-1 its default)
 int g_pdl = -1;                // --pdl / --no-pdl: the attention as a programmatic dependent or plainly (-1: the plan's choice)
 bool g_check = true;           // --no-check: no comparison with the CPU reference
 bool g_preflush = false;       // --preflush: each chain step's flush beside the attention before it (Row::pf_avg_us)
@@ -402,6 +403,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     runners[k]->set_qa_lanes(g_qa_lanes);
     runners[k]->set_qa_split_chunks(g_qa_split);
     runners[k]->set_qa_head(g_qa_head);
+    runners[k]->set_qa_wide_carveout(g_qa_wide);
     if (g_kivi_codes >= 0) runners[k]->set_kivi_codes(g_kivi_codes == 1);
     if (g_kivi_min_tokens >= 0) runners[k]->set_kivi_mma_min_unit_tokens(g_kivi_min_tokens);
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
@@ -617,10 +619,10 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
       double again = 0, after_attn = 0, attn2 = 0;
       if (!add_once(r, 1, j, &again) || !add_once(r, 0, j, &attn2) || !add_once(r, 1, j, &after_attn)) return false;
       std::fprintf(stderr, "chain %d,%d,%d,%d %s step %d: qa %.2f step %.2f attn %.2f empty %.2f us%s%s; qa_again %.2f "
-                   "qa_after_attn %.2f%s\n", sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0],
+                   "qa_after_attn %.2f%s%s\n", sh.b, sh.hq, sh.hkv, sh.t, PresetName(preset), j, qa_sum - sums0[0],
                    step_sum - sums0[1], attn_sum - sums0[2], empty_sum - sums0[3], r.stats().fused ? " fused" : "",
                    r.stats().pdl ? " pdl" : "", again, after_attn,
-                   r.stats().qa_head ? " head" : "");
+                   r.stats().qa_head ? " head" : "", r.stats().qa_wide ? " wide" : "");
     }
     if (g_qa_trace && (!trace_once(r, 0, j) || !trace_once(r, 1, j))) return false;
   }
@@ -745,7 +747,8 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     // the occupancy the plan used, and whether InnerQ body tiles (-imma), KIVI body tiles (-kmma
     // dequantized, -kcodes on the codes) or the fp16 preset's tiles (-mma) ran on the tensor cores,
     // or InnerQ body pages in page units (-pages);
-    // +pdl: the attention launched as a programmatic dependent; +bf: the body units first; -rN: --row-class N; -oN: --ring-offset N
+    // +pdl: the attention launched as a programmatic dependent; +bf: the body units first; +wide: the
+    // quantize-append's kernels at the largest shared-memory carveout; -rN: --row-class N; -oN: --ring-offset N
     row->path = st.decode_path ? "decode-s" + std::to_string(st.ring_stages) + "-b" + std::to_string(st.blocks_per_sm) +
                                      (st.imma_units > 0 ? (st.kivi_codes ? "-kcodes" : st.kivi_mma ? "-kmma" : "-imma")
                                                        : st.mma_full ? "-mma" : st.page_units > 0 ? "-pages" : "")
@@ -753,6 +756,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (st.bodies_first) row->path += "+bf";  // the body units first in the grid (set_bodies_first)
+    if (st.qa_wide) row->path += "+wide";  // the quantize-append's largest carveout (set_qa_wide_carveout)
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
     if (g_preflush) row->path += "+preflush";  // the chain's flushes beside the attention before
@@ -771,7 +775,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -854,6 +858,13 @@ int main(int argc, char** argv) {
         return 2;
       }
       g_qa_head = m == "auto" ? -1 : m == "on" ? 1 : 0;
+    } else if (a == "--qa-wide" && i + 1 < argc) {
+      const std::string m = argv[++i];
+      if (m != "auto" && m != "on" && m != "off") {
+        std::fprintf(stderr, "kvq-bench: --qa-wide takes auto, on or off\n");
+        return 2;
+      }
+      g_qa_wide = m == "auto" ? -1 : m == "on" ? 1 : 0;
     } else if (a == "--qa-same-chunks") {
       g_qa_split = false;
     } else if (a == "--no-pdl") {

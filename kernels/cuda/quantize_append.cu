@@ -25,7 +25,9 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
   KeyNormBlock(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x);
 }
 
-template <bool kTrace, bool kLanes>
+// kWide: the same code as a function of its own whose preferred shared-memory carveout is the
+// SM's largest (QaPlan::wide); the attribute is per function, the choice per launch.
+template <bool kTrace, bool kLanes, bool kWide>
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][2 * kMaxGroupSize];
@@ -35,7 +37,7 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
 }
 
 // The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head).
-template <bool kTrace>
+template <bool kTrace, bool kWide>
 __global__ void __launch_bounds__(kQaHeadWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaHeadWarps][2 * kMaxGroupSize];
@@ -44,25 +46,70 @@ __global__ void __launch_bounds__(kQaHeadWarps * 32) QuantizeAppendHeadKernel(Qa
   if (a.qa.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
-}  // namespace
-
-cudaError_t SetQuantizeAppendCarveout(int percent) {
-  cudaError_t e = cudaFuncSetAttribute(KeyNormKernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
-  for (const void* f : {reinterpret_cast<const void*>(QuantizeAppendKernel<false, false>),
-                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, false>),
-                        reinterpret_cast<const void*>(QuantizeAppendKernel<false, true>),
-                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, true>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true>)})
+// The quantize-append kernels of one carveout choice (kWide), the key-norm kernel with the plain ones.
+template <bool kWide>
+cudaError_t SetCarveout(int percent) {
+  cudaError_t e = kWide ? cudaSuccess
+                        : cudaFuncSetAttribute(KeyNormKernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  for (const void* f : {reinterpret_cast<const void*>(QuantizeAppendKernel<false, false, kWide>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, false, kWide>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<false, true, kWide>),
+                        reinterpret_cast<const void*>(QuantizeAppendKernel<true, true, kWide>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, kWide>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, kWide>)})
     if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
 }
 
+// The wide instances' carveout, set once per device before their first launch.
+cudaError_t EnsureWideCarveout() {
+  static OccupancyMemo done;  // per device: key 0 -> the attribute's result
+  int dev = 0, result = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return e;
+  }
+  if (done.Find(dev, 0, &result)) return static_cast<cudaError_t>(result);
+  e = SetCarveout<true>(cudaSharedmemCarveoutMaxShared);
+  done.Put(dev, 0, static_cast<int>(e));
+  return e;
+}
+
+}  // namespace
+
+cudaError_t SetQuantizeAppendCarveout(int percent) { return SetCarveout<false>(percent); }
+
 int QuantizeAppendBlocksPerSm() {
   static OccupancyMemo memo;  // per device
-  return BlocksPerSmNoSmem(&memo, QuantizeAppendKernel<false, false>, kQaThreads);
+  return BlocksPerSmNoSmem(&memo, QuantizeAppendKernel<false, false, false>, kQaThreads);
 }
+
+namespace {
+
+template <bool kWide>
+cudaError_t LaunchQuantizeAppendAs(const QaArgs& a, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
+                                   cudaStream_t stream) {
+  const bool pdl = a.wait_at_end != 0;
+  if (plan.head) {  // the plan never asks for it with key-norm factors to compute
+    if (!heads) return cudaErrorInvalidValue;
+    const dim3 grid(num_seqs, a.num_kv_heads);
+    const QaHeadArgs h{a, heads};
+    const dim3 block(kQaHeadWarps * 32);
+    return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWide>, grid, block, 0, stream, h, pdl)
+                   : LaunchKernel(QuantizeAppendHeadKernel<false, kWide>, grid, block, 0, stream, h, pdl);
+  }
+  const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
+  const dim3 block(kQaThreads);
+  if (plan.lanes)
+    return a.trace ? LaunchKernel(QuantizeAppendKernel<true, true, kWide>, grid, block, 0, stream, a, pdl)
+                   : LaunchKernel(QuantizeAppendKernel<false, true, kWide>, grid, block, 0, stream, a, pdl);
+  return a.trace ? LaunchKernel(QuantizeAppendKernel<true, false, kWide>, grid, block, 0, stream, a, pdl)
+                 : LaunchKernel(QuantizeAppendKernel<false, false, kWide>, grid, block, 0, stream, a, pdl);
+}
+
+}  // namespace
 
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
                                  cudaStream_t stream) {
@@ -77,21 +124,10 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan&
         LaunchKernel(KeyNormKernel, dim3(num_seqs, a.num_kv_heads), dim3(kQaThreads), 0, stream, a, false);
     if (e != cudaSuccess) return e;
   }
-  const bool pdl = a.wait_at_end != 0;
-  if (plan.head) {  // the plan never asks for it with key-norm factors to compute
-    if (!heads) return cudaErrorInvalidValue;
-    const dim3 grid(num_seqs, a.num_kv_heads);
-    const QaHeadArgs h{a, heads};
-    const dim3 block(kQaHeadWarps * 32);
-    return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true>, grid, block, 0, stream, h, pdl)
-                   : LaunchKernel(QuantizeAppendHeadKernel<false>, grid, block, 0, stream, h, pdl);
-  }
-  const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
-  if (plan.lanes)
-    return a.trace ? LaunchKernel(QuantizeAppendKernel<true, true>, grid, dim3(kQaThreads), 0, stream, a, pdl)
-                   : LaunchKernel(QuantizeAppendKernel<false, true>, grid, dim3(kQaThreads), 0, stream, a, pdl);
-  return a.trace ? LaunchKernel(QuantizeAppendKernel<true, false>, grid, dim3(kQaThreads), 0, stream, a, pdl)
-                 : LaunchKernel(QuantizeAppendKernel<false, false>, grid, dim3(kQaThreads), 0, stream, a, pdl);
+  if (!plan.wide) return LaunchQuantizeAppendAs<false>(a, num_seqs, plan, heads, stream);
+  const cudaError_t e = EnsureWideCarveout();
+  if (e != cudaSuccess) return e;
+  return LaunchQuantizeAppendAs<true>(a, num_seqs, plan, heads, stream);
 }
 
 }  // namespace cuda

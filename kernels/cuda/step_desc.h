@@ -380,6 +380,8 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 // head: the step's quantize-append runs as one block per (sequence, KV head)
 // (QuantizeAppendHeadKernel, DevQaHead; where the caller asks for it and QaHeadFits), else the
 // grid above.
+// wide: the launch's kernels prefer the SM's largest shared-memory carveout (CudaStepRunner::
+// set_qa_wide_carveout), so that an SM they start on keeps room for the attention's blocks.
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
@@ -387,6 +389,7 @@ struct QaPlan {
   bool lanes = false;
   bool key_norm = false;
   bool head = false;
+  bool wide = false;
 };
 QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, bool head = false);
 // Blocks of the planned quantize-append launch (KeyNormKernel's aside), and its warps (the trace's).
@@ -409,7 +412,8 @@ constexpr int kQaLaneWaves = 8;
 cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan& plan, const DevQaHead* heads,
                                  cudaStream_t stream);
 // The quantize-append kernels' preferred shared-memory carveout (percent of the SM's maximum, or
-// cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time.
+// cudaSharedmemCarveoutDefault = -1): an SM holds blocks of one carveout at a time. Not the
+// instances of QaPlan::wide launches, which keep the largest.
 cudaError_t SetQuantizeAppendCarveout(int percent);
 // The quantize-append grid: (sequence, KV head, K's chunks then V's).
 inline dim3 QaGrid(int num_seqs, int num_kv_heads, int k_chunks, int v_chunks) {

@@ -651,7 +651,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // along_channels flush of one token and the append): there each head's first waiting unit runs
   // it. A step that flushes along_tokens groups (32 or 128 tokens, up to 64 blocks per head) or
   // computes the key-norm factors launches the quantize-append on its own (1 in 32 to 128 steps).
-  const cuda::QaPlan qa_plan = plan_qa(seqs);
+  cuda::QaPlan qa_plan = plan_qa(seqs);
   const bool fused_possible = decode_path && !qa_plan.key_norm && qa_plan.chunks <= 2;
   int max_rows = std::clamp(min_row_class_, 1, cuda::kRowsPerUnit);
   for (const auto& it : items) max_rows = std::max(max_rows, it.num_rows);
@@ -1017,6 +1017,9 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
                                  around_units <= around_per_free * (resident_blocks - body_units);
   const bool bodies_first =
       body_units > 0 && (bodies_first_mode_ >= 0 ? bodies_first_mode_ == 1 : bodies_first_auto);
+  // The quantize-append's carveout (set_qa_wide_carveout): the largest where the page units' bodies
+  // go first.
+  qa_plan.wide = qa_wide_mode_ >= 0 ? qa_wide_mode_ == 1 : bodies_first && page_units > 0;
   if (body_units > 0) {
     std::vector<cuda::DevUnit>& ordered = m.units_ordered;
     ordered.clear();
@@ -1177,6 +1180,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.fused = m.fused;
   stats_.qa_lanes = m.qa_plan.lanes && !m.fused;
   stats_.qa_head = !m.fused && m.qa_plan.head;
+  stats_.qa_wide = !m.fused && m.qa_plan.wide;
   stats_.flush_after = m.flush_after;
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;

@@ -527,7 +527,8 @@ TEST(KernelsGpu, RingDepths) {
 // (one launch, the default), with the plan's units and with the short ones. A misplaced wait would
 // let the attention read pages the flush is still writing. The quantize-append's own launches run
 // one block per (sequence, KV head) on the steps that allow it (set_qa_head, the default), the
-// per-tensor grid in variant 1. (The emulated device runs
+// per-tensor grid in variant 1; variant 2 launches them at the largest shared-memory carveout
+// (set_qa_wide_carveout). (The emulated device runs
 // the units that skip the wait before the quantize-append's writes, for PDL and the fused step
 // alike.)
 TEST(KernelsGpu, DecodeStepsInSequence) {
@@ -555,6 +556,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
     runner->set_qa_lanes(variant == 1 ? 0 : 1);
     const bool head = variant != 1;
     runner->set_qa_head(head ? 1 : 0);
+    runner->set_qa_wide_carveout(spread ? 1 : 0);  // the same kernels at another carveout
     if (split) runner->set_split_blocks(256);
     std::mt19937 rng(c.seed);
     Arena a;
@@ -573,6 +575,7 @@ TEST(KernelsGpu, DecodeStepsInSequence) {
       }
       fused_steps += st.fused ? 1 : 0;
       lane_steps += st.qa_lanes ? 1 : 0;
+      EXPECT_EQ(st.qa_wide, spread && !st.fused);
       if (st.qa_head) {
         EXPECT_TRUE(head);
         EXPECT_FALSE(st.qa_lanes);

@@ -218,7 +218,9 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
   EXPECT_GT(lane_steps, 0) << "no step flushed along_tokens groups of 32";
   if (head_steps) {
     EXPECT_GE(head_runs, 2) << "no step ran as one block per head";
-    if (d == 128) EXPECT_GT(two_group_warps, 0) << "no step gave a warp of the block per head two flush groups";
+    if (d == 128) {
+      EXPECT_GT(two_group_warps, 0) << "no step gave a warp of the block per head two flush groups";
+    }
   }
   if (grids_differ) {
     EXPECT_GT(split_steps, 0) << "no step gave K and V different block counts";

@@ -53,6 +53,8 @@ struct CudaStepStats {
                              // 32 one per lane (set_qa_lanes, and some are flushed this step)
   bool qa_head = false;      // the step's own quantize-append launch ran one block per (sequence, KV
                              // head) (set_qa_head); false: its per-tensor grid
+  bool qa_wide = false;      // that launch's kernels preferred the largest shared-memory carveout
+                             // (set_qa_wide_carveout)
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
@@ -63,7 +65,8 @@ struct CudaStepStats {
 
 // The quantize-append kernels' preferred shared-memory carveout, process-wide (percent of the SM's
 // largest, -1 the driver's default): an experiment on how they share SMs with the attention's
-// blocks (kvq-bench --qa-carveout).
+// blocks (kvq-bench --qa-carveout). The launches CudaStepRunner::set_qa_wide_carveout picks keep
+// the largest.
 Result SetQuantizeAppendCarveout(int percent);
 
 class CudaStepRunner {
@@ -208,6 +211,15 @@ class CudaStepRunner {
   // at (1,32,32,32768). -1 (the default) and 1 on, 0 never (the grid: A/Bs, tests). Applies from
   // the next Prepare.
   void set_qa_head(int mode) { qa_head_mode_ = mode; }
+  // The step's own quantize-append launch as kernels that prefer the SM's largest shared-memory
+  // carveout: an SM they start on (they launch first, on idle SMs) then keeps room for the
+  // attention's blocks beside them. -1 (the default): where the InnerQ page units' bodies go
+  // first (set_bodies_first), which measured faster on an H100 (2026-12-07,
+  // bench/results/raw/2026-12-07c/call1: qa_step at (16,32,32,4096) innerq 6.8 -> 5.7 us, innerq2
+  // 9.0 -> 4.4, at (16,32,8,32768) innerq2 4.1 -> 3.1, innerq unchanged); elsewhere it was slower
+  // or no faster ((64,32,8,8192) innerq 8.0 -> 10.7, kivi2 11.3 -> 13.0 with its bodies first too;
+  // (1,32,32,4096) innerq 1.6 -> 2.0). 1 always, 0 never. Applies from the next Prepare.
+  void set_qa_wide_carveout(int mode) { qa_wide_mode_ = mode; }
   // The number of blocks the split-KV plan fills (0: the device's resident blocks, the default).
   // A small number makes few long units, as on a device with few SMs or under a large batch
   // (tests of the kernels' precision over long units).
@@ -293,6 +305,7 @@ class CudaStepRunner {
   int64_t* qa_trace_ = nullptr;
   int qa_lanes_mode_ = -1;  // -1 the plan decides, 0 off, 1 on
   int qa_head_mode_ = -1;   // -1 (on) or 1 on, 0 off
+  int qa_wide_mode_ = -1;   // -1 the plan decides, 0 off, 1 on
   bool qa_split_chunks_ = true;
 };
 
