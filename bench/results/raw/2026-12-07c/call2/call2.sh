@@ -1,12 +1,10 @@
-# Second device call (2026-12-07, twenty-second session): the final build's lean round (suite,
-# store and service tests, the table against main 6278eb9's kvq-bench as base.json, SDPA, memcheck)
-# with the quantize-append's largest carveout where the page units' bodies go first (the
-# default now), then a chain dump at (16,32,32,4096) innerq with it on and off.
+# Second device call (2026-12-07, twenty-second session), cut to what the session's device time
+# left: the final build's GPU suite on the quantize-append and decode-step tests (variant 2 of
+# DecodeStepsInSequence runs the wide instances), then one round of main 6278eb9's kvq-bench
+# (kvq-bench-base) against the final build (the largest carveout where the page units' bodies go
+# first, now the default) at the shapes where the rule applies and one where it does not.
 # bundle: BUILD=build BASE_BIN=<kvq-bench of 6278eb9 (twenty-first session's call 3)> bash scripts/device_bundle.sh
 set -u
-LEAN=1 BUDGET=220 OUT=$OUT bash bench/device_round.sh 2>&1 | tail -60
-for w in auto; do
-  timeout 30 .device/run kvq-bench kernels --presets innerq --shape 16,32,32,4096,128 --qa-steps 64 --chain-dump \
-    --qa-wide $w > $OUT/chain_$w.txt 2>&1; echo "chain $w rc=$?"; grep -E 'step (1|2|31|32|33):|^16 ' $OUT/chain_$w.txt
-done
-xz -9 $OUT/chain_*.txt
+FILTER='*Quantize*:*DecodeSteps*' SUITE=1 VARIANTS="kvq-bench-base;kvq-bench" OUT=$OUT/a timeout 200 \
+  bash bench/device_ab.sh 1 kernels --presets innerq,innerq2,innerq_base \
+  --shape 16,32,32,4096,128 --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 2>&1 | tail -30
