@@ -844,27 +844,14 @@ int main(int argc, char** argv) {
       g_fused = 1;
     } else if (a == "--two-launches") {
       g_fused = 0;
-    } else if (a == "--qa-lanes" && i + 1 < argc) {
+    } else if ((a == "--qa-lanes" || a == "--qa-head" || a == "--qa-wide") && i + 1 < argc) {
       const std::string m = argv[++i];
       if (m != "auto" && m != "on" && m != "off") {
-        std::fprintf(stderr, "kvq-bench: --qa-lanes takes auto, on or off\n");
+        std::fprintf(stderr, "kvq-bench: %s takes auto, on or off\n", a.c_str());
         return 2;
       }
-      g_qa_lanes = m == "auto" ? -1 : m == "on" ? 1 : 0;
-    } else if (a == "--qa-head" && i + 1 < argc) {
-      const std::string m = argv[++i];
-      if (m != "auto" && m != "on" && m != "off") {
-        std::fprintf(stderr, "kvq-bench: --qa-head takes auto, on or off\n");
-        return 2;
-      }
-      g_qa_head = m == "auto" ? -1 : m == "on" ? 1 : 0;
-    } else if (a == "--qa-wide" && i + 1 < argc) {
-      const std::string m = argv[++i];
-      if (m != "auto" && m != "on" && m != "off") {
-        std::fprintf(stderr, "kvq-bench: --qa-wide takes auto, on or off\n");
-        return 2;
-      }
-      g_qa_wide = m == "auto" ? -1 : m == "on" ? 1 : 0;
+      int& mode = a == "--qa-lanes" ? g_qa_lanes : a == "--qa-head" ? g_qa_head : g_qa_wide;
+      mode = m == "auto" ? -1 : m == "on" ? 1 : 0;
     } else if (a == "--qa-same-chunks") {
       g_qa_split = false;
     } else if (a == "--no-pdl") {
