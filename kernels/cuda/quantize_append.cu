@@ -62,19 +62,19 @@ cudaError_t SetCarveout(int percent) {
   return e;
 }
 
-// The wide instances' carveout, set once per device before their first launch.
-cudaError_t EnsureWideCarveout() {
-  static OccupancyMemo done;  // per device: key 0 -> the attribute's result
-  int dev = 0, result = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) {
+// Whether the wide instances' carveout is set on the current device (once per device; a failure
+// is not remembered, the next wide launch tries again).
+bool WideCarveoutSet() {
+  static OccupancyMemo done;  // per device: key 0 present once set
+  int dev = 0, unused = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();
-    return e;
+    return false;
   }
-  if (done.Find(dev, 0, &result)) return static_cast<cudaError_t>(result);
-  e = SetCarveout<true>(cudaSharedmemCarveoutMaxShared);
-  done.Put(dev, 0, static_cast<int>(e));
-  return e;
+  if (done.Find(dev, 0, &unused)) return true;
+  if (SetCarveout<true>(cudaSharedmemCarveoutMaxShared) != cudaSuccess) return false;  // error cleared there
+  done.Put(dev, 0, 1);
+  return true;
 }
 
 }  // namespace
@@ -124,10 +124,9 @@ cudaError_t LaunchQuantizeAppend(const QaArgs& args, int num_seqs, const QaPlan&
         LaunchKernel(KeyNormKernel, dim3(num_seqs, a.num_kv_heads), dim3(kQaThreads), 0, stream, a, false);
     if (e != cudaSuccess) return e;
   }
-  if (!plan.wide) return LaunchQuantizeAppendAs<false>(a, num_seqs, plan, heads, stream);
-  const cudaError_t e = EnsureWideCarveout();
-  if (e != cudaSuccess) return e;
-  return LaunchQuantizeAppendAs<true>(a, num_seqs, plan, heads, stream);
+  // The carveout is a preference: where it cannot be set, the plain instances run the step.
+  return plan.wide && WideCarveoutSet() ? LaunchQuantizeAppendAs<true>(a, num_seqs, plan, heads, stream)
+                                        : LaunchQuantizeAppendAs<false>(a, num_seqs, plan, heads, stream);
 }
 
 }  // namespace cuda

@@ -53,8 +53,8 @@ struct CudaStepStats {
                              // 32 one per lane (set_qa_lanes, and some are flushed this step)
   bool qa_head = false;      // the step's own quantize-append launch ran one block per (sequence, KV
                              // head) (set_qa_head); false: its per-tensor grid
-  bool qa_wide = false;      // that launch's kernels preferred the largest shared-memory carveout
-                             // (set_qa_wide_carveout)
+  bool qa_wide = false;      // that launch asked for kernels at the largest shared-memory carveout
+                             // (set_qa_wide_carveout; the plain ones run where it cannot be set)
   // RunStepFromHost's host wall time in its three phases (microseconds; 0 after other calls):
   // prepare (the plan, the wait for the staging buffer, the descriptor and input upload's enqueue),
   // launch (the kernels' enqueue), wait (the output copy's enqueue unless mapped, the stream's
