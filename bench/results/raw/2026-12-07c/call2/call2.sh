@@ -11,4 +11,5 @@ echo "suite rc=$?"; tail -3 $OUT/gpu_tests.txt
 SUITE=0 VARIANTS="kvq-bench-base;kvq-bench" OUT=$OUT/a timeout 200 \
   bash bench/device_ab.sh 1 kernels --presets innerq,innerq2,innerq_base \
   --shape 16,32,32,4096,128 --shape 16,32,8,32768,128 --shape 64,32,8,8192,128 2>&1 | tail -30
-# Not run: the session's device time ran out (failed machine starts) before this call could start.
+# Not run: the session's device time ran out (failed machine starts) before this call could start;
+# the twenty-third session ran the same build in raw/2026-12-07d/call1 (a lean round) instead.
