@@ -16,6 +16,7 @@
 #include "kvq/format.h"
 #include "kvq/numeric.h"
 #include "step_desc.h"
+#include "lane_quant.cuh"
 #include "warp_quant.cuh"
 
 namespace kvq {
@@ -162,50 +163,85 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
 // Flush of along_tokens groups of 32 tokens, one group per lane: lane l of the warp quantizes group
 // gi0 + l (tokens tb * 32 .. + 31 of channel c, where gi = tb * D + c), so a warp takes 32
 // adjacent channels of one 32-token block. Each lane loads its 32 values (the warp reads 64
-// contiguous bytes per token) and quantizes them alone with the reference's own QuantizeGroupRef
-// and PackCodes (kvq/quant.h): the same codes, scales and zeros as the CPU by construction, and no
-// warp reductions, shared memory or per-group chain of dependent loads. The warp stores its 32
-// groups' words, scales and zeros as contiguous runs (group index = c within the 32-token block).
-// One launch then needs D / 32 warps per block of 32 tokens instead of D (QaPlan with lanes):
-// at (16,32,32,4096) innerq the value flush of every 32nd step is 2 blocks per head, not 64.
+// contiguous bytes per token) and quantizes them alone (LaneQuantizeGroup32, lane_quant.cuh: the
+// codes, scales and zeros of the reference's QuantizeGroupRef and PackCodes, kvq/quant.h, in a
+// fraction of its instructions), with no warp reductions, shared memory or per-group chain of
+// dependent loads. The warp stores its 32 groups' words, scales and zeros as contiguous runs
+// (group index = c within the 32-token block). One launch then needs D / 32 warps per block of 32
+// tokens instead of D (QaPlan with lanes): at (16,32,32,4096) innerq the value flush of every 32nd
+// step is 2 blocks per head, not 64.
 // tr: the warp's trace slots (QaArgs::trace) when this is its first task, else null.
+template <int kBits>
+KVQ_WARP void LaneQuantizeStore(const float (&v)[32], QuantMode mode, uint8_t* head, const DevTensor& x, int group,
+                                int32_t* error_flag, int lane, int64_t* tr) {
+  uint32_t words[kBits];
+  uint16_t scale_bits = 0, zero_bits = 0;
+  const bool quantized = LaneQuantizeGroup32<kBits>(v, mode, words, &scale_bits, &zero_bits);
+  if (tr && lane == 0) tr[4] = QaClock();
+  if (!quantized) {
+    warp::SetFlag(error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
+    return;
+  }
+  uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * kBits;  // G * bits / 32 words a group
+  KVQ_UNROLL
+  for (int w = 0; w < kBits; ++w) dst[w] = words[w];
+  reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
+  if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+}
+
+// A window value's bits as float: the conversion instruction on the device (exact for finite
+// values, inf and NaN for inf and NaN: the quantizer only tells those apart from finite ones),
+// the reference's conversion on the host.
+KVQ_WARP float LaneActToFloat(uint16_t bits, bool bf16) {
+  if (bf16) return Bf16BitsToFloat(bits);
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
+  return f;
+#else
+  return HalfBitsToFloat(bits);
+#endif
+}
+
 KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi0, bool norm, const float* knorm,
                               int lane, int64_t* tr) {
   constexpr int G = 32;
   const int D = a.head_dim;
-  const DType dtype = static_cast<DType>(a.dtype);
+  const bool bf16 = static_cast<DType>(a.dtype) == DType::kBF16;
   const int gi = gi0 + lane;  // D is a multiple of 32: every lane has a group
   const int tb = gi / D;
   const int c = gi % D;
   const int w0 = x.win_first + tb * G;
-  const float f = norm ? knorm[c] : 1.f;
-  float v[G];
+  // the group's tokens lie on at most two window pages: in_first on the first, from slot s0
+  const int s0 = w0 % kPageTokens;
+  const int in_first = kPageTokens - s0;
+  const int64_t* win_pages = a.pages + x.win_pages + w0 / kPageTokens;
+  const uint16_t* p0 = reinterpret_cast<const uint16_t*>(a.arena + win_pages[0] + FullTokenOffset(s0, h, D)) + c;
+  const uint16_t* p1 =
+      in_first < G ? reinterpret_cast<const uint16_t*>(a.arena + win_pages[1] + FullTokenOffset(0, h, D)) + c : p0;
+  uint16_t raw[G];
   KVQ_UNROLL
-  for (int t = 0; t < G; ++t) {
-    const int w = w0 + t;
-    const float raw = LoadActDev(a.arena, a.pages[x.win_pages + w / kPageTokens], w % kPageTokens, h, c, D, dtype);
-    v[t] = norm ? DivRn(raw, f) : raw;
-  }
+  for (int t = 0; t < G; ++t) raw[t] = t < in_first ? p0[t * D] : p1[(t - in_first) * D];
   const int body_tok = x.body_len + tb * G;
   const int group = ((body_tok % kPageTokens) / G) * D + c;
   // the destination page's entry loads while the lane quantizes
   const int64_t body_page = a.pages[x.body_pages + body_tok / kPageTokens];
+  float v[G];
+  KVQ_UNROLL
+  for (int t = 0; t < G; ++t) v[t] = LaneActToFloat(raw[t], bf16);
+  if (norm) {
+    const float f = knorm[c];
+    KVQ_UNROLL
+    for (int t = 0; t < G; ++t) v[t] = DivRn(v[t], f);
+  }
   if (tr) StampValuesArrived(v, lane, tr);
-  uint8_t codes[G];
-  uint16_t scale_bits = 0, zero_bits = 0;
-  const bool quantized =
-      QuantizeGroupRef(v, G, x.bits, static_cast<QuantMode>(x.mode), codes, &scale_bits, &zero_bits);
-  if (tr && lane == 0) tr[4] = QaClock();
-  if (!quantized) {
-    warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
-  } else {
-    uint32_t words[G * 8 / 32];  // up to 8 bits
-    PackCodes(codes, G, x.bits, words);
-    uint8_t* head = a.arena + body_page + static_cast<int64_t>(h) * x.head_bytes;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * x.words_per_group;
-    for (int w = 0; w < x.words_per_group; ++w) dst[w] = words[w];
-    reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
-    if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
+  uint8_t* head = a.arena + body_page + static_cast<int64_t>(h) * x.head_bytes;
+  const QuantMode mode = static_cast<QuantMode>(x.mode);
+  switch (x.bits) {
+    case 2: LaneQuantizeStore<2>(v, mode, head, x, group, a.error_flag, lane, tr); break;
+    case 3: LaneQuantizeStore<3>(v, mode, head, x, group, a.error_flag, lane, tr); break;
+    case 4: LaneQuantizeStore<4>(v, mode, head, x, group, a.error_flag, lane, tr); break;
+    default: warp::SetFlag(a.error_flag, 2); break;  // not reached: CudaSupports admits 2, 3 and 4 bits
   }
   if (tr && lane == 0) tr[5] = QaClock();
 }
