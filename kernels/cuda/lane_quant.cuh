@@ -1,9 +1,10 @@
 // One group of 32 values quantized by one thread (the quantize-append's lane flush,
 // FlushLaneGroups): the codes, packed words, scale and zero of QuantizeGroupRef + PackCodes
-// (kvq/quant.h) for the same input, in a fraction of the reference's instructions. That flush runs
-// once every 32 steps on an SM whose instruction cache is cold, as straight code of one thread per
-// group, so its time is the instructions it fetches (twenty-second session's trace: ~45 us of a
-// (16,32,32,4096) innerq step went to the reference's code there).
+// (kvq/quant.h) for the same input, in a fraction of the reference's instructions and code bytes.
+// That flush runs once every 32 steps on SMs whose instruction cache is cold: straight code of one
+// thread per group costs what it takes to fetch it (H100, twenty-third session: the reference's
+// code unrolled ~45 us on a (16,32,32,4096) innerq flush step, this quantizer unrolled ~25 us), so
+// the passes here are loops over the values in shared memory (x[i * stride]).
 //
 // Where the instructions go:
 // - No division per element. The reference's code of x is clamp(rint(x / s)) with x / s rounded
@@ -14,9 +15,9 @@
 //   `RoundsClear` checks that per element; where it fails (exact ties such as x = 2.5 * s, common
 //   with fp16 inputs and fp16 scales: ~1% of groups have one; or |q| >= 2^20) that element takes
 //   the reference's division, in a branch the other elements skip.
-// - Two passes instead of three: the hybrid L1 errors (in element order, as the reference) pick
-//   the candidate, then one pass recomputes the chosen one's codes (the same products, so the
-//   same codes) and packs them at bit offsets known at compile time (kBits).
+// - Two passes after the extremes instead of three: both candidates' L1 errors (each in element
+//   order, as the reference) in one, then the chosen one's codes (the same products, so the same
+//   codes) packed as they come.
 // - One fused multiply-add per element for finiteness (x * 0 is NaN exactly for inf and NaN).
 #pragma once
 
@@ -36,6 +37,11 @@
 #define KVQ_WARP inline
 #define KVQ_UNROLL
 #endif
+#endif
+#if defined(__CUDACC__)
+#define KVQ_UNROLL_4 _Pragma("unroll 4")
+#else
+#define KVQ_UNROLL_4
 #endif
 
 namespace kvq {
@@ -79,87 +85,73 @@ KVQ_WARP float LaneCode(float x, float s, float r, float z, float lo, float hi) 
   return MinF(MaxF(c, lo), hi);
 }
 
-// The L1 error of a candidate, summed in element order (the reference's err_sym / err_asym).
-template <bool kAsym>
-KVQ_WARP float LaneError(const float (&x)[32], float s, float r, float z, float lo, float hi) {
-  float err = 0.f;
-  KVQ_UNROLL
-  for (int i = 0; i < 32; ++i) {
-    const float c = LaneCode<kAsym>(x[i], s, r, z, lo, hi);
-    const float back = kAsym ? AddRn(MulRn(c, s), z) : MulRn(c, s);
-    err = AddRn(err, LaneAbs(SubRn(back, x[i])));
-  }
-  return err;
-}
-
-// The chosen candidate's codes packed as PackCodes does (code i at bit i * kBits, LSB first).
-template <int kBits, bool kAsym>
-KVQ_WARP void LanePack(const float (&x)[32], float s, float r, float z, float lo, float hi, int offset,
-                       uint32_t (&words)[kBits]) {
-  KVQ_UNROLL
-  for (int w = 0; w < kBits; ++w) words[w] = 0u;
-  KVQ_UNROLL
-  for (int i = 0; i < 32; ++i) {
-    const uint32_t code = static_cast<uint32_t>(static_cast<int>(LaneCode<kAsym>(x[i], s, r, z, lo, hi)) + offset);
-    const int bit = i * kBits;
-    words[bit >> 5] |= code << (bit & 31);
-    if ((bit & 31) + kBits > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
-  }
-}
-
-// Quantizes x[0..32) with kBits bits in `mode` into `words` (kBits words: 32 * kBits bits), the
-// scale and zero bits, exactly as QuantizeGroupRef + PackCodes; false where the reference returns
-// false (a non-finite input, a scale or zero beyond fp16 range).
+// Quantizes the 32 values x[i * stride] with kBits bits in `mode` into words[0 .. kBits) (the
+// 32 * kBits bits of PackCodes), the scale and zero bits, exactly as QuantizeGroupRef + PackCodes;
+// false, writing nothing, where the reference returns false (a non-finite input, a scale or zero
+// beyond fp16 range).
 template <int kBits>
-KVQ_WARP bool LaneQuantizeGroup32(const float (&x)[32], QuantMode mode, uint32_t (&words)[kBits], uint16_t* scale_bits,
+KVQ_WARP bool LaneQuantizeGroup32(const float* x, int stride, QuantMode mode, uint32_t* words, uint16_t* scale_bits,
                                   uint16_t* zero_bits) {
   float mn = x[0], mx = x[0], amax = LaneAbs(x[0]);
   float nonfinite = LaneFma(x[0], 0.f, 0.f);
-  KVQ_UNROLL
+  KVQ_UNROLL_4
   for (int i = 1; i < 32; ++i) {  // the reference's order: the first of equal extremes stays
-    mn = MinF(mn, x[i]);
-    mx = MaxF(mx, x[i]);
-    amax = MaxF(amax, LaneAbs(x[i]));
-    nonfinite = LaneFma(x[i], 0.f, nonfinite);
+    const float v = x[i * stride];
+    mn = MinF(mn, v);
+    mx = MaxF(mx, v);
+    amax = MaxF(amax, LaneAbs(v));
+    nonfinite = LaneFma(v, 0.f, nonfinite);
   }
   if (!(nonfinite == 0.f)) return false;  // NaN: some input is inf or NaN
   const float lo_sym = -static_cast<float>(SymLevels(kBits)), hi_sym = static_cast<float>(SymLevels(kBits));
   const float qmax = static_cast<float>(AsymMaxCode(kBits));
-  const bool try_sym = mode == QuantMode::kSym || mode == QuantMode::kHybrid;
-  const bool try_asym = mode == QuantMode::kAsym || mode == QuantMode::kHybrid;
   const bool hybrid = mode == QuantMode::kHybrid;
 
   // the candidates' scales and zero, as the reference computes them
-  uint16_t ss16 = 0, sa16 = 0, z16 = 0;
-  float ss = 0.f, sa = 0.f, z = 0.f, rs = 0.f, ra = 0.f;
-  bool sym_ok = false, asym_ok = false;
-  float err_sym = 0.f, err_asym = 0.f;
-  if (try_sym) {
-    ss16 = FloatToHalfBits(MaxF(DivRn(amax, hi_sym), kMinScale));
-    sym_ok = !HalfBitsIsInf(ss16);
-    ss = HalfBitsToFloat(ss16);
-    rs = DivRn(1.f, ss);
-    if (sym_ok && hybrid) err_sym = LaneError<false>(x, ss, rs, 0.f, lo_sym, hi_sym);
+  const uint16_t ss16 = FloatToHalfBits(MaxF(DivRn(amax, hi_sym), kMinScale));
+  const bool sym_ok = !HalfBitsIsInf(ss16);
+  const float ss = HalfBitsToFloat(ss16), rs = DivRn(1.f, ss);
+  const float range = SubRn(mx, mn);
+  const uint16_t sa16 = FloatToHalfBits(MaxF(DivRn(range, qmax), kMinScale));
+  const uint16_t z16 = FloatToHalfBits(mn);
+  const bool asym_ok = IsFiniteF(range) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
+  const float sa = HalfBitsToFloat(sa16), z = HalfBitsToFloat(z16), ra = DivRn(1.f, sa);
+  bool use_sym = mode == QuantMode::kSym;
+  if (hybrid) {  // both errors, each summed in element order (a candidate that is not ok is not used)
+    float err_sym = 0.f, err_asym = 0.f;
+    KVQ_UNROLL_4
+    for (int i = 0; i < 32; ++i) {
+      const float v = x[i * stride];
+      const float cs = LaneCode<false>(v, ss, rs, 0.f, lo_sym, hi_sym);
+      err_sym = AddRn(err_sym, LaneAbs(SubRn(MulRn(cs, ss), v)));
+      const float ca = LaneCode<true>(v, sa, ra, z, 0.f, qmax);
+      err_asym = AddRn(err_asym, LaneAbs(SubRn(AddRn(MulRn(ca, sa), z), v)));
+    }
+    use_sym = sym_ok && (!asym_ok || err_sym <= err_asym);
   }
-  if (try_asym) {
-    const float range = SubRn(mx, mn);
-    sa16 = FloatToHalfBits(MaxF(DivRn(range, qmax), kMinScale));
-    z16 = FloatToHalfBits(mn);
-    asym_ok = IsFiniteF(range) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
-    sa = HalfBitsToFloat(sa16);
-    z = HalfBitsToFloat(z16);
-    ra = DivRn(1.f, sa);
-    if (asym_ok && hybrid) err_asym = LaneError<true>(x, sa, ra, z, 0.f, qmax);
+  if (use_sym ? !sym_ok : !asym_ok) return false;
+  const float s = use_sym ? ss : sa, r = use_sym ? rs : ra, zz = use_sym ? 0.f : z;
+  const float lo = use_sym ? lo_sym : 0.f, hi = use_sym ? hi_sym : qmax;
+  const int offset = use_sym ? SymLevels(kBits) : 0;
+  // code i at bit i * kBits, LSB first; a word is stored once its 32 bits are in
+  uint64_t acc = 0;
+  int bits = 0, w = 0;
+  KVQ_UNROLL_4
+  for (int i = 0; i < 32; ++i) {
+    const float v = x[i * stride];
+    const float c = LaneCode<true>(v, s, r, zz, lo, hi);  // x - 0 is x, -0 included
+    acc |= static_cast<uint64_t>(static_cast<uint32_t>(static_cast<int>(c) + offset)) << bits;
+    bits += kBits;
+    if (bits >= 32) {
+      words[w++] = static_cast<uint32_t>(acc);
+      acc >>= 32;
+      bits -= 32;
+    }
   }
-  const bool use_sym = mode == QuantMode::kSym || (hybrid && sym_ok && (!asym_ok || err_sym <= err_asym));
   if (use_sym) {
-    if (!sym_ok) return false;
-    LanePack<kBits, false>(x, ss, rs, 0.f, lo_sym, hi_sym, SymLevels(kBits), words);
     *scale_bits = ss16;
     *zero_bits = 0;
   } else {
-    if (!asym_ok) return false;
-    LanePack<kBits, true>(x, sa, ra, z, 0.f, qmax, 0, words);
     *scale_bits = hybrid ? static_cast<uint16_t>(sa16 | 0x8000u) : sa16;
     *zero_bits = z16;
   }

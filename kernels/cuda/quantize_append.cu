@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
 template <bool kTrace, bool kLanes, bool kWide>
 __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
-  __shared__ float err[kQaWarps][2 * kMaxGroupSize];
+  __shared__ float err[kQaWarps][QaWarpFloats(kLanes)];
   QuantizeAppendGridBlock<kTrace, kLanes>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x,
                                           err[threadIdx.x >> 5]);
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)

@@ -172,19 +172,16 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
 // step is 2 blocks per head, not 64.
 // tr: the warp's trace slots (QaArgs::trace) when this is its first task, else null.
 template <int kBits>
-KVQ_WARP void LaneQuantizeStore(const float (&v)[32], QuantMode mode, uint8_t* head, const DevTensor& x, int group,
+KVQ_WARP void LaneQuantizeStore(const float* xs, QuantMode mode, uint8_t* head, const DevTensor& x, int group,
                                 int32_t* error_flag, int lane, int64_t* tr) {
-  uint32_t words[kBits];
   uint16_t scale_bits = 0, zero_bits = 0;
-  const bool quantized = LaneQuantizeGroup32<kBits>(v, mode, words, &scale_bits, &zero_bits);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * kBits;  // G * bits / 32 words a group
+  const bool quantized = LaneQuantizeGroup32<kBits>(xs, 32, mode, dst, &scale_bits, &zero_bits);
   if (tr && lane == 0) tr[4] = QaClock();
   if (!quantized) {
     warp::SetFlag(error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
     return;
   }
-  uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * kBits;  // G * bits / 32 words a group
-  KVQ_UNROLL
-  for (int w = 0; w < kBits; ++w) dst[w] = words[w];
   reinterpret_cast<uint16_t*>(head + x.scales_offset)[group] = scale_bits;
   if (x.has_zeros) reinterpret_cast<uint16_t*>(head + x.zeros_offset)[group] = zero_bits;
 }
@@ -204,7 +201,7 @@ KVQ_WARP float LaneActToFloat(uint16_t bits, bool bf16) {
 }
 
 KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi0, bool norm, const float* knorm,
-                              int lane, int64_t* tr) {
+                              float* xs, int lane, int64_t* tr) {
   constexpr int G = 32;
   const int D = a.head_dim;
   const bool bf16 = static_cast<DType>(a.dtype) == DType::kBF16;
@@ -229,24 +226,32 @@ KVQ_WARP void FlushLaneGroups(const QaArgs& a, const DevTensor& x, int h, int gi
   float v[G];
   KVQ_UNROLL
   for (int t = 0; t < G; ++t) v[t] = LaneActToFloat(raw[t], bf16);
+  if (tr) StampValuesArrived(v, lane, tr);
+  // the lane's column of the warp's shared memory (value t at xs[t * 32 + lane]): the quantizer's
+  // passes are loops over it (lane_quant.cuh)
+  float* col = xs + lane;
+  KVQ_UNROLL
+  for (int t = 0; t < G; ++t) col[t * 32] = v[t];
   if (norm) {
     const float f = knorm[c];
-    KVQ_UNROLL
-    for (int t = 0; t < G; ++t) v[t] = DivRn(v[t], f);
+    KVQ_NO_UNROLL
+    for (int t = 0; t < G; ++t) col[t * 32] = DivRn(col[t * 32], f);
   }
-  if (tr) StampValuesArrived(v, lane, tr);
   uint8_t* head = a.arena + body_page + static_cast<int64_t>(h) * x.head_bytes;
   const QuantMode mode = static_cast<QuantMode>(x.mode);
   switch (x.bits) {
-    case 2: LaneQuantizeStore<2>(v, mode, head, x, group, a.error_flag, lane, tr); break;
-    case 3: LaneQuantizeStore<3>(v, mode, head, x, group, a.error_flag, lane, tr); break;
-    case 4: LaneQuantizeStore<4>(v, mode, head, x, group, a.error_flag, lane, tr); break;
+    case 2: LaneQuantizeStore<2>(col, mode, head, x, group, a.error_flag, lane, tr); break;
+    case 3: LaneQuantizeStore<3>(col, mode, head, x, group, a.error_flag, lane, tr); break;
+    case 4: LaneQuantizeStore<4>(col, mode, head, x, group, a.error_flag, lane, tr); break;
     default: warp::SetFlag(a.error_flag, 2); break;  // not reached: CudaSupports admits 2, 3 and 4 bits
   }
   if (tr && lane == 0) tr[5] = QaClock();
 }
 
 constexpr int kQaWarps = kQaThreads / 32;
+// The floats of shared memory a warp of QuantizeAppendBlock needs: one group's two error rows
+// (FlushGroup), or with lanes 32 values for each of its 32 lanes (FlushLaneGroups).
+constexpr int QaWarpFloats(bool lanes) { return lanes ? 32 * 32 : 2 * kMaxGroupSize; }
 
 // Key-norm factors from the first flushed keys (max |k| per channel), for the sequences that
 // quantize keys for the first time this step; block (sequence, KV head), thread = channel
@@ -271,7 +276,7 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // One block of a tensor's share of a head's quantize-append: z even K, odd V, chunk z / 2 of that
 // tensor's num_chunks (QuantizeAppendGridBlock maps QuantizeAppendKernel's grid onto this; the
 // fused step runs z = 0 .. 2 * chunks - 1 with one count for both), thread tid of kQaThreads; err:
-// the calling warp's 2 * kMaxGroupSize floats of shared memory; trace_block: the block's place in
+// the calling warp's QaWarpFloats(kLanes) floats of shared memory; trace_block: the block's place in
 // QaArgs::trace (kTrace only). No block barrier: the fused step runs two of these blocks in one
 // attention block. Its
 // global loads are mostly cold and each step's chain of them sets its time, so the
@@ -336,7 +341,7 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
       const float* knorm = norm ? reinterpret_cast<const float*>(a.arena + s.norm_offset) + h * D : nullptr;
       if (kLanes && LaneFlush(x)) {
         for (int t = chunk * kQaWarps + warp; t * 32 < num_groups; t += num_chunks * kQaWarps, ++groups)
-          FlushLaneGroups(a, x, h, t * 32, norm, knorm, lane, groups == 0 ? tr : nullptr);
+          FlushLaneGroups(a, x, h, t * 32, norm, knorm, err, lane, groups == 0 ? tr : nullptr);
       } else {
         for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
           int64_t* gtr = groups == 0 ? tr : nullptr;

@@ -76,19 +76,25 @@ bool AnyNearTie(const float (&x)[32], int bits, QuantMode mode) {
   return near;
 }
 
+// Through a strided view (element i at v[i * stride]) as the kernel's shared memory holds them.
 template <int kBits>
 void ExpectSame(const float (&x)[32], QuantMode mode, Counts* counts) {
   SCOPED_TRACE("bits=" + std::to_string(kBits) + " mode=" + std::to_string(static_cast<int>(mode)) + " x: " + Show(x));
   const Outcome want = Reference(x, kBits, mode);
-  uint32_t words[kBits];
-  for (uint32_t& w : words) w = 0xdeadbeefu;  // every word must be written
+  constexpr int kStride = 3;
+  std::vector<float> strided(32 * kStride, std::nanf(""));
+  for (int i = 0; i < 32; ++i) strided[size_t(i * kStride)] = x[i];
+  std::vector<uint32_t> words(kBits + 1, 0xdeadbeefu);  // every word must be written, none beyond
   uint16_t scale = 0xffffu, zero = 0xffffu;
-  const bool ok = cuda::LaneQuantizeGroup32<kBits>(x, mode, words, &scale, &zero);
+  const bool ok = cuda::LaneQuantizeGroup32<kBits>(strided.data(), kStride, mode, words.data(), &scale, &zero);
   ASSERT_EQ(ok, want.ok);
+  EXPECT_EQ(words[kBits], 0xdeadbeefu) << "a word written beyond the group";
   if (want.ok) {
-    EXPECT_EQ(std::vector<uint32_t>(words, words + kBits), want.words);
+    EXPECT_EQ(std::vector<uint32_t>(words.begin(), words.begin() + kBits), want.words);
     EXPECT_EQ(scale, want.scale);
     EXPECT_EQ(zero, want.zero);
+  } else {
+    EXPECT_EQ(words, std::vector<uint32_t>(kBits + 1, 0xdeadbeefu)) << "a failed group wrote words";
   }
   counts->groups++;
   if (want.ok && AnyNearTie(x, kBits, mode)) counts->near_tie++;

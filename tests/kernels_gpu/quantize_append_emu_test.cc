@@ -166,9 +166,10 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
       for (int s = 0; s < n && !head; ++s)
         for (int h = 0; h < hkv; ++h)
           for (int z = 0; z < grid_z; ++z, ++blocks_run) {
-            std::vector<float> err(size_t(cuda::kQaWarps) * 2 * kMaxGroupSize, std::nanf(""));
+            const int warp_floats = cuda::QaWarpFloats(lanes);
+            std::vector<float> err(size_t(cuda::kQaWarps) * warp_floats, std::nanf(""));
             cuda::warp::RunBlock(cuda::kQaThreads, [&](int tid) {
-              float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
+              float* werr = err.data() + (tid >> 5) * warp_floats;
               if (trace && lanes) {
                 cuda::QuantizeAppendGridBlock<true, true>(qa, s, h, z, grid_z, tid, werr);
               } else if (trace) {
