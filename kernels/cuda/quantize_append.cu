@@ -21,19 +21,14 @@ namespace kvq {
 namespace cuda {
 namespace {
 
-constexpr int kQaLaneBlocksPerSm = 16;
-
 __global__ void __launch_bounds__(kQaThreads) KeyNormKernel(QaArgs a) {
   KeyNormBlock(a, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x);
 }
 
 // kWide: the same code as a function of its own whose preferred shared-memory carveout is the
 // SM's largest (QaPlan::wide); the attribute is per function, the choice per launch.
-// kLanes: at most 64 registers, so that 16 blocks fit on an SM: a lane flush of 512 heads is 2,048
-// blocks (K's and V's), one wave on 132 SMs (at 72 registers, 14 a SM, the last ~200 blocks
-// started ~8 us late: H100, twenty-third session, --qa-trace).
 template <bool kTrace, bool kLanes, bool kWide>
-__global__ void __launch_bounds__(kQaThreads, kLanes ? kQaLaneBlocksPerSm : 1) QuantizeAppendKernel(QaArgs a) {
+__global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaWarps][QaWarpFloats(kLanes)];
   QuantizeAppendGridBlock<kTrace, kLanes>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x,

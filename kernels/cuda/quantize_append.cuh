@@ -172,7 +172,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
 // step is 2 blocks per head, not 64.
 // tr: the warp's trace slots (QaArgs::trace) when this is its first task, else null.
 template <int kBits>
-KVQ_WARP void LaneQuantizeStore(float* xs, QuantMode mode, uint8_t* head, const DevTensor& x, int group,
+KVQ_WARP void LaneQuantizeStore(const float* xs, QuantMode mode, uint8_t* head, const DevTensor& x, int group,
                                 int32_t* error_flag, int lane, int64_t* tr) {
   uint16_t scale_bits = 0, zero_bits = 0;
   uint32_t* dst = reinterpret_cast<uint32_t*>(head) + group * kBits;  // G * bits / 32 words a group
