@@ -7,13 +7,14 @@
 // into the kernel (FlushLaneGroups); quantize_append_emu_test and the GPU suite check it there.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "edge_groups.h"
 #include "kvq/numeric.h"
 #include "kvq/quant.h"
 #include "lane_quant.cuh"
@@ -119,39 +120,12 @@ Counts ForAll(int reps, Fill fill) {
   return counts;
 }
 
-// Signed zeros, constants, repeated extremes, non-finite inputs, scales beyond fp16 range and
-// below the minimum scale; from kind 11 on, zeros of random signs as the minimum, the maximum or
-// every value (the first zero in element order gives the zero's sign).
+// testing::EdgeGroup's kinds (signed zeros, constants, repeated extremes, non-finite inputs,
+// scales beyond fp16 range and below the minimum), each 20 times.
 TEST(LaneQuant, EdgeGroupsMatchTheReference) {
-  ForAll(11 + 3 * 20, [](int kind, int, QuantMode, std::mt19937& rng, float (&x)[32]) {
-    std::normal_distribution<float> nd(0.f, 1.f);
-    if (kind >= 11) {
-      std::bernoulli_distribution zero(0.3), negative(0.5);
-      for (float& v : x) {
-        const float z = negative(rng) ? -0.f : 0.f;
-        v = kind % 3 == 0 ? z : !zero(rng) ? (kind % 3 == 1 ? 1.f : -1.f) * (std::fabs(nd(rng)) + 0.25f) : z;
-      }
-      return;
-    }
-    for (int i = 0; i < 32; ++i) {
-      const bool neg = ((i / 3 + kind) & 1) != 0;
-      float v = nd(rng);
-      switch (kind) {
-        case 0: v = 0.f; break;
-        case 1: v = neg ? -0.f : 0.f; break;
-        case 2: v = 1.5f; break;
-        case 3: v = (i % 5 == 0) ? (neg ? -0.f : 0.f) : std::fabs(v) + 0.25f; break;
-        case 4: v = (i % 7 == 2) ? (neg ? -0.f : 0.f) : -std::fabs(v) - 0.25f; break;
-        case 5: v = (i % 2) ? 2.f : -2.f; break;
-        case 6: v = (i == 16) ? std::numeric_limits<float>::infinity() : v; break;
-        case 7: v = (i == 31) ? std::numeric_limits<float>::quiet_NaN() : v; break;
-        case 8: v = (i == 0) ? -std::numeric_limits<float>::infinity() : v; break;
-        case 9: v = v * 1e5f; break;   // scales beyond fp16 range
-        case 10: v = v * 1e-7f; break;  // below the minimum scale
-        default: break;
-      }
-      x[i] = v;
-    }
+  ForAll(testing::kEdgeKinds * 20, [](int rep, int, QuantMode, std::mt19937& rng, float (&x)[32]) {
+    const std::vector<float> g = testing::EdgeGroup(rep % testing::kEdgeKinds, 32, rng);
+    std::copy(g.begin(), g.end(), x);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "edge_groups.h"
 #include "kvq/quant.h"
 #include "warp_emu.h"
 #include "warp_quant.cuh"
@@ -90,34 +91,6 @@ void ExpectSame(const std::vector<float>& x, int bits, QuantMode mode) {
   EXPECT_EQ(got.words, want.words);
 }
 
-// Groups whose reductions the sequential loop resolves by order: signed zeros, repeated extremes,
-// constants, two-level groups (sym and asym reconstruct them equally: the hybrid tie), non-finite
-// inputs and values beyond fp16 range.
-std::vector<float> EdgeGroup(int kind, int n, std::mt19937& rng) {
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) {
-    const bool neg = ((i / 3 + kind) & 1) != 0;
-    float v = nd(rng);
-    switch (kind) {
-      case 0: v = 0.f; break;
-      case 1: v = neg ? -0.f : 0.f; break;
-      case 2: v = 1.5f; break;
-      case 3: v = (i % 5 == 0) ? (neg ? -0.f : 0.f) : std::fabs(v) + 0.25f; break;
-      case 4: v = (i % 7 == 2) ? (neg ? -0.f : 0.f) : -std::fabs(v) - 0.25f; break;
-      case 5: v = (i % 2) ? 2.f : -2.f; break;
-      case 6: v = std::round(v * 2.f) / 2.f; break;  // few distinct values, repeated extremes
-      case 7: v = (i == n / 2) ? std::numeric_limits<float>::infinity() : v; break;
-      case 8: v = (i == n - 1) ? std::numeric_limits<float>::quiet_NaN() : v; break;
-      case 9: v = v * 1e5f; break;  // scales beyond fp16 range
-      case 10: v = v * 1e-7f; break;  // below the minimum scale
-      default: break;
-    }
-    x[size_t(i)] = v;
-  }
-  return x;
-}
-
 const QuantMode kModes[] = {QuantMode::kAsym, QuantMode::kSym, QuantMode::kHybrid};
 const int kBits[] = {2, 3, 4, 8};
 const int kGroups[] = {32, 64, 128};
@@ -127,8 +100,8 @@ TEST(WarpQuant, EdgeGroupsMatchTheReference) {
   for (int g : kGroups)
     for (int bits : kBits)
       for (QuantMode mode : kModes)
-        for (int kind = 0; kind <= 10; ++kind) {
-          ExpectSame(EdgeGroup(kind, g, rng), bits, mode);
+        for (int kind = 0; kind < testing::kEdgeKinds; ++kind) {
+          ExpectSame(testing::EdgeGroup(kind, g, rng), bits, mode);
           if (HasFatalFailure()) return;
         }
 }
