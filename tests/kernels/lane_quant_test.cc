@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "edge_groups.h"
+#include "quant_cases.h"
 #include "kvq/numeric.h"
 #include "kvq/quant.h"
 #include "lane_quant.cuh"
@@ -22,20 +22,7 @@
 namespace kvq {
 namespace {
 
-struct Outcome {
-  bool ok = false;
-  std::vector<uint32_t> words;
-  uint16_t scale = 0, zero = 0;
-};
-
-Outcome Reference(const float (&x)[32], int bits, QuantMode mode) {
-  Outcome o;
-  uint8_t codes[32];
-  o.ok = QuantizeGroupRef(x, 32, bits, mode, codes, &o.scale, &o.zero);
-  o.words.assign(size_t(bits), 0u);
-  if (o.ok) PackCodes(codes, 32, bits, o.words.data());
-  return o;
-}
+using Outcome = testing::QuantOutcome;
 
 std::string Show(const float (&x)[32]) {
   std::string s;
@@ -81,7 +68,7 @@ bool AnyNearTie(const float (&x)[32], int bits, QuantMode mode) {
 template <int kBits>
 void ExpectSame(const float (&x)[32], QuantMode mode, Counts* counts) {
   SCOPED_TRACE("bits=" + std::to_string(kBits) + " mode=" + std::to_string(static_cast<int>(mode)) + " x: " + Show(x));
-  const Outcome want = Reference(x, kBits, mode);
+  const Outcome want = testing::QuantReference(x, 32, kBits, mode);
   constexpr int kStride = 3;
   std::vector<float> strided(32 * kStride, std::nanf(""));
   for (int i = 0; i < 32; ++i) strided[size_t(i * kStride)] = x[i];

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "edge_groups.h"
+#include "quant_cases.h"
 #include "kvq/quant.h"
 #include "warp_emu.h"
 #include "warp_quant.cuh"
@@ -21,21 +21,7 @@
 namespace kvq {
 namespace {
 
-struct Outcome {
-  bool ok = false;
-  std::vector<uint32_t> words;
-  uint16_t scale = 0, zero = 0;
-};
-
-Outcome Reference(const std::vector<float>& x, int bits, QuantMode mode) {
-  Outcome o;
-  const int n = static_cast<int>(x.size());
-  std::vector<uint8_t> codes(n);
-  o.ok = QuantizeGroupRef(x.data(), n, bits, mode, codes.data(), &o.scale, &o.zero);
-  o.words.assign(n * bits / 32, 0u);
-  if (o.ok) PackCodes(codes.data(), n, bits, o.words.data());
-  return o;
-}
+using Outcome = testing::QuantOutcome;
 
 template <int J>
 Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
@@ -80,7 +66,7 @@ std::string Show(const std::vector<float>& x) {
 }
 
 void ExpectSame(const std::vector<float>& x, int bits, QuantMode mode) {
-  const Outcome want = Reference(x, bits, mode);
+  const Outcome want = testing::QuantReference(x.data(), static_cast<int>(x.size()), bits, mode);
   const Outcome got = OnWarpG(x, bits, mode);
   SCOPED_TRACE("G=" + std::to_string(x.size()) + " bits=" + std::to_string(bits) +
                " mode=" + std::to_string(static_cast<int>(mode)) + " x: " + Show(x));

@@ -1,15 +1,35 @@
-// Quantization groups whose results the reference's sequential loop resolves by order or by range,
-// for the tests of the CUDA quantizers that must match it bit for bit (warp_quant_test.cc,
-// lane_quant_test.cc).
+// For the tests of the CUDA quantizers that must match the reference bit for bit
+// (warp_quant_test.cc, lane_quant_test.cc): the reference's result for a group, and groups whose
+// results its sequential loop resolves by order or by range.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "kvq/quant.h"
+
 namespace kvq {
 namespace testing {
+
+// A group's packed words, scale and zero bits (ok false: the quantizer refused the group).
+struct QuantOutcome {
+  bool ok = false;
+  std::vector<uint32_t> words;
+  uint16_t scale = 0, zero = 0;
+};
+
+// QuantizeGroupRef + PackCodes on x[0 .. n).
+inline QuantOutcome QuantReference(const float* x, int n, int bits, QuantMode mode) {
+  QuantOutcome o;
+  std::vector<uint8_t> codes(static_cast<size_t>(n));
+  o.ok = QuantizeGroupRef(x, n, bits, mode, codes.data(), &o.scale, &o.zero);
+  o.words.assign(static_cast<size_t>(n * bits / 32), 0u);
+  if (o.ok) PackCodes(codes.data(), n, bits, o.words.data());
+  return o;
+}
 
 // Kinds 0 .. kEdgeKinds - 1: signed zeros, repeated extremes, constants, two-level groups (sym and
 // asym reconstruct them equally: the hybrid tie), non-finite inputs, values beyond fp16 range and
