@@ -1,10 +1,11 @@
 // One group of 32 values quantized by one thread (the quantize-append's lane flush,
 // FlushLaneGroups): the codes, packed words, scale and zero of QuantizeGroupRef + PackCodes
 // (kvq/quant.h) for the same input, in a fraction of the reference's instructions and code bytes.
-// That flush runs once every 32 steps on SMs whose instruction cache is cold: straight code of one
-// thread per group costs what it takes to fetch it (H100, twenty-third session: the reference's
-// code unrolled ~45 us on a (16,32,32,4096) innerq flush step, this quantizer unrolled ~25 us), so
-// the passes here are loops over the values in shared memory (x[i * stride]).
+// That flush runs once every 32 steps on SMs whose instruction cache is cold, where straight code
+// of one thread per group costs much of its time in fetching (H100, twenty-third session, the
+// quantize-append of a (16,32,32,4096) innerq flush step: the reference's code ~49 us, this
+// quantizer unrolled ~31 us, as the loops here over the values in shared memory (x[i * stride])
+// ~22 us, though the loops execute more instructions than the unrolled code).
 //
 // Where the instructions go:
 // - No division per element. The reference's code of x is clamp(rint(x / s)) with x / s rounded
@@ -13,7 +14,7 @@
 //   half-integers, so where no half-integer lies within 2^-21 * |q| of q both round to the same
 //   integer, the sign of a zero included (q, x / s and RN(x / s) have the same sign).
 //   `RoundsClear` checks that per element; where it fails (exact ties such as x = 2.5 * s, common
-//   with fp16 inputs and fp16 scales: ~1% of groups have one; or |q| >= 2^20) that element takes
+//   with fp16 inputs and fp16 scales: 1-2% of groups have one; or |q| >= 2^20) that element takes
 //   the reference's division, in a branch the other elements skip.
 // - Two passes after the extremes instead of three: both candidates' L1 errors (each in element
 //   order, as the reference) in one, then the chosen one's codes (the same products, so the same
