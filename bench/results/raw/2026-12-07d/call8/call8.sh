@@ -1,6 +1,6 @@
 # Eighth device call (2026-12-07, twenty-third session): branch qa-sums de851d2 (the hybrid
 # errors summed eight loads at a time in the quantize-append's own kernels) as kvq-bench against
-# main cee4a79 (kvq-bench-base: call 7's). GPU suite and memcheck on the quantize-append, flush
+# main (kvq-bench-base: call 7's, built at e6e1f4c; cee4a79 has the same kernels). GPU suite and memcheck on the quantize-append, flush
 # and decode-step tests; three alternating rounds; store and service tests.
 # bundle: BUILD=build BASE_BIN=<kvq-bench of cee4a79> bash scripts/device_bundle.sh
 set -u
