@@ -103,8 +103,8 @@ KVQ_WARP void QuantizeStoreGroup(const float (&v)[J], int bits, int mode, int wo
 
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
 // factors in the arena, read beside the window values). tr: the warp's trace slots for its first
-// group (QaArgs::trace), else null. kSumsBy8: WarpQuantizeGroup's.
-template <int J, bool kSumsBy8 = false>
+// group (QaArgs::trace), else null. kSumsBy4: WarpQuantizeGroup's.
+template <int J, bool kSumsBy4 = false>
 KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
                          float* err, int lane, int64_t* tr) {
   constexpr int G = 32 * J;
@@ -145,7 +145,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
-      WarpQuantizeGroup<J, kSumsBy8>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits,
+      WarpQuantizeGroup<J, kSumsBy4>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits,
                                      &zero_bits);
   if (tr && lane == 0) tr[4] = QaClock();
   if (!quantized) {
@@ -288,8 +288,8 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // trace code at all (the stamps' pointer and clocks cost it 13 registers).
 // kLanes: along_tokens flushes of G = 32 go one group per lane (FlushLaneGroups), 32 groups per
 // warp task (QaPlan with lanes). Off (the fused step's instance): one group per warp everywhere.
-// kSumsBy8: WarpQuantizeGroup's (on in QuantizeAppendKernel, off in the fused step's instance).
-template <bool kTrace = false, bool kLanes = false, bool kSumsBy8 = false>
+// kSumsBy4: WarpQuantizeGroup's (on in QuantizeAppendKernel, off in the fused step's instance).
+template <bool kTrace = false, bool kLanes = false, bool kSumsBy4 = false>
 KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err,
                                   int64_t trace_block = 0) {
   const DevSeq& s = a.seqs[seq];
@@ -348,11 +348,11 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
         for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
           int64_t* gtr = groups == 0 ? tr : nullptr;
           if (G == 32) {
-            FlushGroup<1, kSumsBy8>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<1, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
           } else if (G == 64) {
-            FlushGroup<2, kSumsBy8>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<2, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
           } else {
-            FlushGroup<4, kSumsBy8>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<4, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
           }
         }
       }

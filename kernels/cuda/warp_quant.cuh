@@ -63,25 +63,25 @@ KVQ_WARP float FirstEqual(const float (&x)[J], float v) {
 }
 
 // Sums of a[0..n) and of b[0..n), each in element order, in fp32 (every lane gets the same values;
-// n a multiple of 8): one loop for both (two independent chains of adds). kBy8: eight values of
-// each loaded before they are added, so that the chains wait for shared memory once per eight
-// adds instead of once per add (~30 cycles a wait: ~1,000 cycles on a hybrid group's path); the
-// quantize-append's own kernels take it, the fused step's instance in the decode objects keeps the
-// plain loop (the attention kernels' code as measured).
-template <bool kBy8>
+// n a multiple of 4): one loop for both (two independent chains of adds). kBy4: four values of
+// each loaded before they are added, so that the chains wait for shared memory once per four adds
+// instead of once per add (~30 cycles a wait: ~1,000 cycles on a hybrid group's path; eight at a
+// time spilled in the per-head kernel); the quantize-append's own kernels take it, the fused step's
+// instance in the decode objects keeps the plain loop (the attention kernels' code as measured).
+template <bool kBy4>
 KVQ_WARP void SumsInOrder(const float* a, const float* b, int n, float* sa, float* sb) {
   float x = 0.f, y = 0.f;
-  if (kBy8) {
+  if (kBy4) {
     KVQ_NO_UNROLL
-    for (int i = 0; i < n; i += 8) {
-      float va[8], vb[8];
+    for (int i = 0; i < n; i += 4) {
+      float va[4], vb[4];
       KVQ_UNROLL
-      for (int k = 0; k < 8; ++k) {
+      for (int k = 0; k < 4; ++k) {
         va[k] = a[i + k];
         vb[k] = b[i + k];
       }
       KVQ_UNROLL
-      for (int k = 0; k < 8; ++k) {
+      for (int k = 0; k < 4; ++k) {
         x = AddRn(x, va[k]);
         y = AddRn(y, vb[k]);
       }
@@ -100,8 +100,8 @@ KVQ_WARP void SumsInOrder(const float* a, const float* b, int n, float* sa, floa
 // One group of G = 32 * J values x (element j * 32 + lane in x[j]) quantized by the whole warp,
 // bit-identical to QuantizeGroupRef (kvq/quant.h). err: this warp's 2 x G floats of shared memory.
 // Returns false (same cases as the reference) on a non-finite input or an out-of-range scale/zero.
-// kSumsBy8: SumsInOrder's loads eight at a time.
-template <int J, bool kSumsBy8 = false>
+// kSumsBy4: SumsInOrder's loads four at a time.
+template <int J, bool kSumsBy4 = false>
 KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, float* err, int lane,
                                 uint32_t (&code)[J], uint16_t* scale_bits, uint16_t* zero_bits) {
   constexpr int G = 32 * J;
@@ -167,7 +167,7 @@ KVQ_WARP bool WarpQuantizeGroup(const float (&x)[J], int bits, QuantMode mode, f
     // The reference sums a candidate's errors only when its scale is in range (the sums have no
     // side effect, so both are taken and the unused one dropped).
     float es, ea;
-    SumsInOrder<kSumsBy8>(err, err + G, G, &es, &ea);
+    SumsInOrder<kSumsBy4>(err, err + G, G, &es, &ea);
     if (!sym_ok) es = 0.f;
     if (!asym_ok) ea = 0.f;
     use_sym = sym_ok && (!asym_ok || es <= ea);

@@ -23,7 +23,7 @@ namespace {
 
 using Outcome = testing::QuantOutcome;
 
-template <int J, bool kSumsBy8>
+template <int J, bool kSumsBy4>
 Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
   Outcome o;
   o.words.assign(32 * J * bits / 32, 0u);
@@ -34,7 +34,7 @@ Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
     float v[J];
     for (int j = 0; j < J; ++j) v[j] = x[size_t(j * 32 + lane)];
     uint32_t code[J];
-    ok[lane] = cuda::WarpQuantizeGroup<J, kSumsBy8>(v, bits, mode, err.data(), lane, code, &sc[lane], &zr[lane]);
+    ok[lane] = cuda::WarpQuantizeGroup<J, kSumsBy4>(v, bits, mode, err.data(), lane, code, &sc[lane], &zr[lane]);
     if (ok[lane]) cuda::WarpPackStore<J>(code, bits, lane, o.words.data());
   });
   for (int lane = 1; lane < 32; ++lane) {
@@ -51,14 +51,14 @@ Outcome OnWarp(const std::vector<float>& x, int bits, QuantMode mode) {
   return o;
 }
 
-// kSumsBy8: the hybrid errors summed eight loads at a time (the quantize-append's own kernels) or
+// kSumsBy4: the hybrid errors summed four loads at a time (the quantize-append's own kernels) or
 // one at a time (the fused step's instance); both must give the reference's sums.
-template <bool kSumsBy8>
+template <bool kSumsBy4>
 Outcome OnWarpG(const std::vector<float>& x, int bits, QuantMode mode) {
   switch (x.size()) {
-    case 32: return OnWarp<1, kSumsBy8>(x, bits, mode);
-    case 64: return OnWarp<2, kSumsBy8>(x, bits, mode);
-    default: return OnWarp<4, kSumsBy8>(x, bits, mode);
+    case 32: return OnWarp<1, kSumsBy4>(x, bits, mode);
+    case 64: return OnWarp<2, kSumsBy4>(x, bits, mode);
+    default: return OnWarp<4, kSumsBy4>(x, bits, mode);
   }
 }
 
@@ -70,10 +70,10 @@ std::string Show(const std::vector<float>& x) {
 
 void ExpectSame(const std::vector<float>& x, int bits, QuantMode mode) {
   const Outcome want = testing::QuantReference(x.data(), static_cast<int>(x.size()), bits, mode);
-  for (const bool by8 : {false, true}) {
-    const Outcome got = by8 ? OnWarpG<true>(x, bits, mode) : OnWarpG<false>(x, bits, mode);
+  for (const bool by4 : {false, true}) {
+    const Outcome got = by4 ? OnWarpG<true>(x, bits, mode) : OnWarpG<false>(x, bits, mode);
     SCOPED_TRACE("G=" + std::to_string(x.size()) + " bits=" + std::to_string(bits) + " mode=" +
-                 std::to_string(static_cast<int>(mode)) + (by8 ? " sums by 8" : "") + " x: " + Show(x));
+                 std::to_string(static_cast<int>(mode)) + (by4 ? " sums by 4" : "") + " x: " + Show(x));
     ASSERT_EQ(got.ok, want.ok);
     if (!want.ok) continue;
     EXPECT_EQ(got.scale, want.scale);
