@@ -103,8 +103,8 @@ KVQ_WARP void QuantizeStoreGroup(const float (&v)[J], int bits, int mode, int wo
 
 // Flush group gi of tensor x of head h, quantized by the calling warp (knorm: the head's key-norm
 // factors in the arena, read beside the window values). tr: the warp's trace slots for its first
-// group (QaArgs::trace), else null. kSumsBy4: WarpQuantizeGroup's.
-template <int J, bool kSumsBy4 = false>
+// group (QaArgs::trace), else null.
+template <int J>
 KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, bool norm, const float* knorm,
                          float* err, int lane, int64_t* tr) {
   constexpr int G = 32 * J;
@@ -145,8 +145,7 @@ KVQ_WARP void FlushGroup(const QaArgs& a, const DevTensor& x, int h, int gi, boo
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
-      WarpQuantizeGroup<J, kSumsBy4>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits,
-                                     &zero_bits);
+      WarpQuantizeGroup<J>(v, x.bits, static_cast<QuantMode>(x.mode), err, lane, code, &scale_bits, &zero_bits);
   if (tr && lane == 0) tr[4] = QaClock();
   if (!quantized) {
     if (lane == 0) warp::SetFlag(a.error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
@@ -288,8 +287,7 @@ KVQ_WARP void KeyNormBlock(const QaArgs& a, int seq, int h, int tid, int nthread
 // trace code at all (the stamps' pointer and clocks cost it 13 registers).
 // kLanes: along_tokens flushes of G = 32 go one group per lane (FlushLaneGroups), 32 groups per
 // warp task (QaPlan with lanes). Off (the fused step's instance): one group per warp everywhere.
-// kSumsBy4: WarpQuantizeGroup's (on in QuantizeAppendKernel, off in the fused step's instance).
-template <bool kTrace = false, bool kLanes = false, bool kSumsBy4 = false>
+template <bool kTrace = false, bool kLanes = false>
 KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int num_chunks, int tid, float* err,
                                   int64_t trace_block = 0) {
   const DevSeq& s = a.seqs[seq];
@@ -348,11 +346,11 @@ KVQ_WARP void QuantizeAppendBlock(const QaArgs& a, int seq, int h, int z, int nu
         for (int gi = chunk * kQaWarps + warp; gi < num_groups; gi += num_chunks * kQaWarps, ++groups) {
           int64_t* gtr = groups == 0 ? tr : nullptr;
           if (G == 32) {
-            FlushGroup<1, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<1>(a, x, h, gi, norm, knorm, err, lane, gtr);
           } else if (G == 64) {
-            FlushGroup<2, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<2>(a, x, h, gi, norm, knorm, err, lane, gtr);
           } else {
-            FlushGroup<4, kSumsBy4>(a, x, h, gi, norm, knorm, err, lane, gtr);
+            FlushGroup<4>(a, x, h, gi, norm, knorm, err, lane, gtr);
           }
         }
       }
@@ -379,9 +377,8 @@ template <bool kTrace, bool kLanes>
 KVQ_WARP void QuantizeAppendGridBlock(const QaArgs& a, int seq, int h, int zi, int grid_z, int tid, float* err) {
   const bool is_v = zi >= a.k_chunks;
   const int chunk = is_v ? zi - a.k_chunks : zi;
-  QuantizeAppendBlock<kTrace, kLanes, true>(a, seq, h, 2 * chunk + (is_v ? 1 : 0),
-                                            is_v ? grid_z - a.k_chunks : a.k_chunks, tid, err,
-                                            (static_cast<int64_t>(seq) * a.num_kv_heads + h) * grid_z + zi);
+  QuantizeAppendBlock<kTrace, kLanes>(a, seq, h, 2 * chunk + (is_v ? 1 : 0), is_v ? grid_z - a.k_chunks : a.k_chunks,
+                                      tid, err, (static_cast<int64_t>(seq) * a.num_kv_heads + h) * grid_z + zi);
 }
 
 // One block of QuantizeAppendHeadKernel: the whole quantize-append of sequence seq's KV head h in a
