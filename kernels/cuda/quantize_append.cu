@@ -36,13 +36,16 @@ __global__ void __launch_bounds__(kQaThreads) QuantizeAppendKernel(QaArgs a) {
   if (a.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
-// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head).
-template <bool kTrace, bool kWide>
+// The whole step's quantize-append, one block per (sequence, KV head) (QaPlan::head). kSumsBy4: the
+// instance for steps that flush hybrid groups (QaPlan::hybrid: the errors' sums four loads at a
+// time); the other keeps main's code, which measured faster for the presets without hybrid
+// flushes (H100, twenty-third session, calls 9 and 10).
+template <bool kTrace, bool kWide, bool kSumsBy4>
 __global__ void __launch_bounds__(kQaHeadWarps * 32) QuantizeAppendHeadKernel(QaHeadArgs a) {
   GridDependentsLaunch();  // the attention may launch now; it waits for this grid to complete
   __shared__ float err[kQaHeadWarps][2 * kMaxGroupSize];
-  QuantizeAppendHeadBlock<kTrace>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
-                                  static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
+  QuantizeAppendHeadBlock<kTrace, kSumsBy4>(a.qa, a.heads, blockIdx.x, blockIdx.y, threadIdx.x, err[threadIdx.x >> 5],
+                                            static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y);
   if (a.qa.wait_at_end) GridDependencyWait();  // a flush beside the attention before it (QaArgs::wait_at_end)
 }
 
@@ -55,8 +58,10 @@ cudaError_t SetCarveout(int percent) {
                         reinterpret_cast<const void*>(QuantizeAppendKernel<true, false, kWide>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<false, true, kWide>),
                         reinterpret_cast<const void*>(QuantizeAppendKernel<true, true, kWide>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, kWide>),
-                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, kWide>)})
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, kWide, false>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, kWide, false>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<false, kWide, true>),
+                        reinterpret_cast<const void*>(QuantizeAppendHeadKernel<true, kWide, true>)})
     if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
@@ -97,8 +102,11 @@ cudaError_t LaunchQuantizeAppendAs(const QaArgs& a, int num_seqs, const QaPlan& 
     const dim3 grid(num_seqs, a.num_kv_heads);
     const QaHeadArgs h{a, heads};
     const dim3 block(kQaHeadWarps * 32);
-    return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWide>, grid, block, 0, stream, h, pdl)
-                   : LaunchKernel(QuantizeAppendHeadKernel<false, kWide>, grid, block, 0, stream, h, pdl);
+    if (plan.hybrid)
+      return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWide, true>, grid, block, 0, stream, h, pdl)
+                     : LaunchKernel(QuantizeAppendHeadKernel<false, kWide, true>, grid, block, 0, stream, h, pdl);
+    return a.trace ? LaunchKernel(QuantizeAppendHeadKernel<true, kWide, false>, grid, block, 0, stream, h, pdl)
+                   : LaunchKernel(QuantizeAppendHeadKernel<false, kWide, false>, grid, block, 0, stream, h, pdl);
   }
   const dim3 grid = QaGrid(num_seqs, a.num_kv_heads, plan.k_chunks, plan.v_chunks);
   const dim3 block(kQaThreads);

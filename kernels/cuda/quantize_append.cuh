@@ -80,14 +80,15 @@ KVQ_WARP void StampValuesArrived(const float (&v)[N], int lane, int64_t* tr) {
 // The warp's group of values v quantized and stored as group `group` of the body page's head data
 // at `head` (format fields as in DevTensor); error flag 2 instead where the reference fails
 // (non-finite input, a scale or zero beyond fp16 range). tr: trace slots [4], [5] (or null).
-template <int J>
+// kSumsBy4: WarpQuantizeGroup's.
+template <int J, bool kSumsBy4 = false>
 KVQ_WARP void QuantizeStoreGroup(const float (&v)[J], int bits, int mode, int words_per_group, int scales_offset,
                                  int has_zeros, int zeros_offset, uint8_t* head, int group, int32_t* error_flag,
                                  float* err, int lane, int64_t* tr) {
   uint32_t code[J];
   uint16_t scale_bits = 0, zero_bits = 0;
   const bool quantized =
-      WarpQuantizeGroup<J, true>(v, bits, static_cast<QuantMode>(mode), err, lane, code, &scale_bits, &zero_bits);
+      WarpQuantizeGroup<J, kSumsBy4>(v, bits, static_cast<QuantMode>(mode), err, lane, code, &scale_bits, &zero_bits);
   if (tr && lane == 0) tr[4] = QaClock();
   if (!quantized) {
     if (lane == 0) warp::SetFlag(error_flag, 2);  // non-finite input, or a scale or zero beyond fp16 range
@@ -389,8 +390,9 @@ KVQ_WARP void QuantizeAppendGridBlock(const QaArgs& a, int seq, int h, int zi, i
 // as QuantizeAppendBlock does. Every address comes from the host (DevQaHead), so the chain is the
 // descriptor, the values, the quantizer, the stores; the codes are FlushGroup<1>'s (the same
 // quantizer and stores, the same values and key-norm division). err: the calling warp's
-// 2 * kMaxGroupSize floats of shared memory; trace_block: seq * Hkv + h (kTrace only).
-template <bool kTrace>
+// 2 * kMaxGroupSize floats of shared memory; trace_block: seq * Hkv + h (kTrace only). kSumsBy4:
+// WarpQuantizeGroup's, for the steps that flush hybrid groups (QaPlan::hybrid).
+template <bool kTrace, bool kSumsBy4 = false>
 KVQ_WARP void QuantizeAppendHeadBlock(const QaArgs& a, const DevQaHead* heads, int seq, int h, int tid, float* err,
                                       int64_t trace_block) {
   constexpr int kWarps = kQaHeadWarps;
@@ -446,7 +448,7 @@ KVQ_WARP void QuantizeAppendHeadBlock(const QaArgs& a, const DevQaHead* heads, i
       const DevQaHead& x = hd[t < nk ? 0 : 1];
       int64_t* gtr = j == 0 ? tr : nullptr;
       if (gtr) StampValuesArrived(v[j], lane, gtr);
-      QuantizeStoreGroup<1>(v[j], x.bits, x.mode, x.words_per_group, x.scales_offset, x.has_zeros, x.zeros_offset,
+      QuantizeStoreGroup<1, kSumsBy4>(v[j], x.bits, x.mode, x.words_per_group, x.scales_offset, x.has_zeros, x.zeros_offset,
                             a.arena + x.flush_dst + static_cast<int64_t>(h) * x.head_bytes,
                             x.group0 + (t < nk ? t : t - nk), a.error_flag, err, lane, gtr);
       ++groups;

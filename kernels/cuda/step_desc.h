@@ -382,6 +382,8 @@ void BuildQaHeads(const std::vector<DevSeq>& seqs, const std::vector<int64_t>& p
 // grid above.
 // wide: the launch's kernels prefer the SM's largest shared-memory carveout (CudaStepRunner::
 // set_qa_wide_carveout), so that an SM they start on keeps room for the attention's blocks.
+// hybrid: some tensor flushes hybrid groups this step (the per-head kernel's instance that sums
+// their errors four loads at a time).
 struct QaPlan {
   int chunks = 1;
   int k_chunks = 1;
@@ -390,6 +392,7 @@ struct QaPlan {
   bool key_norm = false;
   bool head = false;
   bool wide = false;
+  bool hybrid = false;
 };
 QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t min_lane_groups, bool head = false);
 // Blocks of the planned quantize-append launch (KeyNormKernel's aside), and its warps (the trace's).

@@ -552,6 +552,7 @@ QaPlan PlanQuantizeAppend(const std::vector<DevSeq>& seqs, int head_dim, int64_t
       const int64_t n = along_channels ? int64_t{t.flush} * (head_dim / t.group_size)
                                        : int64_t{t.flush / t.group_size} * head_dim;
       const bool lane = LaneFlush(t);
+      plan.hybrid = plan.hybrid || t.mode == static_cast<int32_t>(QuantMode::kHybrid);
       groups = std::max(groups, n);
       tasks[v] = std::max(tasks[v], n);
       lane_tasks[v] = std::max(lane_tasks[v], lane ? (n + 31) / 32 : n);

@@ -66,10 +66,10 @@ KVQ_WARP float FirstEqual(const float (&x)[J], float v) {
 // n a multiple of 4): one loop for both (two independent chains of adds). kBy4: four values of
 // each loaded before they are added, so that the chains wait for shared memory once per four adds
 // instead of once per add (~30 cycles a wait: ~1,000 cycles on a hybrid group's path; eight at a
-// time spilled in the per-head kernel); the per-head kernel (QuantizeStoreGroup: most decode
-// steps) takes it, the grid kernels and the fused step's instance in the decode objects keep the
-// plain loop (with it the lane instance spilled more, and (64,32,8,8192) innerq measured 0.4 us
-// slower: H100, twenty-third session, call 9).
+// time spilled in the per-head kernel); the per-head kernel's instance for steps that flush hybrid
+// groups takes it (QaPlan::hybrid), every other kernel keeps the plain loop (in all of them, innerq
+// at (64,32,8,8192) measured 0.2-0.4 us slower, whose steps flush no hybrid group every step:
+// H100, twenty-third session, calls 9 and 10).
 template <bool kBy4>
 KVQ_WARP void SumsInOrder(const float* a, const float* b, int n, float* sa, float* sb) {
   float x = 0.f, y = 0.f;

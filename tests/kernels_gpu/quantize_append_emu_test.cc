@@ -159,8 +159,13 @@ void CheckBatch(const std::vector<SeqCase>& cases, DType dt, int hkv, int d, uin
           cuda::warp::RunBlock(cuda::kQaHeadWarps * 32, [&](int tid) {
             float* werr = err.data() + (tid >> 5) * 2 * kMaxGroupSize;
             const int64_t tb = int64_t{s} * hkv + h;
-            trace ? cuda::QuantizeAppendHeadBlock<true>(qa, heads.data(), s, h, tid, werr, tb)
-                  : cuda::QuantizeAppendHeadBlock<false>(qa, heads.data(), s, h, tid, werr, tb);
+            if (plan.hybrid) {  // the kernel's instance for steps with hybrid flushes
+              trace ? cuda::QuantizeAppendHeadBlock<true, true>(qa, heads.data(), s, h, tid, werr, tb)
+                    : cuda::QuantizeAppendHeadBlock<false, true>(qa, heads.data(), s, h, tid, werr, tb);
+            } else {
+              trace ? cuda::QuantizeAppendHeadBlock<true, false>(qa, heads.data(), s, h, tid, werr, tb)
+                    : cuda::QuantizeAppendHeadBlock<false, false>(qa, heads.data(), s, h, tid, werr, tb);
+            }
           });
         }
       for (int s = 0; s < n && !head; ++s)
@@ -328,6 +333,15 @@ TEST(QuantizeAppendPlan, LanesOnlyFromTheGivenGroupCount) {
   const cuda::QaPlan below = cuda::PlanQuantizeAppend(batch, d, 2049);
   EXPECT_FALSE(below.lanes);
   EXPECT_EQ(below.v_chunks, 64);
+  // hybrid: where a flushed tensor is hybrid (the per-head kernel's instance with the sums by four)
+  EXPECT_TRUE(below.hybrid);
+  std::vector<cuda::DevSeq> sym = batch;
+  for (cuda::DevSeq& q : sym) q.v.mode = static_cast<int32_t>(QuantMode::kAsym);
+  EXPECT_FALSE(cuda::PlanQuantizeAppend(sym, d, -1).hybrid);
+  for (cuda::DevSeq& q : sym) q.v.flush = 0, q.k.mode = static_cast<int32_t>(QuantMode::kHybrid);
+  EXPECT_TRUE(cuda::PlanQuantizeAppend(sym, d, -1).hybrid);
+  for (cuda::DevSeq& q : sym) q.k.flush = 0, q.v.mode = static_cast<int32_t>(QuantMode::kHybrid);
+  EXPECT_FALSE(cuda::PlanQuantizeAppend(sym, d, -1).hybrid) << "nothing flushed";
   // nothing flushed along tokens: no lanes, whatever the count
   std::vector<cuda::DevSeq> keys_only = batch;
   for (cuda::DevSeq& x : keys_only) x.v.flush = 0;
