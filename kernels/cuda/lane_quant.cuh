@@ -27,23 +27,9 @@
 #include <cmath>
 #endif
 
+#include "device_macros.h"
 #include "kvq/numeric.h"
 #include "kvq/quant.h"
-
-#if !defined(KVQ_WARP)  // as warp_quant.cuh defines them
-#if defined(__CUDACC__)
-#define KVQ_WARP __device__ __forceinline__
-#define KVQ_UNROLL _Pragma("unroll")
-#else
-#define KVQ_WARP inline
-#define KVQ_UNROLL
-#endif
-#endif
-#if defined(__CUDACC__)
-#define KVQ_UNROLL_4 _Pragma("unroll 4")
-#else
-#define KVQ_UNROLL_4
-#endif
 
 namespace kvq {
 namespace cuda {
@@ -109,13 +95,11 @@ KVQ_WARP bool LaneQuantizeGroup32(const float* x, int stride, QuantMode mode, ui
   const bool hybrid = mode == QuantMode::kHybrid;
 
   // the candidates' scales and zero, as the reference computes them
-  const uint16_t ss16 = FloatToHalfBits(MaxF(DivRn(amax, hi_sym), kMinScale));
+  const uint16_t ss16 = SymScaleBits(amax, kBits);
   const bool sym_ok = !HalfBitsIsInf(ss16);
   const float ss = HalfBitsToFloat(ss16), rs = DivRn(1.f, ss);
-  const float range = SubRn(mx, mn);
-  const uint16_t sa16 = FloatToHalfBits(MaxF(DivRn(range, qmax), kMinScale));
-  const uint16_t z16 = FloatToHalfBits(mn);
-  const bool asym_ok = IsFiniteF(range) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
+  uint16_t sa16 = 0, z16 = 0;
+  const bool asym_ok = AsymScaleZeroBits(mn, mx, kBits, &sa16, &z16);
   const float sa = HalfBitsToFloat(sa16), z = HalfBitsToFloat(z16), ra = DivRn(1.f, sa);
   bool use_sym = mode == QuantMode::kSym;
   if (hybrid) {  // both errors, each summed in element order (a candidate that is not ok is not used)

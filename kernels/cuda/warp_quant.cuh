@@ -13,20 +13,8 @@
 
 #include "kvq/format.h"
 #include "kvq/numeric.h"
+#include "device_macros.h"
 #include "kvq/quant.h"
-
-#if defined(__CUDACC__)
-#define KVQ_WARP __device__ __forceinline__
-#define KVQ_UNROLL _Pragma("unroll")
-// Loops kept as loops: the quantize-append runs each of them once per group on an SM whose
-// instruction cache is cold (its launch follows an attention kernel), so there code bytes cost
-// more than the few instructions a loop adds (the phase trace, kvq-bench --qa-trace).
-#define KVQ_NO_UNROLL _Pragma("unroll 1")
-#else
-#define KVQ_WARP inline
-#define KVQ_UNROLL
-#define KVQ_NO_UNROLL
-#endif
 
 namespace kvq {
 namespace cuda {

@@ -29,6 +29,22 @@ KVQ_HD int SymLevels(int bits) { return (1 << (bits - 1)) - 1; }
 
 KVQ_HD bool HalfBitsIsInf(uint16_t h) { return (h & 0x7fffu) == 0x7c00u; }
 
+// The candidates' stored scale (and zero) bits of a group whose minimum, maximum and largest
+// absolute value are mn, mx, amax: the symmetric scale (inf bits where beyond fp16 range), and the
+// asymmetric scale and zero with whether both are in range (and the range finite). QuantizeGroupRef
+// and the CUDA lane quantizer take them from here; the warp quantizer (warp_quant.cuh) spells the
+// same arithmetic out, its kernels' code as measured on the GPU (this form compiles differently
+// there).
+KVQ_HD uint16_t SymScaleBits(float amax, int bits) {
+  return FloatToHalfBits(MaxF(DivRn(amax, float(SymLevels(bits))), kMinScale));
+}
+KVQ_HD bool AsymScaleZeroBits(float mn, float mx, int bits, uint16_t* sa16, uint16_t* z16) {
+  const float range = SubRn(mx, mn);
+  *sa16 = FloatToHalfBits(MaxF(DivRn(range, float(AsymMaxCode(bits))), kMinScale));
+  *z16 = FloatToHalfBits(mn);
+  return IsFiniteF(range) && !HalfBitsIsInf(*sa16) && !HalfBitsIsInf(*z16);
+}
+
 // Quantizes one group of n (<= kMaxGroupSize) values with `bits` bits in `mode` (kAsym, kSym,
 // kHybrid). Writes unsigned codes [n], the fp16 scale bits (sign bit set = asym, hybrid only) and
 // the fp16 zero bits (0 for symmetric). Returns false, writing nothing meaningful, when an input
@@ -55,7 +71,7 @@ KVQ_HD bool QuantizeGroupRef(const float* x, int n, int bits, QuantMode mode, ui
   bool sym_ok = false;
   float err_sym = 0.f;
   if (try_sym) {
-    ss16 = FloatToHalfBits(MaxF(DivRn(amax, float(L)), kMinScale));
+    ss16 = SymScaleBits(amax, bits);
     sym_ok = !HalfBitsIsInf(ss16);
     ss = HalfBitsToFloat(ss16);
     if (sym_ok && mode == QuantMode::kHybrid) {
@@ -71,9 +87,7 @@ KVQ_HD bool QuantizeGroupRef(const float* x, int n, int bits, QuantMode mode, ui
   bool asym_ok = false;
   float err_asym = 0.f;
   if (try_asym) {
-    sa16 = FloatToHalfBits(MaxF(DivRn(SubRn(mx, mn), float(qmax)), kMinScale));
-    z16 = FloatToHalfBits(mn);
-    asym_ok = IsFiniteF(SubRn(mx, mn)) && !HalfBitsIsInf(sa16) && !HalfBitsIsInf(z16);
+    asym_ok = AsymScaleZeroBits(mn, mx, bits, &sa16, &z16);
     sa = HalfBitsToFloat(sa16);
     z = HalfBitsToFloat(z16);
     if (asym_ok && mode == QuantMode::kHybrid) {
