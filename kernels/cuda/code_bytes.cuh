@@ -61,6 +61,19 @@ __device__ __forceinline__ void GroupSlots(const uint32_t* w, int t, uint32_t& r
   }
 }
 
+// GroupSlots on a group staged in shared memory (8-byte aligned at 2 bits: its two words as one
+// 8-byte read instead of two 4-byte ones; the IMMA tiles, decode_imma.cuh).
+template <int BITS>
+__device__ __forceinline__ void GroupSlotsShared(const uint32_t* w, int t, uint32_t& r0, uint32_t& r1) {
+  if constexpr (BITS == 2) {
+    const uint2 x = *reinterpret_cast<const uint2*>(w);
+    r0 = (x.x >> (2 * t)) & 0x03030303u;
+    r1 = (x.y >> (2 * t)) & 0x03030303u;
+  } else {
+    GroupSlots<BITS>(w, t, r0, r1);
+  }
+}
+
 // 16-bit fixed point as (high, low) signed bytes: v = 256 hi + lo, lo in [-128, 127].
 __device__ __forceinline__ uint32_t FixedByte(float x, bool low) {
   const int v = __float2int_rn(x);

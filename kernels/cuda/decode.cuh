@@ -216,7 +216,13 @@ __host__ __device__ constexpr int ImmaTileStateBytes(int d) {
 // values) leave out those tiles' work areas: 8.2 KB less per block at one row and D = 128, so that
 // the page units' ring (decode_pages.cuh) leaves room for more blocks, or a quantize-append block
 // beside them. Their union keeps room for the fused step's error sums and, at 2-4 rows, the IMMA
-// tile state (decode_imma.cuh).
+// tile state (decode_imma.cuh); and it holds the per-token path's tile state too (p per row and
+// token, the V tokens' locations), which no other user of the union needs while that path's loop
+// runs (the fused step's sums come before it, the accumulators after it, and the tensor-core units
+// never run it): 4 KB less per block at 4 rows and D = 128, so that a third page-ring stage
+// (decode_pages.cuh) fits four blocks per SM. The KIVI and fp16 instances keep that state beside
+// the union, where their tiles' work areas live while it is in use. Access goes through P(),
+// VPage(), VSlot() and VBody(), the same code for both layouts.
 template <int D, int R, int PATHS>
 struct DecSmem {
   static constexpr int kNG = D / 32;
@@ -233,20 +239,49 @@ struct DecSmem {
     float2 ab[32][D / 32];           // and its groups' (a, b) (written after the scores)
   };
   struct NoTile {};
+  struct TokState {  // the per-token path's tile: p per row and token, the V tokens' locations
+    float p[R][32];
+    int64_t vpage[32];
+    int vslot[32];
+    int vbody[32];
+  };
   static constexpr int kRawBytes = R > 1 && ImmaTileStateBytes(D) > kFusedErrBytes ? ImmaTileStateBytes(D) : kFusedErrBytes;
-  struct alignas(16) Warp {  // float4 reads of p and qa
-    union {
-      std::conditional_t<kKiviTiles, KTokTile, NoTile> k;
-      std::conditional_t<kKiviTiles, VChTile, NoTile> v;
-      float o[R][D];  // end of the unit: this warp's accumulator
-      uint8_t raw[kRawBytes];
-    } u;
+  union Area {
+    std::conditional_t<kKiviTiles, KTokTile, NoTile> k;
+    std::conditional_t<kKiviTiles, VChTile, NoTile> v;
+    float o[R][D];  // end of the unit: this warp's accumulator
+    uint8_t raw[kRawBytes];
+    std::conditional_t<kKiviTiles, NoTile, TokState> tok;
+  };
+  struct alignas(16) WarpApart {  // float4 reads of p and qa
+    Area u;
     float p[R][32];
     alignas(16) uint8_t pb[2][32];  // R = 1, along_tokens V body tile: p as (high, low) bytes in slot order
     int64_t vpage[32];
     int vslot[32];
     int vbody[32];
+    __device__ __forceinline__ float (&P())[R][32] { return p; }
+    __device__ __forceinline__ const float (&P() const)[R][32] { return p; }
+    __device__ __forceinline__ int64_t (&VPage())[32] { return vpage; }
+    __device__ __forceinline__ const int64_t (&VPage() const)[32] { return vpage; }
+    __device__ __forceinline__ int (&VSlot())[32] { return vslot; }
+    __device__ __forceinline__ const int (&VSlot() const)[32] { return vslot; }
+    __device__ __forceinline__ int (&VBody())[32] { return vbody; }
+    __device__ __forceinline__ const int (&VBody() const)[32] { return vbody; }
   };
+  struct alignas(16) WarpInUnion {
+    Area u;
+    alignas(16) uint8_t pb[2][32];  // R = 1, along_tokens V body tile: p as (high, low) bytes in slot order
+    __device__ __forceinline__ float (&P())[R][32] { return u.tok.p; }
+    __device__ __forceinline__ const float (&P() const)[R][32] { return u.tok.p; }
+    __device__ __forceinline__ int64_t (&VPage())[32] { return u.tok.vpage; }
+    __device__ __forceinline__ const int64_t (&VPage() const)[32] { return u.tok.vpage; }
+    __device__ __forceinline__ int (&VSlot())[32] { return u.tok.vslot; }
+    __device__ __forceinline__ const int (&VSlot() const)[32] { return u.tok.vslot; }
+    __device__ __forceinline__ int (&VBody())[32] { return u.tok.vbody; }
+    __device__ __forceinline__ const int (&VBody() const)[32] { return u.tok.vbody; }
+  };
+  using Warp = std::conditional_t<kKiviTiles, WarpApart, WarpInUnion>;
   Warp w[kDecWarps];
   alignas(16) float q[R][D];
   alignas(16) float qn[R][D];
@@ -558,7 +593,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
         for (int j = 0; j < CPL; ++j) cf[e][j] = UnitAt<BITS>(raw.w + j * BITS, t + e);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float4 p = *reinterpret_cast<const float4*>(&ws.p[r][t]);
+        const float4 p = *reinterpret_cast<const float4*>(&ws.P()[r][t]);
 #pragma unroll
         for (int j = 0; j < CPL; ++j) dot[r][j] += p.x * cf[0][j] + p.y * cf[1][j] + p.z * cf[2][j] + p.w * cf[3][j];
       }
@@ -593,9 +628,9 @@ __device__ __forceinline__ void VPerTokenIssue(const Smem& sm, int warp, int lan
     raw0[j] = 0u;
     raw1[j] = 0u;
     if (j < nvalid) {
-      const int64_t page = ws.vpage[j0 + j];
-      const int slot = ws.vslot[j0 + j];
-      if (BODY && ws.vbody[j0 + j]) {
+      const int64_t page = ws.VPage()[j0 + j];
+      const int slot = ws.VSlot()[j0 + j];
+      if (BODY && ws.VBody()[j0 + j]) {
         const uint8_t* head = arena + page + static_cast<int64_t>(h) * x.head_bytes;
         const int g = slot * (D / 32) + c0 / 32;
         const uint32_t* cw = reinterpret_cast<const uint32_t*>(head) + g * bits + wofs;
@@ -632,7 +667,7 @@ __device__ __forceinline__ void VPerTokenCompute(const Smem& sm, int warp, const
   for (int j = 0; j < kVBatch; ++j) {
     if (j < nvalid) {
       float v[CPL];
-      if (BODY && ws.vbody[j0 + j]) {
+      if (BODY && ws.VBody()[j0 + j]) {
         const float s = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[j] & 0xffffu)));
         const float z = __half2float(__ushort_as_half(static_cast<unsigned short>(raw1[j] >> 16)));
         const float2 ab = GroupAffine(bits, x.mode, s, z);
@@ -648,7 +683,7 @@ __device__ __forceinline__ void VPerTokenCompute(const Smem& sm, int warp, const
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float p = ws.p[r][j0 + j];
+        const float p = ws.P()[r][j0 + j];
 #pragma unroll
         for (int e = 0; e < CPL; ++e) acc[r][e] += p * v[e];
       }
@@ -702,7 +737,7 @@ __device__ __forceinline__ void VChannelsCompute(const Smem& sm, int warp, int l
     float p[R][4];  // p of 4 tokens per 16-byte read
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float4 p4 = *reinterpret_cast<const float4*>(&ws.p[r][j0]);
+      const float4 p4 = *reinterpret_cast<const float4*>(&ws.P()[r][j0]);
       p[r][0] = p4.x;
       p[r][1] = p4.y;
       p[r][2] = p4.z;
@@ -1007,7 +1042,7 @@ __device__ __forceinline__ void VChannelsStageDp4a(Smem& sm, int warp, int lane,
 #pragma unroll
   for (int i = 0; i < NG * BITS; ++i) ws.u.v.codes[lane][i] = raw.w[i];
   uint8_t* pab = reinterpret_cast<uint8_t*>(&ws.u.v.ab[0][0]);  // [NG][high, low][32 tokens]
-  const float p = ws.p[0][lane];
+  const float p = ws.P()[0][lane];
 #pragma unroll
   for (int g = 0; g < NG; ++g) {
     const float2 ab = GroupAffine(BITS, x.mode, raw.s[g], raw.z[g]);  // a >= 0
@@ -1406,7 +1441,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
 #pragma unroll
       for (int j = 0; j < CPL; ++j) acc[r][j] *= alpha;
       psum[r] = sum;
-      ws.p[r][lane] = p;
+      ws.P()[r][lane] = p;
       if constexpr (R == 1 && (PATHS & kPathVTok) != 0) {
         // fixed point relative to the warp tile's largest p (not the running maximum's 1): the
         // tile keeps 15 bits however far below the maximum of a long unit its scores lie
@@ -1444,9 +1479,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     } else {
       if (in) {
         const TokLoc vl = Locate(s, s.v, a.pages, t);
-        ws.vpage[lane] = vl.page;
-        ws.vslot[lane] = vl.slot;
-        ws.vbody[lane] = vl.body;
+        ws.VPage()[lane] = vl.page;
+        ws.VSlot()[lane] = vl.slot;
+        ws.VBody()[lane] = vl.body;
       }
     }
     // ---- P.V (lane = CPL channels)

@@ -145,8 +145,8 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
 #pragma unroll
       for (int gr = 0; gr < NG; ++gr) {
         uint32_t x0, y0, x1, y1;
-        GroupSlots<KB>(kw + (tok0 * NG + gr) * KB, t, x0, y0);
-        GroupSlots<KB>(kw + ((tok0 + 8) * NG + gr) * KB, t, x1, y1);
+        GroupSlotsShared<KB>(kw + (tok0 * NG + gr) * KB, t, x0, y0);
+        GroupSlotsShared<KB>(kw + ((tok0 + 8) * NG + gr) * KB, t, x1, y1);
         int c[4] = {0, 0, 0, 0};
         Imma16832(c, x0, x1, y0, y1, bq[gr][0], bq[gr][1]);
         const float v0 = static_cast<float>(c[0] * 256 + c[1]);
@@ -210,16 +210,17 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
     for (int mc = 0; mc < MC; ++mc) {
       const int c0 = mc * 16 + g;
       uint32_t x0, y0, x1, y1;
-      GroupSlots<VB>(vw + c0 * VB, t, x0, y0);
-      GroupSlots<VB>(vw + (c0 + 8) * VB, t, x1, y1);
+      GroupSlotsShared<VB>(vw + c0 * VB, t, x0, y0);
+      GroupSlotsShared<VB>(vw + (c0 + 8) * VB, t, x1, y1);
       int c[4] = {0, 0, 0, 0};
       Imma16832(c, x0, x1, y0, y1, pb0, pb1);
       const float v0 = static_cast<float>(c[0] * 256 + c[1]) * inv_p;
       const float v1 = static_cast<float>(c[2] * 256 + c[3]) * inv_p;
       const float2 ab0 = vab[c0];
       const float2 ab1 = vab[c0 + 8];
-      acc[mc][0] += ab0.x * v0 + ab0.y * psum;
-      acc[mc][1] += ab1.x * v1 + ab1.y * psum;
+      // two fused steps into the accumulator (the sum a v + b psum first took a third)
+      acc[mc][0] = fmaf(ab0.x, v0, fmaf(ab0.y, psum, acc[mc][0]));
+      acc[mc][1] = fmaf(ab1.x, v1, fmaf(ab1.y, psum, acc[mc][1]));
     }
   };
   // (both loops' __syncwarp after a tile: pb and the slot are consumed before the next tile)

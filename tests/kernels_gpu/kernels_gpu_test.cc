@@ -91,6 +91,7 @@ struct Case {
   int split_blocks = 0;      // CudaStepRunner::set_split_blocks
   float q_scale = 1.f;       // query magnitude: large values make the softmax nearly one-hot
   int ring_stages = 0;       // CudaStepRunner::set_ring_stages (0: the plan's choice); checked from step 2
+  int expect_stages = 0;     // with ring_stages 0: the plan's ring depth (0: not checked); from step 2
   bool kivi_codes = false;   // CudaStepRunner::set_kivi_codes (off: the dequantizing KIVI units)
   int expect_kivi_codes = -1;  // 1: the KIVI body units must multiply the codes (decode_kivi_codes.cuh)
   int min_row_class = 1;       // CudaStepRunner::set_min_row_class; checked when above 1
@@ -207,6 +208,9 @@ void RunAndCompare(const Case& c, Arena& a, std::vector<TSeq>* seqs, bool first,
   }
   if (c.ring_stages > 0 && !first) {
     EXPECT_EQ(runner.stats().ring_stages, c.ring_stages) << "ring depth of the tensor-core units";
+  }
+  if (c.ring_stages == 0 && c.expect_stages > 0 && !first) {
+    EXPECT_EQ(runner.stats().ring_stages, c.expect_stages) << "the plan's ring depth";
   }
   r = runner.Synchronize(stream);
   ASSERT_TRUE(r.ok()) << r.message;
@@ -1519,6 +1523,17 @@ TEST(KernelsGpu, RowsPages) {
   two.expect_pages = 1;
   two.page_min_pages = 0;
   RunCase(two);
+  if (HasFatalFailure()) return;
+  // the plan's ring for 2-4-row page units: two stages, also where three fit as many blocks
+  // (innerq2's pages at D = 128: three stages fit four blocks per SM on an H100)
+  Case depth;
+  depth.hkv = 2;
+  depth.hq = 8;
+  depth.seqs = {SeqSpec(Preset::kInnerQ2, 2000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 1100, 1, 1, 7)};
+  depth.expect_pages = 1;
+  depth.page_min_pages = 0;
+  depth.expect_stages = 2;
+  RunCase(depth);
   if (HasFatalFailure()) return;
   // page units off: the IMMA units take the same bodies
   Case off = two;
