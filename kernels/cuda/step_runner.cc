@@ -660,10 +660,11 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // Tensor-core body units (decode_imma.cuh): InnerQ-family batches with <= 4 rows per unit, for
   // the sequences whose formats an IMMA instance covers. Their per-warp cp.async rings hold whole
   // body tiles of K and V; three stages (two tiles ahead) when that costs no resident blocks
-  // against two, else two, unless set_ring_stages asked for a number. Page units with 2-4 rows
+  // against two, else two, unless set_ring_stages asked for a number. Page units
   // (decode_pages.cuh) take two stages even where three fit as many blocks: three pages ahead
-  // measured 1.1-1.8% slower at (16,32,8,32768) and (64,32,8,8192) for innerq and innerq2 (H100,
-  // docs/gpu_notes.md, twenty-fourth session).
+  // measured 1.1-1.8% slower at (16,32,8,32768) and (64,32,8,8192) for innerq and innerq2, and
+  // at one row innerq2's step (attention + quantize-append) 0.5-1.5% slower at (1,32,32,32768) and
+  // (16,32,32,4096) (H100, docs/gpu_notes.md, twenty-fourth session).
   // (one row: the per-token path's integer products on the codes are cheaper, see decode.cuh)
   const bool imma_family = decode_path && imma_enabled_ && cuda::DecodeFamilyIsInnerQ(decode_paths) &&
                            max_rows >= 2 && max_rows <= cuda::kImmaMaxRows;
@@ -805,7 +806,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
       } else {
         ring_stages = 2;
         blocks_per_sm = blocks(2);
-        const int b3 = has_pages && max_rows >= 2 ? 0 : blocks(3);
+        const int b3 = has_pages ? 0 : blocks(3);
         if (b3 > 0 && b3 >= blocks_per_sm) {
           ring_stages = 3;
           blocks_per_sm = b3;

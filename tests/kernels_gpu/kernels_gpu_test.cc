@@ -1458,6 +1458,16 @@ TEST(KernelsGpu, OneRowPages) {
       }
     }
   }
+  // the plan's ring for one-row page units: two stages, also where three fit as many blocks
+  // (innerq2's pages at D = 128: three stages fit five one-row blocks per SM on an H100)
+  Case depth;
+  depth.hkv = depth.hq = 2;
+  depth.seqs = {SeqSpec(Preset::kInnerQ2, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 1500, 1, 1, 7)};
+  depth.expect_pages = 1;
+  depth.page_min_pages = 0;
+  depth.expect_stages = 2;
+  RunCase(depth);
+  if (HasFatalFailure()) return;
   Case off;
   off.hkv = off.hq = 2;
   off.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 5)};
@@ -1524,8 +1534,8 @@ TEST(KernelsGpu, RowsPages) {
   two.page_min_pages = 0;
   RunCase(two);
   if (HasFatalFailure()) return;
-  // the plan's ring for 2-4-row page units: two stages, also where three fit as many blocks
-  // (innerq2's pages at D = 128: three stages fit four blocks per SM on an H100)
+  // the plan's ring for page units: two stages, also where three fit as many blocks (innerq2's
+  // pages at D = 128: three stages fit four blocks per SM on an H100)
   Case depth;
   depth.hkv = 2;
   depth.hq = 8;
