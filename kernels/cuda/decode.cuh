@@ -219,8 +219,9 @@ __host__ __device__ constexpr int ImmaTileStateBytes(int d) {
 // tile state (decode_imma.cuh); and it holds the per-token path's tile state too (p per row and
 // token, the V tokens' locations), which no other user of the union needs while that path's loop
 // runs (the fused step's sums come before it, the accumulators after it, and the tensor-core units
-// never run it): 4 KB less per block at 4 rows and D = 128, so that a third page-ring stage
-// (decode_pages.cuh) fits four blocks per SM. The KIVI and fp16 instances keep that state beside
+// never run it): 4 KB less per block at 4 rows and D = 128 (room for a quantize-append block
+// beside four page blocks; a third page-ring stage would fit too, but it measured slower, so the
+// plan keeps two: step_runner.cc). The KIVI and fp16 instances keep that state beside
 // the union, where their tiles' work areas live while it is in use. Access goes through P(),
 // VPage(), VSlot() and VBody(), the same code for both layouts.
 template <int D, int R, int PATHS>
