@@ -1420,6 +1420,20 @@ TEST(KernelsGpu, OneRowKiviValues) {
   }
 }
 
+// The plan's ring for page units: two stages, also where three fit as many blocks (innerq2's
+// pages at D = 128: on an H100 three stages fit five one-row or four 4-row blocks per SM, and the
+// earlier rule took them). An innerq2 batch of two page-unit sequences with hq / hkv rows per unit.
+Case PageRingDepthCase(int hq, int len0, int len1) {
+  Case c;
+  c.hkv = 2;
+  c.hq = hq;
+  c.seqs = {SeqSpec(Preset::kInnerQ2, len0, 1, 1, 33), SeqSpec(Preset::kInnerQ2, len1, 1, 1, 7)};
+  c.expect_pages = 1;
+  c.page_min_pages = 0;
+  c.expect_stages = 2;
+  return c;
+}
+
 // One row per unit, InnerQ-shaped formats of the IMMA bits (K along_channels, V along_tokens,
 // G = 32): the whole body pages in page units (bulk copies into the block's ring of page slots,
 // decode_pages.cuh). Bodies from none, one tile and just under one page to 5000 tokens, K bodies
@@ -1458,15 +1472,7 @@ TEST(KernelsGpu, OneRowPages) {
       }
     }
   }
-  // the plan's ring for one-row page units: two stages, also where three fit as many blocks
-  // (innerq2's pages at D = 128: three stages fit five one-row blocks per SM on an H100)
-  Case depth;
-  depth.hkv = depth.hq = 2;
-  depth.seqs = {SeqSpec(Preset::kInnerQ2, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 1500, 1, 1, 7)};
-  depth.expect_pages = 1;
-  depth.page_min_pages = 0;
-  depth.expect_stages = 2;
-  RunCase(depth);
+  RunCase(PageRingDepthCase(2, 3000, 1500));  // one row
   if (HasFatalFailure()) return;
   Case off;
   off.hkv = off.hq = 2;
@@ -1534,16 +1540,7 @@ TEST(KernelsGpu, RowsPages) {
   two.page_min_pages = 0;
   RunCase(two);
   if (HasFatalFailure()) return;
-  // the plan's ring for page units: two stages, also where three fit as many blocks (innerq2's
-  // pages at D = 128: three stages fit four blocks per SM on an H100)
-  Case depth;
-  depth.hkv = 2;
-  depth.hq = 8;
-  depth.seqs = {SeqSpec(Preset::kInnerQ2, 2000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 1100, 1, 1, 7)};
-  depth.expect_pages = 1;
-  depth.page_min_pages = 0;
-  depth.expect_stages = 2;
-  RunCase(depth);
+  RunCase(PageRingDepthCase(8, 2000, 1100));  // 4 rows
   if (HasFatalFailure()) return;
   // page units off: the IMMA units take the same bodies
   Case off = two;
