@@ -1345,7 +1345,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
       InnerQBits(s, [&](auto kb, auto vb) {
-        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, false>(sm, a, s, unit, ring, warp, lane);
+        ImmaBodyDispatch<D, R, decltype(kb)::value, decltype(vb)::value, false>(sm, a, s, unit, ring, warp, lane);
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
@@ -1353,7 +1353,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     }
     if (unit.kind == kUnitPages) {  // the same tiles from the block's ring of whole pages
       InnerQBits(s, [&](auto kb, auto vb) {
-        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, true>(sm, a, s, unit, dec_ring, warp, lane);
+        ImmaBodyDispatch<D, R, decltype(kb)::value, decltype(vb)::value, true>(sm, a, s, unit, dec_ring, warp, lane);
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
