@@ -55,33 +55,14 @@ __device__ __forceinline__ void TileScales(const BodySrc& b, int lane, float* ou
   }
 }
 
-// A tensor's mode as a template argument: kModeAny reads it from the tensor at run time.
-constexpr int kModeAny = -1;
-constexpr int kModeSym = static_cast<int>(QuantMode::kSym);
-constexpr int kModeHybrid = static_cast<int>(QuantMode::kHybrid);
-
-// The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N).
-// MODE known at compile time: no per-tile reads of the mode and the zeros' presence, no branches
-// (sym: no zeros; hybrid: zeros stored for every group, read where the scale's sign says asym).
+// The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N);
+// MODE as in LoadScaleZero / GroupAffineM.
 template <int N, int MODE>
 __device__ __forceinline__ void TileAffine(const BodySrc& b, const DevTensor& x, int bits, int lane, float2* out) {
   float sv[N], zv[N];
-  if constexpr (MODE == kModeSym) {
-    LoadHalves<N, true>(b.scales + 2 * lane * N, sv);
+  LoadScaleZero<N, true, MODE>(b, x, lane * N, sv, zv);
 #pragma unroll
-    for (int j = 0; j < N; ++j) out[lane * N + j] = make_float2(sv[j], -static_cast<float>((1 << (bits - 1)) - 1) * sv[j]);
-  } else if constexpr (MODE == kModeHybrid) {
-    LoadHalves<N, true>(b.scales + 2 * lane * N, sv);
-    LoadHalves<N, true>(b.zeros + 2 * lane * N, zv);
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      out[lane * N + j] = make_float2(fabsf(sv[j]), sv[j] < 0.f ? zv[j] : -static_cast<float>((1 << (bits - 1)) - 1) * sv[j]);
-    }
-  } else {
-    LoadScaleZero<N, true>(b, x, lane * N, sv, zv);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffine(bits, x.mode, sv[j], zv[j]);
-  }
+  for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffineM<MODE>(bits, x.mode, sv[j], zv[j]);
 }
 
 // PAGES: a page unit (kUnitPages, decode_pages.cuh): the tiles come from the block's ring of whole
@@ -298,21 +279,6 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
       ws.u.o[t][mc * 16 + g] = acc[mc][0];
       ws.u.o[t][mc * 16 + g + 8] = acc[mc][1];
     }
-  }
-}
-
-// The unit's instance by its tensors' modes: the presets' combinations (innerq2: hybrid 2-bit keys
-// and values; innerq: sym 3-bit keys, hybrid 2-bit values; innerq_base: sym 3-bit both) take
-// instances with the modes built in, every other configuration the one that reads them per tile.
-template <int D, int R, int KB, int VB, bool PAGES, typename Smem>
-__device__ __forceinline__ void ImmaBodyDispatch(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
-                                                 uint8_t* ring, int warp, int lane) {
-  constexpr int KM = KB == 2 ? kModeHybrid : kModeSym;
-  constexpr int VM = VB == 2 ? kModeHybrid : kModeSym;
-  if (s.k.mode == KM && s.v.mode == VM) {
-    ImmaBodyUnit<D, R, KB, VB, PAGES, KM, VM>(sm, a, s, unit, ring, warp, lane);
-  } else {
-    ImmaBodyUnit<D, R, KB, VB, PAGES, kModeAny, kModeAny>(sm, a, s, unit, ring, warp, lane);
   }
 }
 
