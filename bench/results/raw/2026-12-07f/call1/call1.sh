@@ -1,5 +1,5 @@
-# First device call (2026-12-07, twenty-fifth session): branch ksym-fold (74be69a, the IMMA body
-# units' instances with the presets' tensor modes built in) against main c39b39b (kvq-bench-base:
+# First device call (2026-12-07, twenty-fifth session): branch ksym-fold (be78cb3, the IMMA body
+# units' and one-row page units' instances with the presets' tensor modes built in) against main c39b39b (kvq-bench-base:
 # also the first GPU run of main's merged build, the page units' two-stage plan rule): the GPU
 # suite (whose page / ring depth tests check the plan rule), memcheck of the IMMA / page / ring
 # tests, the store's and the service's CUDA tests, three alternating rounds at the InnerQ shapes.
