@@ -139,6 +139,19 @@ __device__ __forceinline__ void BulkCopy(void* smem, const void* gmem, uint32_t 
 // The thread's earlier generic-proxy accesses ordered before its later bulk copies: shared memory
 // (a slot read by the warp before a copy refills it) or global memory (pages written by the
 // quantize-append of a fused step, read by bulk copies after the wait for it).
+// atomicAdd on shared memory with acq_rel semantics at block scope, as one lane's plain atom: no
+// separate fence (__threadfence_block is a sequentially consistent MEMBAR), and none of the warp
+// aggregation the compiler wraps around atomicAdd in divergent code.
+__device__ __forceinline__ int AtomicAddAcqRelCta(int* p, int v) {
+#if defined(KVQ_CUDA_EMU)
+  return atomicAdd(p, v);
+#else
+  int old;
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n" : "=r"(old) : "r"(a), "r"(v) : "memory");
+  return old;
+#endif
+}
 __device__ __forceinline__ void FenceProxyAsyncShared() {
 #if !defined(KVQ_CUDA_EMU)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -114,10 +114,12 @@ __device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, co
     // this warp is done with the slot (every lane's reads, and its per-tile scratch)
     __syncwarp();
     if (lane == 0 && j + a.ring_stages < pages) {
-      __threadfence_block();  // this warp's reads of the slot before its count
-      if (atomicAdd(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+      // acq_rel: this warp's reads of the slot (ordered before lane 0's count by the __syncwarp)
+      // before its count; the other warps' counts, and so their reads, before the last warp's refill
+      if (AtomicAddAcqRelCta(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+        // the reset comes before the next round's counts: PageIssue's mbarrier arrive releases it,
+        // and the warps count again only after their wait (acquire) on that arrive's phase
         PageRingDone(a, ring)[slot] = 0;
-        __threadfence_block();
         FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
         PageIssue(a, s, unit, ring, j + a.ring_stages);
       }
