@@ -2,7 +2,7 @@
 # (kvq-bench-base; also the first GPU run of main's merged build, the page units' two-stage plan
 # rule): kvq-bench-modes = be78cb3 (the IMMA body units' and the one-row page units' instances
 # with the presets' tensor modes built in), kvq-bench = 9ba7c44 (on top: the page rings' done count
-# as one acq_rel atom without the two MEMBAR.SC.CTA). The GPU suite of 9ba7c44 (its page / ring
+# as one acq_rel atom without the two MEMBAR.SC.CTA). The GPU suite of 9ba7c44 + the test commit after it (its page / ring
 # depth tests check the plan rule), memcheck of the IMMA / page / ring tests, three alternating
 # rounds at the InnerQ shapes. (The store's and service's tests: the bundle had no room.)
 # bundle: NO_STORE_TESTS=1 BUILD=build BASE_BIN=<kvq-bench of c39b39b> \
