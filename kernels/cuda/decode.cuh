@@ -139,6 +139,19 @@ __device__ __forceinline__ void BulkCopy(void* smem, const void* gmem, uint32_t 
 // The thread's earlier generic-proxy accesses ordered before its later bulk copies: shared memory
 // (a slot read by the warp before a copy refills it) or global memory (pages written by the
 // quantize-append of a fused step, read by bulk copies after the wait for it).
+// atomicAdd on shared memory with acq_rel semantics at block scope, as one lane's plain atom: no
+// separate fence (__threadfence_block is a sequentially consistent MEMBAR), and none of the warp
+// aggregation the compiler wraps around atomicAdd in divergent code.
+__device__ __forceinline__ int AtomicAddAcqRelCta(int* p, int v) {
+#if defined(KVQ_CUDA_EMU)
+  return atomicAdd(p, v);
+#else
+  int old;
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n" : "=r"(old) : "r"(a), "r"(v) : "memory");
+  return old;
+#endif
+}
 __device__ __forceinline__ void FenceProxyAsyncShared() {
 #if !defined(KVQ_CUDA_EMU)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -381,10 +394,11 @@ struct BodySrc {
 };
 
 // N consecutive fp16 scales (and zeros: 0 without them) of a body group run starting at group idx.
-template <int N, bool SM>
+// MODE (kModeAny: x's at run time): symmetric tensors store no zeros, hybrid ones always do.
+template <int N, bool SM, int MODE = kModeAny>
 __device__ __forceinline__ void LoadScaleZero(const BodySrc& b, const DevTensor& x, int idx, float* s, float* z) {
   LoadHalves<N, SM>(b.scales + 2 * idx, s);
-  if (x.has_zeros) {
+  if (MODE == kModeHybrid || (MODE == kModeAny && x.has_zeros)) {
     LoadHalves<N, SM>(b.zeros + 2 * idx, z);
   } else {
 #pragma unroll
@@ -418,7 +432,7 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
 
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
 // SM: b is a staged page in shared memory (decode_pages.cuh).
-template <int D, int R, int BITS, bool SM = false, typename Smem>
+template <int D, int R, int BITS, bool SM = false, int MODE = kModeAny, typename Smem>
 __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b, const DevTensor& x,
                                                int slot, float* sc) {
   constexpr int NG = D / 32;
@@ -426,7 +440,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
   uint32_t w[NW];
   LoadWords<NW, SM>(reinterpret_cast<const uint32_t*>(b.codes) + slot * NW, w);
   float s[NG], z[NG];
-  LoadScaleZero<NG, SM>(b, x, slot * NG, s, z);
+  LoadScaleZero<NG, SM, MODE>(b, x, slot * NG, s, z);
   if constexpr (R == 1) {
     // one row: integer products on the codes as bytes with q' as 16-bit fixed point (code_bytes.cuh),
     // 16 dp4a per group, the scale once per group
@@ -442,7 +456,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
       const int hi = Dp4a8(r0, r1, h0, h1);
       const int lo = Dp4a8(r0, r1, l0, l1);
       const float dot = static_cast<float>(hi * 256 + lo) * sm.qinv;  // sum_i q'_i c_i
-      const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
+      const float2 ab = GroupAffineM<MODE>(BITS, x.mode, s[g], z[g]);
       sc[0] += ab.x * dot + ab.y * sm.qsum[0][g];
     }
   } else {
@@ -462,7 +476,7 @@ __device__ __forceinline__ void KChannelsToken(const Smem& sm, const BodySrc& b,
           dot[r] += c[0] * q.x + c[1] * q.y + c[2] * q.z + c[3] * q.w;
         }
       }
-      const float2 ab = GroupAffine(BITS, x.mode, s[g], z[g]);
+      const float2 ab = GroupAffineM<MODE>(BITS, x.mode, s[g], z[g]);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const float qs = sm.qsum[r][g];
@@ -547,15 +561,15 @@ struct VTokRaw {
   float s[D / 32], z[D / 32];
 };
 
-template <int D, int BITS, bool SM = false>
+template <int D, int BITS, bool SM = false, int MODE = kModeAny>
 __device__ __forceinline__ void VTokensLoad(int lane, const BodySrc& b, const DevTensor& x, VTokRaw<D>& raw) {
   constexpr int CPL = D / 32;
   const int c0 = lane * CPL;
   LoadWords<CPL * BITS, SM>(reinterpret_cast<const uint32_t*>(b.codes) + c0 * BITS, raw.w);
-  LoadScaleZero<CPL, SM>(b, x, c0, raw.s, raw.z);
+  LoadScaleZero<CPL, SM, MODE>(b, x, c0, raw.s, raw.z);
 }
 
-template <int D, int R, int BITS, typename Smem>
+template <int D, int R, int BITS, int MODE = kModeAny, typename Smem>
 __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const DevTensor& x,
                                                const VTokRaw<D>& raw, const float* psum, float punit,
                                                float (*acc)[D / 32]) {
@@ -576,7 +590,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
       const int hi = Dp4a8(r0, r1, h0, h1);
       const int lo = Dp4a8(r0, r1, l0, l1);
       const float v = static_cast<float>(hi * 256 + lo) * punit;  // sum_t p_t c_t
-      const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
+      const float2 ab = GroupAffineM<MODE>(BITS, x.mode, raw.s[j], raw.z[j]);
       acc[0][j] += ab.x * v + ab.y * psum[0];
     }
   } else {
@@ -601,7 +615,7 @@ __device__ __forceinline__ void VTokensCompute(const Smem& sm, int warp, const D
     }
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
-      const float2 ab = GroupAffine(BITS, x.mode, raw.s[j], raw.z[j]);
+      const float2 ab = GroupAffineM<MODE>(BITS, x.mode, raw.s[j], raw.z[j]);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         // dot[r][j] = sum_t p_t u_t = psum + 2^-BITS sum_t p_t c_t
@@ -1211,6 +1225,20 @@ __device__ __forceinline__ void InnerQBits(const DevSeq& s, F&& f) {
   }
 }
 
+// The presets' tensor modes for InnerQ bits (KB, VB) (innerq2: hybrid 2-bit keys and values;
+// innerq: sym 3-bit keys, hybrid 2-bit values; innerq_base: sym 3-bit both) as compile-time
+// arguments of f where a sequence has them, kModeAny (the modes read at run time) elsewhere.
+template <int KB, int VB, typename F>
+__device__ __forceinline__ void PresetModes(const DevSeq& s, F&& f) {
+  constexpr int KM = KB == 2 ? kModeHybrid : kModeSym;
+  constexpr int VM = VB == 2 ? kModeHybrid : kModeSym;
+  if (s.k.mode == KM && s.v.mode == VM) {
+    f(std::integral_constant<int, KM>{}, std::integral_constant<int, VM>{});
+  } else {
+    f(std::integral_constant<int, kModeAny>{}, std::integral_constant<int, kModeAny>{});
+  }
+}
+
 #pragma nv_diag_suppress 128
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
@@ -1334,7 +1362,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     static_assert(PATHS == kFamInnerQ, "the one-row InnerQ tensor-core instance: page units");
     if (unit.kind == kUnitPages) {  // the plan made it only for the (K, V) bits instantiated here
       InnerQBits(s, [&](auto kb, auto vb) {
-        PageBodyUnit<D, decltype(kb)::value, decltype(vb)::value>(sm, a, s, unit, dec_ring, warp, lane);
+        constexpr int KB = decltype(kb)::value, VB = decltype(vb)::value;
+        PresetModes<KB, VB>(s, [&](auto km, auto vm) {
+          PageBodyUnit<D, KB, VB, decltype(km)::value, decltype(vm)::value>(sm, a, s, unit, dec_ring, warp, lane);
+        });
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
@@ -1345,7 +1376,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
       InnerQBits(s, [&](auto kb, auto vb) {
-        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, false>(sm, a, s, unit, ring, warp, lane);
+        constexpr int KB = decltype(kb)::value, VB = decltype(vb)::value;
+        PresetModes<KB, VB>(s, [&](auto km, auto vm) {
+          ImmaBodyUnit<D, R, KB, VB, false, decltype(km)::value, decltype(vm)::value>(sm, a, s, unit, ring, warp, lane);
+        });
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
@@ -1353,7 +1387,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     }
     if (unit.kind == kUnitPages) {  // the same tiles from the block's ring of whole pages
       InnerQBits(s, [&](auto kb, auto vb) {
-        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, true>(sm, a, s, unit, dec_ring, warp, lane);
+        constexpr int KB = decltype(kb)::value, VB = decltype(vb)::value;
+        PresetModes<KB, VB>(s, [&](auto km, auto vm) {
+          ImmaBodyUnit<D, R, KB, VB, true, decltype(km)::value, decltype(vm)::value>(sm, a, s, unit, dec_ring, warp, lane);
+        });
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);

@@ -43,19 +43,35 @@ __device__ __forceinline__ void Imma16832(int (&c)[4], uint32_t a0, uint32_t a1,
 #endif
 }
 
-// The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N).
+// The scales alone of N consecutive groups of a staged tile (symmetric keys: a = s, b = -L s).
 template <int N>
+__device__ __forceinline__ void TileScales(const BodySrc& b, int lane, float* out) {
+  float sv[N];
+  LoadHalves<N, true>(b.scales + 2 * lane * N, sv);
+  if constexpr (N == 4) {
+    *reinterpret_cast<float4*>(out + lane * N) = make_float4(sv[0], sv[1], sv[2], sv[3]);
+  } else {
+    *reinterpret_cast<float2*>(out + lane * N) = make_float2(sv[0], sv[1]);
+  }
+}
+
+// The (a, b) of N consecutive groups of a staged tile (lane's N entries: scales at 2 * lane * N);
+// MODE as in LoadScaleZero / GroupAffineM.
+template <int N, int MODE>
 __device__ __forceinline__ void TileAffine(const BodySrc& b, const DevTensor& x, int bits, int lane, float2* out) {
   float sv[N], zv[N];
-  LoadScaleZero<N, true>(b, x, lane * N, sv, zv);
+  LoadScaleZero<N, true, MODE>(b, x, lane * N, sv, zv);
 #pragma unroll
-  for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffine(bits, x.mode, sv[j], zv[j]);
+  for (int j = 0; j < N; ++j) out[lane * N + j] = GroupAffineM<MODE>(bits, x.mode, sv[j], zv[j]);
 }
 
 // PAGES: a page unit (kUnitPages, decode_pages.cuh): the tiles come from the block's ring of whole
 // pages (ring = the block's dynamic shared memory) instead of the warp's cp.async ring (ring = the
 // warp's).
-template <int D, int R, int KB, int VB, bool PAGES, typename Smem>
+// KM, VM: the keys' and values' modes when known at compile time (the presets' combinations), else
+// kModeAny. Symmetric keys (a = s, b = -L s with L = 2^(KB-1) - 1 for every group): the tile's key
+// set-up stores a alone, and b * qsum is a * (-L qsum), the second factor held per unit.
+template <int D, int R, int KB, int VB, bool PAGES, int KM, int VM, typename Smem>
 __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                              uint8_t* ring, int warp, int lane) {
   constexpr int NG = D / 32;
@@ -66,6 +82,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   const int stages = a.ring_stages;
   const int slot_bytes = a.ring_slot_bytes;
   const int b0 = s.sink_len + s.to_sink;
+  constexpr bool KSYM = KM == kModeSym;
   const int k_tile_bytes = BodyTileBytes(D, KB, s.k.has_zeros != 0);
   auto& ws = sm.w[warp];
 
@@ -108,7 +125,10 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   for (int rr = 0; rr < R; ++rr)
     if (rr == t) inv_q = qmax[rr] > 0.f ? qmax[rr] / kFixedScale : 0.f;
 #pragma unroll
-  for (int gr = 0; gr < NG; ++gr) qsum[gr] = t < R ? sm.qsum[t][gr] : 0.f;
+  for (int gr = 0; gr < NG; ++gr) {
+    qsum[gr] = t < R ? sm.qsum[t][gr] : 0.f;
+    if constexpr (KSYM) qsum[gr] *= -static_cast<float>((1 << (KB - 1)) - 1);  // b / a of every group
+  }
   // the 4 tokens of this thread's score accumulators (g, g + 8, 16 + g, 24 + g): their value slots
   int pslot[4];
 #pragma unroll
@@ -129,10 +149,16 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
   float2* vab = kab + 32 * NG;                        // [D]
   static_assert(ImmaTileStateBytes(D) <= sizeof(ws.u), "IMMA tile state fits the warp's union");
 
+  float* ka = reinterpret_cast<float*>(kab);  // KSYM: the key groups' a alone, [32 tokens][NG]
+
   auto tile = [&](const BodySrc& kb, const BodySrc& vb) {
     // (a, b) of the tile's key groups (lane = token) and value channels (lane = NG channels)
-    TileAffine<NG>(kb, s.k, KB, lane, kab);
-    TileAffine<NG>(vb, s.v, VB, lane, vab);
+    if constexpr (KSYM) {
+      TileScales<NG>(kb, lane, ka);
+    } else {
+      TileAffine<NG, KM>(kb, s.k, KB, lane, kab);
+    }
+    TileAffine<NG, VM>(vb, s.v, VB, lane, vab);
     __syncwarp();
 
     // ---- scores of row t for tokens g, g + 8 (m-tile 0) and 16 + g, 24 + g (m-tile 1)
@@ -151,12 +177,21 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
         Imma16832(c, x0, x1, y0, y1, bq[gr][0], bq[gr][1]);
         const float v0 = static_cast<float>(c[0] * 256 + c[1]);
         const float v1 = static_cast<float>(c[2] * 256 + c[3]);
-        const float2 ab0 = kab[tok0 * NG + gr];
-        const float2 ab1 = kab[(tok0 + 8) * NG + gr];
-        sa[0] += ab0.x * v0;
-        sb[0] += ab0.y * qsum[gr];
-        sa[1] += ab1.x * v1;
-        sb[1] += ab1.y * qsum[gr];
+        if constexpr (KSYM) {
+          const float a0 = ka[tok0 * NG + gr];
+          const float a1 = ka[(tok0 + 8) * NG + gr];
+          sa[0] += a0 * v0;
+          sb[0] += a0 * qsum[gr];
+          sa[1] += a1 * v1;
+          sb[1] += a1 * qsum[gr];
+        } else {
+          const float2 ab0 = kab[tok0 * NG + gr];
+          const float2 ab1 = kab[(tok0 + 8) * NG + gr];
+          sa[0] += ab0.x * v0;
+          sb[0] += ab0.y * qsum[gr];
+          sa[1] += ab1.x * v1;
+          sb[1] += ab1.y * qsum[gr];
+        }
       }
       sc[2 * mt] = sa[0] * inv_q + sb[0];
       sc[2 * mt + 1] = sa[1] * inv_q + sb[1];

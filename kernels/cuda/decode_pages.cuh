@@ -114,10 +114,12 @@ __device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, co
     // this warp is done with the slot (every lane's reads, and its per-tile scratch)
     __syncwarp();
     if (lane == 0 && j + a.ring_stages < pages) {
-      __threadfence_block();  // this warp's reads of the slot before its count
-      if (atomicAdd(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+      // acq_rel: this warp's reads of the slot (ordered before lane 0's count by the __syncwarp)
+      // before its count; the other warps' counts, and so their reads, before the last warp's refill
+      if (AtomicAddAcqRelCta(PageRingDone(a, ring) + slot, 1) == kDecWarps - 1) {  // the page's last warp
+        // the reset comes before the next round's counts: PageIssue's mbarrier arrive releases it,
+        // and the warps count again only after their wait (acquire) on that arrive's phase
         PageRingDone(a, ring)[slot] = 0;
-        __threadfence_block();
         FenceProxyAsyncShared();  // the block's reads of the slot before the bulk copy that refills it
         PageIssue(a, s, unit, ring, j + a.ring_stages);
       }
@@ -130,8 +132,8 @@ __device__ __forceinline__ void PageTiles(const AttnArgs& a, const DevSeq& s, co
 }
 
 // One row: the per-token path's integer products on each tile; leaves this warp's (m, l, o) for
-// DecodeEpilogue as the per-token path does.
-template <int D, int KB, int VB, typename Smem>
+// DecodeEpilogue as the per-token path does. KM, VM: the tensors' modes (kModeAny: read per tile).
+template <int D, int KB, int VB, int KM, int VM, typename Smem>
 __device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                              uint8_t* ring, int warp, int lane) {
   constexpr int CPL = D / 32;
@@ -145,7 +147,7 @@ __device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const 
   PageTiles<D>(a, s, unit, ring, warp, lane, [&](const BodySrc& kb, const BodySrc& vb) {
     // ---- scores (lane = token)
     float sc = 0.f;
-    KChannelsToken<D, 1, KB, true>(sm, kb, s.k, lane, &sc);
+    KChannelsToken<D, 1, KB, true, KM>(sm, kb, s.k, lane, &sc);
     // ---- online softmax (every token of a body page is visible to the row)
     const float x = sc * a.scale_log2;
     float mx = x;
@@ -170,9 +172,9 @@ __device__ __forceinline__ void PageBodyUnit(Smem& sm, const AttnArgs& a, const 
     ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
     // ---- P.V (lane = CPL channels of the warp's value group)
     VTokRaw<D> vraw;
-    VTokensLoad<D, VB, true>(lane, vb, s.v, vraw);
+    VTokensLoad<D, VB, true, VM>(lane, vb, s.v, vraw);
     __syncwarp();
-    VTokensCompute<D, 1, VB>(sm, warp, s.v, vraw, &psum, beta * (1.f / kFixedScale), acc);
+    VTokensCompute<D, 1, VB, VM>(sm, warp, s.v, vraw, &psum, beta * (1.f / kFixedScale), acc);
   });
   if (lane == 0) {
     sm.m[warp][0] = m;

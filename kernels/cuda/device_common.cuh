@@ -161,6 +161,24 @@ __device__ __forceinline__ float2 GroupAffine(int bits, int mode, float s, float
   return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
 }
 
+// A tensor's mode as a template argument (the presets' fast paths): kModeAny reads it at run time.
+constexpr int kModeAny = -1;
+constexpr int kModeSym = static_cast<int>(QuantMode::kSym);
+constexpr int kModeHybrid = static_cast<int>(QuantMode::kHybrid);
+
+// GroupAffine with the mode known at compile time where MODE says so: no compare of the mode, and
+// for hybrid one select by the scale's sign.
+template <int MODE>
+__device__ __forceinline__ float2 GroupAffineM(int bits, int mode, float s, float z) {
+  if constexpr (MODE == kModeSym) {
+    return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
+  } else if constexpr (MODE == kModeHybrid) {
+    return make_float2(fabsf(s), s < 0.f ? z : -static_cast<float>((1 << (bits - 1)) - 1) * s);
+  } else {
+    return GroupAffine(bits, mode, s, z);
+  }
+}
+
 // Small unsigned integer (< 2^23) to float without the quarter-rate I2F: 2^23 + c is exact in
 // fp32 when its bits are 0x4B000000 | c; subtracting 2^23 leaves c exactly.
 __device__ __forceinline__ float CodeToFloat(uint32_t c) {

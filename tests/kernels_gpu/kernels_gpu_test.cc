@@ -1080,7 +1080,7 @@ TEST(KernelsGpu, DecodeCustomConfigs) {
 // G = 32): (2, 2) asym / sym without sink or key norm, (3, 3) hybrid / asym with a 64-token sink,
 // (3, 2) sym / hybrid with a 96-token sink, both with key norm.
 struct ImmaConfigs {
-  QuantConfig a, b, e;
+  QuantConfig a, b, e, f;
 };
 ImmaConfigs MakeImmaConfigs() {
   const auto fmt = QuantFormat32;
@@ -1095,6 +1095,11 @@ ImmaConfigs MakeImmaConfigs() {
   c.e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
   c.e.sink = 96;
   c.e.key_norm = true;
+  // innerq's bits and key mode with other value modes: the (3, 2) instance that reads the modes per
+  // tile (the presets' combinations have instances of their own)
+  c.f.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 20, 1);
+  c.f.v = fmt(QuantMode::kAsym, 2, Grouping::kAlongTokens, 30, 32);
+  c.f.sink = 32;
   return c;
 }
 
@@ -1102,13 +1107,14 @@ ImmaConfigs MakeImmaConfigs() {
 // head): their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
 // per-token path, both in one launch; with one row the per-token path's dp4a products take all. The presets and explicit configs of every mode the IMMA
 // instances cover ((K, V) bits (2, 2), (3, 2), (3, 3); sym / asym / hybrid; sinks 0 / 32 / 64 /
-// 96; key normalization on and off), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
+// 96; key normalization on and off; the presets' mode combinations, which have instances of their
+// own, and other modes at the same bits), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
 // tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
 TEST(KernelsGpu, ImmaBody) {
   SKIP_WITHOUT_GPU();
   const ImmaConfigs ic = MakeImmaConfigs();
-  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e;
-  for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
+  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e, &f = ic.f;
+  for (const QuantConfig* q : {&a, &b, &e, &f}) ASSERT_EQ(ValidateConfig(*q, 128), "");
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -1120,7 +1126,7 @@ TEST(KernelsGpu, ImmaBody) {
         cs.dt = dt;
         cs.seqs = {SeqSpec(Preset::kInnerQ, 5000, 1, 2, 33), SeqSpec(Preset::kInnerQ2, 700, 2, 1, 100),
                    SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 2, 2, 77),
-                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 2, 9),
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 2, 9), SeqSpec(f, 600, 2, 1, 40),
                    SeqSpec(a, 40, 1, 1, 0),  // one body tile
                    SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};  // no body: per-token units only
         cs.seed = 9300 + k++;
@@ -1443,8 +1449,8 @@ Case PageRingDepthCase(int hq, int len0, int len1) {
 TEST(KernelsGpu, OneRowPages) {
   SKIP_WITHOUT_GPU();
   const ImmaConfigs ic = MakeImmaConfigs();
-  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e;
-  for (const QuantConfig* q : {&a, &b, &e}) ASSERT_EQ(ValidateConfig(*q, 128), "");
+  const QuantConfig &a = ic.a, &b = ic.b, &e = ic.e, &f = ic.f;
+  for (const QuantConfig* q : {&a, &b, &e, &f}) ASSERT_EQ(ValidateConfig(*q, 128), "");
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -1456,7 +1462,7 @@ TEST(KernelsGpu, OneRowPages) {
         cs.dt = dt;
         cs.seqs = {SeqSpec(Preset::kInnerQ, 5000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 100),
                    SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 1, 1, 77),
-                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 1, 9),
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(e, 230, 1, 1, 9), SeqSpec(f, 600, 1, 1, 40),
                    SeqSpec(a, 40, 1, 1, 0),    // one body tile
                    SeqSpec(a, 130, 1, 1, 0),   // a body just under one page
                    SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};  // no body
@@ -1506,7 +1512,7 @@ TEST(KernelsGpu, OneRowPages) {
 TEST(KernelsGpu, RowsPages) {
   SKIP_WITHOUT_GPU();
   const ImmaConfigs ic = MakeImmaConfigs();
-  const QuantConfig &a = ic.a, &b = ic.b;
+  const QuantConfig &a = ic.a, &b = ic.b, &f = ic.f;
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -1518,7 +1524,8 @@ TEST(KernelsGpu, RowsPages) {
         cs.dt = dt;
         cs.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 100),
                    SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(a, 1000, 1, 1, 77),
-                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(a, 130, 1, 1, 0),  // a body just under one page
+                   SeqSpec(b, 2999, 1, 1, 5), SeqSpec(f, 600, 1, 1, 40),
+                   SeqSpec(a, 130, 1, 1, 0),  // a body just under one page
                    SeqSpec(Preset::kInnerQ, 17, 1, 1, 64)};               // no body
         cs.seed = 9990 + k++;
         cs.expect_decode = 1;
