@@ -136,12 +136,9 @@ __device__ __forceinline__ void BulkCopy(void* smem, const void* gmem, uint32_t 
                : "memory");
 #endif
 }
-// The thread's earlier generic-proxy accesses ordered before its later bulk copies: shared memory
-// (a slot read by the warp before a copy refills it) or global memory (pages written by the
-// quantize-append of a fused step, read by bulk copies after the wait for it).
-// atomicAdd on shared memory with acq_rel semantics at block scope, as one lane's plain atom: no
-// separate fence (__threadfence_block is a sequentially consistent MEMBAR), and none of the warp
-// aggregation the compiler wraps around atomicAdd in divergent code.
+// atomicAdd on shared memory with acq_rel semantics at block scope: no separate fence
+// (__threadfence_block is a sequentially consistent MEMBAR.SC.CTA; this compiles to MEMBAR.ALL.CTA
+// before the ATOMS, still inside the compiler's warp aggregation of the atomic).
 __device__ __forceinline__ int AtomicAddAcqRelCta(int* p, int v) {
 #if defined(KVQ_CUDA_EMU)
   return atomicAdd(p, v);
@@ -152,6 +149,9 @@ __device__ __forceinline__ int AtomicAddAcqRelCta(int* p, int v) {
   return old;
 #endif
 }
+// The thread's earlier generic-proxy accesses ordered before its later bulk copies: shared memory
+// (a slot read by the warp before a copy refills it) or global memory (pages written by the
+// quantize-append of a fused step, read by bulk copies after the wait for it).
 __device__ __forceinline__ void FenceProxyAsyncShared() {
 #if !defined(KVQ_CUDA_EMU)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

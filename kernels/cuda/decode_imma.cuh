@@ -127,7 +127,7 @@ __device__ __forceinline__ void ImmaBodyUnit(Smem& sm, const AttnArgs& a, const 
 #pragma unroll
   for (int gr = 0; gr < NG; ++gr) {
     qsum[gr] = t < R ? sm.qsum[t][gr] : 0.f;
-    if constexpr (KSYM) qsum[gr] *= -static_cast<float>((1 << (KB - 1)) - 1);  // b / a of every group
+    if constexpr (KSYM) qsum[gr] *= -static_cast<float>(SymLevels(KB));  // b / a of every group
   }
   // the 4 tokens of this thread's score accumulators (g, g + 8, 16 + g, 24 + g): their value slots
   int pslot[4];

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kvq/format.h"
+#include "kvq/quant.h"
 #include "step_desc.h"
 
 namespace kvq {
@@ -158,7 +159,7 @@ __device__ __forceinline__ float2 GroupAffine(int bits, int mode, float s, float
       (mode == static_cast<int>(QuantMode::kHybrid) && s < 0.f)) {
     return make_float2(fabsf(s), z);
   }
-  return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
+  return make_float2(s, -static_cast<float>(SymLevels(bits)) * s);
 }
 
 // A tensor's mode as a template argument (the presets' fast paths): kModeAny reads it at run time.
@@ -171,9 +172,9 @@ constexpr int kModeHybrid = static_cast<int>(QuantMode::kHybrid);
 template <int MODE>
 __device__ __forceinline__ float2 GroupAffineM(int bits, int mode, float s, float z) {
   if constexpr (MODE == kModeSym) {
-    return make_float2(s, -static_cast<float>((1 << (bits - 1)) - 1) * s);
+    return make_float2(s, -static_cast<float>(SymLevels(bits)) * s);
   } else if constexpr (MODE == kModeHybrid) {
-    return make_float2(fabsf(s), s < 0.f ? z : -static_cast<float>((1 << (bits - 1)) - 1) * s);
+    return make_float2(fabsf(s), s < 0.f ? z : -static_cast<float>(SymLevels(bits)) * s);
   } else {
     return GroupAffine(bits, mode, s, z);
   }
