@@ -1375,11 +1375,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     static_assert(PATHS == kFamInnerQ && R == 4, "the IMMA instance is the InnerQ 4-row one");
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
+      // the warp rings' units keep the modes read per tile: their launches are the small ones
+      // ((1,9,3,8192)), where the preset instances measured slower (their first tiles' code)
       InnerQBits(s, [&](auto kb, auto vb) {
-        constexpr int KB = decltype(kb)::value, VB = decltype(vb)::value;
-        PresetModes<KB, VB>(s, [&](auto km, auto vm) {
-          ImmaBodyUnit<D, R, KB, VB, false, decltype(km)::value, decltype(vm)::value>(sm, a, s, unit, ring, warp, lane);
-        });
+        ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, false, kModeAny, kModeAny>(sm, a, s, unit, ring,
+                                                                                               warp, lane);
       });
       __syncthreads();
       DecodeEpilogue<D, DT, R>(sm, a, s, unit, tid);
