@@ -1376,7 +1376,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
     if (unit.kind == kUnitImmaBody) {  // the plan made it only for the (K, V) bits instantiated here
       uint8_t* ring = dec_ring + warp * DecodeWarpRingBytes(a);
       // the warp rings' units keep the modes read per tile: their launches are the small ones
-      // ((1,9,3,8192)), where the preset instances measured slower (their first tiles' code)
+      // ((1,9,3,8192)), where the preset instances measured 3-5% slower (why is not measured)
       InnerQBits(s, [&](auto kb, auto vb) {
         ImmaBodyUnit<D, R, decltype(kb)::value, decltype(vb)::value, false, kModeAny, kModeAny>(sm, a, s, unit, ring,
                                                                                                warp, lane);

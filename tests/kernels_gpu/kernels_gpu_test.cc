@@ -1095,8 +1095,8 @@ ImmaConfigs MakeImmaConfigs() {
   c.e.v = fmt(QuantMode::kHybrid, 2, Grouping::kAlongTokens, 0, 32);
   c.e.sink = 96;
   c.e.key_norm = true;
-  // innerq's bits and key mode with other value modes: the (3, 2) instance that reads the modes per
-  // tile (the presets' combinations have instances of their own)
+  // innerq's bits and key mode with other value modes: the page units' (3, 2) instance that reads
+  // the modes per tile (there the presets' combinations have instances of their own)
   c.f.k = fmt(QuantMode::kSym, 3, Grouping::kAlongChannels, 20, 1);
   c.f.v = fmt(QuantMode::kAsym, 2, Grouping::kAlongTokens, 30, 32);
   c.f.sink = 32;
@@ -1107,8 +1107,8 @@ ImmaConfigs MakeImmaConfigs() {
 // head): their body tiles run on the tensor cores (decode_imma.cuh), sink and window tokens on the
 // per-token path, both in one launch; with one row the per-token path's dp4a products take all. The presets and explicit configs of every mode the IMMA
 // instances cover ((K, V) bits (2, 2), (3, 2), (3, 3); sym / asym / hybrid; sinks 0 / 32 / 64 /
-// 96; key normalization on and off; the presets' mode combinations, which have instances of their
-// own, and other modes at the same bits), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
+// 96; key normalization on and off; the presets' mode combinations and other modes at the same
+// bits, all on the warp rings' run-time-mode instance), GQA 1, 2 and 4 rows, body lengths from one tile to 5000
 // tokens, D 64 and 128, fp16 and bf16; then the same batch with the tensor cores off.
 TEST(KernelsGpu, ImmaBody) {
   SKIP_WITHOUT_GPU();
