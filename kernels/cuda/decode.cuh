@@ -430,6 +430,62 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
   }
 }
 
+// Full-precision key rows of a warp tile by lane quads (R >= 4): lane 4i + t reads the 16-byte
+// chunks t, t + 4, ... of token 8g + i's row, g = 0..3, so that one load instruction covers 8 rows x
+// 64 contiguous bytes (8 cache lines; 32 when each lane reads its own token's row, KFullToken), and
+// sums its share of q[r] . k for its four tokens; a quad's four shares meet by a reduce-scatter
+// (3 shuffles per row) and one more shuffle hands lane L token L's score. off: this lane's token's
+// row (arena offset), or -1 (a body token, or past the unit's end: nothing is added to its score).
+// Why: the around units' tiles at (64,32,8,8192) spent ~19,500 SM cycles per warp tile on the key
+// scores with KFullToken's loads, ~3,400 where few warps shared the SM (H100 unit trace,
+// docs/gpu_notes.md). Called by the whole warp.
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ void KFullTileQuads(const Smem& sm, const uint8_t* arena, int64_t off, int lane,
+                                               float* sc) {
+  constexpr int NJ = D / 32;  // chunks per lane and token: the row's D / 8 over the quad's 4 lanes
+  const int t = lane & 3;
+  int64_t offs[4];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) offs[g] = __shfl_sync(0xffffffffu, off, 8 * g + (lane >> 2));
+  float part[4][R];
+#pragma unroll
+  for (int g = 0; g < 4; ++g)
+#pragma unroll
+    for (int r = 0; r < R; ++r) part[g][r] = 0.f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    const int chunk = t + 4 * j;
+    uint4 raw[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+      raw[g] = offs[g] >= 0 ? __ldg(reinterpret_cast<const uint4*>(arena + offs[g]) + chunk) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 q0 = *reinterpret_cast<const float4*>(&sm.q[r][chunk * 8]);
+      const float4 q1 = *reinterpret_cast<const float4*>(&sm.q[r][chunk * 8 + 4]);
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        float k[8];
+        Unpack8<DT>(raw[g], k);
+        part[g][r] += k[0] * q0.x + k[1] * q0.y + k[2] * q0.z + k[3] * q0.w + k[4] * q1.x + k[5] * q1.y +
+                      k[6] * q1.z + k[7] * q1.w;
+      }
+    }
+  }
+  const bool b0 = (t & 1) != 0;
+  const bool b1 = (t & 2) != 0;
+  const int src = 4 * (lane & 7) + (lane >> 3);  // the lane whose quad share ends as token `lane`
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    // lanes t and t ^ 1: each keeps groups t & 1 and 2 + (t & 1) and takes its partner's share of them
+    const float k0 = (b0 ? part[1][r] : part[0][r]) + __shfl_xor_sync(0xffffffffu, b0 ? part[0][r] : part[1][r], 1);
+    const float k1 = (b0 ? part[3][r] : part[2][r]) + __shfl_xor_sync(0xffffffffu, b0 ? part[2][r] : part[3][r], 1);
+    // lanes t and t ^ 2: lane t ends with group t, token 8t + (lane >> 2)
+    const float fin = (b1 ? k1 : k0) + __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2);
+    sc[r] += __shfl_sync(0xffffffffu, fin, src);
+  }
+}
+
 // along_channels (G = 32) body key of one token (lane): per group s_g * sum q'_i c_i + b_g * sum q'_i.
 // SM: b is a staged page in shared memory (decode_pages.cuh).
 template <int D, int R, int BITS, bool SM = false, int MODE = kModeAny, typename Smem>
@@ -1416,6 +1472,9 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const bool v_tok = (PATHS & kPathVTok) && s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
   const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
+  // full-precision key rows by lane quads (KFullTileQuads) from 4 rows up, except in the KIVI code
+  // units' instances, where the quads' registers spill
+  constexpr bool kKeyQuads = R >= 4 && !(IMMA && PATHS == kFamKiviCodes);
   // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
   const int pslot = SlotOf(s.v.bits, lane);
   const int pshift = SlotShift(s.v.bits, pslot);
@@ -1445,18 +1504,26 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
           default: KTokensTile<D, R, 4>(sm, warp, lane, kb, s.k, sc); break;
         }
       }
-    } else if (in) {
-      const TokLoc kl = Locate(s, s.k, a.pages, t);
-      if ((PATHS & kPathKCh) && kl.body) {
-        const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
-        const BodySrc kb{head, head + s.k.scales_offset, head + s.k.zeros_offset};
-        switch (s.k.bits) {
-          case 2: KChannelsToken<D, R, 2>(sm, kb, s.k, kl.slot, sc); break;
-          case 3: KChannelsToken<D, R, 3>(sm, kb, s.k, kl.slot, sc); break;
-          default: KChannelsToken<D, R, 4>(sm, kb, s.k, kl.slot, sc); break;
+    } else {
+      int64_t koff = -1;  // kKeyQuads: this lane's full-precision key row, read by the lane quads
+      if (in) {
+        const TokLoc kl = Locate(s, s.k, a.pages, t);
+        if ((PATHS & kPathKCh) && kl.body) {
+          const uint8_t* head = a.arena + kl.page + static_cast<int64_t>(h) * s.k.head_bytes;
+          const BodySrc kb{head, head + s.k.scales_offset, head + s.k.zeros_offset};
+          switch (s.k.bits) {
+            case 2: KChannelsToken<D, R, 2>(sm, kb, s.k, kl.slot, sc); break;
+            case 3: KChannelsToken<D, R, 3>(sm, kb, s.k, kl.slot, sc); break;
+            default: KChannelsToken<D, R, 4>(sm, kb, s.k, kl.slot, sc); break;
+          }
+        } else if constexpr (kKeyQuads) {
+          koff = kl.page + FullTokenOffset(kl.slot, h, D);
+        } else {
+          KFullToken<D, DT, R>(sm, a.arena + kl.page + FullTokenOffset(kl.slot, h, D), sc);
         }
-      } else {
-        KFullToken<D, DT, R>(sm, a.arena + kl.page + FullTokenOffset(kl.slot, h, D), sc);
+      }
+      if constexpr (kKeyQuads) {
+        if (__any_sync(0xffffffffu, koff >= 0)) KFullTileQuads<D, DT, R>(sm, a.arena, koff, lane, sc);
       }
     }
     // ---- online softmax per warp (lane = token)
