@@ -1472,9 +1472,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   const bool v_tok = (PATHS & kPathVTok) && s.v.grouping == static_cast<int>(Grouping::kAlongTokens);
   const bool v_ch = (PATHS & kPathVCh) && s.v.grouping == static_cast<int>(Grouping::kAlongChannels);
   auto& ws = sm.w[warp];
-  // full-precision key rows by lane quads (KFullTileQuads) from 4 rows up, except in the KIVI code
-  // units' instances, where the quads' registers spill
-  constexpr bool kKeyQuads = R >= 4 && !(IMMA && PATHS == kFamKiviCodes);
+  // full-precision key rows by lane quads (KFullTileQuads) from 4 rows up at head_dim 128, except in
+  // the KIVI code units' instances, where the quads' registers spill. At head_dim 64 (a row is one
+  // cache line) they measured 1-2% slower at (1,9,3,8192) on an H100 (docs/gpu_notes.md)
+  constexpr bool kKeyQuads = D == 128 && R >= 4 && !(IMMA && PATHS == kFamKiviCodes);
   // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
   const int pslot = SlotOf(s.v.bits, lane);
   const int pshift = SlotShift(s.v.bits, pslot);
