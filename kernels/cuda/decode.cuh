@@ -842,6 +842,24 @@ __device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot, int64_t v
 __device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot) {
   if constexpr (kUnitTrace) UnitStamp(a, slot, QaGlobalTimer());
 }
+// The per-token tiles' phase clocks: the SM's cycle counter read once x (a value the phase ends
+// with) is computed, and the warps' sums added to slots 8.. (step_desc.h).
+__device__ __forceinline__ int64_t TileClock(float x) {
+#if defined(__CUDA_ARCH__)
+  int64_t c;
+  asm volatile("{\n\t.reg .f32 t;\n\tmov.f32 t, %1;\n\tmov.u64 %0, %%clock64;\n\t}" : "=l"(c) : "f"(x) : "memory");
+  return c;
+#else
+  return QaClock() + static_cast<int64_t>(x != x);
+#endif
+}
+__device__ __forceinline__ void UnitTraceAdd(const AttnArgs& a, int slot, int64_t value) {
+  if constexpr (kUnitTrace) {
+    if (a.unit_trace)
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.unit_trace + static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot),
+                static_cast<unsigned long long>(value));
+  }
+}
 
 // The fused merge, in the item's last unit: its rows' partials combined by every warp of the block,
 // wpr = kDecWarps / rows warps per row (1 from 4 rows up, the rows then in passes of 4), each over
@@ -1429,7 +1447,13 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
                ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
                : t0;
   };
+  int64_t tph[4] = {0, 0, 0, 0}, tclk = 0;
+  int tiles = 0;
   for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
+    if constexpr (kUnitTrace) {
+      tclk = TileClock(0.f);
+      ++tiles;
+    }
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
     float sc[R];
@@ -1458,6 +1482,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
       } else {
         KFullToken<D, DT, R>(sm, a.arena + kl.page + FullTokenOffset(kl.slot, h, D), sc);
       }
+    }
+    if constexpr (kUnitTrace) {
+      const int64_t c = TileClock(sc[0]);
+      tph[0] += c - tclk;
+      tclk = c;
     }
     // ---- online softmax per warp (lane = token)
     float psum[R], punit = 0.f;
@@ -1488,6 +1517,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
         punit = mx == -INFINITY ? 0.f : Exp2Ftz(mx - m_new) * (1.f / kFixedScale);
       }
+    }
+    if constexpr (kUnitTrace) {
+      const int64_t c = TileClock(l[0]);
+      tph[1] += c - tclk;
+      tclk = c;
     }
     // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident
     // warps, and was slower on the H100 (docs/gpu_notes.md, v3 -> v4)
@@ -1521,6 +1555,12 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.VSlot()[lane] = vl.slot;
         ws.VBody()[lane] = vl.body;
       }
+    }
+    if constexpr (kUnitTrace) {
+      __syncwarp();
+      const int64_t c = TileClock(static_cast<float>(ws.VSlot()[lane]));
+      tph[2] += c - tclk;
+      tclk = c;
     }
     // ---- P.V (lane = CPL channels)
     // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
@@ -1572,7 +1612,14 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         VPerTokenCompute<D, DT, R, (PATHS & kPathVCh) != 0>(sm, warp, s.v, j0, min(kVBatch, nvalid - j0), raw0, raw1, acc);
       }
     }
+    if constexpr (kUnitTrace) tph[3] += TileClock(acc[0][0]) - tclk;
     __syncwarp();  // p and the V locations are consumed before the next tile writes them
+  }
+  if constexpr (kUnitTrace) {
+    if (lane == 0 && tiles > 0) {
+      for (int i = 0; i < 4; ++i) UnitTraceAdd(a, 8 + i, tph[i]);
+      UnitTraceAdd(a, 12, tiles);
+    }
   }
 
   // ---- the 4 warps' partial states meet once
