@@ -854,11 +854,13 @@ __device__ __forceinline__ int64_t TileClock(float x) {
 #endif
 }
 __device__ __forceinline__ void UnitTraceAdd(const AttnArgs& a, int slot, int64_t value) {
-  if constexpr (kUnitTrace) {
-    if (a.unit_trace)
-      atomicAdd(reinterpret_cast<unsigned long long*>(a.unit_trace + static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot),
-                static_cast<unsigned long long>(value));
-  }
+#if defined(KVQ_UNIT_TRACE)
+  if (a.unit_trace)
+    atomicAdd(reinterpret_cast<unsigned long long*>(a.unit_trace + static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot),
+              static_cast<unsigned long long>(value));
+#else
+  (void)a, (void)slot, (void)value;
+#endif
 }
 
 // The fused merge, in the item's last unit: its rows' partials combined by every warp of the block,
