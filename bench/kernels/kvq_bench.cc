@@ -297,6 +297,19 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
                    q(ph[1], 0.5), q(ph[1], 1), q(ph[2], 0.5), q(ph[2], 1), q(ph[3], 0.5), q(ph[3], 1), q(ph[4], 0),
                    q(ph[4], 0.5), q(ph[4], 1), q(ph[5], 0.5), q(ph[5], 1), q(ph[6], 0.5), q(ph[6], 1), q(ph[7], 0.5),
                    q(ph[7], 0.9), q(ph[7], 1));
+      // the per-token tiles' phases (SM cycles per warp tile, each unit's mean over its warps' tiles)
+      std::vector<float> tph[4];
+      for (int u = 0; u < n; ++u) {
+        const int64_t* x = t.data() + int64_t(u) * S;
+        if (x[1] == 0 || ((x[0] >> 8) & 0xf) != kind || x[12] <= 0) continue;
+        for (int i = 0; i < 4; ++i) tph[i].push_back(static_cast<float>(x[8 + i]) / static_cast<float>(x[12]));
+      }
+      if (!tph[0].empty())
+        std::fprintf(stderr,
+                     "  %-6s per-token tiles (%zu units): cycles per warp tile: key scores %.0f/%.0f softmax %.0f/%.0f "
+                     "value locations %.0f/%.0f values %.0f/%.0f (median/p90 of the units' means)\n",
+                     kKind[kind], tph[0].size(), q(tph[0], 0.5), q(tph[0], 0.9), q(tph[1], 0.5), q(tph[1], 0.9),
+                     q(tph[2], 0.5), q(tph[2], 0.9), q(tph[3], 0.5), q(tph[3], 0.9));
       // the body and the end against how many units share the unit's SM (started in the first 2 us):
       // whether an SM's share of the bandwidth, not the unit's own work, sets when it ends
       std::fprintf(stderr, "  %-6s by units on the SM:", kKind[kind]);

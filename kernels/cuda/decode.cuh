@@ -898,6 +898,26 @@ __device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot, int64_t v
 __device__ __forceinline__ void UnitStamp(const AttnArgs& a, int slot) {
   if constexpr (kUnitTrace) UnitStamp(a, slot, QaGlobalTimer());
 }
+// The per-token tiles' phase clocks: the SM's cycle counter read once x (a value the phase ends
+// with) is computed, and the warps' sums added to slots 8.. (step_desc.h).
+__device__ __forceinline__ int64_t TileClock(float x) {
+#if defined(__CUDA_ARCH__)
+  int64_t c;
+  asm volatile("{\n\t.reg .f32 t;\n\tmov.f32 t, %1;\n\tmov.u64 %0, %%clock64;\n\t}" : "=l"(c) : "f"(x) : "memory");
+  return c;
+#else
+  return QaClock() + static_cast<int64_t>(x != x);
+#endif
+}
+__device__ __forceinline__ void UnitTraceAdd(const AttnArgs& a, int slot, int64_t value) {
+#if defined(KVQ_UNIT_TRACE)
+  if (a.unit_trace)
+    atomicAdd(reinterpret_cast<unsigned long long*>(a.unit_trace + static_cast<int64_t>(blockIdx.x) * kUnitTraceSlots + slot),
+              static_cast<unsigned long long>(value));
+#else
+  (void)a, (void)slot, (void)value;
+#endif
+}
 
 // The fused merge, in the item's last unit: its rows' partials combined by every warp of the block,
 // wpr = kDecWarps / rows warps per row (1 from 4 rows up, the rows then in passes of 4), each over
@@ -1489,7 +1509,13 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
                ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
                : t0;
   };
+  int64_t tph[4] = {0, 0, 0, 0}, tclk = 0;
+  int tiles = 0;
   for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
+    if constexpr (kUnitTrace) {
+      tclk = TileClock(0.f);
+      ++tiles;
+    }
     const int t = tile0 + lane;
     const bool in = t < unit.tok_end;
     float sc[R];
@@ -1527,6 +1553,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         if (__any_sync(0xffffffffu, koff >= 0)) KFullTileQuads<D, DT, R>(sm, a.arena, koff, lane, sc);
       }
     }
+    if constexpr (kUnitTrace) {
+      const int64_t c = TileClock(sc[0]);
+      tph[0] += c - tclk;
+      tclk = c;
+    }
     // ---- online softmax per warp (lane = token)
     float psum[R], punit = 0.f;
 #pragma unroll
@@ -1556,6 +1587,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.pb[1][pslot] = static_cast<uint8_t>(FixedByte(xp, true));
         punit = mx == -INFINITY ? 0.f : Exp2Ftz(mx - m_new) * (1.f / kFixedScale);
       }
+    }
+    if constexpr (kUnitTrace) {
+      const int64_t c = TileClock(l[0]);
+      tph[1] += c - tclk;
+      tclk = c;
     }
     // ---- V loads after the scores: hoisting them above the scores cost registers, hence resident
     // warps, and was slower on the H100 (docs/gpu_notes.md, v3 -> v4)
@@ -1589,6 +1625,12 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         ws.VSlot()[lane] = vl.slot;
         ws.VBody()[lane] = vl.body;
       }
+    }
+    if constexpr (kUnitTrace) {
+      __syncwarp();
+      const int64_t c = TileClock(static_cast<float>(ws.VSlot()[lane]));
+      tph[2] += c - tclk;
+      tclk = c;
     }
     // ---- P.V (lane = CPL channels)
     // one row, 2 or 4 bits: the along_channels tile as dp4a products (VChannelsStageDp4a)
@@ -1640,7 +1682,14 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
         VPerTokenCompute<D, DT, R, (PATHS & kPathVCh) != 0>(sm, warp, s.v, j0, min(kVBatch, nvalid - j0), raw0, raw1, acc);
       }
     }
+    if constexpr (kUnitTrace) tph[3] += TileClock(acc[0][0]) - tclk;
     __syncwarp();  // p and the V locations are consumed before the next tile writes them
+  }
+  if constexpr (kUnitTrace) {
+    if (lane == 0 && tiles > 0) {
+      for (int i = 0; i < 4; ++i) UnitTraceAdd(a, 8 + i, tph[i]);
+      UnitTraceAdd(a, 12, tiles);
+    }
   }
 
   // ---- the 4 warps' partial states meet once

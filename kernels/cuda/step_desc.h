@@ -269,8 +269,10 @@ struct AttnArgs {
 // [2] once the unit and its sequence's descriptor are loaded, [3] after any wait for the
 // quantize-append, [4] page units: once the first page has landed (warp 0; else 0), [5] at the
 // epilogue's start (the body done), [6] once the partial is written and counted, [7] the merging
-// unit: once the item is merged (else 0).
-constexpr int kUnitTraceSlots = 8;
+// unit: once the item is merged (else 0). Per-token tiles (the per-token loop of any unit, its
+// warps' sums, SM cycles): [8] the key scores (locations, loads, products), [9] the softmax, [10]
+// the value locations, [11] the values' loads and products, [12] the tiles counted.
+constexpr int kUnitTraceSlots = 16;
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),
 // then D/32 or D fp16 scales per tile (2D bytes either way), then as many zeros.

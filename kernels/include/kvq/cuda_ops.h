@@ -264,7 +264,7 @@ class CudaStepRunner {
   // to this device buffer, which must hold stats().num_units x kUnitTraceSlots int64; null (the
   // default) turns it off. Only kernels built with KVQ_UNIT_TRACE (cmake -DKVQ_UNIT_TRACE=ON,
   // unit_trace_built()) write them; the others have no trace code.
-  static constexpr int kUnitTraceSlots = 8;
+  static constexpr int kUnitTraceSlots = 16;
   void set_unit_trace(int64_t* device_stamps) { unit_trace_ = device_stamps; }
   static bool unit_trace_built();
 
