@@ -430,15 +430,17 @@ __device__ __forceinline__ void KFullToken(const Smem& sm, const uint8_t* row, f
   }
 }
 
-// Full-precision key rows of a warp tile by lane quads (R >= 4): lane 4i + t reads the 16-byte
+// Full-precision key rows of a warp tile by lane quads (where kKeyQuads: 4 and 8 rows at head_dim
+// 128, not in the KIVI code units' instances): lane 4i + t reads the 16-byte
 // chunks t, t + 4, ... of token 8g + i's row, g = 0..3, so that one load instruction covers 8 rows x
 // 64 contiguous bytes (8 cache lines; 32 when each lane reads its own token's row, KFullToken), and
 // sums its share of q[r] . k for its four tokens; a quad's four shares meet by a reduce-scatter
 // (3 shuffles per row) and one more shuffle hands lane L token L's score. off: this lane's token's
 // row (arena offset), or -1 (a body token, or past the unit's end: nothing is added to its score).
 // Why: the around units' tiles at (64,32,8,8192) spent ~19,500 SM cycles per warp tile on the key
-// scores with KFullToken's loads, ~3,400 where few warps shared the SM (H100 unit trace,
-// docs/gpu_notes.md). Called by the whole warp.
+// scores with KFullToken's loads (H100 unit trace); the quads made the 4-row InnerQ launches
+// 0.8-4.2% faster, but the key phase stays ~15,000 cycles, so the lines per load were not what it
+// waits on (docs/gpu_notes.md, twenty-seventh session). Called by the whole warp.
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void KFullTileQuads(const Smem& sm, const uint8_t* arena, int64_t off, int lane,
                                                float* sc) {
@@ -906,7 +908,8 @@ __device__ __forceinline__ int64_t TileClock(float x) {
   asm volatile("{\n\t.reg .f32 t;\n\tmov.f32 t, %1;\n\tmov.u64 %0, %%clock64;\n\t}" : "=l"(c) : "f"(x) : "memory");
   return c;
 #else
-  return QaClock() + static_cast<int64_t>(x != x);
+  (void)x;
+  return QaClock();
 #endif
 }
 __device__ __forceinline__ void UnitTraceAdd(const AttnArgs& a, int slot, int64_t value) {
