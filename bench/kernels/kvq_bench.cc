@@ -1,5 +1,5 @@
 // kvq-bench kernels [--json] [--iters N] [--presets a,b,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N]
-//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
+//                   [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--no-mma-tiles] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...
 // (--generic: force the generic attention kernel instead of the decode fast path, for comparison)
 //
 // Times the CUDA decode step (one query token per sequence) per preset on the shapes, with
@@ -126,6 +126,7 @@ int g_kivi_codes = -1;         // --kivi-units codes|dequant: KIVI body units on
 int g_kivi_min_tokens = -1;    // --kivi-min-tokens N: KIVI tensor-core units from N tokens per unit
 bool g_spread_blocks = false;  // --spread-blocks: CudaStepRunner::set_spread_blocks
 int g_bodies_first = -1;       // --bodies-first / --around-first: CudaStepRunner::set_bodies_first
+bool g_mma_tiles = true;       // --no-mma-tiles: CudaStepRunner::set_mma_tiles(false)
 int g_ring_offset = 0;         // --ring-offset N: CudaStepRunner::set_ring_offset
 int g_min_row_class = 1;       // --row-class N: CudaStepRunner::set_min_row_class
 int g_split_blocks = 0;        // --split-blocks N: units per launch at most N (0: the plan's capacity)
@@ -422,6 +423,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (g_split_blocks > 0) runners[k]->set_split_blocks(g_split_blocks);
     runners[k]->set_spread_blocks(g_spread_blocks);
     runners[k]->set_bodies_first(g_bodies_first);
+    runners[k]->set_mma_tiles(g_mma_tiles);
     runners[k]->set_min_row_class(g_min_row_class);
     runners[k]->set_ring_offset(g_ring_offset);
     // Build the cache: flush the initial window into the body (no new tokens), then prepare the
@@ -769,6 +771,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
     if (st.pdl) row->path += "+pdl";  // launched as a programmatic dependent of the quantize-append
     if (st.fused) row->path += "+fused";  // the step is one launch, the quantize-append inside
     if (st.bodies_first) row->path += "+bf";  // the body units first in the grid (set_bodies_first)
+    if (!g_mma_tiles) row->path += "-nomt";  // --no-mma-tiles
     if (st.qa_wide) row->path += "+wide";  // the quantize-append's largest carveout (set_qa_wide_carveout)
     if (g_min_row_class > 1) row->path += "-r" + std::to_string(g_min_row_class);  // --row-class
     if (g_ring_offset > 0) row->path += "-o" + std::to_string(g_ring_offset);      // --ring-offset
@@ -788,7 +791,7 @@ bool RunShape(const Shape& sh, Preset preset, int iters, int64_t l2_bytes, Row* 
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
+               "usage: kvq-bench kernels [--json] [--iters N] [--presets fp16,kivi2,...] [--quick] [--generic] [--stages 2|3] [--no-imma] [--no-pages] [--no-early-pages] [--page-min-pages N] [--qa-carveout N] [--kivi-units codes|dequant] [--kivi-min-tokens N] [--split-blocks N] [--spread-blocks] [--bodies-first|--around-first] [--no-mma-tiles] [--row-class 1|4|8] [--ring-offset N] [--qa-steps N] [--pdl|--no-pdl] [--fused|--two-launches] [--qa-lanes auto|on|off] [--qa-same-chunks] [--qa-head auto|on|off] [--qa-wide auto|on|off] [--preflush] [--host-steps N] [--chain-dump] [--qa-trace] [--unit-trace] [--no-check] [--timing busy|idle] [--flush write|read] [--shape B,Hq,Hkv,T,D]...\n");
   return 2;
 }
 
@@ -849,6 +852,8 @@ int main(int argc, char** argv) {
       g_bodies_first = 1;
     } else if (a == "--around-first") {
       g_bodies_first = 0;
+    } else if (a == "--no-mma-tiles") {
+      g_mma_tiles = false;
     } else if (a == "--chain-dump") {
       g_chain_dump = true;
     } else if (a == "--qa-trace") {

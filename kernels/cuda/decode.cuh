@@ -1319,6 +1319,53 @@ __device__ __forceinline__ void PresetModes(const DevSeq& s, F&& f) {
 }
 
 #pragma nv_diag_suppress 128
+// The per-token path's next tile of a warp from t0 on: t0 itself, or past [skip_begin, skip_end) (the
+// body tiles that tensor-core units of the same item take) in steps of the block's 4 tiles.
+__device__ __forceinline__ int SkipTiles(int t0, const DevUnit& unit) {
+  return t0 >= unit.skip_begin && t0 < unit.skip_end
+             ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
+             : t0;
+}
+
+// Whether every token of the tile [t0, t0 + 32) below the unit's end is in full precision in both
+// tensors: below the body (b0), or past both flushed bodies (full_from).
+__device__ __forceinline__ bool FullTile(int t0, int tok_end, int b0, int full_from) {
+  return min(t0 + 32, tok_end) <= b0 || t0 >= full_from;
+}
+
+// This warp's full-precision tiles of a per-token unit (FullTile) on the tensor cores
+// (MmaTokTiles), before the per-token loop, which then continues from the state this leaves in the
+// warp's places (sm.m, sm.l, the warp area's o) and steps over them. Returns whether there was any.
+// (Not inlined, it cost more: the call's saved registers took the instance's stack from 112 to 288 bytes.)
+template <int D, DType DT, int R, typename Smem>
+__device__ __forceinline__ bool MmaTokTilesPass(Smem& sm, const DevSeq& s, const uint8_t* arena,
+                                                    const int64_t* pages, float scale_log2, DevUnit unit, int warp,
+                                                    int lane, int b0, int full_from) {
+  static_assert(sizeof(sm.w[0].u) >= MmaTokTiles<D, DT, R>::KS * 32 * sizeof(uint2),
+                "the query fragments fit the warp's area");
+  auto& ws = sm.w[warp];
+  const int h = unit.kv_head;
+  MmaTokTiles<D, DT, R> mt;
+  bool any = false;  // (warp-uniform)
+  for (int tile0 = SkipTiles(unit.tok_begin + warp * 32, unit); tile0 < unit.tok_end;
+       tile0 = SkipTiles(tile0 + kDecWarps * 32, unit)) {
+    if (!FullTile(tile0, unit.tok_end, b0, full_from)) continue;
+    if (!any) mt.Init(sm.q, sm.pos, reinterpret_cast<uint2*>(&ws.u), lane);
+    any = true;
+    const int t = tile0 + lane;
+    int64_t koff = -1, voff = -1;
+    if (t < unit.tok_end) {
+      const TokLoc kl = Locate(s, s.k, pages, t);
+      const TokLoc vl = Locate(s, s.v, pages, t);
+      koff = kl.page + FullTokenOffset(kl.slot, h, D);
+      voff = vl.page + FullTokenOffset(vl.slot, h, D);
+    }
+    mt.Tile(arena, koff, voff, tile0, unit.tok_end, scale_log2, lane);
+  }
+  if (any) mt.Finish(sm, warp, lane);
+  return any;
+}
+
 template <int D, DType DT, int R, int PATHS, bool IMMA = false>
 __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, IMMA>()) DecodeKernel(AttnArgs a) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
@@ -1499,6 +1546,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   // the KIVI code units' instances, where the quads' registers spill. At head_dim 64 (a row is one
   // cache line) they measured 1-2% slower at (1,9,3,8192) on an H100 (docs/gpu_notes.md)
   constexpr bool kKeyQuads = D == 128 && R >= 4 && !(IMMA && PATHS == kFamKiviCodes);
+  // full-precision tiles on the tensor cores (MmaTokTiles): the around units of the 4-row InnerQ
+  // tensor-core instance (at (64,32,8,8192) the 512 of them ran alone for the launch's first ~48 us,
+  // ~22 us per warp tile on the per-token path, docs/gpu_notes.md)
+  constexpr bool kMmaTiles = IMMA && PATHS == kFamInnerQ && R == 4;
   // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
   const int pslot = SlotOf(s.v.bits, lane);
   const int pshift = SlotShift(s.v.bits, pslot);
@@ -1507,14 +1558,37 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   // (the body tiles that tensor-core units of the same item take) in steps of 4 tiles. Loads go
   // straight from global memory to registers: staging these tiles through the IMMA units' cp.async
   // ring was measured no faster and cost resident blocks (docs/gpu_notes.md, d8).
-  auto skip = [&](int t0) {
-    return t0 >= unit.skip_begin && t0 < unit.skip_end
-               ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
-               : t0;
-  };
+  auto skip = [&](int t0) { return SkipTiles(t0, unit); };
+  // The tiles in full precision for both tensors (below the body, or past both flushed bodies) on
+  // the tensor cores first (MmaTokTiles), where this instance has them and the launch asks
+  // (AttnArgs::mma_tiles); the loop below continues from their state and steps over them.
+  // (The full tiles are a prefix and a suffix of the warp's walk: the loop below takes the tiles
+  // between them, [tile_first, tile_stop).)
+  int tile_first = skip(unit.tok_begin + warp * 32);
+  int tile_stop = unit.tok_end;
+  if constexpr (kMmaTiles) {
+    const int full_from = max(kb1, vb1);
+    if (a.mma_tiles == 0) {
+    } else if (MmaTokTilesPass<D, DT, R>(sm, s, a.arena, a.pages, a.scale_log2, unit, warp, lane, b0, full_from)) {
+      __syncwarp();
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        m[r] = sm.m[warp][r];
+        l[r] = sm.l[warp][r];
+#pragma unroll
+        for (int j = 0; j < CPL; ++j) acc[r][j] = ws.u.o[r][lane * CPL + j];
+      }
+      __syncwarp();  // read before the loop's tiles write the warp's area
+    }
+    if (a.mma_tiles != 0) {
+      while (tile_first < tile_stop && FullTile(tile_first, unit.tok_end, b0, full_from))
+        tile_first = skip(tile_first + kDecWarps * 32);
+      tile_stop = min(tile_stop, full_from);
+    }
+  }
   int64_t tph[4] = {0, 0, 0, 0}, tclk = 0;
   int tiles = 0;
-  for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
+  for (int tile0 = tile_first; tile0 < tile_stop; tile0 = skip(tile0 + kDecWarps * 32)) {
     if constexpr (kUnitTrace) {
       tclk = TileClock(0.f);
       ++tiles;

@@ -235,6 +235,197 @@ struct FullLoc {
   }
 };
 
+// The per-token units' full-precision tiles (the sink and the windows around a body: every token of
+// the tile below the body or past both tensors' flushed body) on the tensor cores, the fragments
+// loaded from global memory straight into registers: the per-token instances have no shared-memory
+// ring to stage [32][D] activation tiles in (MmaFullUnit's), and a warp tile needs no more loads
+// than the per-token path's (16 + 16 of 16 bytes per lane at D = 128, all of them independent).
+//   scores  S[16 rows][8 tokens]   = Q[16][16 channels] x K^T[16 channels][8 tokens]
+//   values  O^T[16 channels][8 rows] = V^T[16 channels][16 tokens] x P^T[16 tokens][8 rows]
+// The channels of both products are a permutation of the row's, which the dot products do not see:
+// for the scores, lane (g, t) of n-tile nt holds token nt * 8 + g's 16-byte chunks t, t + 4, ... (a
+// quad reads 64 contiguous bytes of a row per instruction), k-step ks taking the halves 4 (ks & 1)
+// .. + 3 of chunk t + 4 (ks / 2), and the query fragments the same channels; for the values, lane
+// (g, t) owns channels 8 g .. 8 g + 7 (and 64 + 8 g .. at D = 128: chunks g and g + 8 of a row), m-tile
+// mt's rows g and g + 8 being its channels mt and mt + MT, of the tokens 16 j + 2t, + 1, + 8, + 9 of
+// k-step j. The value product's B side is P^T, whose fragment is the score product's accumulator
+// (as in MmaRows); with the channels as its M side its accumulators hold 2 of 8 rows per lane
+// (D / 4 registers, half of them unused at R = 4) instead of MmaRows' 1 of 16. P is rounded to the
+// activation dtype (as in MmaRows); the sums stay fp32. Whole warp; the state ends in the shared
+// memory layout of the per-token path's (Finish), which the per-token loop then continues.
+template <int D, DType DT, int R>
+struct MmaTokTiles {
+  static_assert(R <= 8, "the query rows are the value product's N side");
+  static constexpr int KS = D / 16;  // k-steps of the score product
+  static constexpr int CQ = D / 32;  // 16-byte chunks of a key row per lane of its quad
+  static constexpr int MT = D / 16;  // m-tiles of the value product
+  static constexpr int VC = D / 64;  // 16-byte chunks of a value row per lane (chunks g, g + 8)
+  uint2* qa;       // the query fragments, [KS][32 lanes] (the warp's area: registers are short here)
+  float m, l;      // row g: running maximum (log2 units), this lane's share of the sum
+  float o[MT][4];  // O[2t][ch(mt)], O[2t + 1][ch(mt)], O[2t][ch(mt + MT)], O[2t + 1][ch(mt + MT)]
+  int pos;         // row g's position (-1: no row)
+
+  // channel i (0 .. 2 MT - 1) of lane group g in the value product
+  __device__ __forceinline__ static int VChannel(int g, int i) { return 8 * (g + 8 * (i / 8)) + i % 8; }
+
+  // area: the warp's scratch of KS * 32 uint2 (free until Finish)
+  __device__ __forceinline__ void Init(const float (*q)[D], const int* rows_pos, uint2* area, int lane) {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int gr = g < R ? g : 0;
+    qa = area;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = 8 * (t + 4 * (ks / 2)) + 4 * (ks & 1);
+      qa[ks * 32 + lane] = g < R ? make_uint2(PackAct2<DT>(q[gr][c], q[gr][c + 1]), PackAct2<DT>(q[gr][c + 2], q[gr][c + 3]))
+                                 : make_uint2(0u, 0u);
+    }
+    __syncwarp();
+    pos = g < R ? rows_pos[gr] : -1;
+    m = -INFINITY;
+    l = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+  }
+
+  // The tile [tile0, tile0 + 32): koff / voff are lane = token's row offsets in the arena (-1: past
+  // the unit's end, read as zeros).
+  __device__ __forceinline__ void Tile(const uint8_t* arena, int64_t koff, int64_t voff, int tile0, int tok_end,
+                                       float scale_log2, int lane) {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    // ---- scores: lane (g, t) loads token nt * 8 + g's chunks t + 4 c
+    uint4 kr[4][CQ];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int64_t ko = __shfl_sync(0xffffffffu, koff, nt * 8 + g);
+#pragma unroll
+      for (int c = 0; c < CQ; ++c)
+        kr[nt][c] = ko >= 0 ? __ldg(reinterpret_cast<const uint4*>(arena + ko) + t + 4 * c) : make_uint4(0, 0, 0, 0);
+    }
+    float sc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const uint2 q = qa[ks * 32 + lane];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const uint4& w = kr[nt][ks / 2];
+        const uint32_t b0 = (ks & 1) ? w.z : w.x;
+        const uint32_t b1 = (ks & 1) ? w.w : w.y;
+        MmaF16<DT>(sc[nt], q.x, 0u, q.y, 0u, b0, b1);
+      }
+    }
+    // the value rows' offsets: lane (g, t) reads tokens 16 j + 2t + {0, 1, 8, 9}, chunks g + 8 v
+    int64_t vo[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) vo[u] = __shfl_sync(0xffffffffu, voff, 16 * (u / 4) + 2 * t + (u & 1) + 8 * ((u >> 1) & 1));
+    // ---- online softmax of row g (tokens nt * 8 + 2t + e), as MmaRows::Softmax
+    float x[8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tile0 + nt * 8 + 2 * t + e;
+        const bool valid = tok < tok_end && tok <= pos;
+        x[2 * nt + e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x[2 * nt + e]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = m == -INFINITY ? 0.f : Exp2Ftz(m - m_new);
+    float p[8], ps = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      p[i] = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i] - m_new);
+      ps += p[i];
+    }
+    l = l * alpha + ps;
+    m = m_new;
+    // the accumulators' rows 2t, 2t + 1 take their rows' factors (rows >= R: 0, accumulators 0)
+    if (__any_sync(0xffffffffu, alpha != 1.f && pos >= 0)) {
+      const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * t);
+      const float a1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        o[mt][0] *= a0;
+        o[mt][1] *= a1;
+        o[mt][2] *= a0;
+        o[mt][3] *= a1;
+      }
+    }
+    // ---- O^T += V^T P^T, one k-step (16 tokens) of value rows in registers at a time: k-step j's
+    // B fragment is score n-tiles 2j, 2j + 1
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      uint32_t vr[4][VC][4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int v = 0; v < VC; ++v) {
+          const int64_t ro = vo[4 * j + u];
+          const uint4 x = ro >= 0 ? __ldg(reinterpret_cast<const uint4*>(arena + ro) + g + 8 * v) : make_uint4(0, 0, 0, 0);
+          vr[u][v][0] = x.x;
+          vr[u][v][1] = x.y;
+          vr[u][v][2] = x.z;
+          vr[u][v][3] = x.w;
+        }
+      }
+      const uint32_t b0 = PackAct2<DT>(p[4 * j], p[4 * j + 1]);
+      const uint32_t b1 = PackAct2<DT>(p[4 * j + 2], p[4 * j + 3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        // channel i = mt (A row g) and mt + MT (row g + 8): chunk i / 8, register i % 8 / 2, half i & 1
+        const int i0 = mt, i1 = mt + MT;
+        const uint32_t* t0 = vr[0][i0 / 8];
+        const uint32_t* t1 = vr[1][i0 / 8];
+        const uint32_t* t2 = vr[2][i0 / 8];
+        const uint32_t* t3 = vr[3][i0 / 8];
+        const uint32_t* s0 = vr[0][i1 / 8];
+        const uint32_t* s1 = vr[1][i1 / 8];
+        const uint32_t* s2 = vr[2][i1 / 8];
+        const uint32_t* s3 = vr[3][i1 / 8];
+        const uint32_t a0 = PairHalves(t0[i0 % 8 / 2], t1[i0 % 8 / 2], i0 & 1);
+        const uint32_t a1 = PairHalves(s0[i1 % 8 / 2], s1[i1 % 8 / 2], i1 & 1);
+        const uint32_t a2 = PairHalves(t2[i0 % 8 / 2], t3[i0 % 8 / 2], i0 & 1);
+        const uint32_t a3 = PairHalves(s2[i1 % 8 / 2], s3[i1 % 8 / 2], i1 & 1);
+        MmaF16<DT>(o[mt], a0, a1, a2, a3, b0, b1);
+      }
+    }
+  }
+
+  // Half `hi` of x (low half of the result) and of y (high half).
+  __device__ __forceinline__ static uint32_t PairHalves(uint32_t x, uint32_t y, int hi) {
+    return hi ? (x >> 16) | (y & 0xffff0000u) : (x & 0xffffu) | (y << 16);
+  }
+
+  // This warp's state in the per-token path's places: sm.m / sm.l [warp][row], ws.u.o[row][channel].
+  template <typename Smem>
+  __device__ __forceinline__ void Finish(Smem& sm, int warp, int lane) {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    __syncwarp();  // every lane's last read of the query fragments, which share the area with o
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (g < R && t == 0) {
+      sm.m[warp][g] = m;
+      sm.l[warp][g] = l;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 2 * t + (e & 1);
+        if (row < R) sm.w[warp].u.o[row][VChannel(g, mt + (e >> 1) * MT)] = o[mt][e];
+      }
+    }
+  }
+};
+
 template <int D, DType DT, int R, typename Smem>
 __device__ __forceinline__ void MmaFullUnit(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
                                             uint8_t* ring, int warp, int lane) {

@@ -257,6 +257,9 @@ struct AttnArgs {
   int32_t qa_chunks;
   uint32_t* item_sync;      // [num_seqs * num_kv_heads][2], device memory
   uint32_t epoch;
+  // Decode path: the per-token units' tiles in full precision for both tensors (the sink, the
+  // windows) on the tensor cores where the instance has them (MmaTokTiles; CudaStepRunner::set_mma_tiles).
+  int32_t mma_tiles;
   // Benchmark only (null otherwise; last, so that the fields above keep their offsets): the decode
   // units' phase stamps, kUnitTraceSlots per block in launch order, written only by kernels built
   // with KVQ_UNIT_TRACE (cmake -DKVQ_UNIT_TRACE=ON; CudaStepRunner::set_unit_trace).

@@ -1316,6 +1316,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.o = static_cast<uint16_t*>(p.o);
   a.pdl = m.pdl ? 1 : 0;
   a.trigger_dependents = m.flush_after && m.decode_path ? 1 : 0;
+  a.mma_tiles = mma_tiles_ ? 1 : 0;
   a.sm_block_cap = 0;
   a.ring_offset = ring_offset_;
   a.unit_trace = unit_trace_;

@@ -63,6 +63,8 @@ void GridDependencyWait();
 // Launches so far that ran as programmatic dependents before their primary's writes (tests check
 // that the model was on).
 uint64_t PdlEarlyLaunches();
+// Warp-wide fp16 / bf16 mma instructions run so far (MmaM16N8K16), all launches.
+uint64_t FloatMmas();
 // Fails the running launch with cudaErrorLaunchFailure and this message (a check in device code).
 void LaunchError(const char* what);
 

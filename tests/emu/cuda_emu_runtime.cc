@@ -428,6 +428,9 @@ void GridDependencyWait() {
 }
 uint64_t PdlEarlyLaunches() { return g_pdl_early_launches.load(); }
 
+std::atomic<uint64_t> g_float_mmas{0};  // warp-wide fp16 / bf16 mma instructions (MmaM16N8K16)
+uint64_t FloatMmas() { return g_float_mmas.load(); }
+
 void LaunchError(const char* what) { Bad(cudaErrorLaunchFailure, "%s", what); }
 
 void CpAsync(void* dst, const void* src, int n) {
@@ -574,6 +577,7 @@ void MmaM16N8K16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t 
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
   uint32_t all[6 * 32];  // all[reg * 32 + lane]
   kvq::cuda::warp::CurrentBlock()->ExchangeN(mine, 6, all);
+  if (kvq::cuda::warp::CurrentBlock()->lane() == 0) ++g_float_mmas;
   auto half = [&](int reg, int lane, int k) {
     const uint32_t r = all[reg * 32 + lane];
     return (k & 1) ? HalfHi(r, bf16) : HalfLo(r, bf16);

@@ -22,6 +22,7 @@
 #if defined(KVQ_EMU_SUITE)
 namespace kvq_emu {
 uint64_t PdlEarlyLaunches();  // tests/emu/cuda_emu_runtime.cc
+uint64_t FloatMmas();          // tests/emu/cuda_emu_runtime.cc
 }  // namespace kvq_emu
 #endif
 
@@ -99,6 +100,7 @@ struct Case {
   bool page_units = true;      // CudaStepRunner::set_page_units
   int page_min_pages = -1;     // CudaStepRunner::set_page_min_pages (0: wherever they fit; -1: its default)
   int expect_pages = -1;       // 1: InnerQ body pages must run in page units (decode_pages.cuh), 0: must not
+  bool mma_tiles = true;       // CudaStepRunner::set_mma_tiles
 };
 
 std::string Describe(const Case& c) {
@@ -281,6 +283,7 @@ void RunCase(const Case& c) {
   runner->set_ring_offset(c.ring_offset);
   runner->set_page_units(c.page_units);
   if (c.page_min_pages >= 0) runner->set_page_min_pages(c.page_min_pages);
+  runner->set_mma_tiles(c.mma_tiles);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1562,6 +1565,64 @@ TEST(KernelsGpu, RowsPages) {
   few.expect_pages = 0;
   few.expect_imma = 1;
   RunCase(few);
+}
+
+// The per-token units' full-precision tiles on the tensor cores (MmaTokTiles, the 4-row InnerQ
+// tensor-core instance): sinks of 0 / 32 / 64 / 96 tokens and windows of every length around page
+// and IMMA bodies, sequences without a body (every tile in full precision) and with a window
+// shorter than a tile, 2 to 4 rows (two query tokens per sequence: causal within them), sharp
+// scores (the maximum set by either kind of tile), D 64 and 128, fp16 and bf16; each case with the
+// tiles on and off. On the emulated device the fp16 / bf16 mma count shows that the tiles ran there.
+TEST(KernelsGpu, MmaTokTiles) {
+  SKIP_WITHOUT_GPU();
+  const ImmaConfigs ic = MakeImmaConfigs();
+  int k = 0;
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int hq : {4, 6, 8}) {
+        Case cs;
+        cs.hkv = 2;
+        cs.hq = hq;
+        cs.d = d;
+        cs.dt = dt;
+        cs.seqs = {SeqSpec(Preset::kInnerQ, 3000, 1, 1, 33), SeqSpec(Preset::kInnerQ2, 700, 1, 1, 100),
+                   SeqSpec(Preset::kInnerQBase, 1300, 1, 1, 5), SeqSpec(ic.b, 1000, 1, 1, 77),
+                   SeqSpec(ic.e, 500, 1, 1, 3), SeqSpec(ic.f, 260, 1, 1, 40),
+                   SeqSpec(Preset::kInnerQ2, 20, 1, 1, 64),   // no body: sink and window only
+                   SeqSpec(ic.a, 90, 1, 1, 0)};               // windows shorter than a tile
+        cs.seed = 12100 + k;
+        cs.expect_decode = 1;
+        cs.page_min_pages = k % 2 == 0 ? 0 : -1;  // page bodies, or IMMA ones
+        cs.q_scale = k % 3 == 2 ? 6.f : 1.f;
+        ++k;
+        for (bool on : {true, false}) {
+          SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
+          cs.mma_tiles = on;
+#if defined(KVQ_EMU_SUITE)
+          const uint64_t mmas = kvq_emu::FloatMmas();
+#endif
+          RunCase(cs);
+          if (HasFatalFailure()) return;
+#if defined(KVQ_EMU_SUITE)
+          if (on) {
+            EXPECT_GT(kvq_emu::FloatMmas(), mmas) << "the full-precision tiles on the tensor cores";
+          } else {
+            EXPECT_EQ(kvq_emu::FloatMmas(), mmas) << "no fp16 / bf16 mma with the tiles off";
+          }
+#endif
+        }
+      }
+    }
+  }
+  // two query tokens per sequence, two query heads per KV head: 4 rows, causal within the new tokens
+  Case two;
+  two.hkv = 2;
+  two.hq = 4;
+  two.seqs = {SeqSpec(Preset::kInnerQ, 2000, 2, 2, 33), SeqSpec(ic.b, 1500, 2, 2, 5),
+              SeqSpec(Preset::kInnerQ2, 40, 2, 2, 10)};
+  two.page_min_pages = 0;
+  two.q_scale = 4.f;
+  RunCase(two);
 }
 
 // Page units over consecutive decode steps: the step's flush lands in a page unit's pages when it

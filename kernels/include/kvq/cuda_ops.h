@@ -158,6 +158,10 @@ class CudaStepRunner {
   // block starts, from runs the plan looked up (default on); off, after reading the unit's and the
   // sequence's descriptors and the page table (tests and the benchmark compare both).
   void set_early_pages(bool on) { early_pages_ = on; }
+  // Decode path: the per-token units' tiles whose K and V are both in full precision (the sink and
+  // the windows around a body) on the tensor cores (MmaTokTiles, in the 4-row InnerQ tensor-core
+  // instance; default on); off, on the per-token path's CUDA-core products. Applies from the next launch.
+  void set_mma_tiles(bool on) { mma_tiles_ = on; }
   static constexpr int kPageMinPagesOneRow = 4, kPageMinPagesRows = 32;
   void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
   // KIVI body units on the tensor cores need this many tokens per unit at 2 blocks per SM (a batch
@@ -290,6 +294,7 @@ class CudaStepRunner {
   bool imma_enabled_ = true;
   bool page_units_enabled_ = true;
   bool early_pages_ = true;
+  bool mma_tiles_ = true;
   int page_min_pages_ = -1;
   int kivi_min_unit_tokens_ = -1;
   int kivi_codes_mode_ = -1;  // -1 the default (the code units), 0 off, 1 on
