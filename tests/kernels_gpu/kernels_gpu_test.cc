@@ -1568,7 +1568,7 @@ TEST(KernelsGpu, RowsPages) {
 }
 
 // The per-token units' full-precision tiles on the tensor cores (MmaTokTiles, the 4-row InnerQ
-// tensor-core instance): sinks of 0 / 32 / 64 / 96 tokens and windows of every length around page
+// and KIVI code units' tensor-core instances): sinks of 0 / 32 / 64 / 96 tokens and windows of every length around page
 // and IMMA bodies, sequences without a body (every tile in full precision) and with a window
 // shorter than a tile, 2 to 4 rows (two query tokens per sequence: causal within them), sharp
 // scores (the maximum set by either kind of tile), D 64 and 128, fp16 and bf16; each case with the
@@ -1623,6 +1623,41 @@ TEST(KernelsGpu, MmaTokTiles) {
   two.page_min_pages = 0;
   two.q_scale = 4.f;
   RunCase(two);
+  if (HasFatalFailure()) return;
+  // the KIVI code units' 4-row instance (their body units multiply on the fp16 tensor cores too, so
+  // the mma count does not tell the tiles apart here): the presets' windows (0-127 keys, 128 values),
+  // a sink, and windows of several tiles per warp
+  QuantConfig ks = PresetConfig(Preset::kKivi2);
+  ks.sink = 32;
+  QuantConfig kw;  // long windows: several full-precision tiles per warp
+  kw.k = QuantFormat32(QuantMode::kAsym, 2, Grouping::kAlongTokens, 200, 128);
+  kw.v = QuantFormat32(QuantMode::kAsym, 2, Grouping::kAlongChannels, 330, 1);
+  kw.sink = 64;
+  ASSERT_EQ(ValidateConfig(ks, 64), "");
+  ASSERT_EQ(ValidateConfig(kw, 64), "");
+  for (int d : {64, 128}) {
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      Case kv;
+      kv.hkv = 2;
+      kv.hq = 8;
+      kv.d = d;
+      kv.dt = dt;
+      kv.seqs = {SeqSpec(Preset::kKivi2, 3000, 1, 1, 33), SeqSpec(Preset::kKivi4, 1100, 1, 1, 5),
+                 SeqSpec(ks, 700, 1, 1, 70), SeqSpec(Preset::kKivi2, 60, 1, 1, 9), SeqSpec(kw, 1500, 1, 1, 20)};
+      kv.seed = 12200 + k++;
+      kv.expect_decode = 1;
+      kv.expect_kivi_codes = 1;
+      kv.kivi_codes = true;
+      kv.kivi_min_tokens = 0;
+      kv.q_scale = d == 64 ? 5.f : 1.f;
+      for (bool on : {true, false}) {
+        SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
+        kv.mma_tiles = on;
+        RunCase(kv);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
 }
 
 // Page units over consecutive decode steps: the step's flush lands in a page unit's pages when it
