@@ -1319,14 +1319,6 @@ __device__ __forceinline__ void PresetModes(const DevSeq& s, F&& f) {
 }
 
 #pragma nv_diag_suppress 128
-// The per-token path's next tile of a warp from t0 on: t0 itself, or past [skip_begin, skip_end) (the
-// body tiles that tensor-core units of the same item take) in steps of the block's 4 tiles.
-__device__ __forceinline__ int SkipTiles(int t0, const DevUnit& unit) {
-  return t0 >= unit.skip_begin && t0 < unit.skip_end
-             ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
-             : t0;
-}
-
 // Whether every token of the tile [t0, t0 + 32) below the unit's end is in full precision in both
 // tensors: below the body (b0), or past both flushed bodies (full_from).
 __device__ __forceinline__ bool FullTile(int t0, int tok_end, int b0, int full_from) {
@@ -1335,20 +1327,20 @@ __device__ __forceinline__ bool FullTile(int t0, int tok_end, int b0, int full_f
 
 // This warp's full-precision tiles of a per-token unit (FullTile) on the tensor cores
 // (MmaTokTiles), before the per-token loop, which then continues from the state this leaves in the
-// warp's places (sm.m, sm.l, the warp area's o) and steps over them. Returns whether there was any.
+// warp's places (sm.m, sm.l, the warp area's o) and steps over them; skip: the loop's walk over the
+// unit's tiles (past the body that other units take). Returns whether there was any.
 // (Not inlined, it cost more: the call's saved registers took the instance's stack from 112 to 288 bytes.)
-template <int D, DType DT, int R, typename Smem>
-__device__ __forceinline__ bool MmaTokTilesPass(Smem& sm, const DevSeq& s, const uint8_t* arena,
-                                                    const int64_t* pages, float scale_log2, DevUnit unit, int warp,
-                                                    int lane, int b0, int full_from) {
+template <int D, DType DT, int R, typename Smem, typename Skip>
+__device__ __forceinline__ bool MmaTokTilesPass(Smem& sm, const DevSeq& s, const uint8_t* arena, const int64_t* pages,
+                                                float scale_log2, const DevUnit& unit, Skip skip, int warp, int lane,
+                                                int b0, int full_from) {
   static_assert(sizeof(sm.w[0].u) >= MmaTokTiles<D, DT, R>::KS * 32 * sizeof(uint2),
                 "the query fragments fit the warp's area");
   auto& ws = sm.w[warp];
   const int h = unit.kv_head;
   MmaTokTiles<D, DT, R> mt;
   bool any = false;  // (warp-uniform)
-  for (int tile0 = SkipTiles(unit.tok_begin + warp * 32, unit); tile0 < unit.tok_end;
-       tile0 = SkipTiles(tile0 + kDecWarps * 32, unit)) {
+  for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
     if (!FullTile(tile0, unit.tok_end, b0, full_from)) continue;
     if (!any) mt.Init(sm.q, sm.pos, reinterpret_cast<uint2*>(&ws.u), lane);
     any = true;
@@ -1558,7 +1550,11 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   // (the body tiles that tensor-core units of the same item take) in steps of 4 tiles. Loads go
   // straight from global memory to registers: staging these tiles through the IMMA units' cp.async
   // ring was measured no faster and cost resident blocks (docs/gpu_notes.md, d8).
-  auto skip = [&](int t0) { return SkipTiles(t0, unit); };
+  auto skip = [&](int t0) {
+    return t0 >= unit.skip_begin && t0 < unit.skip_end
+               ? t0 + (unit.skip_end - t0 + kDecWarps * 32 - 1) / (kDecWarps * 32) * (kDecWarps * 32)
+               : t0;
+  };
   // The tiles in full precision for both tensors (below the body, or past both flushed bodies) on
   // the tensor cores first (MmaTokTiles), where this instance has them and the launch asks
   // (AttnArgs::mma_tiles); the loop below continues from their state and steps over them.
@@ -1569,7 +1565,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   if constexpr (kMmaTiles) {
     const int full_from = max(kb1, vb1);
     if (a.mma_tiles == 0) {
-    } else if (MmaTokTilesPass<D, DT, R>(sm, s, a.arena, a.pages, a.scale_log2, unit, warp, lane, b0, full_from)) {
+    } else if (MmaTokTilesPass<D, DT, R>(sm, s, a.arena, a.pages, a.scale_log2, unit, skip, warp, lane, b0, full_from)) {
       __syncwarp();
 #pragma unroll
       for (int r = 0; r < R; ++r) {
