@@ -311,6 +311,16 @@ bool UnitTrace(const Shape& sh, Preset preset, kvq::CudaStepRunner& r, TimeOnce&
                      "value locations %.0f/%.0f values %.0f/%.0f (median/p90 of the units' means)\n",
                      kKind[kind], tph[0].size(), q(tph[0], 0.5), q(tph[0], 0.9), q(tph[1], 0.5), q(tph[1], 0.9),
                      q(tph[2], 0.5), q(tph[2], 0.9), q(tph[3], 0.5), q(tph[3], 0.9));
+      // the full-precision tiles on the tensor cores (MmaTokTiles): slots 13 (cycles) and 14 (tiles)
+      std::vector<float> mph;
+      for (int u = 0; u < n; ++u) {
+        const int64_t* x = t.data() + int64_t(u) * S;
+        if (x[1] == 0 || ((x[0] >> 8) & 0xf) != kind || x[14] <= 0) continue;
+        mph.push_back(static_cast<float>(x[13]) / static_cast<float>(x[14]));
+      }
+      if (!mph.empty())
+        std::fprintf(stderr, "  %-6s mma tiles (%zu units): cycles per warp tile %.0f/%.0f (median/p90 of the units' means)\n",
+                     kKind[kind], mph.size(), q(mph, 0.5), q(mph, 0.9));
       // the body and the end against how many units share the unit's SM (started in the first 2 us):
       // whether an SM's share of the bandwidth, not the unit's own work, sets when it ends
       std::fprintf(stderr, "  %-6s by units on the SM:", kKind[kind]);

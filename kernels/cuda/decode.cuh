@@ -1330,31 +1330,44 @@ __device__ __forceinline__ bool FullTile(int t0, int tok_end, int b0, int full_f
 // warp's places (sm.m, sm.l, the warp area's o) and steps over them; skip: the loop's walk over the
 // unit's tiles (past the body that other units take). Returns whether there was any.
 // (Not inlined, it cost more: the call's saved registers took the instance's stack from 112 to 288 bytes.)
+// (Unit trace builds: each warp's cycles in the tiles and their count, slots 13 and 14.)
 template <int D, DType DT, int R, typename Smem, typename Skip>
-__device__ __forceinline__ bool MmaTokTilesPass(Smem& sm, const DevSeq& s, const uint8_t* arena, const int64_t* pages,
-                                                float scale_log2, const DevUnit& unit, Skip skip, int warp, int lane,
-                                                int b0, int full_from) {
+__device__ __forceinline__ bool MmaTokTilesPass(Smem& sm, const AttnArgs& a, const DevSeq& s, const DevUnit& unit,
+                                                Skip skip, int warp, int lane, int b0, int full_from) {
   static_assert(sizeof(sm.w[0].u) >= MmaTokTiles<D, DT, R>::KS * 32 * sizeof(uint2),
                 "the query fragments fit the warp's area");
   auto& ws = sm.w[warp];
   const int h = unit.kv_head;
   MmaTokTiles<D, DT, R> mt;
   bool any = false;  // (warp-uniform)
+  int64_t cycles = 0;
+  int tiles = 0;
   for (int tile0 = skip(unit.tok_begin + warp * 32); tile0 < unit.tok_end; tile0 = skip(tile0 + kDecWarps * 32)) {
     if (!FullTile(tile0, unit.tok_end, b0, full_from)) continue;
     if (!any) mt.Init(sm.q, sm.pos, reinterpret_cast<uint2*>(&ws.u), lane);
     any = true;
+    const int64_t clk = kUnitTrace ? TileClock(0.f) : 0;
     const int t = tile0 + lane;
     int64_t koff = -1, voff = -1;
     if (t < unit.tok_end) {
-      const TokLoc kl = Locate(s, s.k, pages, t);
-      const TokLoc vl = Locate(s, s.v, pages, t);
+      const TokLoc kl = Locate(s, s.k, a.pages, t);
+      const TokLoc vl = Locate(s, s.v, a.pages, t);
       koff = kl.page + FullTokenOffset(kl.slot, h, D);
       voff = vl.page + FullTokenOffset(vl.slot, h, D);
     }
-    mt.Tile(arena, koff, voff, tile0, unit.tok_end, scale_log2, lane);
+    mt.Tile(a.arena, koff, voff, tile0, unit.tok_end, a.scale_log2, lane);
+    if constexpr (kUnitTrace) {
+      cycles += TileClock(mt.o[0][0]) - clk;
+      ++tiles;
+    }
   }
   if (any) mt.Finish(sm, warp, lane);
+  if constexpr (kUnitTrace) {
+    if (lane == 0 && tiles > 0) {
+      UnitTraceAdd(a, 13, cycles);
+      UnitTraceAdd(a, 14, tiles);
+    }
+  }
   return any;
 }
 
@@ -1565,7 +1578,7 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   if constexpr (kMmaTiles) {
     const int full_from = max(kb1, vb1);
     if (a.mma_tiles == 0) {
-    } else if (MmaTokTilesPass<D, DT, R>(sm, s, a.arena, a.pages, a.scale_log2, unit, skip, warp, lane, b0, full_from)) {
+    } else if (MmaTokTilesPass<D, DT, R>(sm, a, s, unit, skip, warp, lane, b0, full_from)) {
       __syncwarp();
 #pragma unroll
       for (int r = 0; r < R; ++r) {

@@ -274,7 +274,8 @@ struct AttnArgs {
 // epilogue's start (the body done), [6] once the partial is written and counted, [7] the merging
 // unit: once the item is merged (else 0). Per-token tiles (the per-token loop of any unit, its
 // warps' sums, SM cycles): [8] the key scores (locations, loads, products), [9] the softmax, [10]
-// the value locations, [11] the values' loads and products, [12] the tiles counted.
+// the value locations, [11] the values' loads and products, [12] the tiles counted; the
+// full-precision tiles on the tensor cores (MmaTokTiles): [13] their SM cycles, [14] their count.
 constexpr int kUnitTraceSlots = 16;
 
 // Bytes of one 32-token body tile of a G = 32 tensor: codes (32 tokens x D codes of `bits`),
