@@ -1552,9 +1552,10 @@ __global__ void __launch_bounds__(kDecThreads, DecodeLaunchMinBlocks<PATHS, R, I
   // cache line) they measured 1-2% slower at (1,9,3,8192) on an H100 (docs/gpu_notes.md)
   constexpr bool kKeyQuads = D == 128 && R >= 4 && !(IMMA && PATHS == kFamKiviCodes);
   // full-precision tiles on the tensor cores (MmaTokTiles): the around units of the 4-row InnerQ and
-  // KIVI code units' tensor-core instances (at (64,32,8,8192) the 512 InnerQ ones ran alone for the
-  // launch's first ~48 us, ~22 us per warp tile on the per-token path, docs/gpu_notes.md)
-  constexpr bool kMmaTiles = IMMA && (PATHS == kFamInnerQ || PATHS == kFamKiviCodes) && R == 4;
+  // KIVI code units' tensor-core instances at head_dim 128. With the bodies first (the plan's rule
+  // for these instances, step_runner.cc) innerq2 at (64,32,8,8192) took 206 -> 192 us; at head_dim
+  // 64 ((1,9,3,8192)) the instances measured 2-7% slower with them (H100, docs/gpu_notes.md)
+  constexpr bool kMmaTiles = D == 128 && IMMA && (PATHS == kFamInnerQ || PATHS == kFamKiviCodes) && R == 4;
   // R = 1, along_tokens V: the slot of this lane's token in the value bytes (code_bytes.cuh)
   const int pslot = SlotOf(s.v.bits, lane);
   const int pshift = SlotShift(s.v.bits, pslot);

@@ -1015,12 +1015,17 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   // (16,32,32,4096) innerq 112.7 -> 110 (3.5) (raw/2026-12-06f/call1); at 32 per free block
   // ((64,32,8,8192), raw/2026-12-06g/call3) kivi2 281.0 -> 263.0 (step 288.8 -> 277.9), kivi4 398.2
   // -> 381.3 (step 408.5 -> 392.4), but the bandwidth-bound InnerQ page units innerq 218.3 -> 223.2
-  // (step 231.0 -> 240.8).
+  // (step 231.0 -> 240.8). With the per-token units' full-precision tiles on the tensor cores (the
+  // 4-row InnerQ tensor-core instance at head_dim 128, set_mma_tiles) the limit is 32 for the InnerQ
+  // bodies too: at (64,32,8,8192) innerq2 206.3 -> 192.2 us, innerq 209.9 -> 205.7 (H100,
+  // raw/2026-12-07i/call3; around first the tiles alone gained 0-0.5%).
   // (a stable partition through the runner's scratch: std::stable_partition allocates a buffer)
   const int64_t resident_blocks = int64_t{m.num_sms} * std::max(blocks_per_sm, 1);
   const int64_t body_units = imma_units + page_units;
   const int64_t around_units = int64_t(units.size()) - body_units;
-  const int64_t around_per_free = imma_units > 0 && page_units == 0 && kivi_family && kivi_codes ? 32 : 8;
+  const bool mma_tiles = mma_tiles_ && p.head_dim == 128 && cuda::DecodeRowClass(max_rows) == 4 && has_imma &&
+                         (!kivi_family || kivi_codes);  // the instance has MmaTokTiles (decode.cuh)
+  const int64_t around_per_free = (imma_units > 0 && page_units == 0 && kivi_family && kivi_codes) || mma_tiles ? 32 : 8;
   const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks && body_units < resident_blocks &&
                                  around_units <= around_per_free * (resident_blocks - body_units);
   const bool bodies_first =
