@@ -207,6 +207,7 @@ struct CudaStepRunner::Impl {
   int num_items = 0;
   int chunk = 0;
   bool decode_path = false;
+  bool mma_tiles = false;  // the launch asks for MmaTokTiles (AttnArgs::mma_tiles)
   int max_rows = 0;
   int decode_paths = 0;
   int ring_slot_bytes = 0;
@@ -1024,7 +1025,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   const int64_t body_units = imma_units + page_units;
   const int64_t around_units = int64_t(units.size()) - body_units;
   const bool mma_tiles = mma_tiles_ && p.head_dim == 128 && cuda::DecodeRowClass(max_rows) == 4 && has_imma &&
-                         (!kivi_family || kivi_codes);  // the instance has MmaTokTiles (decode.cuh)
+                         (!kivi_family || kivi_codes);  // the instance has MmaTokTiles (decode.cuh), wanted
   const int64_t around_per_free = (imma_units > 0 && page_units == 0 && kivi_family && kivi_codes) || mma_tiles ? 32 : 8;
   const bool bodies_first_auto = decode_path && int64_t(units.size()) > resident_blocks && body_units < resident_blocks &&
                                  around_units <= around_per_free * (resident_blocks - body_units);
@@ -1132,6 +1133,12 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   m.num_items = static_cast<int>(items.size());
   m.chunk = static_cast<int>(chunk);
   m.decode_path = decode_path;
+  // The full-precision tiles on the tensor cores only where the per-token units run beside the
+  // bodies: run first and alone (at (64,32,8,8192) without bodies first, and where the few items'
+  // around units are split into their own units) an mma tile took ~29,000 cycles against ~12,000
+  // beside the bodies, and the launches were 0-4% slower than on the per-token path ((4,32,8,16384)
+  // innerq2 0.958x; H100, raw/2026-12-07i/call2-call4).
+  m.mma_tiles = mma_tiles && bodies_first;
   m.max_rows = max_rows;
   m.decode_paths = launch_paths;
   m.ring_slot_bytes = ring_slot_bytes;
@@ -1198,6 +1205,7 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
   stats_.row_class = decode_path ? cuda::DecodeRowClass(max_rows) : 0;
   stats_.early_units = early_units;
   stats_.bodies_first = bodies_first;
+  stats_.mma_tiles = m.mma_tiles;
   stats_.longest_waiting_unit = longest_waiting_unit;
   stats_.host_prepare_us = stats_.host_launch_us = stats_.host_wait_us = 0;  // RunStepFromHost sets them
   stats_.mapped_output = false;
@@ -1321,7 +1329,7 @@ Result CudaStepRunner::LaunchAttentionImpl(const uint8_t* arena, const cuda::QaA
   a.o = static_cast<uint16_t*>(p.o);
   a.pdl = m.pdl ? 1 : 0;
   a.trigger_dependents = m.flush_after && m.decode_path ? 1 : 0;
-  a.mma_tiles = mma_tiles_ ? 1 : 0;
+  a.mma_tiles = m.mma_tiles ? 1 : 0;
   a.sm_block_cap = 0;
   a.ring_offset = ring_offset_;
   a.unit_trace = unit_trace_;

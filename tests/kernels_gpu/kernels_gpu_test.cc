@@ -101,6 +101,7 @@ struct Case {
   int page_min_pages = -1;     // CudaStepRunner::set_page_min_pages (0: wherever they fit; -1: its default)
   int expect_pages = -1;       // 1: InnerQ body pages must run in page units (decode_pages.cuh), 0: must not
   bool mma_tiles = true;       // CudaStepRunner::set_mma_tiles
+  int bodies_first = -1;       // CudaStepRunner::set_bodies_first (-1: the plan's rule)
 };
 
 std::string Describe(const Case& c) {
@@ -284,6 +285,7 @@ void RunCase(const Case& c) {
   runner->set_page_units(c.page_units);
   if (c.page_min_pages >= 0) runner->set_page_min_pages(c.page_min_pages);
   runner->set_mma_tiles(c.mma_tiles);
+  runner->set_bodies_first(c.bodies_first);
   std::mt19937 rng(c.seed);
   Arena a;
   std::vector<TSeq> seqs;
@@ -1572,8 +1574,8 @@ TEST(KernelsGpu, RowsPages) {
 // and IMMA bodies, sequences without a body (every tile in full precision) and with a window
 // shorter than a tile, 2 to 4 rows (two query tokens per sequence: causal within them), sharp
 // scores (the maximum set by either kind of tile), D 64 and 128, fp16 and bf16; each case with the
-// tiles on and off. On the emulated device the fp16 / bf16 mma count shows that the tiles ran there
-// (head_dim 128 only: the head_dim-64 instances have none).
+// tiles on and off, the bodies first (the tiles' launches). On the emulated device the fp16 / bf16
+// mma count shows that the tiles ran there (head_dim 128 only: the head_dim-64 instances have none).
 TEST(KernelsGpu, MmaTokTiles) {
   SKIP_WITHOUT_GPU();
   const ImmaConfigs ic = MakeImmaConfigs();
@@ -1595,6 +1597,7 @@ TEST(KernelsGpu, MmaTokTiles) {
         cs.expect_decode = 1;
         cs.page_min_pages = k % 2 == 0 ? 0 : -1;  // page bodies, or IMMA ones
         cs.q_scale = k % 3 == 2 ? 6.f : 1.f;
+        cs.bodies_first = 1;  // the tiles run where the bodies go first
         ++k;
         for (bool on : {true, false}) {
           SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
@@ -1623,6 +1626,7 @@ TEST(KernelsGpu, MmaTokTiles) {
               SeqSpec(Preset::kInnerQ2, 40, 2, 2, 10)};
   two.page_min_pages = 0;
   two.q_scale = 4.f;
+  two.bodies_first = 1;
   RunCase(two);
   if (HasFatalFailure()) return;
   // the KIVI code units' 4-row instance (their body units multiply on the fp16 tensor cores too, so
@@ -1651,6 +1655,7 @@ TEST(KernelsGpu, MmaTokTiles) {
       kv.kivi_codes = true;
       kv.kivi_min_tokens = 0;
       kv.q_scale = d == 64 ? 5.f : 1.f;
+      kv.bodies_first = 1;
       for (bool on : {true, false}) {
         SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
         kv.mma_tiles = on;
@@ -1759,6 +1764,9 @@ TEST(KernelsGpu, BodiesFirstPolicy) {
       }
       *blocks_per_sm = st.blocks_per_sm;
       EXPECT_EQ(st.bodies_first, w.bodies_first);
+      // the full-precision tiles on the tensor cores (4-row instance, head_dim 128): only beside
+      // bodies that go first
+      EXPECT_EQ(st.mma_tiles, w.mma && st.bodies_first && w.rows == 4);
       if (w.forced < 0 && w.bodies_first) {
         EXPECT_GT(st.num_units, sms * st.blocks_per_sm);
         EXPECT_TRUE(st.pdl);  // behind bodies that do not wait, the units that wait queue harmlessly

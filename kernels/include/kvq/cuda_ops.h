@@ -45,6 +45,8 @@ struct CudaStepStats {
   int early_units = 0;       // decode path: units that read nothing the step's quantize-append
                              // writes, so with PDL they run while it runs (UnitWaitsForQuantizeAppend)
   bool bodies_first = false;  // decode path: the body units came first in the grid (set_bodies_first)
+  bool mma_tiles = false;     // decode path: the launch asked for the per-token units' full-precision
+                              // tiles on the tensor cores (set_mma_tiles: where the bodies go first)
   int longest_waiting_unit = 0;  // decode path: tokens of the longest per-token unit that waits (units
                                  // that step over a body not counted)
   bool flush_after = false;  // the step launches the next step's flush after its attention (Prepare's
@@ -160,7 +162,9 @@ class CudaStepRunner {
   void set_early_pages(bool on) { early_pages_ = on; }
   // Decode path: the per-token units' tiles whose K and V are both in full precision (the sink and
   // the windows around a body) on the tensor cores (MmaTokTiles, in the 4-row InnerQ tensor-core
-  // instance; default on); off, on the per-token path's CUDA-core products. Applies from the next launch.
+  // instance at head_dim 128; default on), in launches whose body units go first (set_bodies_first:
+  // beside the bodies they paid, alone before them they did not); off, on the per-token path's
+  // CUDA-core products. Applies from the next Prepare.
   void set_mma_tiles(bool on) { mma_tiles_ = on; }
   static constexpr int kPageMinPagesOneRow = 4, kPageMinPagesRows = 32;
   void set_page_min_pages(int min_pages) { page_min_pages_ = min_pages; }
