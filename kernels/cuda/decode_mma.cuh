@@ -96,6 +96,39 @@ __device__ __forceinline__ int SwzOffset(int row, int chunk) {
   return row * (2 * D) + ((chunk ^ (row & 7)) << 4);
 }
 
+// Online softmax of a tile's row g from the score product's accumulators (lane (g, t): tokens
+// tile0 + nt * 8 + 2t + e, valid below tok_end and up to the row's position pos): the running
+// maximum m (log2 units) and this lane's share of the sum l move on, p gets the tile's
+// probabilities; returns the factor of the row's accumulators.
+__device__ __forceinline__ float QuadSoftmax(const float (&sc)[4][4], int tile0, int tok_end, int pos, float scale_log2,
+                                             int t, float& m, float& l, float (&p)[8]) {
+  float x[8];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = tile0 + nt * 8 + 2 * t + e;
+      const bool valid = tok < tok_end && tok <= pos;
+      x[2 * nt + e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
+      mx = fmaxf(mx, x[2 * nt + e]);
+    }
+  }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m, mx);
+  const float alpha = m == -INFINITY ? 0.f : Exp2Ftz(m - m_new);
+  float ps = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    p[i] = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i] - m_new);
+    ps += p[i];
+  }
+  l = l * alpha + ps;
+  m = m_new;
+  return alpha;
+}
+
 // One warp's flash-decoding state on the tensor cores: row g = groupID of the thread (rows >= R are
 // zero), the query fragments (A side of the scores), the online softmax (m; l as this thread's
 // share, summed over the quad at the end) and the output accumulators O[g][n * 8 + 2t, + 1].
@@ -144,30 +177,8 @@ struct MmaRows {
   // up to pos); the P fragments of the value product: k-step j = tokens 16 j .. + 15.
   __device__ __forceinline__ void Softmax(const float (&sc)[4][4], int tile0, int tok_end, float scale_log2, int t,
                                           uint32_t (&pa)[2][2]) {
-    float x[8];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = tile0 + nt * 8 + 2 * t + e;
-        const bool valid = tok < tok_end && tok <= pos;
-        x[2 * nt + e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x[2 * nt + e]);
-      }
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float alpha = m == -INFINITY ? 0.f : Exp2Ftz(m - m_new);
-    float p[8], ps = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      p[i] = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i] - m_new);
-      ps += p[i];
-    }
-    l = l * alpha + ps;
-    m = m_new;
+    float p[8];
+    const float alpha = QuadSoftmax(sc, tile0, tok_end, pos, scale_log2, t, m, l, p);
     // the accumulators change scale only when a row's maximum grew: late in a long unit most
     // tiles leave every row's maximum where it was, and the warp skips the 2 NT multiplies (rows
     // >= R, pos -1, keep m = -inf and alpha 0 on every tile; their accumulators stay 0 unscaled)
@@ -321,31 +332,9 @@ struct MmaTokTiles {
     int64_t vo[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) vo[u] = __shfl_sync(0xffffffffu, voff, 16 * (u / 4) + 2 * t + (u & 1) + 8 * ((u >> 1) & 1));
-    // ---- online softmax of row g (tokens nt * 8 + 2t + e), as MmaRows::Softmax
-    float x[8];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = tile0 + nt * 8 + 2 * t + e;
-        const bool valid = tok < tok_end && tok <= pos;
-        x[2 * nt + e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x[2 * nt + e]);
-      }
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float alpha = m == -INFINITY ? 0.f : Exp2Ftz(m - m_new);
-    float p[8], ps = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      p[i] = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i] - m_new);
-      ps += p[i];
-    }
-    l = l * alpha + ps;
-    m = m_new;
+    // ---- online softmax of row g (tokens nt * 8 + 2t + e)
+    float p[8];
+    const float alpha = QuadSoftmax(sc, tile0, tok_end, pos, scale_log2, t, m, l, p);
     // the accumulators' rows 2t, 2t + 1 take their rows' factors (rows >= R: 0, accumulators 0)
     if (__any_sync(0xffffffffu, alpha != 1.f && pos >= 0)) {
       const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * t);
