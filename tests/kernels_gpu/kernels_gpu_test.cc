@@ -1569,9 +1569,9 @@ TEST(KernelsGpu, RowsPages) {
   RunCase(few);
 }
 
-// The per-token units' full-precision tiles on the tensor cores (MmaTokTiles, the 4-row InnerQ
-// and KIVI code units' tensor-core instances): sinks of 0 / 32 / 64 / 96 tokens and windows of every length around page
-// and IMMA bodies, sequences without a body (every tile in full precision) and with a window
+// The per-token units' full-precision tiles on the tensor cores (MmaTokTiles, the 4-row InnerQ and
+// KIVI code units' tensor-core instances): sinks of 0 / 32 / 64 / 96 tokens and windows of every
+// length around page and IMMA bodies, sequences without a body (every tile in full precision) and with a window
 // shorter than a tile, 2 to 4 rows (two query tokens per sequence: causal within them), sharp
 // scores (the maximum set by either kind of tile), D 64 and 128, fp16 and bf16; each case with the
 // tiles on and off, the bodies first (the tiles' launches). On the emulated device the fp16 / bf16
@@ -1579,6 +1579,28 @@ TEST(KernelsGpu, RowsPages) {
 TEST(KernelsGpu, MmaTokTiles) {
   SKIP_WITHOUT_GPU();
   const ImmaConfigs ic = MakeImmaConfigs();
+  // the case with the tiles on, then off; count_mmas: no other fp16 / bf16 mma in its launches, so
+  // the emulated device's count must grow exactly where the tiles exist (head_dim 128)
+  auto on_and_off = [](Case c, bool count_mmas) {
+    for (bool on : {true, false}) {
+      SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
+      c.mma_tiles = on;
+#if defined(KVQ_EMU_SUITE)
+      const uint64_t mmas = kvq_emu::FloatMmas();
+#endif
+      RunCase(c);
+      if (::testing::Test::HasFatalFailure()) return;
+#if defined(KVQ_EMU_SUITE)
+      if (count_mmas && on && c.d == 128) {
+        EXPECT_GT(kvq_emu::FloatMmas(), mmas) << "the full-precision tiles on the tensor cores";
+      } else if (count_mmas) {
+        EXPECT_EQ(kvq_emu::FloatMmas(), mmas) << "no fp16 / bf16 mma with the tiles off or at head_dim 64";
+      }
+#else
+      (void)count_mmas;
+#endif
+    }
+  };
   int k = 0;
   for (int d : {64, 128}) {
     for (DType dt : {DType::kF16, DType::kBF16}) {
@@ -1599,22 +1621,8 @@ TEST(KernelsGpu, MmaTokTiles) {
         cs.q_scale = k % 3 == 2 ? 6.f : 1.f;
         cs.bodies_first = 1;  // the tiles run where the bodies go first
         ++k;
-        for (bool on : {true, false}) {
-          SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
-          cs.mma_tiles = on;
-#if defined(KVQ_EMU_SUITE)
-          const uint64_t mmas = kvq_emu::FloatMmas();
-#endif
-          RunCase(cs);
-          if (HasFatalFailure()) return;
-#if defined(KVQ_EMU_SUITE)
-          if (on && d == 128) {
-            EXPECT_GT(kvq_emu::FloatMmas(), mmas) << "the full-precision tiles on the tensor cores";
-          } else {
-            EXPECT_EQ(kvq_emu::FloatMmas(), mmas) << "no fp16 / bf16 mma with the tiles off or at head_dim 64";
-          }
-#endif
-        }
+        on_and_off(cs, true);
+        if (HasFatalFailure()) return;
       }
     }
   }
@@ -1656,12 +1664,8 @@ TEST(KernelsGpu, MmaTokTiles) {
       kv.kivi_min_tokens = 0;
       kv.q_scale = d == 64 ? 5.f : 1.f;
       kv.bodies_first = 1;
-      for (bool on : {true, false}) {
-        SCOPED_TRACE(on ? "mma tiles on" : "mma tiles off");
-        kv.mma_tiles = on;
-        RunCase(kv);
-        if (HasFatalFailure()) return;
-      }
+      on_and_off(kv, false);
+      if (HasFatalFailure()) return;
     }
   }
 }
