@@ -161,8 +161,8 @@ class CudaStepRunner {
   // sequence's descriptors and the page table (tests and the benchmark compare both).
   void set_early_pages(bool on) { early_pages_ = on; }
   // Decode path: the per-token units' tiles whose K and V are both in full precision (the sink and
-  // the windows around a body) on the tensor cores (MmaTokTiles, in the 4-row InnerQ tensor-core
-  // instance at head_dim 128; default on), in launches whose body units go first (set_bodies_first:
+  // the windows around a body) on the tensor cores (MmaTokTiles, in the 4-row InnerQ and KIVI code
+  // units' tensor-core instances at head_dim 128; default on), in launches whose body units go first (set_bodies_first:
   // beside the bodies they paid, alone before them they did not); off, on the per-token path's
   // CUDA-core products. Applies from the next Prepare.
   void set_mma_tiles(bool on) { mma_tiles_ = on; }
