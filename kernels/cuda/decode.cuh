@@ -60,6 +60,27 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #endif
 }
+// CpAsync16(smem + SOFF, gmem + GOFF) with both offsets in the instruction: written out as
+// immediates, so that the compiler cannot hoist the per-lane offset plus each copy's own out of
+// a loop into registers and add it per copy as a 64-bit sum (what it did with pointer + constant).
+template <int SOFF, int GOFF>
+__device__ __forceinline__ void CpAsync16At(void* smem, const void* gmem) {
+#if defined(KVQ_CUDA_EMU)
+  kvq_emu::CpAsync(static_cast<uint8_t*>(smem) + SOFF, static_cast<const uint8_t*>(gmem) + GOFF, 16);
+#else
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(dst), "l"(gmem), "n"(SOFF), "n"(GOFF)
+               : "memory");
+#endif
+}
+// N copies CpAsync16At<i SSTEP, i GSTEP>, i < N.
+template <int N, int SSTEP, int GSTEP, int I = 0>
+__device__ __forceinline__ void CpAsync16Run(void* smem, const void* gmem) {
+  if constexpr (I < N) {
+    CpAsync16At<I * SSTEP, I * GSTEP>(smem, gmem);
+    CpAsync16Run<N, SSTEP, GSTEP, I + 1>(smem, gmem);
+  }
+}
 __device__ __forceinline__ void CpAsyncCommit() {
 #if defined(KVQ_CUDA_EMU)
   kvq_emu::CpAsyncCommit();

@@ -54,15 +54,32 @@ __device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
 #endif
 }
 
-__device__ __forceinline__ uint32_t HMul2(uint32_t x, uint32_t y) {
-  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
+// x |y| per half. The stored scales' sign bit is the hybrid mode's flag (QUANT_FORMATS.md); an
+// asymmetric scale is used as |s| like the reference's GroupAffine does, and |.| is an operand
+// modifier of HMUL2 / HFMA2 (no instruction of its own, where clearing the bit took a LOP3).
+__device__ __forceinline__ uint32_t HMul2Abs(uint32_t x, uint32_t y) {
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&x), __habs2(*reinterpret_cast<const __half2*>(&y)));
   return *reinterpret_cast<const uint32_t*>(&r);
 }
-// x y - hi per half, hi = HMul2(x, y): the product's rounding residual (exact unless it is subnormal).
-__device__ __forceinline__ uint32_t HFmaResidual2(uint32_t x, uint32_t y, uint32_t hi) {
-  const __half2 r = __hfma2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y),
+// x |y| - hi per half, hi = HMul2Abs(x, y): the product's rounding residual (exact unless it is
+// subnormal).
+__device__ __forceinline__ uint32_t HFmaResidual2Abs(uint32_t x, uint32_t y, uint32_t hi) {
+  const __half2 r = __hfma2(*reinterpret_cast<const __half2*>(&x), __habs2(*reinterpret_cast<const __half2*>(&y)),
                             __hneg2(*reinterpret_cast<const __half2*>(&hi)));
   return *reinterpret_cast<const uint32_t*>(&r);
+}
+// A fragment register whose value does not matter (the rows g + 8 of a product whose A rows are
+// all alike, whose results are never read): no instruction defines it, so the register allocator
+// puts the defined operands where the fragment wants them instead of copying them there. The
+// emulated device gets a zero (its C++ must not read an indeterminate value).
+__device__ __forceinline__ uint32_t UnusedFragment() {
+#if defined(KVQ_CUDA_EMU)
+  return 0u;
+#else
+  uint32_t r;
+  asm volatile("" : "=r"(r));
+  return r;
+#endif
 }
 
 // Where elements g and g + 8 of a 16-element run of B-bit codes lie for lane groupID g: the run's
@@ -140,6 +157,18 @@ __device__ __forceinline__ void KiviCodesQuery(const Smem& sm, uint4* qf, int g,
   row_norm[1] = __shfl_sync(0xffffffffu, mx, 8 * t + 4);  // row 2t + 1
 }
 
+// Where a KIVI code unit's body tile starts (BodyTileSrc for the tensors these units are given, the
+// plan's KIVI shape: K along tokens, V along channels, groups of 32, B bits, so B words per group):
+// tile j = (u0 % kPageTokens) / 32 of its page has its codes at j 4 D B bytes from the head's start
+// and its scales and zeros at j 2 D, in either grouping. u0 >= 0: unsigned, no signed-division fix-ups.
+template <int D, int B>
+__device__ __forceinline__ BodySrc KiviTileSrc(const AttnArgs& a, const DevTensor& x, int h, unsigned u0) {
+  const uint8_t* head = a.arena + a.pages[x.body_pages + static_cast<int>(u0 / kPageTokens)] +
+                        static_cast<int64_t>(h) * x.head_bytes;
+  const unsigned j = u0 % kPageTokens / 32;
+  return BodySrc{head + j * (4 * D * B), head + x.scales_offset + j * (2 * D), head + x.zeros_offset + j * (2 * D)};
+}
+
 // Warp-wide copy of one KIVI tile pair into a ring slot: the K tile as stored, the V tile's codes
 // with 16 bytes of padding after every 128, then its scales and zeros; one commit group. Sizes are
 // compile-time (B-bit codes: 4 D B bytes per tile, a multiple of 512), so the copies unroll.
@@ -149,28 +178,22 @@ __device__ __forceinline__ void KiviCodesStage(uint8_t* dst, const AttnArgs& a, 
   constexpr int kCodes = 4 * D * B;
   static_assert(kCodes % 512 == 0, "whole warp-wide copies");
   if (valid) {
-    const BodySrc ks = BodyTileSrc<D>(a.arena, a.pages, s.k, h, u0);
-    const BodySrc vs = BodyTileSrc<D>(a.arena, a.pages, s.v, h, u0);
+    const BodySrc ks = KiviTileSrc<D, B>(a, s.k, h, static_cast<unsigned>(u0));
+    const BodySrc vs = KiviTileSrc<D, B>(a, s.v, h, static_cast<unsigned>(u0));
     uint8_t* v = dst + kCodes + 4 * D;
     // step `it` copies bytes i = 512 it + 16 lane; the V codes land at i + (i / 128) kKiviVPad =
-    // (16 lane + (lane / 8) kKiviVPad) + (512 + 4 kKiviVPad) it. Per-lane pointers plus
-    // compile-time offsets: the copies take the offsets as immediates instead of a 64-bit address
-    // computed per copy.
-    const uint8_t* kc = ks.codes + lane * 16;
-    const uint8_t* vc = vs.codes + lane * 16;
+    // (16 lane + (lane / 8) kKiviVPad) + (512 + 4 kKiviVPad) it. Per-lane pointers, the steps'
+    // offsets as the copies' immediates.
     uint8_t* kd = dst + lane * 16;
     uint8_t* vd = v + lane * 16 + (lane >> 3) * kKiviVPad;
-#pragma unroll
-    for (int it = 0; it < kCodes / 512; ++it) {
-      CpAsync16(kd + it * 512, kc + it * 512);
-      CpAsync16(vd + it * (512 + 4 * kKiviVPad), vc + it * 512);
-    }
+    CpAsync16Run<kCodes / 512, 512, 512>(kd, ks.codes + lane * 16);
+    CpAsync16Run<kCodes / 512, 512 + 4 * kKiviVPad, 512>(vd, vs.codes + lane * 16);
     if (lane * 16 < 2 * D) {
-      uint8_t* vsz = v + KiviCodesPad(kCodes);
-      CpAsync16(dst + kCodes + lane * 16, ks.scales + lane * 16);
-      CpAsync16(dst + kCodes + 2 * D + lane * 16, ks.zeros + lane * 16);
-      CpAsync16(vsz + lane * 16, vs.scales + lane * 16);
-      CpAsync16(vsz + 2 * D + lane * 16, vs.zeros + lane * 16);
+      uint8_t* vsz = v + KiviCodesPad(kCodes) + lane * 16;
+      CpAsync16At<kCodes, 0>(kd, ks.scales + lane * 16);
+      CpAsync16At<kCodes + 2 * D, 0>(kd, ks.zeros + lane * 16);
+      CpAsync16(vsz, vs.scales + lane * 16);
+      CpAsync16At<2 * D, 0>(vsz, vs.zeros + lane * 16);
     }
   }
   CpAsyncCommit();
@@ -230,7 +253,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
   }
   const int pos_lo = sm.pos[0];  // the unit's first row: the smallest position
   float o[MC][4];   // 2^-24 x the code products (channels 16 mc + g, + 8; rows 2t, 2t + 1)
-  float oz[NG][4];  // the zero products per group (every channel of the group alike)
+  float oz[NG][4];  // the zero products per group (every channel of the group alike: [0], [1] are read)
 #pragma unroll
   for (int mc = 0; mc < MC; ++mc) o[mc][0] = o[mc][1] = o[mc][2] = o[mc][3] = 0.f;
 #pragma unroll
@@ -270,12 +293,13 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
       for (int j = 0; j < 2; ++j) {
         const int kc = 2 * kp + j;
         const uint2 s01 = *reinterpret_cast<const uint2*>(ksc + 2 * (kc * 16 + 4 * t));  // channels 4t .. 4t + 3
-        const uint2 z01 = *reinterpret_cast<const uint2*>(kz + 2 * (kc * 16 + 4 * t));
-        const uint32_t a0 = s01.x & 0x7FFF7FFFu, a1 = s01.y & 0x7FFF7FFFu;
-        const uint32_t b0 = HMul2(qv[2 * j], a0), b1 = HMul2(qv[2 * j + 1], a1);
-        const uint32_t r0 = HFmaResidual2(qv[2 * j], a0, b0), r1 = HFmaResidual2(qv[2 * j + 1], a1, b1);
-        // the zero term with the zeros as the A side (every token row alike): exact products
-        MmaF16<DType::kF16>(zc, z01.x, z01.x, z01.y, z01.y, qv[2 * j], qv[2 * j + 1]);
+        const uint32_t* z01 = reinterpret_cast<const uint32_t*>(kz + 2 * (kc * 16 + 4 * t));
+        const uint32_t b0 = HMul2Abs(qv[2 * j], s01.x), b1 = HMul2Abs(qv[2 * j + 1], s01.y);
+        const uint32_t r0 = HFmaResidual2Abs(qv[2 * j], s01.x, b0), r1 = HFmaResidual2Abs(qv[2 * j + 1], s01.y, b1);
+        // the zero term with the zeros as the A side (every token row alike): exact products, read
+        // from the accumulators of row g alone (zc[0], zc[1]); rows g + 8 take no operands of their
+        // own, so each zero word is loaded straight into its fragment register
+        MmaF16<DType::kF16>(zc, z01[0], UnusedFragment(), z01[1], UnusedFragment(), qv[2 * j], qv[2 * j + 1]);
         uint32_t w[4 * WPC];  // channels 16 kc + 4t + i, i < 4: all their words (channel i at i * WPC)
         const uint8_t* src = kt + 4 * WPC * (kc * 16 + 4 * t);
         LoadSharedWords<4>(src, w);
@@ -315,7 +339,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
           // computed unconditionally, then selected: with a short-circuit test around it the compiler
           // branched around every score (a convergence barrier and a branch each, ~9 instructions)
           const bool valid = whole | ((tok < unit.tok_end) & (tok <= pos[i]));
-          const float xs = fmaf(sc[mt][2 * hh + i], cp.unscale, zc[2 * hh + i]) * fac[i];
+          const float xs = fmaf(sc[mt][2 * hh + i], cp.unscale, zc[i]) * fac[i];
           x[2 * mt + hh] = valid ? xs : -INFINITY;
           mx = fmaxf(mx, x[2 * mt + hh]);
         }
@@ -345,11 +369,9 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
         o[mc][3] *= alpha[1];
       }
 #pragma unroll
-      for (int gg = 0; gg < NG; ++gg) {
+      for (int gg = 0; gg < NG; ++gg) {  // rows g only: oz[gg][2], [3] are never read
         oz[gg][0] *= alpha[0];
         oz[gg][1] *= alpha[1];
-        oz[gg][2] *= alpha[0];
-        oz[gg][3] *= alpha[1];
       }
     }
     // P^T fragments: k-step mt = tokens 16 mt .. + 15; reg hh = tokens 16 mt + 8 hh + 2t, + 1 of row g
@@ -374,17 +396,17 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
           // tokens j = 16 mt + 8 hh + 2t and j + 1: the 32-bit words holding groups gg & ~1, gg | 1
           const int o0 = 2 * NG * (16 * mt + 8 * hh) + 4 * (gg / 2);
           const uint32_t a2 = __byte_perm(*reinterpret_cast<const uint32_t*>(vsc_t + o0),
-                                          *reinterpret_cast<const uint32_t*>(vsc_t + o0 + 2 * NG), sel) &
-                              0x7FFF7FFFu;
+                                          *reinterpret_cast<const uint32_t*>(vsc_t + o0 + 2 * NG), sel);
           const uint32_t z2 = __byte_perm(*reinterpret_cast<const uint32_t*>(vz_t + o0),
                                           *reinterpret_cast<const uint32_t*>(vz_t + o0 + 2 * NG), sel);
-          bv[mt][hh] = HMul2(pt[mt][hh], a2);
+          bv[mt][hh] = HMul2Abs(pt[mt][hh], a2);
           zt[mt][hh] = z2;
         }
-      // the zero term with the tokens' zeros as the A side (every channel row alike): exact products
+      // the zero term with the tokens' zeros as the A side (every channel row alike): exact products,
+      // rows (channels) g alone (oz[gg][0], [1]; rows g + 8 would be the same)
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
-        MmaF16<DType::kF16>(oz[gg], zt[mt][0], zt[mt][0], zt[mt][1], zt[mt][1], pt[mt][0], pt[mt][1]);
+        MmaF16<DType::kF16>(oz[gg], zt[mt][0], UnusedFragment(), zt[mt][1], UnusedFragment(), pt[mt][0], pt[mt][1]);
       // the group's words of the 8 tokens: B words per token
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
@@ -425,7 +447,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
 #pragma unroll
       for (int mc = 0; mc < MC; ++mc) {
         ws.u.o[row][16 * mc + g] = fmaf(o[mc][i], cp.unscale, oz[mc / 2][i]);
-        ws.u.o[row][16 * mc + g + 8] = fmaf(o[mc][2 + i], cp.unscale, oz[mc / 2][2 + i]);
+        ws.u.o[row][16 * mc + g + 8] = fmaf(o[mc][2 + i], cp.unscale, oz[mc / 2][i]);
       }
     }
   }
