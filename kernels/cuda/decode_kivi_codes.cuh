@@ -324,25 +324,28 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
     // every row's position (all but the last tiles of a step with several new tokens) needs no
     // per-token test: rows >= R then see finite scores (q' and the factor are 0) whose p stay in
     // their own columns of the products and are never written out.
-    const bool whole = tile0 + 32 <= pos_lo + 1;
+    float x[2][4];  // [row i][2 mt + hh]: token 16 mt + 8 hh + g of the tile
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) x[i][2 * mt + hh] = fmaf(sc[mt][2 * hh + i], cp.unscale, zc[i]) * fac[i];
+    if (!(tile0 + 32 <= pos_lo + 1)) {  // warp-uniform: the tile reaches the unit's end or a row's position
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        // a token is seen by row i where tok < tok_end and tok <= pos[i]: offset g + 16 mt + 8 hh <= lim
+        const int lim = min(unit.tok_end - 1, pos[i]) - tile0 - g;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (16 * (j >> 1) + 8 * (j & 1) > lim) x[i][j] = -INFINITY;
+      }
+    }
     float p[2][4];
     float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float x[4];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int tok = tile0 + 16 * mt + 8 * hh + g;
-          // computed unconditionally, then selected: with a short-circuit test around it the compiler
-          // branched around every score (a convergence barrier and a branch each, ~9 instructions)
-          const bool valid = whole | ((tok < unit.tok_end) & (tok <= pos[i]));
-          const float xs = fmaf(sc[mt][2 * hh + i], cp.unscale, zc[i]) * fac[i];
-          x[2 * mt + hh] = valid ? xs : -INFINITY;
-          mx = fmaxf(mx, x[2 * mt + hh]);
-        }
+      float mx = fmaxf(fmaxf(x[i][0], x[i][1]), fmaxf(x[i][2], x[i][3]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
@@ -351,7 +354,7 @@ __device__ __forceinline__ void KiviCodesBodyUnit(Smem& sm, const AttnArgs& a, c
       float ps = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float pj = m_new == -INFINITY ? 0.f : Exp2Ftz(x[j] - m_new);
+        const float pj = m_new == -INFINITY ? 0.f : Exp2Ftz(x[i][j] - m_new);
         p[j >> 1][2 * (j & 1) + i] = pj;  // p[mt][2 hh + i], the accumulator layout
         ps += pj;
       }
