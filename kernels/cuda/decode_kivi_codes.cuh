@@ -157,16 +157,25 @@ __device__ __forceinline__ void KiviCodesQuery(const Smem& sm, uint4* qf, int g,
   row_norm[1] = __shfl_sync(0xffffffffu, mx, 8 * t + 4);  // row 2t + 1
 }
 
-// Where a KIVI code unit's body tile starts (BodyTileSrc for the tensors these units are given, the
-// plan's KIVI shape: K along tokens, V along channels, groups of 32, B bits, so B words per group):
-// tile j = (u0 % kPageTokens) / 32 of its page has its codes at j 4 D B bytes from the head's start
-// and its scales and zeros at j 2 D, in either grouping. u0 >= 0: unsigned, no signed-division fix-ups.
+// Where a KIVI code unit's body tile starts (BodyTileSrc for the tensors these units are given: the
+// plan's KIVI shape, K along tokens, V along channels, groups of 32, B bits, laid out as
+// KiviCodesLayout says): tile j = (u0 % kPageTokens) / 32 of its page has its codes at j 4 D B bytes
+// from the head's start, its scales at KiviHeadScalesOffset + j 2 D and its zeros 8 D further, in
+// either grouping. Two pointers per tensor (this lane's 16 bytes of the codes and of the scales);
+// every other offset is a constant. u0 >= 0: unsigned, no signed-division fix-ups.
 template <int D, int B>
-__device__ __forceinline__ BodySrc KiviTileSrc(const AttnArgs& a, const DevTensor& x, int h, unsigned u0) {
+struct KiviTilePtrs {
+  const uint8_t* codes;  // + 16 lane
+  const uint8_t* sz;     // scales + 16 lane; the zeros at + kZeros
+  static constexpr int kZeros = 8 * D;
+};
+template <int D, int B>
+__device__ __forceinline__ KiviTilePtrs<D, B> KiviTileSrc(const AttnArgs& a, const DevTensor& x, int h, unsigned u0,
+                                                         int lane) {
   const uint8_t* head = a.arena + a.pages[x.body_pages + static_cast<int>(u0 / kPageTokens)] +
-                        static_cast<int64_t>(h) * x.head_bytes;
+                        static_cast<unsigned>(h) * static_cast<unsigned>(KiviHeadBytes(D, B)) + lane * 16;
   const unsigned j = u0 % kPageTokens / 32;
-  return BodySrc{head + j * (4 * D * B), head + x.scales_offset + j * (2 * D), head + x.zeros_offset + j * (2 * D)};
+  return {head + j * (4 * D * B), head + KiviHeadScalesOffset(D, B) + j * (2 * D)};
 }
 
 // Warp-wide copy of one KIVI tile pair into a ring slot: the K tile as stored, the V tile's codes
@@ -178,22 +187,23 @@ __device__ __forceinline__ void KiviCodesStage(uint8_t* dst, const AttnArgs& a, 
   constexpr int kCodes = 4 * D * B;
   static_assert(kCodes % 512 == 0, "whole warp-wide copies");
   if (valid) {
-    const BodySrc ks = KiviTileSrc<D, B>(a, s.k, h, static_cast<unsigned>(u0));
-    const BodySrc vs = KiviTileSrc<D, B>(a, s.v, h, static_cast<unsigned>(u0));
+    const KiviTilePtrs<D, B> ks = KiviTileSrc<D, B>(a, s.k, h, static_cast<unsigned>(u0), lane);
+    const KiviTilePtrs<D, B> vs = KiviTileSrc<D, B>(a, s.v, h, static_cast<unsigned>(u0), lane);
+    constexpr int kZ = KiviTilePtrs<D, B>::kZeros;
     uint8_t* v = dst + kCodes + 4 * D;
     // step `it` copies bytes i = 512 it + 16 lane; the V codes land at i + (i / 128) kKiviVPad =
     // (16 lane + (lane / 8) kKiviVPad) + (512 + 4 kKiviVPad) it. Per-lane pointers, the steps'
     // offsets as the copies' immediates.
     uint8_t* kd = dst + lane * 16;
     uint8_t* vd = v + lane * 16 + (lane >> 3) * kKiviVPad;
-    CpAsync16Run<kCodes / 512, 512, 512>(kd, ks.codes + lane * 16);
-    CpAsync16Run<kCodes / 512, 512 + 4 * kKiviVPad, 512>(vd, vs.codes + lane * 16);
+    CpAsync16Run<kCodes / 512, 512, 512>(kd, ks.codes);
+    CpAsync16Run<kCodes / 512, 512 + 4 * kKiviVPad, 512>(vd, vs.codes);
     if (lane * 16 < 2 * D) {
       uint8_t* vsz = v + KiviCodesPad(kCodes) + lane * 16;
-      CpAsync16At<kCodes, 0>(kd, ks.scales + lane * 16);
-      CpAsync16At<kCodes + 2 * D, 0>(kd, ks.zeros + lane * 16);
-      CpAsync16(vsz, vs.scales + lane * 16);
-      CpAsync16At<2 * D, 0>(vsz, vs.zeros + lane * 16);
+      CpAsync16At<kCodes, 0>(kd, ks.sz);
+      CpAsync16At<kCodes + 2 * D, kZ>(kd, ks.sz);
+      CpAsync16(vsz, vs.sz);
+      CpAsync16At<2 * D, kZ>(vsz, vs.sz);
     }
   }
   CpAsyncCommit();

@@ -293,6 +293,18 @@ KVQ_HD int KiviCodesPad(int code_bytes) { return code_bytes + code_bytes / 128 *
 KVQ_HD int KiviCodesSlotBytes(int head_dim, int k_bits, int v_bits) {
   return 4 * head_dim * k_bits + 4 * head_dim + KiviCodesPad(4 * head_dim * v_bits) + 4 * head_dim;
 }
+// The stored layout of one KV head in a body page of a tensor the KIVI code units read (asym, groups
+// of 32, `bits` bits; MakeStreamLayout): 16 D bits bytes of codes (4 D groups of `bits` words), then
+// 4 D fp16 scales, then as many zeros. The units' staging takes these as constants; the plan gives
+// the units only tensors whose descriptors say the same (KiviCodesLayout).
+KVQ_HD int KiviHeadScalesOffset(int head_dim, int bits) { return 16 * head_dim * bits; }
+KVQ_HD int KiviHeadZerosOffset(int head_dim, int bits) { return 16 * head_dim * bits + 8 * head_dim; }
+KVQ_HD int KiviHeadBytes(int head_dim, int bits) { return 16 * head_dim * bits + 16 * head_dim; }
+KVQ_HD bool KiviCodesLayout(const DevTensor& x, int head_dim) {
+  return x.group_size == 32 && x.words_per_group == x.bits && x.has_zeros != 0 &&
+         x.scales_offset == KiviHeadScalesOffset(head_dim, x.bits) &&
+         x.zeros_offset == KiviHeadZerosOffset(head_dim, x.bits) && x.head_bytes == KiviHeadBytes(head_dim, x.bits);
+}
 constexpr int kDecRingWarps = 4;  // warps per decode block, each with its own ring
 // InnerQ page units (decode_pages.cuh): a block's ring slot holds one KV head's part of a
 // K body page and of a V body page (head_bytes each, 16-byte multiples), laid out as kDecRingWarps

@@ -722,7 +722,9 @@ Result CudaStepRunner::PrepareImpl(const StepParams& p, const SeqWork* works, co
                                               m.num_sms * 2;
   bool kivi_codes = kivi_codes_mode_ != 0 && kivi_batch;
   for (int i = 0; i < num_seqs && kivi_codes; ++i)
-    if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym))
+    if (kivi_shape(configs[i]) && (configs[i].k.mode != QuantMode::kAsym || configs[i].v.mode != QuantMode::kAsym ||
+                                   !cuda::KiviCodesLayout(seqs[i].k, p.head_dim) ||
+                                   !cuda::KiviCodesLayout(seqs[i].v, p.head_dim)))
       kivi_codes = false;
   const bool kivi_family = kivi_batch && (kivi_codes || (max_rows >= 2 && p.dtype == DType::kF16));
   // (one row, 4-bit: on the code units too since the rings are aligned: 1.08-1.09x the per-token
