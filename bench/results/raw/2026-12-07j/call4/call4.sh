@@ -5,7 +5,7 @@
 # bundle: BUILD=build bash scripts/device_bundle.sh
 # device tool, carry [".device"]: bash bench/results/raw/2026-12-07j/call4/call4.sh
 (cd .device && xz -dc b.txz | tar xf -) || exit 1
-mkdir -p $OUT/r
+mkdir -p $OUT/r  # every output straight under $OUT: a call cut short still returns what it wrote
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/r/gpu.txt
 timeout 40 .device/run store_cuda_backend_test --gtest_brief=1 > $OUT/r/store_tests.txt 2>&1
 echo "store rc=$?"; tail -2 $OUT/r/store_tests.txt
@@ -17,4 +17,3 @@ PYTHONUNBUFFERED=1 timeout 80 python3 bench/kernels/sdpa_baseline.py --kvq $OUT/
 echo "sdpa rc=$?"
 python3 bench/kernels/render.py $OUT/r/kvq.json | tail -40
 tail -30 $OUT/r/sdpa.txt
-tar czf $OUT/round.tgz -C $OUT r && rm -rf $OUT/r
